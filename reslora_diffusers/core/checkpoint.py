@@ -1,0 +1,140 @@
+"""The ResLoRA checkpoint: one safetensors file with every block's A, B and norm window,
+and the config and chain structure in its JSON metadata.
+
+Keys are ``[<component>.]<module path>.<lora_A|lora_B|norm_window|norm_count>``; a
+checkpoint of several models (a pipeline's UNet and text encoders) prefixes each with its
+component name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..utils.io import atomic_path
+from .config import ResLoRAConfig
+from .model import add_reslora, get_state, has_reslora
+
+FORMAT = "reslora-checkpoint"
+VERSION = "1"
+TENSORS = ("lora_A", "lora_B", "norm_window", "norm_count")
+
+Models = nn.Module | dict[str, nn.Module]
+
+
+def _components(models: Models) -> dict[str, nn.Module]:
+    return {"": models} if isinstance(models, nn.Module) else dict(models)
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def checkpoint_state(models: Models) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata that :func:`save_reslora_checkpoint` writes."""
+    tensors, configs, chains = {}, {}, {}
+    for name, model in _components(models).items():
+        state = get_state(model)
+        configs[name] = state.config.to_dict()
+        chains[name] = {
+            key: {"modules": [b.module_path for b in c.blocks], "links": [bool(x) for x in c.links]}
+            for key, c in state.chains.items()
+            if c.frozen
+        }
+        for path, block in state.blocks.items():
+            for t in TENSORS:
+                tensors[f"{_prefix(name)}{path}.{t}"] = getattr(block, t).detach().contiguous().cpu()
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "configs": json.dumps(configs),
+        "chains": json.dumps(chains),
+    }
+    return tensors, meta
+
+
+def save_reslora_checkpoint(models: Models, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the checkpoint of ``models`` (a model or ``{component: model}``) to ``path``, atomically."""
+    tensors, meta = checkpoint_state(models)
+    meta.update(metadata or {})
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ResLoRA checkpoint not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a ResLoRA checkpoint (metadata format={meta.get('format')!r})")
+    return meta
+
+
+def checkpoint_configs(path: str | Path) -> dict[str, ResLoRAConfig]:
+    """``{component: ResLoRAConfig}`` stored in a checkpoint (component ``""`` for one model)."""
+    meta = read_checkpoint_metadata(path)
+    return {k: ResLoRAConfig.from_dict(v) for k, v in json.loads(meta["configs"]).items()}
+
+
+def load_reslora_checkpoint(models: Models, path: str | Path) -> Models:
+    """Load a checkpoint into ``models``, adding ResLoRA with the stored config where missing.
+
+    Every tensor must match a block of the model in name and shape, and every block must
+    be in the file; the first key that does not fit raises ``ValueError`` naming it.
+    The stored chain structure is installed, so no traced forward is needed afterwards.
+    """
+    path = Path(path)
+    meta = read_checkpoint_metadata(path)
+    configs = json.loads(meta["configs"])
+    chains = json.loads(meta["chains"])
+    comps = _components(models)
+    missing = sorted(set(configs) - set(comps))
+    if missing:
+        raise ValueError(f"{path}: checkpoint has component {missing[0]!r}, not given to load into")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        expected = {}
+        for name, model in comps.items():
+            if name not in configs:
+                continue
+            if not has_reslora(model):
+                add_reslora(model, ResLoRAConfig.from_dict(configs[name]))
+            for bpath, block in get_state(model).blocks.items():
+                for t in TENSORS:
+                    expected[f"{_prefix(name)}{bpath}.{t}"] = getattr(block, t)
+        for key in sorted(keys):
+            if key not in expected:
+                raise ValueError(f"{path}: key {key!r} has no matching ResLoRA module in the model")
+        for key, target in expected.items():
+            if key not in keys:
+                raise ValueError(f"{path}: key {key!r} is missing from the checkpoint")
+            shape = tuple(f.get_slice(key).get_shape())
+            if shape != tuple(target.shape):
+                raise ValueError(
+                    f"{path}: key {key!r} has shape {shape}, the model expects {tuple(target.shape)}"
+                )
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(f.get_tensor(key))
+    for name, model in comps.items():
+        if name in configs:
+            _install_chains(model, chains.get(name, {}))
+    return models
+
+
+def _install_chains(model: nn.Module, chains: dict[str, dict]) -> None:
+    state = get_state(model)
+    for block in state.blocks.values():
+        block.sync_norm_count()
+    for key, info in chains.items():
+        if key in state.chains and all(m in state.blocks for m in info["modules"]):
+            state.chains[key].set_structure([state.blocks[m] for m in info["modules"]], info["links"])

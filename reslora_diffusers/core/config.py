@@ -1,0 +1,119 @@
+"""The ResLoRA configuration: one serialisable dataclass, validated on creation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+RES_TYPES = ("none", "is", "bs", "ms")
+MERGE_METHODS = ("input", "weight", "calibrated")
+INIT_METHODS = ("kaiming", "gaussian")
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class ResLoRAConfig:
+    """How ResLoRA is applied to a model.
+
+    The branch of layer ``n`` computes ``s * B_n A_n x_n`` with ``s = alpha / rank``;
+    ``res_type`` adds the shortcut between consecutive branches of a chain:
+
+    * ``none``: plain LoRA, ``h_n = W_n x_n + s B_n A_n x_n``
+    * ``is``:   ``h_n = W_n x_n + s B_n A_n (x_n + x_{n-1})``
+    * ``bs``:   ``h_n = W_n x_n + s (sum_{k=0..m} B_{n-k} A_{n-k}) x_n``
+    * ``ms``:   ``h_n = W_n x_n + s B_n (sum_{k=0..m} A_{n-k} x_{n-k})``
+
+    with ``m = pre_num`` (``is`` always uses one predecessor).
+
+    Args:
+        rank: LoRA rank ``r``.
+        alpha: LoRA alpha; ``None`` means ``alpha = rank`` (scaling 1).
+        dropout: dropout probability on the branch input during training.
+        res_type: shortcut type, one of ``none | is | bs | ms``.
+        pre_num: number of earlier blocks in the ``bs``/``ms`` shortcut (``m``).
+        target_modules: module-name suffixes to adapt, matched on ``.`` boundaries as in PEFT.
+        merge: default way to remove the shortcuts, ``input | weight | calibrated``.
+        norm_window: length of the sliding window of input norms per block.
+        init: ``kaiming`` (A kaiming-uniform, as PEFT) or ``gaussian`` (A ~ N(0, 1/r)); B is zero.
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    res_type: str = "bs"
+    pre_num: int = 1
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    merge: str = "input"
+    norm_window: int = 100
+    init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = [t for t in self.target_modules.replace(",", " ").split() if t]
+        else:
+            self.target_modules = list(self.target_modules)
+        if self.alpha is None:
+            self.alpha = float(self.rank) if _is_int(self.rank) else self.rank
+        self.validate()
+
+    @property
+    def scaling(self) -> float:
+        """``s = alpha / rank``."""
+        return float(self.alpha) / self.rank
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field and what it allows."""
+        _check(_is_int(self.rank) and self.rank > 0, "rank", self.rank, "an integer > 0")
+        _check(_is_number(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a number > 0")
+        _check(
+            _is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)"
+        )
+        _check(self.res_type in RES_TYPES, "res_type", self.res_type, " | ".join(RES_TYPES))
+        _check(_is_int(self.pre_num) and self.pre_num >= 0, "pre_num", self.pre_num, "an integer >= 0")
+        _check(
+            len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+            "target_modules",
+            self.target_modules,
+            "a non-empty list of module-name suffixes",
+        )
+        _check(self.merge in MERGE_METHODS, "merge", self.merge, " | ".join(MERGE_METHODS))
+        _check(
+            _is_int(self.norm_window) and self.norm_window > 0,
+            "norm_window",
+            self.norm_window,
+            "an integer > 0",
+        )
+        _check(self.init in INIT_METHODS, "init", self.init, " | ".join(INIT_METHODS))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ResLoRAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"ResLoRAConfig: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ResLoRAConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"ResLoRAConfig.{name}={value!r} is invalid; allowed: {allowed}")

@@ -1,0 +1,323 @@
+"""Turn a trained ResLoRA model into a plain LoRA, and measure what that costs.
+
+``bs`` and ``none`` merge exactly. ``is`` and ``ms`` read activations of earlier layers,
+which a plain LoRA cannot; three ways approximate them by a function of ``x_n``:
+
+* ``input`` (paper): ``x_{n-1} ~ alpha x_n`` with ``alpha = f_{n-1} / f_n``, ``f`` the mean
+  of the block's norm window (of ``x`` for is, of ``A x`` for ms, paper eq. 12 for ms).
+* ``weight`` (paper eq. 11): ``alpha = f*_{n-2} / f*_{n-1}`` with ``f*_j = ||W_j + dW_j||_F``
+  of the already-merged layers (for lag k: ``f*_{n-k-1} / f*_{n-1}``); 1 where missing.
+* ``calibrated`` (ours): ridge least squares ``G_n = Z X^T (X X^T + lambda I)^-1`` from the
+  block's input ``x_n`` to the shortcut's intermediate ``z_n`` over calibration batches;
+  ``A'_n = A_n + G_n``. Lags whose input equals ``x_n`` (cross-attention k/v) take
+  ``G = A_{n-k}`` exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .config import MERGE_METHODS
+from .layer import ResLoRALinear
+from .model import _traced_state, get_state
+
+logger = logging.getLogger(__name__)
+
+Batch = torch.Tensor | tuple | list | dict
+
+
+@dataclass
+class MergeReport:
+    """What a merge did and how far the merged model is from the ResLoRA model."""
+
+    method: str
+    res_type: str
+    pre_num: int
+    #: relative output error ||y_merged - y_reslora|| / ||y_reslora|| on the inputs given
+    fidelity: float | None = None
+    #: merge scalar alpha* per block (input and weight merges)
+    alphas: dict[str, float] = field(default_factory=dict)
+    #: relative Frobenius error of dW per block from rank truncation
+    truncation: dict[str, float] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MergedLoRA(dict):
+    """A plain LoRA state dict (``<path>.lora_A.weight``, ``<path>.lora_B.weight``, ``dW = B @ A``)
+    with the :class:`MergeReport` that made it as ``.report``."""
+
+    report: MergeReport
+
+    def factors(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self[f"{path}.lora_A.weight"], self[f"{path}.lora_B.weight"]
+
+
+def run_batch(model: nn.Module, batch: Batch):
+    """Call ``model`` the way calibration and evaluation batches are specified."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The main tensor of a model output (a tensor, ``.sample``, ``.logits``, a dict or tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for attr in ("sample", "logits", "last_hidden_state"):
+        value = getattr(out, attr, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the output tensor in a {type(out).__name__}")
+
+
+class MergeContext:
+    """Per-merge helpers the shortcut classes call: window means, weight ratios, corrections."""
+
+    def __init__(self, corrections: dict[ResLoRALinear, torch.Tensor] | None = None) -> None:
+        self.corrections = corrections or {}
+        self.fstar: dict[ResLoRALinear, float] = {}
+        self.alphas: dict[str, float] = {}
+
+    def window_mean(self, block: ResLoRALinear, stat: str) -> float:
+        mean = block.window_mean()
+        if mean is None:
+            raise ValueError(
+                f"merge='input' needs the norm window of {block.module_path}, but it recorded no "
+                "training forward pass; train first (model.train()) or use merge='calibrated' or 'weight'"
+            )
+        return float(mean)
+
+    def weight_ratio(self, block: ResLoRALinear, lag: int) -> float:
+        """``f*_{n-lag-1} / f*_{n-1}``, 1 where either layer is missing from the segment."""
+        chain = block._chain
+        back = chain.preds(block._pos)
+        if len(back) < lag:
+            return 1.0
+        far = chain.preds(back[lag - 1])
+        if not far:
+            return 1.0
+        return self.fstar[chain.blocks[far[0]]] / self.fstar[chain.blocks[back[0]]]
+
+    def correction(self, block: ResLoRALinear) -> torch.Tensor:
+        return self.corrections[block]
+
+    def record_alpha(self, block: ResLoRALinear, alpha: float) -> None:
+        self.alphas[block.module_path] = float(alpha)
+
+
+def merge_to_lora(
+    model: nn.Module,
+    merge: str | None = None,
+    calibration: Iterable[Batch] | None = None,
+    rank: int | None = None,
+    eval_inputs: Iterable[Batch] | None = None,
+    ridge: float = 1e-6,
+) -> MergedLoRA:
+    """Merge the shortcuts away and return a plain LoRA with its :class:`MergeReport`.
+
+    Args:
+        model: a model prepared with ``add_reslora`` that ran at least one forward pass.
+        merge: ``input | weight | calibrated``; default: the config's ``merge``.
+        calibration: batches (tensor, tuple or dict) for ``calibrated``; run in eval mode.
+        rank: truncate every merged ``dW`` to this rank by SVD (errors in ``report.truncation``).
+        eval_inputs: held-out batches on which ``report.fidelity`` is measured.
+        ridge: ``lambda`` of the calibrated fit, relative to the mean eigenvalue of ``X X^T``.
+    """
+    state = _traced_state(model)
+    method = merge or state.config.merge
+    if method not in MERGE_METHODS:
+        raise ValueError(f"merge={method!r} is invalid; allowed: {' | '.join(MERGE_METHODS)}")
+    corrections = {}
+    if method == "calibrated" and state.config.res_type in ("is", "ms"):
+        if calibration is None:
+            raise ValueError("merge='calibrated' needs calibration batches (calibration=...)")
+        corrections = calibrate(model, calibration, ridge)
+    ctx = MergeContext(corrections)
+    factors = _merge_factors(state, method, ctx)
+    report = MergeReport(method, state.config.res_type, state.config.pre_num, alphas=ctx.alphas)
+    if rank is not None:
+        factors = {b: _truncate(b.module_path, a, bm, rank, report) for b, (a, bm) in factors.items()}
+    merged = MergedLoRA()
+    for block, (a, b) in factors.items():
+        merged[f"{block.module_path}.lora_A.weight"] = a.contiguous()
+        merged[f"{block.module_path}.lora_B.weight"] = b.contiguous()
+        report.ranks[block.module_path] = a.shape[0]
+    merged.report = report
+    if eval_inputs is not None:
+        report.fidelity = relative_error(model, merged, eval_inputs)
+        logger.info(
+            "ResLoRA %s merge (%s): relative output error %.3e", method, report.res_type, report.fidelity
+        )
+    return merged
+
+
+def _merge_factors(
+    state, method: str, ctx: MergeContext
+) -> dict[ResLoRALinear, tuple[torch.Tensor, torch.Tensor]]:
+    factors = {}
+    with torch.no_grad():
+        for chain in state.chains.values():
+            for pos, block in enumerate(chain.blocks):
+                preds = [chain.blocks[p] for p in chain.preds(pos)]
+                a, b = block.shortcut.merged_factors(block, preds, method, ctx)
+                factors[block] = (a, b)
+                w = block.base_weight().detach()
+                ctx.fstar[block] = float(torch.linalg.matrix_norm(w.to(b.dtype) + b @ a))
+        for block in state.blocks.values():
+            if block._pos is None:  # never ran in the traced pass: plain LoRA
+                factors[block] = (block.lora_A.detach().clone(), block.lora_B.detach() * block.scaling)
+    return factors
+
+
+def _truncate(path: str, a: torch.Tensor, b: torch.Tensor, rank: int, report: MergeReport):
+    """Best rank-``rank`` factors of ``B @ A`` via QR of both factors and a small SVD."""
+    if a.shape[0] <= rank:
+        report.truncation[path] = 0.0
+        return a, b
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().t())
+    u, s, vh = torch.linalg.svd(rb @ ra.t())
+    root = s[:rank].sqrt()
+    new_b = (qb @ u[:, :rank]) * root
+    new_a = root[:, None] * (vh[:rank] @ qa.t())
+    total = float(s.square().sum())
+    report.truncation[path] = math.sqrt(float(s[rank:].square().sum()) / total) if total > 0 else 0.0
+    return new_a.to(a.dtype), new_b.to(b.dtype)
+
+
+@contextlib.contextmanager
+def merged_view(model: nn.Module, merged: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, adapted layers compute ``W x + B' A' x`` from ``merged`` (no shortcuts)."""
+    blocks = get_state(model).blocks
+    try:
+        for path, block in blocks.items():
+            key = f"{path}.lora_A.weight"
+            if key in merged:
+                block._merged = (merged[key], merged[f"{path}.lora_B.weight"])
+        yield
+    finally:
+        for block in blocks.values():
+            block._merged = None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def relative_error(model: nn.Module, merged: dict[str, torch.Tensor], inputs: Iterable[Batch]) -> float:
+    """``||y_merged - y_reslora|| / ||y_reslora||`` over all batches (norms summed in squares)."""
+    num = den = 0.0
+    with eval_mode(model):
+        for batch in inputs:
+            ref = output_tensor(run_batch(model, batch)).double()
+            with merged_view(model, merged):
+                got = output_tensor(run_batch(model, batch)).double()
+            num += float((got - ref).square().sum())
+            den += float(ref.square().sum())
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def compare_merges(
+    model: nn.Module,
+    eval_inputs: list[Batch],
+    calibration: list[Batch] | None = None,
+    methods: Iterable[str] = MERGE_METHODS,
+    **kwargs,
+) -> dict[str, float]:
+    """Relative output error of each merge method on ``eval_inputs`` (methods that cannot run
+    for lack of data, e.g. ``calibrated`` without batches, are left out)."""
+    out = {}
+    for method in methods:
+        if method == "calibrated" and calibration is None:
+            continue
+        merged = merge_to_lora(model, method, calibration=calibration, eval_inputs=eval_inputs, **kwargs)
+        out[method] = merged.report.fidelity
+    return out
+
+
+# -- calibration ----------------------------------------------------------------------
+class _CalibStats:
+    """Accumulates ``X X^T`` and, per lag k, ``Z_k X^T`` (or notes that ``x_{n-k} == x_n``)."""
+
+    def __init__(self, block: ResLoRALinear) -> None:
+        n_in = block.in_features
+        self.xxt = torch.zeros(n_in, n_in, dtype=torch.float64, device=block.lora_A.device)
+        self.zxt: dict[int, torch.Tensor] = {}
+        self.identical: dict[int, bool] = {}
+        self.lag_blocks: dict[int, ResLoRALinear] = {}
+
+    @torch.no_grad()
+    def observe(self, block: ResLoRALinear, x: torch.Tensor, pred_pos: list[int]) -> None:
+        chain = block._chain
+        x2 = x.reshape(-1, x.shape[-1]).double()
+        self.xxt += x2.t() @ x2
+        for k, pos in enumerate(pred_pos, start=1):
+            x_prev = chain.xs[pos]
+            same = x_prev is x or (x_prev.shape == x.shape and torch.equal(x_prev, x))
+            self.identical[k] = self.identical.get(k, True) and same
+            # is: z = A_n x_{n-1}; ms: z = A_{n-k} x_{n-k}
+            a_src = block if block.shortcut.name == "is" else chain.blocks[pos]
+            self.lag_blocks[k] = a_src
+            z = x_prev.reshape(-1, x_prev.shape[-1]).double() @ a_src.lora_A.double().t()
+            self.zxt[k] = self.zxt.get(k, 0) + z.t() @ x2
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        n_in = self.xxt.shape[0]
+        lam = ridge * float(torch.trace(self.xxt)) / n_in + 1e-12
+        gram = self.xxt + lam * torch.eye(n_in, dtype=self.xxt.dtype, device=self.xxt.device)
+        total = 0
+        fitted = [k for k in self.zxt if not self.identical[k]]
+        if fitted:
+            zxt = sum(self.zxt[k] for k in fitted)
+            total = torch.linalg.solve(gram, zxt.t()).t()
+        for k in self.zxt:
+            if self.identical[k]:
+                total = total + self.lag_blocks[k].lora_A.detach().double()
+        return total
+
+
+def calibrate(
+    model: nn.Module, batches: Iterable[Batch], ridge: float = 1e-6
+) -> dict[ResLoRALinear, torch.Tensor]:
+    """The calibrated correction ``G_n`` of every block that has a shortcut input."""
+    state = _traced_state(model)
+    stats = {}
+    for chain in state.chains.values():
+        for pos, block in enumerate(chain.blocks):
+            if chain.preds(pos):
+                stats[block] = block._calib = _CalibStats(block)
+    n_batches = 0
+    try:
+        with eval_mode(model):
+            for batch in batches:
+                run_batch(model, batch)
+                n_batches += 1
+    finally:
+        for block in stats:
+            block._calib = None
+    if n_batches == 0:
+        raise ValueError("merge='calibrated' got an empty calibration iterable")
+    return {block: s.solve(ridge).to(block.lora_A.dtype) for block, s in stats.items()}

@@ -1,0 +1,186 @@
+"""Attach ResLoRA to a model and take it off again: ``add_reslora`` / ``remove_reslora``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .chain import Chain, chain_key, log_structure
+from .config import ResLoRAConfig
+from .layer import ResLoRALinear, is_conv1d
+
+logger = logging.getLogger(__name__)
+
+STATE_ATTR = "_reslora_state"
+
+
+@dataclass
+class ResLoRAState:
+    """What ``add_reslora`` keeps on the model: config, chains, blocks and hooks."""
+
+    config: ResLoRAConfig
+    chains: dict[str, Chain]
+    blocks: dict[str, ResLoRALinear]
+    requires_grad: dict[str, bool]
+    hooks: list = field(default_factory=list)
+    logged: bool = False
+
+    def traced(self) -> bool:
+        return all(c.frozen for c in self.chains.values())
+
+
+def add_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
+    """Wrap every linear layer whose name ends with a target in a :class:`ResLoRALinear`.
+
+    The model is changed in place and returned: all its parameters are frozen and only the
+    ``lora_A``/``lora_B`` of the new blocks train. Chains are traced by the first forward pass.
+    Models with a dedicated front end (diffusers UNets, pipelines) are handled by
+    :func:`reslora_diffusers.add_reslora`, which calls this.
+    """
+    if not isinstance(config, ResLoRAConfig):
+        raise TypeError(f"add_reslora expects a ResLoRAConfig, got {type(config).__name__}")
+    if hasattr(model, STATE_ATTR):
+        raise ValueError("add_reslora: this model already has ResLoRA; call remove_reslora first")
+    targets = find_targets(model, config.target_modules)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    chains: dict[str, Chain] = {}
+    blocks: dict[str, ResLoRALinear] = {}
+    max_preds = _max_preds(config)
+    for name, target in targets:
+        key = chain_key(name, target)
+        chain = chains.setdefault(key, Chain(key, max_preds))
+        block = ResLoRALinear(model.get_submodule(name), config, name, chain)
+        _set_submodule(model, name, block)
+        blocks[name] = block
+    state = ResLoRAState(config, chains, blocks, requires_grad)
+    state.hooks = [
+        model.register_forward_pre_hook(lambda m, args: _begin_pass(m)),
+        model.register_forward_hook(lambda m, args, out: _end_pass(m)),
+    ]
+    setattr(model, STATE_ATTR, state)
+    logger.info(
+        "ResLoRA %s (pre_num %d, rank %d) on %d modules in %d chains",
+        config.res_type,
+        config.pre_num,
+        config.rank,
+        len(blocks),
+        len(chains),
+    )
+    return model
+
+
+def remove_reslora(model: nn.Module) -> nn.Module:
+    """Put the original modules back and restore each parameter's ``requires_grad``."""
+    state = get_state(model)
+    for name, block in state.blocks.items():
+        _set_submodule(model, name, block.base_layer)
+    for hook in state.hooks:
+        hook.remove()
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
+    delattr(model, STATE_ATTR)
+    return model
+
+
+def get_state(model: nn.Module) -> ResLoRAState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} has no ResLoRA; call add_reslora first")
+    return state
+
+
+def has_reslora(model: nn.Module) -> bool:
+    return hasattr(model, STATE_ATTR)
+
+
+def reslora_chains(model: nn.Module) -> dict[str, list[ResLoRALinear]]:
+    """One list of blocks per chain (role), in forward-execution order.
+
+    The order is traced, so at least one forward pass must have run (or the structure
+    must come from a loaded checkpoint).
+    """
+    state = _traced_state(model)
+    return {name: list(chain.blocks) for name, chain in state.chains.items()}
+
+
+def chain_structure(model: nn.Module) -> dict[str, dict]:
+    """The chains as data: module paths, links and segments per chain (JSON-serialisable)."""
+    state = _traced_state(model)
+    return {name: chain.describe() for name, chain in state.chains.items()}
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for b in get_state(model).blocks.values() for p in (b.lora_A, b.lora_B)]
+
+
+def find_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:
+    """``(module path, matched target)`` for every linear layer whose path ends with a target."""
+    found, linear_names = [], []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            continue
+        linear_names.append(name)
+        for t in targets:
+            if name == t or name.endswith("." + t):
+                found.append((name, t))
+                break
+    if not found:
+        sample = ", ".join(linear_names[:8]) or "none"
+        raise ValueError(
+            f"add_reslora: no linear layer of {type(model).__name__} ends with any of target_modules "
+            f"{list(targets)}; searched {len(linear_names)} linear layers (e.g. {sample})"
+        )
+    return found
+
+
+def _traced_state(model: nn.Module) -> ResLoRAState:
+    state = get_state(model)
+    if not state.traced():
+        raise RuntimeError("ResLoRA chains are traced by a forward pass: run the model once first")
+    return state
+
+
+def _max_preds(config: ResLoRAConfig) -> int:
+    from .shortcuts import SHORTCUTS
+
+    return SHORTCUTS[config.res_type](config.pre_num).max_preds
+
+
+def _begin_pass(model: nn.Module) -> None:
+    state = getattr(model, STATE_ATTR)
+    if (
+        model.training
+        and torch.is_grad_enabled()
+        and state.config.res_type in ("is", "ms")
+        and getattr(model, "is_gradient_checkpointing", False)
+    ):
+        raise ValueError(
+            f"ResLoRA res_type {state.config.res_type!r} caches activations of the current forward pass, "
+            "which gradient checkpointing recomputes out of order; use res_type 'bs' or 'none', "
+            "or disable gradient checkpointing"
+        )
+    for chain in state.chains.values():
+        if not chain.frozen:
+            chain.reset_trace()
+        chain.new_pass()
+
+
+def _end_pass(model: nn.Module) -> None:
+    state = getattr(model, STATE_ATTR)
+    for chain in state.chains.values():
+        if not chain.frozen:
+            chain.freeze()
+        chain.new_pass()
+    if not state.logged:
+        state.logged = True
+        log_structure(state.chains, [n for n, b in state.blocks.items() if b._pos is None])
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
