@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from ..utils.io import atomic_path
 from .config import ResLoRAConfig
-from .model import add_reslora, get_state, has_reslora
+from .model import get_state, has_reslora
 
 FORMAT = "reslora-checkpoint"
 VERSION = "1"
@@ -107,6 +107,8 @@ def load_reslora_checkpoint(models: Models, path: str | Path) -> Models:
             if name not in configs:
                 continue
             if not has_reslora(model):
+                from ..api import add_reslora  # the front end for this kind of model
+
                 add_reslora(model, ResLoRAConfig.from_dict(configs[name]))
             for bpath, block in get_state(model).blocks.items():
                 for t in TENSORS:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 RES_TYPES = ("none", "is", "bs", "ms")
 MERGE_METHODS = ("input", "weight", "calibrated")
 INIT_METHODS = ("kaiming", "gaussian")
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @dataclass
@@ -31,7 +30,9 @@ class ResLoRAConfig:
         dropout: dropout probability on the branch input during training.
         res_type: shortcut type, one of ``none | is | bs | ms``.
         pre_num: number of earlier blocks in the ``bs``/``ms`` shortcut (``m``).
-        target_modules: module-name suffixes to adapt, matched on ``.`` boundaries as in PEFT.
+        target_modules: module-name suffixes to adapt, matched on ``.`` boundaries as in PEFT;
+            ``None`` picks the preset of the model's front end (diffusers attention, or the
+            transformers model type).
         merge: default way to remove the shortcuts, ``input | weight | calibrated``.
         norm_window: length of the sliding window of input norms per block.
         init: ``kaiming`` (A kaiming-uniform, as PEFT) or ``gaussian`` (A ~ N(0, 1/r)); B is zero.
@@ -42,7 +43,7 @@ class ResLoRAConfig:
     dropout: float = 0.0
     res_type: str = "bs"
     pre_num: int = 1
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    target_modules: list[str] | None = None
     merge: str = "input"
     norm_window: int = 100
     init: str = "kaiming"
@@ -50,7 +51,7 @@ class ResLoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = [t for t in self.target_modules.replace(",", " ").split() if t]
-        else:
+        elif self.target_modules is not None:
             self.target_modules = list(self.target_modules)
         if self.alpha is None:
             self.alpha = float(self.rank) if _is_int(self.rank) else self.rank
@@ -71,10 +72,11 @@ class ResLoRAConfig:
         _check(self.res_type in RES_TYPES, "res_type", self.res_type, " | ".join(RES_TYPES))
         _check(_is_int(self.pre_num) and self.pre_num >= 0, "pre_num", self.pre_num, "an integer >= 0")
         _check(
-            len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+            self.target_modules is None
+            or (len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules)),
             "target_modules",
             self.target_modules,
-            "a non-empty list of module-name suffixes",
+            "None (the model's preset) or a non-empty list of module-name suffixes",
         )
         _check(self.merge in MERGE_METHODS, "merge", self.merge, " | ".join(MERGE_METHODS))
         _check(

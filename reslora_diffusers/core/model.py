@@ -44,6 +44,11 @@ def add_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
         raise TypeError(f"add_reslora expects a ResLoRAConfig, got {type(config).__name__}")
     if hasattr(model, STATE_ATTR):
         raise ValueError("add_reslora: this model already has ResLoRA; call remove_reslora first")
+    if config.target_modules is None:
+        raise ValueError(
+            f"ResLoRAConfig.target_modules is None and {type(model).__name__} has no preset; "
+            "pass target_modules (module-name suffixes such as ['q_proj', 'v_proj'])"
+        )
     targets = find_targets(model, config.target_modules)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
