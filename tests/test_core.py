@@ -216,6 +216,17 @@ class _Res(nn.Module):
         return x + torch.tanh(self.layer.proj(x))
 
 
+@pytest.mark.parametrize("attr", ["is_activation_checkpointing", "is_gradient_checkpointing"])
+@pytest.mark.parametrize("res_type", ["is", "ms"])
+def test_is_ms_refuse_gradient_checkpointing(attr, res_type):
+    model = make(res_type=res_type)
+    setattr(model, attr, True)  # transformers >= 5 name, and the name before it
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model.train()(torch.randn(2, 8))
+    with torch.no_grad():  # nothing is recomputed without a backward pass
+        model(torch.randn(2, 8))
+
+
 def test_norm_windows_record_training_passes_only():
     model = make(res_type="is", norm_window=3)
     for _ in range(5):

@@ -161,7 +161,7 @@ def _begin_pass(model: nn.Module) -> None:
         model.training
         and torch.is_grad_enabled()
         and state.config.res_type in ("is", "ms")
-        and getattr(model, "is_gradient_checkpointing", False)
+        and _checkpointing(model)
     ):
         raise ValueError(
             f"ResLoRA res_type {state.config.res_type!r} caches activations of the current forward pass, "
@@ -172,6 +172,13 @@ def _begin_pass(model: nn.Module) -> None:
         if not chain.frozen:
             chain.reset_trace()
         chain.new_pass()
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model recomputes blocks: ``is_activation_checkpointing`` since
+    transformers 5 (the old ``is_gradient_checkpointing`` warns on every read), else the old name."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
 
 
 def _end_pass(model: nn.Module) -> None:
