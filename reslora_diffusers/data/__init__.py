@@ -1,0 +1,82 @@
+"""Embedded data: procedural coloured-shape sets, our tokenizer and the tiny base pipeline.
+
+Everything here is made locally (no hub): the base set and the fine-tuning set are
+written in the ``imagefolder`` layout, and the committed tiny ``StableDiffusionPipeline``
+was pretrained on the base set by ``scripts/pretrain_tiny_base.py``.
+"""
+
+from .sets import (
+    FINETUNE_NUM_IMAGES,
+    FINETUNE_SEED,
+    HELDOUT_COMBOS,
+    base_combos,
+    default_base_model_path,
+    default_finetune_data_dir,
+    finetune_prompts,
+    heldout_base_prompts,
+    make_base_set,
+    make_finetune_set,
+    seen_base_prompts,
+    write_imagefolder,
+)
+from .shapes import (
+    ALL_SHAPES,
+    BACKGROUNDS,
+    COLORS,
+    FINETUNE_SHAPE,
+    RESOLUTION,
+    SHAPES,
+    ShapeSample,
+    caption,
+    random_sample,
+    render,
+)
+from .tiny_base import (
+    BASE_GUIDANCE_SCALE,
+    BASE_NUM_INFERENCE_STEPS,
+    BASE_RESOLUTION,
+    build_pipeline,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+)
+from .tokenizer import MODEL_MAX_LENGTH, VOCAB_WORDS, write_tokenizer
+
+__all__ = [
+    "ALL_SHAPES",
+    "BACKGROUNDS",
+    "BASE_GUIDANCE_SCALE",
+    "BASE_NUM_INFERENCE_STEPS",
+    "BASE_RESOLUTION",
+    "COLORS",
+    "FINETUNE_NUM_IMAGES",
+    "FINETUNE_SEED",
+    "FINETUNE_SHAPE",
+    "HELDOUT_COMBOS",
+    "MODEL_MAX_LENGTH",
+    "RESOLUTION",
+    "SHAPES",
+    "VOCAB_WORDS",
+    "ShapeSample",
+    "base_combos",
+    "build_pipeline",
+    "build_scheduler",
+    "build_text_encoder",
+    "build_tokenizer",
+    "build_unet",
+    "build_vae",
+    "caption",
+    "default_base_model_path",
+    "default_finetune_data_dir",
+    "finetune_prompts",
+    "heldout_base_prompts",
+    "make_base_set",
+    "make_finetune_set",
+    "random_sample",
+    "render",
+    "seen_base_prompts",
+    "write_imagefolder",
+    "write_tokenizer",
+]

@@ -1,0 +1,111 @@
+"""Builders of the tiny text-to-image base (a standard ``StableDiffusionPipeline``).
+
+``scripts/pretrain_tiny_base.py`` trains these models; the test suite checks that the
+committed pipeline's configs equal what these functions build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .shapes import RESOLUTION
+from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer
+
+#: Image side in pixels that the base generates (latents are half of it).
+BASE_RESOLUTION = RESOLUTION
+#: Inference steps and classifier-free guidance at which the base is documented and evaluated.
+BASE_NUM_INFERENCE_STEPS = 20
+BASE_GUIDANCE_SCALE = 4.0
+
+_VAE_CHANNELS = (32, 64)
+_TEXT_HIDDEN = 64
+
+
+def build_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
+    """Write our vocabulary into ``out_dir`` and load it as a ``CLIPTokenizer``."""
+    return CLIPTokenizer.from_pretrained(write_tokenizer(out_dir))
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """A 2-layer, 64-wide CLIP text encoder over ``tokenizer``'s vocabulary."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=4 * _TEXT_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        projection_dim=_TEXT_HIDDEN,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
+    """A 2-level VAE: 3 x 32 x 32 images <-> 4 x 16 x 16 latents."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(_VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(_VAE_CHANNELS),
+        block_out_channels=_VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=BASE_RESOLUTION,
+        scaling_factor=scaling_factor,
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    """A 2-level UNet with cross-attention at every level (2 transformer blocks per down level)."""
+    return UNet2DConditionModel(
+        sample_size=BASE_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        norm_num_groups=16,
+        cross_attention_dim=_TEXT_HIDDEN,
+        attention_head_dim=4,
+    )
+
+
+def build_scheduler() -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ over a 1000-step linear-beta DDPM schedule, sampling from t = 999."""
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type="epsilon",
+        timestep_spacing="trailing",
+        steps_offset=1,
+    )
+
+
+def build_pipeline(tokenizer_dir: str | Path, vae_scaling_factor: float = 1.0) -> StableDiffusionPipeline:
+    """The untrained base pipeline (no safety checker), tokenizer files written to ``tokenizer_dir``."""
+    tokenizer = build_tokenizer(tokenizer_dir)
+    return StableDiffusionPipeline(
+        vae=build_vae(vae_scaling_factor),
+        text_encoder=build_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        unet=build_unet(),
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

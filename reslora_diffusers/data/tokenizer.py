@@ -1,0 +1,90 @@
+"""Our own CLIP-format BPE vocabulary, in which every caption word is one token.
+
+The files (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``) load with
+``CLIPTokenizer.from_pretrained``. The vocabulary holds the 256 byte symbols (alone and
+word-final, as in CLIP), so any text tokenizes, plus merges learned by byte-pair
+encoding over the caption words until each word is a single token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from .shapes import ALL_SHAPES, BACKGROUNDS, COLORS
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+#: Token sequence length of the text encoder (bos + words + eos, padded).
+MODEL_MAX_LENGTH = 16
+_END = "</w>"
+
+#: Every word the captions use; the fine-tuning shape is included, so its token exists
+#: (the base model simply never trains its embedding).
+VOCAB_WORDS: tuple[str, ...] = tuple(sorted({"a", "on", "background", *COLORS, *BACKGROUNDS, *ALL_SHAPES}))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2 reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return tuple(merged)
+
+
+def learn_merges(words: tuple[str, ...] = VOCAB_WORDS) -> list[tuple[str, str]]:
+    """Byte-pair merges (most frequent pair first, ties alphabetical) until each word is one symbol."""
+    corpus = [(*word[:-1], word[-1] + _END) for word in words]
+    merges: list[tuple[str, str]] = []
+    while any(len(symbols) > 1 for symbols in corpus):
+        counts = Counter(pair for symbols in corpus for pair in zip(symbols, symbols[1:], strict=False))
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        corpus = [_merge_pair(symbols, best) for symbols in corpus]
+    return merges
+
+
+def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP vocabulary order: byte symbols, word-final byte symbols, merges, special tokens."""
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + _END for s in symbols] + ["".join(pair) for pair in merges]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def write_tokenizer(out_dir: str | Path, words: tuple[str, ...] = VOCAB_WORDS) -> Path:
+    """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merges = learn_merges(words)
+    (out / "vocab.json").write_text(json.dumps(build_vocab(merges), ensure_ascii=False, indent=1))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out

@@ -1,0 +1,143 @@
+"""A deterministic analyser of coloured-shape images and the prompt-accuracy metric.
+
+``analyse_image`` reads the background colour from the image border, separates the
+foreground by projecting every pixel on the background -> foreground colour axis,
+keeps the largest connected foreground region, names its colour (nearest palette
+colour of its median pixel) and its shape (best soft IoU between the region's
+bounding-box crop and each shape's template).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from functools import cache
+
+import numpy as np
+from PIL import Image
+
+from ..data.shapes import ALL_SHAPES, BACKGROUNDS, COLORS, draw_shape_mask
+
+#: Attributes that the analyser reads and a prompt may name.
+ATTRIBUTES = ("color", "shape", "background")
+#: A pixel this far (RGB Euclidean) from the background may start the foreground.
+_FG_DISTANCE = 60.0
+#: Fewer foreground pixels than this (fraction of the image) means "no shape".
+_MIN_AREA = 0.01
+_TEMPLATE_SIDE = 16
+
+
+def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
+    names = list(palette)
+    distances = np.linalg.norm(np.array([palette[n] for n in names], dtype=np.float32) - rgb, axis=1)
+    return names[int(distances.argmin())]
+
+
+def _border_pixels(rgb: np.ndarray) -> np.ndarray:
+    return np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Largest 4-connected region of ``mask`` (labels spread by max-propagation)."""
+    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
+    while True:
+        padded = np.pad(labels, 1)
+        neighbours = np.stack(
+            [labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+        ).max(axis=0)
+        spread = np.where(mask, neighbours, 0)
+        if np.array_equal(spread, labels):
+            break
+        labels = spread
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    return labels == counts.argmax()
+
+
+@cache
+def _template(shape: str) -> np.ndarray:
+    return draw_shape_mask(shape, _TEMPLATE_SIDE, (0.0, 0.0, float(_TEMPLATE_SIDE), float(_TEMPLATE_SIDE)))
+
+
+def _shape_scores(coverage: np.ndarray, region: np.ndarray) -> dict[str, float]:
+    """Soft IoU of the region's bounding-box crop (resized to the template side) with each template."""
+    rows, cols = np.nonzero(region)
+    crop = np.where(region, coverage, 0.0)[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    resized = Image.fromarray(crop.astype(np.float32), mode="F").resize(
+        (_TEMPLATE_SIDE, _TEMPLATE_SIDE), Image.Resampling.BILINEAR
+    )
+    crop = np.asarray(resized)
+    scores = {}
+    for shape in ALL_SHAPES:
+        template = _template(shape)
+        scores[shape] = float(np.minimum(crop, template).sum() / np.maximum(crop, template).sum())
+    return scores
+
+
+def analyse_image(image: Image.Image) -> dict:
+    """Read background, colour and shape of the one shape in ``image``.
+
+    Returns a dict with ``background``, ``color`` and ``shape`` (names; ``color`` and
+    ``shape`` are None when no foreground is found), the measured ``background_rgb`` and
+    ``color_rgb``, the foreground ``area`` (fraction of the image), ``fill_ratio``
+    (area / bounding-box area) and the per-shape template ``shape_scores``.
+    """
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    bg = np.median(_border_pixels(rgb), axis=0)
+    result = {"background": _nearest(bg, BACKGROUNDS), "background_rgb": bg.round().tolist()}
+    result.update(color=None, shape=None, color_rgb=None, area=0.0, fill_ratio=0.0, shape_scores={})
+    candidates = np.linalg.norm(rgb - bg, axis=-1) > _FG_DISTANCE
+    if candidates.mean() < _MIN_AREA:
+        return result
+    fg = np.median(rgb[candidates], axis=0)
+    axis = fg - bg
+    coverage = np.clip((rgb - bg) @ axis / float(axis @ axis), 0.0, 1.0)
+    region = _largest_component(coverage > 0.5)
+    rows, cols = np.nonzero(region)
+    bbox_area = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
+    scores = _shape_scores(coverage, region)
+    result.update(
+        color=_nearest(np.median(rgb[region], axis=0), COLORS),
+        color_rgb=np.median(rgb[region], axis=0).round().tolist(),
+        shape=max(scores, key=scores.get),
+        area=float(region.mean()),
+        fill_ratio=float(region.sum() / bbox_area),
+        shape_scores=scores,
+    )
+    return result
+
+
+def parse_prompt(prompt: str) -> dict[str, str | None]:
+    """Colour, shape and background named by a prompt like "a red circle on a white background".
+
+    The background is the colour word right before "background"; the shape is the first
+    known shape word; the colour is the last palette colour before the shape. Missing
+    attributes are None.
+    """
+    words = re.findall(r"[a-z]+", prompt.lower())
+    parsed: dict[str, str | None] = dict.fromkeys(ATTRIBUTES)
+    if "background" in words and words.index("background") > 0:
+        before = words[words.index("background") - 1]
+        parsed["background"] = before if before in BACKGROUNDS else None
+    shape_positions = [i for i, word in enumerate(words) if word in ALL_SHAPES]
+    if shape_positions:
+        parsed["shape"] = words[shape_positions[0]]
+        colors = [word for word in words[: shape_positions[0]] if word in COLORS]
+        parsed["color"] = colors[-1] if colors else None
+    return parsed
+
+
+def attribute_matches(analysis: dict, parsed: dict[str, str | None]) -> dict[str, bool]:
+    """For each attribute the prompt names, whether the analysis agrees."""
+    return {key: analysis[key] == value for key, value in parsed.items() if value is not None}
+
+
+def prompt_accuracy(images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
+    """Fraction of images whose analysed colour, shape and background all match their prompt."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    hits = [
+        all(attribute_matches(analyse_image(image), parse_prompt(prompt)).values())
+        for image, prompt in zip(images, prompts, strict=True)
+    ]
+    return float(np.mean(hits)) if hits else 0.0
