@@ -18,8 +18,25 @@ from .core import (
 
 __version__ = "0.1.0"
 
+# The diffusers front end imports diffusers (seconds); load it on first use.
+_LAZY = {
+    "ResLoRAAttnProcessor": "reslora_diffusers.diffusion",
+    "export_lora": "reslora_diffusers.diffusion",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'reslora_diffusers' has no attribute {name!r}")
+
+
 __all__ = [
     "MergeReport",
+    "ResLoRAAttnProcessor",
+    "export_lora",
     "MergedLoRA",
     "ResLoRAConfig",
     "ResLoRALinear",

@@ -33,6 +33,10 @@ def is_unet(obj) -> bool:
     return _is_instance(obj, "diffusers", ("UNet2DConditionModel",))
 
 
+def is_clip_text_encoder(obj) -> bool:
+    return _is_instance(obj, "transformers", ("CLIPTextModel", "CLIPTextModelWithProjection"))
+
+
 def is_transformers_model(obj) -> bool:
     return _is_instance(obj, "transformers", ("PreTrainedModel",))
 
@@ -52,6 +56,10 @@ def add_reslora(model, config: ResLoRAConfig, *, train_text_encoder: bool = Fals
         from .diffusion import add_reslora_to_unet
 
         return add_reslora_to_unet(model, config)
+    if is_clip_text_encoder(model):
+        from .diffusion import add_reslora_to_text_encoder
+
+        return add_reslora_to_text_encoder(model, config)
     if is_transformers_model(model):
         from .adapters import add_reslora_transformers
 

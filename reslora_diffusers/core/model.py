@@ -27,6 +27,8 @@ class ResLoRAState:
     requires_grad: dict[str, bool]
     hooks: list = field(default_factory=list)
     logged: bool = False
+    #: what a front end must restore on removal (e.g. a UNet's attention processors)
+    extras: dict = field(default_factory=dict)
 
     def traced(self) -> bool:
         return all(c.frozen for c in self.chains.values())

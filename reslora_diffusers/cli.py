@@ -1,0 +1,82 @@
+"""``reslora-merge``: turn a ResLoRA checkpoint into standard LoRA files (and a fused pipeline).
+
+    reslora-merge CHECKPOINT --base MODEL_DIR --output DIR [--merge input|weight|calibrated]
+                  [--format diffusers|kohya|both] [--rank R] [--fuse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .core.checkpoint import checkpoint_configs, load_reslora_checkpoint
+from .core.config import MERGE_METHODS
+from .utils.io import atomic_dir
+
+FORMAT_CHOICES = {"diffusers": ("diffusers",), "kohya": ("kohya",), "both": ("diffusers", "kohya")}
+FUSED_DIR = "fused_pipeline"
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reslora-merge", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", help="ResLoRA checkpoint (.safetensors) written by training")
+    p.add_argument("--base", required=True, help="base diffusers pipeline: local folder or hub name")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--merge", choices=MERGE_METHODS, default=None, help="default: the checkpoint's config")
+    p.add_argument("--format", choices=sorted(FORMAT_CHOICES), default="both")
+    p.add_argument("--rank", type=int, default=None, help="truncate merged updates to this rank (SVD)")
+    p.add_argument("--fuse", action="store_true", help=f"also save the pipeline with merged weights in {FUSED_DIR}/")
+    return p
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    args = merge_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        report = run_merge(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"reslora-merge: error: {err}", file=sys.stderr)
+        return 2
+    for name, comp in report["components"].items():
+        print(f"{name}: relative output error of the {report['merge']} merge: {comp['fidelity']:.3e}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> dict:
+    from diffusers import DiffusionPipeline
+
+    from .diffusion.export import check_formats, fuse_lora, merge_components, write_lora_files
+    from .diffusion.model import remove_reslora_from_pipeline
+
+    ckpt = Path(args.checkpoint)
+    configs = checkpoint_configs(ckpt)
+    if "" in configs:
+        raise ValueError(f"{ckpt}: a single-model checkpoint; reslora-merge needs a pipeline checkpoint")
+    formats = check_formats(FORMAT_CHOICES[args.format])
+    try:
+        pipe = DiffusionPipeline.from_pretrained(args.base)
+    except OSError as err:
+        raise FileNotFoundError(f"--base {args.base}: not a pipeline folder, nor loadable by name ({err})") from err
+    comps = {}
+    for name in configs:
+        module = getattr(pipe, name, None)
+        if module is None:
+            raise ValueError(f"{ckpt}: checkpoint has component {name!r}, the base pipeline has none")
+        comps[name] = module
+    load_reslora_checkpoint(comps, ckpt)
+    merged, report = merge_components(comps, args.merge, rank=args.rank)
+    with atomic_dir(args.output) as tmp:
+        write_lora_files(tmp, merged, report, comps, formats, {"reslora_checkpoint": ckpt.name})
+        if args.fuse:
+            remove_reslora_from_pipeline(pipe)
+            for name, lora in merged.items():
+                fuse_lora(comps[name], lora)
+            pipe.save_pretrained(str(tmp / FUSED_DIR))
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(merge_main())
