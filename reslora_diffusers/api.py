@@ -65,7 +65,9 @@ def add_reslora(model, config: ResLoRAConfig, *, train_text_encoder: bool = Fals
 
         return add_reslora_transformers(model, config)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"add_reslora expects an nn.Module or a diffusers pipeline, got {type(model).__name__}")
+        raise TypeError(
+            f"add_reslora expects an nn.Module or a diffusers pipeline, got {type(model).__name__}"
+        )
     return core.add_reslora(model, config)
 
 

@@ -1,7 +1,7 @@
 """``reslora-merge``: turn a ResLoRA checkpoint into standard LoRA files (and a fused pipeline).
 
-    reslora-merge CHECKPOINT --base MODEL_DIR --output DIR [--merge input|weight|calibrated]
-                  [--format diffusers|kohya|both] [--rank R] [--fuse]
+reslora-merge CHECKPOINT --base MODEL_DIR --output DIR [--merge input|weight|calibrated]
+              [--format diffusers|kohya|both] [--rank R] [--fuse]
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", choices=MERGE_METHODS, default=None, help="default: the checkpoint's config")
     p.add_argument("--format", choices=sorted(FORMAT_CHOICES), default="both")
     p.add_argument("--rank", type=int, default=None, help="truncate merged updates to this rank (SVD)")
-    p.add_argument("--fuse", action="store_true", help=f"also save the pipeline with merged weights in {FUSED_DIR}/")
+    p.add_argument(
+        "--fuse", action="store_true", help=f"also save the pipeline with merged weights in {FUSED_DIR}/"
+    )
     return p
 
 
@@ -59,7 +61,9 @@ def run_merge(args: argparse.Namespace) -> dict:
     try:
         pipe = DiffusionPipeline.from_pretrained(args.base)
     except OSError as err:
-        raise FileNotFoundError(f"--base {args.base}: not a pipeline folder, nor loadable by name ({err})") from err
+        raise FileNotFoundError(
+            f"--base {args.base}: not a pipeline folder, nor loadable by name ({err})"
+        ) from err
     comps = {}
     for name in configs:
         module = getattr(pipe, name, None)

@@ -171,6 +171,7 @@ def write_lora_files(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write the chosen formats and ``merge_report.json`` into the directory ``out``."""
+    merged = {name: canonical_keys(comps[name], lora) for name, lora in merged.items()}
     if "diffusers" in formats:
         flat = {
             f"{name}.{k}": v.detach().cpu().contiguous()
@@ -181,6 +182,19 @@ def write_lora_files(
     if "kohya" in formats:
         _write_kohya(out / KOHYA_FILE, merged, comps, report, metadata)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def canonical_keys(module: nn.Module, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name CLIP text-encoder modules ``text_model.encoder...`` as LoRA files always have.
+
+    transformers 5 drops the ``text_model`` level of ``CLIPTextModel``; diffusers loads both
+    spellings, older stacks and kohya tools only the classic one.
+    """
+    if module.__class__.__name__ not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        return lora
+    if hasattr(module, "text_model"):
+        return lora
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in lora.items()}
 
 
 def component_report(

@@ -1,0 +1,303 @@
+"""The diffusers front end: processor, chains in a UNet, export files loaded by diffusers."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors import safe_open
+
+from reslora_diffusers import (
+    ResLoRAAttnProcessor,
+    ResLoRAConfig,
+    add_reslora,
+    chain_structure,
+    export_lora,
+    remove_reslora,
+    save_reslora_checkpoint,
+)
+from reslora_diffusers.cli import merge_main
+from reslora_diffusers.core.merge import merged_view
+from tests.tiny_pipes import tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline, tiny_sdxl_unet, unet_inputs
+from tests.toys import randomize_lora
+
+TYPES = ["none", "is", "bs", "ms"]
+
+
+def run(module, kwargs):
+    with torch.no_grad():
+        out = module(**kwargs)
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def train_forwards(module, batches, steps=3):
+    """Training-mode passes: trace chains and fill the norm windows."""
+    module.train()
+    for i in range(steps):
+        with torch.no_grad():
+            module(**batches[i % len(batches)])
+    module.eval()
+
+
+def text_batches(n=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 40, (3, 16), generator=gen)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("make_unet", [tiny_sd_unet, tiny_sdxl_unet])
+@pytest.mark.parametrize("res_type", TYPES)
+def test_processor_matches_stock_attention_and_removal_is_exact(make_unet, res_type):
+    unet = make_unet()
+    kwargs = unet_inputs(unet)
+    before = run(unet, kwargs)
+    add_reslora(unet, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2))
+    assert all(isinstance(p, ResLoRAAttnProcessor) for p in unet.attn_processors.values())
+    randomize_lora(unet, scale=0.2)
+    fused = run(unet, kwargs)
+    # second path: diffusers' stock processor calling each wrapped projection on its own
+    stock = copy.deepcopy(unet)
+    stock.set_attn_processor(AttnProcessor2_0())
+    torch.testing.assert_close(fused, run(stock, kwargs), rtol=1e-5, atol=1e-5)
+    assert (fused - before).abs().max() > 1e-3
+    remove_reslora(unet)
+    assert not any(isinstance(p, ResLoRAAttnProcessor) for p in unet.attn_processors.values())
+    assert torch.equal(run(unet, kwargs), before)
+
+
+def test_unet_chains_follow_down_mid_up_and_break_at_resolution_changes():
+    unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type="is"))
+    run(unet, unet_inputs(unet))
+    chains = chain_structure(unet)
+    q = chains["attn1.to_q"]
+    assert [m.split(".attentions")[0] for m in q["modules"]] == (
+        ["down_blocks.0"] * 2
+        + ["down_blocks.1"] * 2
+        + ["mid_block"]
+        + ["up_blocks.0"] * 3
+        + ["up_blocks.1"] * 3
+    )
+    # 16 channels | 32 channels (down 1, mid, up 0) | 16 channels
+    assert [len(s) for s in q["segments"]] == [2, 6, 3]
+    # cross-attention keys and values read the text states everywhere: one unbroken chain
+    assert [len(s) for s in chains["attn2.to_k"]["segments"]] == [11]
+
+
+@pytest.mark.parametrize("res_type,pre_num", [("is", 1), ("ms", 2)])
+def test_cross_attention_kv_merges_are_exact(tmp_path, res_type, pre_num):
+    unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type=res_type, pre_num=pre_num))
+    randomize_lora(unet, scale=0.2)
+    batches = [unet_inputs(unet, seed=s) for s in range(3)]
+    train_forwards(unet, batches)
+    report = export_lora(
+        tmp_path / "out",
+        unet=unet,
+        merge="calibrated",
+        calibration={"unet": batches[:2]},
+        eval_inputs={"unet": batches[2:]},
+    )
+    methods = report["components"]["unet"]["methods"]
+    # is: x_{n-1} = x_n gives alpha = 1 exactly; ms: only the calibrated merge is exact, since the
+    # paper's scalar assumes A_{n-k} x ~ alpha A_n x, which differing A matrices break
+    exact = ("input", "calibrated") if res_type == "is" else ("calibrated",)
+    for method in exact:
+        for chain in ("attn2.to_k", "attn2.to_v"):
+            assert methods[method]["chains"][chain] < 1e-5, (method, chain)
+    # self-attention chains are not exact: the report must say so
+    assert methods["input"]["chains"]["attn1.to_q"] > 1e-4
+
+
+def _pipe_with_reslora(make_pipe, tmp_path, res_type, pre_num=2):
+    pipe = make_pipe(tmp_path)
+    add_reslora(
+        pipe, ResLoRAConfig(rank=2, alpha=4, res_type=res_type, pre_num=pre_num), train_text_encoder=True
+    )
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            randomize_lora(module, scale=0.1)
+    unet_b = [unet_inputs(pipe.unet, seed=s) for s in range(3)]
+    text_b = text_batches(3)
+    train_forwards(pipe.unet, unet_b)
+    train_forwards(pipe.text_encoder, text_b)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        train_forwards(pipe.text_encoder_2, text_b)
+    return pipe, unet_b, text_b
+
+
+def _export(pipe, out, unet_b, text_b, merge):
+    comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        comps["text_encoder_2"] = pipe.text_encoder_2
+    calib = {k: (unet_b[:2] if k == "unet" else text_b[:2]) for k in comps}
+    held = {k: (unet_b[2:] if k == "unet" else text_b[2:]) for k in comps}
+    return export_lora(out, merge=merge, calibration=calib, eval_inputs=held, **comps)
+
+
+def _merged_of(out, component, module):
+    """The exported plain LoRA of one component, keyed by the module's own paths."""
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        lora = {k[len(component) + 1 :]: f.get_tensor(k) for k in f.keys() if k.startswith(component + ".")}
+    if component != "unet" and not hasattr(module, "text_model"):  # files say text_model.encoder...
+        lora = {k.removeprefix("text_model."): v for k, v in lora.items()}
+    return lora
+
+
+@pytest.mark.parametrize("res_type", TYPES)
+def test_load_lora_weights_reproduces_merged_model(tmp_path, res_type):
+    pipe, unet_b, text_b = _pipe_with_reslora(tiny_sd_pipeline, tmp_path, res_type)
+    out = tmp_path / "lora"
+    report = _export(pipe, out, unet_b, text_b, "calibrated")
+    assert json.loads((out / "merge_report.json").read_text()) == json.loads(json.dumps(report))
+
+    fresh = tiny_sd_pipeline(tmp_path)
+    fresh.load_lora_weights(str(out))  # no extra arguments
+    for name, batch in (("unet", unet_b[2]), ("text_encoder", text_b[2])):
+        module, loaded = getattr(pipe, name), getattr(fresh, name)
+        reslora_out = run(module, batch)
+        with merged_view(module, _merged_of(out, name, module)):
+            merged_out = run(module, batch)
+        got = run(loaded, batch)
+        torch.testing.assert_close(got, merged_out, rtol=1e-4, atol=1e-5)
+        err = float((got - reslora_out).norm() / reslora_out.norm())
+        if res_type in ("none", "bs"):
+            assert err < 1e-5
+        else:
+            assert err <= report["components"][name]["fidelity"] * 1.001 + 1e-6
+            assert err > 1e-6  # the approximation is real, and reported
+
+
+@pytest.mark.parametrize("make_pipe", [tiny_sd_pipeline, tiny_sdxl_pipeline])
+def test_kohya_file_loads_to_the_same_weights(tmp_path, make_pipe):
+    pipe, unet_b, text_b = _pipe_with_reslora(make_pipe, tmp_path, "bs")
+    out = tmp_path / "lora"
+    _export(pipe, out, unet_b, text_b, "input")
+    with safe_open(str(out / "lora_kohya.safetensors"), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        downs = {f.get_slice(k).get_shape()[0] for k in keys if k.endswith("lora_down.weight")}
+    assert len(downs) == 1 and meta["ss_network_dim"] == str(downs.pop())
+    assert meta["reslora_res_type"] == "bs" and meta["reslora_merge"] == "input"
+    assert set(json.loads(meta["reslora_fidelity"])) >= {"unet", "text_encoder"}
+    if make_pipe is tiny_sdxl_pipeline:
+        assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+        assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+        assert "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0.alpha" in keys
+        assert "lora_unet_output_blocks_2_1_transformer_blocks_0_attn1_to_k.lora_up.weight" in keys
+        assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+        assert any(k.startswith("lora_te2_") for k in keys)
+    else:
+        assert meta["ss_base_model_version"] == "sd_v1"
+        assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+        assert "lora_te_text_model_encoder_layers_2_self_attn_out_proj.lora_up.weight" in keys
+
+    via_diffusers, via_kohya = make_pipe(tmp_path), make_pipe(tmp_path)
+    via_diffusers.load_lora_weights(str(out))
+    via_kohya.load_lora_weights(str(out / "lora_kohya.safetensors"))
+    for p in (via_diffusers, via_kohya):
+        p.fuse_lora()
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        a, b = getattr(via_diffusers, name, None), getattr(via_kohya, name, None)
+        if a is None:
+            continue
+        sa, sb = a.state_dict(), b.state_dict()
+        base_keys = [k for k in sa if "lora" not in k]
+        assert base_keys and all(torch.equal(sa[k], sb[k]) for k in base_keys), name
+
+
+def test_gradient_checkpointing_bs_equal_and_is_refused():
+    kwargs = unet_inputs(tiny_sd_unet())
+    grads = []
+    for checkpointing in (False, True):
+        unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type="bs", pre_num=2))
+        randomize_lora(unet, scale=0.2)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        unet(**kwargs).sample.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in unet.named_parameters() if "lora" in n]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+    unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type="is"))
+    unet.enable_gradient_checkpointing()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        unet.train()(**kwargs)
+
+
+def test_pipeline_removal_restores_text_encoder_and_unet(tmp_path):
+    pipe = tiny_sd_pipeline(tmp_path)
+    kwargs, ids = unet_inputs(pipe.unet), text_batches(1)[0]
+    before = run(pipe.unet, kwargs), run(pipe.text_encoder, ids)
+    add_reslora(pipe, ResLoRAConfig(rank=2, res_type="ms"), train_text_encoder=True)
+    randomize_lora(pipe.unet)
+    randomize_lora(pipe.text_encoder)
+    assert not torch.equal(run(pipe.text_encoder, ids), before[1])
+    remove_reslora(pipe)
+    assert torch.equal(run(pipe.unet, kwargs), before[0])
+    assert torch.equal(run(pipe.text_encoder, ids), before[1])
+
+
+def _saved_base_and_checkpoint(tmp_path, res_type="bs"):
+    base_dir = tmp_path / "base"
+    tiny_sd_pipeline(tmp_path).save_pretrained(str(base_dir))
+    pipe = DiffusionPipeline.from_pretrained(str(base_dir))
+    add_reslora(pipe, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2), train_text_encoder=True)
+    randomize_lora(pipe.unet, scale=0.1)
+    randomize_lora(pipe.text_encoder, scale=0.1)
+    train_forwards(pipe.unet, [unet_inputs(pipe.unet)])
+    train_forwards(pipe.text_encoder, text_batches(1))
+    ckpt = save_reslora_checkpoint(
+        {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, tmp_path / "r.safetensors"
+    )
+    return base_dir, ckpt, pipe
+
+
+def test_merge_cli_writes_files_and_a_fused_pipeline(tmp_path, capsys):
+    base_dir, ckpt, pipe = _saved_base_and_checkpoint(tmp_path)
+    out = tmp_path / "merged"
+    assert (
+        merge_main([str(ckpt), "--base", str(base_dir), "--output", str(out), "--fuse", "--rank", "4"]) == 0
+    )
+    assert {p.name for p in out.iterdir()} == {
+        "pytorch_lora_weights.safetensors",
+        "lora_kohya.safetensors",
+        "merge_report.json",
+        "fused_pipeline",
+    }
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["components"]["unet"]["ranks"] == [2, 4]  # bs pre_num 2 stacks to 6, truncated to 4
+    fused = DiffusionPipeline.from_pretrained(str(out / "fused_pipeline"))
+    base = DiffusionPipeline.from_pretrained(str(base_dir))
+    # exactly the base architecture: same modules, same parameter count, same processors
+    assert [type(m) for m in fused.unet.modules()] == [type(m) for m in base.unet.modules()]
+    assert sum(p.numel() for p in fused.unet.parameters()) == sum(p.numel() for p in base.unet.parameters())
+    kwargs = unet_inputs(pipe.unet)
+    with merged_view(pipe.unet, _merged_of(out, "unet", pipe.unet)):
+        want = run(pipe.unet, kwargs)
+    torch.testing.assert_close(run(fused.unet, kwargs), want, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_cli_refuses_other_base_and_writes_nothing(tmp_path, capsys):
+    _, ckpt, _ = _saved_base_and_checkpoint(tmp_path)
+    other_dir = tmp_path / "other"
+    tiny_sdxl_pipeline(tmp_path).save_pretrained(str(other_dir))
+    out = tmp_path / "merged"
+    assert merge_main([str(ckpt), "--base", str(other_dir), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "key 'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A'" in err
+        or "key 'unet." in err
+    )
+    assert not out.exists()
+
+
+def test_export_argument_errors(tmp_path):
+    unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type="bs"))
+    with pytest.raises(RuntimeError, match="forward"):
+        export_lora(tmp_path / "x", unet=unet)
+    run(unet, unet_inputs(unet))
+    with pytest.raises(ValueError, match="formats"):
+        export_lora(tmp_path / "x", unet=unet, formats=("ckpt",))
+    assert not (tmp_path / "x").exists()
