@@ -1,5 +1,6 @@
 """reslora-diffusers: ResLoRA for diffusers, transformers and PEFT users."""
 
+from .adapters import export_peft_adapter
 from .api import add_reslora, remove_reslora
 from .core import (
     MergedLoRA,
@@ -44,6 +45,7 @@ __all__ = [
     "chain_structure",
     "checkpoint_configs",
     "compare_merges",
+    "export_peft_adapter",
     "load_reslora_checkpoint",
     "merge_to_lora",
     "remove_reslora",
