@@ -1,0 +1,159 @@
+"""Training-step time of ResLoRA against diffusers' PEFT LoRA on a UNet, measured side by side.
+
+Every variant trains the same UNet config (random weights, no download) on the same inputs:
+forward + backward + AdamW step, rank and targets equal. Variants run interleaved, one step
+each per round, and the table reports medians over rounds, the ratio to PEFT, and the bytes
+the step saves for backward (activation memory; CPU has no peak-memory counter). It also
+times an inference forward of the base UNet against the UNet with the merged LoRA fused in.
+
+    python benchmarks/bench_step.py [--sizes small mid] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+
+from reslora_diffusers import ResLoRAConfig, add_reslora, merge_to_lora, remove_reslora, trainable_parameters
+from reslora_diffusers.diffusion import fuse_lora
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+SIZES = {
+    # name: (block_out_channels, latent side, batch)
+    "small": ((32, 64), 16, 4),
+    "mid": ((64, 128, 256), 32, 2),
+}
+RESLORA = [("none", 1), ("is", 1), ("bs", 1), ("bs", 3), ("bs", 5), ("ms", 1), ("ms", 3), ("ms", 5)]
+
+
+def make_unet(channels: tuple[int, ...]) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    n = len(channels)
+    return UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=channels,
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32 if channels[0] >= 32 else 8,
+    )
+
+
+def make_inputs(side: int, batch: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "sample": torch.randn(batch, 4, side, side, generator=gen),
+        "timestep": torch.randint(0, 1000, (batch,), generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 16, 64, generator=gen),
+    }
+
+
+def peft_variant(base: UNet2DConditionModel, rank: int):
+    unet = copy.deepcopy(base)
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS)
+    )
+    return unet, [p for p in unet.parameters() if p.requires_grad]
+
+
+def reslora_variant(base: UNet2DConditionModel, rank: int, res_type: str, pre_num: int):
+    unet = add_reslora(copy.deepcopy(base), ResLoRAConfig(rank=rank, res_type=res_type, pre_num=pre_num))
+    return unet, trainable_parameters(unet)
+
+
+class Step:
+    """One training step of a variant, with its optimizer."""
+
+    def __init__(self, unet, params, inputs) -> None:
+        self.unet, self.inputs = unet.train(), inputs
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.target = torch.randn_like(inputs["sample"])
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(self.unet(**self.inputs).sample, self.target)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    def saved_mib(self) -> float:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self.unet(**self.inputs).sample.square().mean()
+        del loss
+        return sum(seen.values()) / 2**20
+
+
+def forward_time(unet, inputs, rounds: int) -> list[float]:
+    times = []
+    with torch.no_grad():
+        for _ in range(rounds):
+            start = time.perf_counter()
+            unet(**inputs)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_size(name: str, rounds: int, rank: int) -> None:
+    channels, side, batch = SIZES[name]
+    base = make_unet(channels)
+    inputs = make_inputs(side, batch)
+    steps = {"PEFT LoRA": Step(*peft_variant(base, rank), inputs)}
+    for res_type, pre_num in RESLORA:
+        label = f"ResLoRA {res_type}" + (f" m={pre_num}" if res_type in ("bs", "ms") else "")
+        steps[label] = Step(*reslora_variant(base, rank, res_type, pre_num), inputs)
+    for step in steps.values():  # warm-up (and the traced pass of ResLoRA)
+        step()
+    times = {k: [] for k in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            times[label].append(step())
+    peft = statistics.median(times["PEFT LoRA"])
+    print(f"\n### {name}: UNet channels {channels}, latents {side}x{side}, batch {batch}, rank {rank}\n")
+    print("| variant | median step ms | ratio to PEFT | saved for backward MiB |")
+    print("|---|---|---|---|")
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {label} | {med * 1e3:.1f} | {med / peft:.3f} | {steps[label].saved_mib():.1f} |")
+
+    # inference: base UNet vs the UNet with a merged (bs, m=5) ResLoRA fused into its weights
+    trained = steps["ResLoRA bs m=5"].unet
+    lora = merge_to_lora(trained)
+    fused = fuse_lora(remove_reslora(copy.deepcopy(trained)), lora).eval()
+    base.eval()
+    fwd = {"base": [], "fused": []}
+    for _ in range(rounds):
+        fwd["base"] += forward_time(base, inputs, 1)
+        fwd["fused"] += forward_time(fused, inputs, 1)
+    b, f = statistics.median(fwd["base"]), statistics.median(fwd["fused"])
+    print(f"\nInference forward: base {b * 1e3:.1f} ms, fused ResLoRA {f * 1e3:.1f} ms, ratio {f / b:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "mid"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rank", type=int, default=8)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for name in args.sizes:
+        bench_size(name, args.rounds, args.rank)
+
+
+if __name__ == "__main__":
+    main()
