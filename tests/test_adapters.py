@@ -4,10 +4,12 @@ the Trainer callback, and the PEFT export checked with PEFT's own loader."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import re
 import warnings
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -399,3 +401,25 @@ def test_export_errors_leave_existing_adapter_untouched(tmp_path):
     with pytest.raises(ValueError, match="contains the ResLoRA layer"):
         export_peft_adapter(model, tmp_path, "weight", modules_to_save=["layers.0"])
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+# -- examples -------------------------------------------------------------------------
+def _example(name: str):
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "name,metric", [("nlu_classification", "accuracy"), ("nlg_causal_lm", "exact_match")]
+)
+def test_examples_run_end_to_end(tmp_path, name, metric):
+    argv = ["--max_train_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "8"]
+    results = _example(name).main([*argv, "--res_type", "none", "ms", "--output_dir", str(tmp_path)])
+    assert results["none"][f"peft_{metric}"] == results["none"][metric]  # plain LoRA exports exactly
+    assert results["ms"]["merge_error"] > 0
+    for method in ("none", "ms"):
+        assert (tmp_path / method / "reslora.safetensors").is_file()  # ResLoRACallback at train end
+        assert (tmp_path / method / "peft_adapter" / "merge_report.json").is_file()

@@ -111,7 +111,11 @@ def final_answer(text: str) -> str:
 
 
 def tiny_llama_config(vocab_size: int, **overrides):
-    """A small LLaMA (4 layers, width 64) that trains in seconds on CPU."""
+    """A small LLaMA (4 layers, width 64) that trains in seconds on CPU.
+
+    Its weights are drawn with std 0.1 instead of LLaMA's 0.02: a random base with the default
+    has near-uniform next-token logits, which LoRA cannot sharpen through the frozen ``lm_head``.
+    """
     from transformers import LlamaConfig
 
     kwargs = dict(
@@ -126,6 +130,7 @@ def tiny_llama_config(vocab_size: int, **overrides):
         bos_token_id=2,
         eos_token_id=3,
         tie_word_embeddings=False,
+        initializer_range=0.1,
     )
     return LlamaConfig(**{**kwargs, **overrides})
 

@@ -1,0 +1,114 @@
+"""What the NLU and NLG examples share: the method flags, the ``TrainingArguments`` they
+map to, and model-ready batches for the merge (calibration and held-out fidelity)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..core import MERGE_METHODS, RES_TYPES, ResLoRAConfig
+
+
+def add_method_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    learning_rate: float,
+    max_train_steps: int,
+    res_types: list[str],
+    lr_scheduler: str = "linear",
+) -> None:
+    """LoRA/ResLoRA and training flags, named as in the diffusion training script."""
+    g = parser.add_argument_group("LoRA / ResLoRA")
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--lora_alpha", type=float, default=16.0, help="scaling = lora_alpha / rank")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--target_modules", nargs="+", default=None, help="default: the model type's preset")
+    g.add_argument(
+        "--res_type",
+        nargs="+",
+        default=res_types,
+        choices=RES_TYPES,
+        help="methods to train and compare on the same base; 'none' is plain LoRA",
+    )
+    g.add_argument("--pre_num", type=int, default=1, help="earlier blocks in a bs/ms shortcut")
+    g.add_argument(
+        "--merge",
+        default="calibrated",
+        choices=MERGE_METHODS,
+        help="how is/ms shortcuts are merged away for the PEFT export (bs, none: exact)",
+    )
+    g.add_argument(
+        "--compare_merges", action="store_true", help="also print the error of every is/ms merge method"
+    )
+    t = parser.add_argument_group("training")
+    t.add_argument("--learning_rate", type=float, default=learning_rate)
+    t.add_argument("--lr_scheduler", default=lr_scheduler, help="a transformers scheduler type (5%% warmup)")
+    t.add_argument("--num_train_epochs", type=float, default=3.0)
+    t.add_argument(
+        "--max_train_steps", type=int, default=max_train_steps, help="overrides --num_train_epochs; -1: off"
+    )
+    t.add_argument("--per_device_train_batch_size", type=int, default=32)
+    t.add_argument("--gradient_checkpointing", action="store_true", help="res_type none and bs only")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--output_dir", type=Path, required=False)
+    t.add_argument(
+        "--num_threads", type=int, default=None, help="CPU threads (default: 1 for the tiny embedded model)"
+    )
+
+
+def method_config(args: argparse.Namespace, res_type: str) -> ResLoRAConfig:
+    return ResLoRAConfig(
+        rank=args.rank,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        res_type=res_type,
+        pre_num=args.pre_num,
+        target_modules=args.target_modules,
+        merge=args.merge,
+    )
+
+
+def set_threads(args: argparse.Namespace, tiny_model: bool) -> None:
+    """One thread for the tiny default model: its matrices are too small to split, and a
+    shared CPU is not oversubscribed."""
+    threads = args.num_threads or (1 if tiny_model else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def training_arguments(args: argparse.Namespace, output_dir: Path, **overrides):
+    """``TrainingArguments`` from the flags: no intermediate checkpoints, no logging."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        learning_rate=args.learning_rate,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_train_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=128,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=0.05,
+        weight_decay=0.0,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=args.seed,
+    )
+    if args.gradient_checkpointing:
+        name = "activation_checkpointing"  # transformers >= 5; older: gradient_checkpointing
+        kwargs[name if name in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"] = True
+    return TrainingArguments(**{**kwargs, **overrides})
+
+
+def model_batches(dataset, collate, batch_size: int, n_batches: int, device: torch.device) -> list[dict]:
+    """The first ``n_batches`` batches of ``dataset`` as model keyword arguments (labels dropped)."""
+    batches = []
+    for start in range(0, min(len(dataset), batch_size * n_batches), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
+        batches.append({k: v.to(device) for k, v in batch.items() if k != "labels"})
+    return batches
