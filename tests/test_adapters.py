@@ -42,9 +42,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny(family: str, head: str = "lm", seed: int = 0) -> tf.PreTrainedModel:
-    """A random tiny model of ``family`` (same seed, same weights)."""
-    torch.manual_seed(seed)
+def tiny(family: str, head: str = "lm") -> tf.PreTrainedModel:
+    """A random tiny model of ``family``, the same weights on every call."""
+    torch.manual_seed(0)
     decoder = dict(vocab_size=V, hidden_size=32, num_key_value_heads=1, **SMALL, initializer_range=0.2)
     configs = {
         "llama": lambda: tf.LlamaConfig(**decoder, tie_word_embeddings=False),
@@ -65,13 +65,16 @@ def tiny(family: str, head: str = "lm", seed: int = 0) -> tf.PreTrainedModel:
     config = configs[family]()
     if family == "clip_text_model":
         return tf.CLIPTextModel(config)
-    auto = tf.AutoModelForCausalLM if head == "lm" else tf.AutoModelForSequenceClassification
-    return auto.from_config(config).eval()
+    if head == "cls":
+        return tf.AutoModelForSequenceClassification.from_config(config).eval()
+    encoder = family in ("bert", "roberta")
+    return (tf.AutoModelForMaskedLM if encoder else tf.AutoModelForCausalLM).from_config(config).eval()
 
 
-def with_reslora(family: str, res_type: str, pre_num: int = 2, head: str = "lm", scale: float = 0.2, **cfg):
+def with_reslora(family: str, res_type: str, pre_num: int = 2, head: str = "lm", scale: float = 0.2):
+    """``tiny(family)`` with ResLoRA (rank 2, s = 2) and random non-zero A, B."""
     model = add_reslora(
-        tiny(family, head), ResLoRAConfig(rank=2, alpha=4, res_type=res_type, pre_num=pre_num, **cfg)
+        tiny(family, head), ResLoRAConfig(rank=2, alpha=4, res_type=res_type, pre_num=pre_num)
     )
     randomize_lora(model, 0, scale=scale)
     return model
