@@ -52,7 +52,7 @@ def add_method_arguments(
     t.add_argument("--per_device_train_batch_size", type=int, default=32)
     t.add_argument("--gradient_checkpointing", action="store_true", help="res_type none and bs only")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--output_dir", type=Path, required=False)
+    t.add_argument("--output_dir", type=Path, default=None, help="default: outputs/<example name>")
     t.add_argument(
         "--num_threads", type=int, default=None, help="CPU threads (default: 1 for the tiny embedded model)"
     )
