@@ -44,7 +44,7 @@ class ResLoRAConfig:
     res_type: str = "bs"
     pre_num: int = 1
     target_modules: list[str] | None = None
-    merge: str = "input"
+    merge: str = "calibrated"
     norm_window: int = 100
     init: str = "kaiming"
 
