@@ -18,6 +18,7 @@ Merges return ``(A', B')`` with the scaling baked into ``B'`` so that ``dW_n = B
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,7 +62,32 @@ class Shortcut:
         return block.lora_A.detach(), block.lora_B.detach() * block.scaling
 
 
-class InputShortcut(Shortcut):
+class _ScalarMergeShortcut(Shortcut, ABC):
+    """Shortcuts that read earlier activations (``is``, ``ms``): merged by a scalar ``alpha``
+    (``dW_n = s (1 + alpha) B_n A_n``, paper) or by the calibrated map (``A'_n = A_n + G_n``)."""
+
+    @abstractmethod
+    def input_alpha(self, block, preds, ctx: MergeContext) -> float:
+        """``alpha`` of the input merge, from the norm windows."""
+
+    @abstractmethod
+    def weight_alpha(self, block, preds, ctx: MergeContext) -> float:
+        """``alpha`` of the weight merge, from the merged weights' norms."""
+
+    def merged_factors(self, block, preds, method, ctx):
+        A, B = block.lora_A.detach(), block.lora_B.detach() * block.scaling
+        if not preds:
+            return A, B
+        if method == "calibrated":
+            return A + ctx.correction(block), B
+        alpha = (
+            self.input_alpha(block, preds, ctx) if method == "input" else self.weight_alpha(block, preds, ctx)
+        )
+        ctx.record_alpha(block, alpha)
+        return A, B * (1 + alpha)
+
+
+class InputShortcut(_ScalarMergeShortcut):
     """``is``: ``h_n = W_n x_n + s B_n A_n (x_n + x_{n-1})``; one predecessor, equal input shapes."""
 
     name = "is"
@@ -82,18 +108,13 @@ class InputShortcut(Shortcut):
         _check_shape(block, preds[0], x_prev, x)
         return ax + F.linear(block.dropout(x_prev.to(block.lora_A.dtype)), block.lora_A)
 
-    def merged_factors(self, block, preds, method, ctx):
-        A, B = block.lora_A.detach(), block.lora_B.detach() * block.scaling
-        if not preds:
-            return A, B
-        if method == "calibrated":
-            return A + ctx.correction(block), B
-        if method == "input":
-            alpha = ctx.window_mean(preds[0], "x") / ctx.window_mean(block, "x")
-        else:
-            alpha = ctx.weight_ratio(block, 1)
-        ctx.record_alpha(block, alpha)
-        return A, B * (1 + alpha)
+    def input_alpha(self, block, preds, ctx):
+        """``f_{n-1} / f_n`` of the input norm windows."""
+        return ctx.window_mean(preds[0], "x") / ctx.window_mean(block, "x")
+
+    def weight_alpha(self, block, preds, ctx):
+        """``f*_{n-2} / f*_{n-1}`` (paper eq. 11)."""
+        return ctx.weight_ratio(block, 1)
 
 
 class BlockShortcut(Shortcut):
@@ -127,7 +148,7 @@ class BlockShortcut(Shortcut):
             return self.a_weight(block, preds).clone(), self.b_weight(block, preds) * block.scaling
 
 
-class MiddleShortcut(Shortcut):
+class MiddleShortcut(_ScalarMergeShortcut):
     """``ms``: ``h_n = W_n x_n + s B_n (sum_{k=0..m} A_{n-k} x_{n-k})``; equal ``A x`` shapes."""
 
     name = "ms"
@@ -150,19 +171,14 @@ class MiddleShortcut(Shortcut):
             out = out + a_prev
         return out
 
-    def merged_factors(self, block, preds, method, ctx):
-        A, B = block.lora_A.detach(), block.lora_B.detach() * block.scaling
-        if not preds:
-            return A, B
-        if method == "calibrated":
-            return A + ctx.correction(block), B
-        if method == "input":
-            own = ctx.window_mean(block, "ax")
-            alpha = sum(ctx.window_mean(p, "ax") / own for p in preds)
-        else:
-            alpha = sum(ctx.weight_ratio(block, k) for k in range(1, len(preds) + 1))
-        ctx.record_alpha(block, alpha)
-        return A, B * (1 + alpha)
+    def input_alpha(self, block, preds, ctx):
+        """``sum_k f_{n-k} / f_n`` of the ``A x`` norm windows (paper eq. 12)."""
+        own = ctx.window_mean(block, "ax")
+        return sum(ctx.window_mean(p, "ax") / own for p in preds)
+
+    def weight_alpha(self, block, preds, ctx):
+        """``sum_k f*_{n-k-1} / f*_{n-1}``: eq. 11's ratio at every lag."""
+        return sum(ctx.weight_ratio(block, k) for k in range(1, len(preds) + 1))
 
 
 SHORTCUTS: dict[str, type[Shortcut]] = {
