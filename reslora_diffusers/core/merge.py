@@ -227,14 +227,28 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def relative_error(model: nn.Module, merged: dict[str, torch.Tensor], inputs: Iterable[Batch]) -> float:
-    """``||y_merged - y_reslora|| / ||y_reslora||`` over all batches (norms summed in squares)."""
-    num = den = 0.0
+def reference_outputs(model: nn.Module, inputs: Iterable[Batch]) -> list[torch.Tensor]:
+    """The ResLoRA model's outputs (eval mode, float64) on ``inputs``."""
     with eval_mode(model):
-        for batch in inputs:
-            ref = output_tensor(run_batch(model, batch)).double()
-            with merged_view(model, merged):
-                got = output_tensor(run_batch(model, batch)).double()
+        return [output_tensor(run_batch(model, batch)).double() for batch in inputs]
+
+
+def relative_error(
+    model: nn.Module,
+    merged: dict[str, torch.Tensor],
+    inputs: Iterable[Batch],
+    reference: list[torch.Tensor] | None = None,
+) -> float:
+    """``||y_merged - y_reslora|| / ||y_reslora||`` over all batches (norms summed in squares).
+
+    ``reference`` (from :func:`reference_outputs` on the same inputs) saves recomputing ``y_reslora``.
+    """
+    inputs = list(inputs)
+    reference = reference if reference is not None else reference_outputs(model, inputs)
+    num = den = 0.0
+    with eval_mode(model), merged_view(model, merged):
+        for batch, ref in zip(inputs, reference, strict=True):
+            got = output_tensor(run_batch(model, batch)).double()
             num += float((got - ref).square().sum())
             den += float(ref.square().sum())
     return math.sqrt(num / den) if den > 0 else 0.0

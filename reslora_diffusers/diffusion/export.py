@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from ..core.merge import MergedLoRA, merge_to_lora, relative_error
+from ..core.merge import MergedLoRA, merge_to_lora, reference_outputs, relative_error
 from ..core.model import _traced_state, get_state
 from ..utils.io import atomic_dir
 from .kohya import base_model_version, kohya_state_dict
@@ -207,13 +207,14 @@ def component_report(
     if state.config.res_type in ("is", "ms"):
         methods = [m for m in ("input", "weight", "calibrated") if m == method or _can_merge(state, m)]
     per_method = {}
+    ref = reference_outputs(module, evals)
     for m in methods:
         lora = merged if m == method else merge_to_lora(module, m, calibration=calib, rank=rank)
         per_chain = {
-            chain_name: relative_error(module, _subset(lora, chain.blocks), evals)
+            chain_name: relative_error(module, _subset(lora, chain.blocks), evals, ref)
             for chain_name, chain in state.chains.items()
         }
-        total = merged.report.fidelity if m == method else relative_error(module, lora, evals)
+        total = merged.report.fidelity if m == method else relative_error(module, lora, evals, ref)
         per_method[m] = {"total": total, "chains": per_chain}
     return {
         "fidelity": merged.report.fidelity,
