@@ -1,0 +1,108 @@
+"""The model card (``README.md``) that ``train_text_to_image.py`` writes beside the LoRA files."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+CARD = """---
+library_name: diffusers
+base_model: {base}
+tags:
+- text-to-image
+- lora
+- reslora
+---
+# {title}
+
+A LoRA for `{base}` trained with `train_text_to_image.py` of reslora-diffusers.
+
+| | |
+|---|---|
+| base model | `{base}` |
+| data | {data} |
+| method | {method} |
+| steps | {steps} (batch {batch} x {accum} accumulation x {procs} process(es)), learning rate {lr} |
+| merge fidelity | {fidelity} |
+| prompt accuracy | {accuracy} |
+
+{grid}
+
+## Use
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{output_dir}")  # pytorch_lora_weights.safetensors
+```
+
+Files: `pytorch_lora_weights.safetensors` (diffusers/PEFT keys), `lora_kohya.safetensors`
+(kohya-ss keys), `merge_report.json` (relative output error of the merged LoRA against
+the trained ResLoRA model on held-out UNet inputs from the training data),
+`reslora_checkpoint.safetensors` (the unmerged ResLoRA weights, to continue training),
+`train_log.jsonl` (step, loss, lr, time; validation accuracy), `validation/` (image grids:
+one row per seed, one column per prompt).
+
+## Command
+
+```bash
+{command}
+```
+"""
+
+
+def method_text(args: argparse.Namespace) -> str:
+    if args.use_peft:
+        return f"PEFT LoRA, rank {args.rank}, alpha {args.lora_alpha or args.rank}"
+    text = f"ResLoRA `{args.res_type}`"
+    if args.res_type in ("bs", "ms"):
+        text += f" (pre_num {args.pre_num})"
+    text += f", rank {args.rank}, alpha {args.lora_alpha or args.rank}, merged with `{args.merge}`"
+    return text + (", UNet and text encoder" if args.train_text_encoder else ", UNet")
+
+
+def fidelity_text(report: dict | None) -> str:
+    if not report:
+        return "n/a (plain LoRA, nothing to merge)"
+    return ", ".join(f"{name}: {comp['fidelity']:.2e}" for name, comp in report["components"].items())
+
+
+def accuracy_text(before: float | None, after: float | None, images: int) -> str:
+    if after is None:
+        return "n/a (the validation prompts are not coloured-shape captions)"
+    start = f"{before:.1%} before -> " if before is not None else ""
+    return f"{start}{after:.1%} after training ({images} images, colour, shape and background all right)"
+
+
+def write_model_card(
+    output_dir: Path,
+    args: argparse.Namespace,
+    argv: list[str],
+    data_text: str,
+    num_processes: int,
+    report: dict | None,
+    accuracy: tuple[float | None, float | None, int],
+    grid: Path | None,
+) -> Path:
+    """Write ``output_dir/README.md``: base model, data, method, flags, final metric, grid."""
+    card = CARD.format(
+        title=Path(output_dir).name,
+        base=args.pretrained_model_name_or_path,
+        data=data_text,
+        method=method_text(args),
+        steps=args.max_train_steps,
+        batch=args.train_batch_size,
+        accum=args.gradient_accumulation_steps,
+        procs=num_processes,
+        lr=args.learning_rate,
+        fidelity=fidelity_text(report),
+        accuracy=accuracy_text(*accuracy),
+        grid=f"Final samples:\n\n![samples]({grid.relative_to(output_dir).as_posix()})" if grid else "",
+        output_dir=output_dir,
+        command=shlex.join(["python", "train_text_to_image.py", *argv]),
+    )
+    path = Path(output_dir) / "README.md"
+    path.write_text(card)
+    return path

@@ -1,0 +1,75 @@
+"""Training checkpoints: ``output_dir/checkpoint-<step>`` folders written by accelerate.
+
+Every folder holds the ResLoRA checkpoint (adapter weights and norm windows) and
+accelerate's optimizer, scheduler and per-process RNG states. Folders are written under a
+temporary name and renamed when complete, so a crash never leaves a partial checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of ``output_dir``, oldest (lowest step) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"--resume_from_checkpoint: {path} is not a checkpoint-<step> folder")
+    return int(match[1])
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """The folder to resume from: ``latest`` in ``output_dir`` (None if there is none) or a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.info("no checkpoint in %s to resume from; starting a new run", output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise ValueError(f"--resume_from_checkpoint: {path} does not exist")
+    checkpoint_step(path)
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
+    """``accelerator.save_state`` into ``checkpoint-<step>`` atomically; keep the newest ``total_limit``.
+
+    Every process must call this (each one writes its own RNG state).
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    return final

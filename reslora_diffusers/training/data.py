@@ -1,0 +1,224 @@
+"""Image-caption data for text-to-image training, with PIL and numpy only.
+
+The set is a ``datasets`` dataset (hub name, local dataset folder, or an ``imagefolder``
+with ``metadata.jsonl``). Every image is opened once up front: unreadable or corrupt files
+are skipped with one warning that counts them. Shuffling and augmentation (random crop,
+flip) depend only on ``(seed, epoch, position)``, so a resumed run sees exactly the batches
+that an uninterrupted run sees, in one process or several.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class ImageCaptions:
+    """Readable images (a path or encoded bytes each) and their captions."""
+
+    sources: list[str | bytes]
+    captions: list[str | list[str]]
+    skipped: int
+    origin: str
+
+
+def load_image_captions(
+    dataset_name: str | None,
+    train_data_dir: str | Path | None,
+    image_column: str,
+    caption_column: str,
+    max_train_samples: int | None = None,
+    seed: int = 0,
+    revision: str | None = None,
+) -> ImageCaptions:
+    """Load the training set and check it; raises ``ValueError`` naming what is wrong."""
+    from datasets import Image as ImageFeature
+
+    dataset, origin = _load_dataset(dataset_name, train_data_dir, revision)
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"{flag} {column!r} is not a column of {origin}; its columns are {dataset.column_names}"
+            )
+    if max_train_samples is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
+    dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    sources, captions, bad = [], [], []
+    for record in dataset:
+        source = _source(record[image_column])
+        error = _unreadable(source)
+        if error:
+            bad.append(error)
+            continue
+        sources.append(source)
+        captions.append(_check_caption(record[caption_column], caption_column))
+    if bad:
+        logger.warning("skipped %d unreadable or corrupt image(s) of %s; first: %s", len(bad), origin, bad[0])
+    if not sources:
+        raise ValueError(f"no readable images in {origin}" + (f" ({len(bad)} corrupt)" if bad else ""))
+    return ImageCaptions(sources, captions, len(bad), origin)
+
+
+def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, revision: str | None):
+    from datasets import load_dataset
+
+    if dataset_name is not None:
+        looks_local = os.sep in dataset_name or dataset_name.startswith(".")
+        if looks_local and not Path(dataset_name).exists():
+            raise ValueError(f"--dataset_name: path {dataset_name} does not exist")
+        try:
+            return load_dataset(dataset_name, revision=revision, split="train"), f"dataset {dataset_name}"
+        except (OSError, ValueError, FileNotFoundError) as err:
+            raise ValueError(f"--dataset_name: could not load {dataset_name!r}: {_one_line(err)}") from err
+    data_dir = Path(train_data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(f"--train_data_dir: folder {data_dir} does not exist")
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in data_dir.rglob("*")):
+        raise ValueError(f"--train_data_dir: no images in {data_dir}")
+    try:
+        dataset = load_dataset("imagefolder", data_dir=str(data_dir), split="train")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--train_data_dir: could not read {data_dir}: {_one_line(err)}") from err
+    return dataset, f"folder {data_dir}"
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _source(value) -> str | bytes:
+    """An undecoded ``datasets`` image: prefer the file path, else its encoded bytes."""
+    if value.get("path") and os.path.isfile(value["path"]):
+        return value["path"]
+    return value["bytes"]
+
+
+def open_image(source: str | bytes) -> Image.Image:
+    return Image.open(source if isinstance(source, str) else io.BytesIO(source))
+
+
+def _unreadable(source: str | bytes) -> str | None:
+    """None if the image decodes completely, else ``"<name>: <reason>"``."""
+    try:
+        with open_image(source) as image:
+            image.load()
+    except Exception as err:  # PIL raises many types for bad files
+        name = source if isinstance(source, str) else f"<{len(source)} bytes>"
+        return f"{name}: {_one_line(err)}"
+    return None
+
+
+def _check_caption(caption, column: str) -> str | list[str]:
+    if isinstance(caption, str) or (
+        isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption)
+    ):
+        return caption
+    raise ValueError(
+        f"--caption_column {column!r} holds {caption!r}; it must hold strings or lists of strings"
+    )
+
+
+def preprocess(
+    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
+) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop a square (centre or random), maybe flip;
+    return a (3, resolution, resolution) float tensor in [-1, 1]."""
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    if scale != 1:
+        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    width, height = image.size
+    if center_crop:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        left, top = (
+            int(rng.integers(0, width - resolution + 1)),
+            int(rng.integers(0, height - resolution + 1)),
+        )
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+class TextImageDataset(torch.utils.data.Dataset):
+    """Items ``{"pixel_values", "input_ids"}``, indexed by ``(index, augmentation seed)``."""
+
+    def __init__(self, data: ImageCaptions, tokenizer, resolution: int, center_crop: bool, random_flip: bool):
+        self.data = data
+        self.tokenizer = tokenizer
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return len(self.data.sources)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, aug_seed = key
+        rng = np.random.default_rng(aug_seed)
+        with open_image(self.data.sources[index]) as image:
+            pixels = preprocess(image, self.resolution, self.center_crop, self.random_flip, rng)
+        caption = self.data.captions[index]
+        if isinstance(caption, list):
+            caption = caption[int(rng.integers(len(caption)))]
+        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions,
+        max_length=tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([i["pixel_values"] for i in items]).float(),
+        "input_ids": torch.stack([i["input_ids"] for i in items]),
+    }
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation per epoch drawn from ``(seed, epoch)`` alone, each index paired with an
+    augmentation seed from ``(seed, epoch, position)``; call :meth:`start_epoch` every epoch.
+
+    (Not ``set_epoch``: accelerate calls that with its own count of iterations, which restarts
+    at 0 for the loader that skips the batches already seen after a resume.)"""
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        entropy = np.random.SeedSequence([self.seed, self.epoch])
+        order = np.random.default_rng(entropy).permutation(self.num_items)
+        aug_seeds = entropy.generate_state(self.num_items, dtype=np.uint64)
+        for position, index in enumerate(order.tolist()):
+            yield index, int(aug_seeds[position])

@@ -1,0 +1,269 @@
+"""train_text_to_image.py: a tiny end-to-end run, exact resume, bad-input errors, 2-process DDP.
+
+The base is a random tiny pipeline built by ``reslora_diffusers.data.build_pipeline``; the
+data is the first images of the embedded fine-tuning set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from reslora_diffusers import chain_structure, load_reslora_checkpoint
+from reslora_diffusers.data import build_pipeline, default_finetune_data_dir
+from reslora_diffusers.training.data import load_image_captions
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "train_text_to_image.py"
+PROMPT = "a red cross on a white background"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_text_to_image", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+script = _load_script()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A random tiny StableDiffusionPipeline folder (same architecture as the embedded base)."""
+    root = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    build_pipeline(root / "tokenizer-src").save_pretrained(root / "tiny-sd")
+    return root / "tiny-sd"
+
+
+def _subset(out: Path, num: int) -> Path:
+    lines = (default_finetune_data_dir() / "metadata.jsonl").read_text().splitlines()[:num]
+    out.mkdir(parents=True)
+    for line in lines:
+        name = json.loads(line)["file_name"]
+        shutil.copy(default_finetune_data_dir() / name, out / name)
+    (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return _subset(tmp_path_factory.mktemp("data") / "set", 8)
+
+
+def _run(base: Path, data: Path, out: Path, *extra: str) -> dict:
+    argv = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data)]
+    argv += ["--output_dir", str(out), "--train_batch_size", "3", "--report_to", "none", *extra]
+    return script.train(script.parse_args(argv), argv)
+
+
+def _unet_inputs(seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(2, 4, 16, 16, generator=gen),
+        "timestep": torch.tensor([10, 500]),
+        "encoder_hidden_states": torch.randn(2, 16, 64, generator=gen),
+    }
+
+
+def test_tiny_run_writes_every_output_and_a_loadable_lora(base, data, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    out = tmp_path / "run"
+    extra = ["--max_train_steps", "3", "--res_type", "bs", "--validation_prompt", PROMPT]
+    extra += ["--num_validation_images", "1", "--validation_steps", "2", "--checkpointing_steps", "2"]
+    summary = _run(base, data, out, *extra, "--report_to", "tensorboard")
+
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "lora_kohya.safetensors",
+        "merge_report.json",
+        "reslora_checkpoint.safetensors",
+        "README.md",
+        "checkpoint-2/reslora_checkpoint.safetensors",
+        "validation/step-000000.png",
+        "validation/step-000002.png",
+        "validation/final.png",
+    ):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and all({"lr", "time"} <= set(r) for r in steps)
+    assert [r["step"] for r in records if r.get("kind") == "validation"] == [0, 2]
+    assert summary["prompt_accuracy_before"] is not None and summary["prompt_accuracy_after"] is not None
+    card = (out / "README.md").read_text()
+    assert str(base) in card and "ResLoRA `bs`" in card and "prompt accuracy" in card and "final.png" in card
+    assert json.loads((out / "merge_report.json").read_text())["components"]["unet"]["eval_inputs"] == "given"
+
+    # the diffusers file loads with load_lora_weights and gives the trained ResLoRA model (bs merges exactly)
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    pipe.load_lora_weights(out)
+    reslora_unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    load_reslora_checkpoint({"unet": reslora_unet}, out / "reslora_checkpoint.safetensors")
+    plain = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    with torch.no_grad():
+        loaded, trained = pipe.unet(**_unet_inputs()).sample, reslora_unet(**_unet_inputs()).sample
+        untouched = plain(**_unet_inputs()).sample
+    assert (loaded - untouched).abs().max() > 0
+    assert (loaded - trained).norm() / trained.norm() < 1e-4
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(base, data, tmp_path):
+    # 8 images in batches of 3: 3 steps per epoch; the checkpoint at step 2 is mid-epoch and
+    # the resumed run crosses an epoch boundary. Flip, dropout and `is` norm windows use state.
+    extra = [
+        "--max_train_steps",
+        "5",
+        "--checkpointing_steps",
+        "2",
+        "--res_type",
+        "is",
+        "--random_flip",
+        "--lora_dropout",
+        "0.1",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "2",
+    ]
+    _run(base, data, tmp_path / "full", *extra)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed / "checkpoint-2")
+    _run(base, data, resumed, *extra, "--resume_from_checkpoint", "latest")
+
+    full = load_file(tmp_path / "full" / "reslora_checkpoint.safetensors")
+    again = load_file(resumed / "reslora_checkpoint.safetensors")
+    assert full.keys() == again.keys()
+    assert any(v.abs().sum() > 0 for k, v in full.items() if k.endswith("lora_B"))
+    for key in full:
+        assert torch.equal(full[key], again[key]), key
+    losses = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
+    full_losses = [
+        json.loads(line) for line in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert [r["loss"] for r in losses] == [r["loss"] for r in full_losses if r["step"] > 2]
+
+
+def _error(base: Path, data: Path, out: Path, *extra: str, defaults: bool = True) -> str:
+    argv = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data)] if defaults else []
+    argv += ["--output_dir", str(out), "--report_to", "none", "--max_train_steps", "1", *extra]
+    with pytest.raises(SystemExit) as info:
+        script.main(argv)
+    message = str(info.value.code)
+    assert "\n" not in message and message.startswith("train_text_to_image.py: error: ")
+    return message
+
+
+def test_bad_inputs_give_one_line_naming_the_problem(base, data, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metadata.jsonl").write_text("")
+    missing = tmp_path / "nowhere"
+    cases = [
+        (["--resolution", "30"], "--resolution 30"),
+        (["--caption_column", "caption"], "--caption_column 'caption'"),
+        (["--image_column", "picture"], "--image_column 'picture'"),
+        (["--train_data_dir", str(empty)], f"no images in {empty}"),
+        (["--train_data_dir", str(missing)], f"{missing} does not exist"),
+        (["--pretrained_model_name_or_path", str(missing)], f"{missing} does not exist"),
+        (["--resume_from_checkpoint", str(missing)], f"{missing} does not exist"),
+        (["--target_modules", "to_q", "to_qq"], "--target_modules: 'to_qq'"),
+        (["--gradient_checkpointing", "--res_type", "ms"], "--gradient_checkpointing"),
+    ]
+    for extra, expected in cases:
+        assert expected in _error(base, data, tmp_path / "out", *extra), extra
+
+
+def test_corrupt_images_are_skipped_and_counted(data, tmp_path):
+    folder = tmp_path / "set"
+    shutil.copytree(data, folder)
+    first = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
+    (folder / first).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    loaded = load_image_captions(None, folder, "image", "text")
+    assert loaded.skipped == 1 and len(loaded.sources) == 7
+    for path in folder.glob("*.png"):
+        path.write_bytes(b"broken")
+    with pytest.raises(ValueError, match="no readable images in folder .* \\(8 corrupt\\)"):
+        load_image_captions(None, folder, "image", "text")
+
+
+def test_two_process_ddp_run(base, data, tmp_path):
+    """2 CPU processes (gloo DDP): the run completes, both ranks checkpoint their RNG, and the
+    result has the single-process chain structure, finite trained weights and an accurate merge."""
+    from diffusers import UNet2DConditionModel
+
+    from reslora_diffusers import ResLoRAConfig, add_reslora
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(SCRIPT),
+        "--pretrained_model_name_or_path",
+        str(base),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--res_type",
+        "ms",
+        "--merge",
+        "input",
+        "--rank",
+        "4",
+        "--report_to",
+        "none",
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Num processes: 2" in result.stderr
+    assert {p.name for p in (out / "checkpoint-2").glob("random_states_*")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+
+    weights = load_file(out / "reslora_checkpoint.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith("lora_B"))
+    with safe_open(str(out / "reslora_checkpoint.safetensors"), framework="pt") as f:
+        ddp_chains = json.loads(f.metadata()["chains"])["unet"]
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    add_reslora(unet, ResLoRAConfig(rank=4, res_type="ms"))
+    with torch.no_grad():
+        unet(**_unet_inputs())
+    single = {k: {"modules": v["modules"], "links": v["links"]} for k, v in chain_structure(unet).items()}
+    assert ddp_chains == single
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["components"]["unet"]["fidelity"] < 0.05

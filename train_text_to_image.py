@@ -1,0 +1,843 @@
+#!/usr/bin/env python
+"""Fine-tune a text-to-image model with ResLoRA (or plain LoRA), diffusers-style.
+
+The flags are those of diffusers' ``examples/text_to_image/train_text_to_image_lora.py``
+plus the ResLoRA ones. With no arguments the script fine-tunes the embedded tiny base on
+the embedded "cross" concept and prints the prompt accuracy before and after:
+
+    python train_text_to_image.py
+    accelerate launch --num_processes 2 --cpu train_text_to_image.py --output_dir out
+
+At the end ``output_dir`` holds ``pytorch_lora_weights.safetensors`` (loads with
+``pipe.load_lora_weights``), ``lora_kohya.safetensors``, ``merge_report.json``,
+``reslora_checkpoint.safetensors``, ``train_log.jsonl``, validation grids and a ``README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from PIL import Image
+from tqdm.auto import tqdm
+
+from reslora_diffusers import ResLoRAConfig, add_reslora, load_reslora_checkpoint, save_reslora_checkpoint
+from reslora_diffusers.core import trainable_parameters
+from reslora_diffusers.data import default_base_model_path, default_finetune_data_dir, finetune_prompts
+from reslora_diffusers.eval import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS, generate, prompt_accuracy
+from reslora_diffusers.eval.analysis import parse_prompt
+from reslora_diffusers.training.card import write_model_card
+from reslora_diffusers.training.checkpoints import resolve_resume, save_checkpoint
+from reslora_diffusers.training.data import (
+    EpochSampler,
+    TextImageDataset,
+    collate,
+    load_image_captions,
+)
+
+logger = get_logger("train_text_to_image")
+
+RESLORA_CHECKPOINT = "reslora_checkpoint.safetensors"
+TRAIN_LOG = "train_log.jsonl"
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (diffusers' LoRA script flags plus ResLoRA's)."""
+    p = argparse.ArgumentParser(description="Fine-tune a text-to-image model with ResLoRA.")
+    # model and data
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        default=str(default_base_model_path()),
+        help="diffusers pipeline folder or hub name (default: the embedded tiny base)",
+    )
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    p.add_argument("--dataset_name", default=None, help="hub dataset name or local dataset folder")
+    p.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="imagefolder with metadata.jsonl (default: the embedded fine-tuning set)",
+    )
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--caption_column", default="text")
+    p.add_argument("--max_train_samples", type=int, default=None)
+    p.add_argument("--resolution", type=int, default=None, help="default: the base UNet's sample size x 8")
+    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--random_flip", action="store_true")
+    # training
+    p.add_argument("--train_batch_size", type=int, default=16)
+    p.add_argument("--num_train_epochs", type=int, default=100)
+    p.add_argument("--max_train_steps", type=int, default=300, help="overrides --num_train_epochs")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="multiply the learning rate by processes x batch size x accumulation steps",
+    )
+    p.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="linear | cosine | cosine_with_restarts | polynomial | constant | constant_with_warmup",
+    )
+    p.add_argument("--lr_warmup_steps", type=int, default=20)
+    p.add_argument("--snr_gamma", type=float, default=5.0, help="min-SNR loss weighting; 0 turns it off")
+    p.add_argument("--noise_offset", type=float, default=0.0)
+    p.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="default: the base scheduler's",
+    )
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    p.add_argument("--allow_tf32", action="store_true")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    # LoRA / ResLoRA
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scaling 1)")
+    p.add_argument("--lora_dropout", type=float, default=0.0)
+    p.add_argument(
+        "--target_modules",
+        nargs="+",
+        default=None,
+        help="UNet module-name suffixes (default: to_q to_k to_v to_out.0)",
+    )
+    p.add_argument("--res_type", default="bs", choices=["none", "is", "bs", "ms"])
+    p.add_argument("--pre_num", type=int, default=1, help="earlier blocks in a bs/ms shortcut")
+    p.add_argument(
+        "--merge",
+        default="calibrated",
+        choices=["input", "weight", "calibrated"],
+        help="how the is/ms shortcuts are merged away at export (bs, none: exact)",
+    )
+    p.add_argument("--train_text_encoder", action="store_true")
+    p.add_argument(
+        "--use_peft",
+        action="store_true",
+        help="train diffusers' own PEFT LoRA instead of ResLoRA (the ecosystem baseline)",
+    )
+    # output and monitoring
+    p.add_argument("--output_dir", default="reslora-tiny-cross")
+    p.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
+    p.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
+    p.add_argument(
+        "--validation_prompt",
+        action="append",
+        default=None,
+        help="repeat for several (default with the embedded data: its 15 concept prompts)",
+    )
+    p.add_argument("--num_validation_images", type=int, default=2, help="images (seeds) per prompt")
+    p.add_argument("--validation_steps", type=int, default=150)
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Fill defaults that depend on other flags and refuse bad values (``ValueError``)."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        args.train_data_dir = str(default_finetune_data_dir())
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
+        raise ValueError(f"--resolution {args.resolution} must be a positive multiple of 8")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_validation_images", "rank"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} {getattr(args, flag)} must be > 0")
+    for flag in ("validation_steps", "checkpointing_steps", "checkpoints_total_limit", "max_train_steps"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag} {value} must be > 0")
+    if args.use_peft:
+        args.res_type = "none"
+    if args.gradient_checkpointing and args.res_type in ("is", "ms"):
+        raise ValueError(
+            f"--gradient_checkpointing cannot be used with --res_type {args.res_type}: its shortcut caches "
+            "activations of the current forward pass, which checkpointing recomputes; use bs or none"
+        )
+    if args.validation_prompt is None and _embedded_data(args):
+        args.validation_prompt = finetune_prompts()
+
+
+def _embedded_data(args: argparse.Namespace) -> bool:
+    return args.dataset_name is None and Path(args.train_data_dir).resolve() == default_finetune_data_dir()
+
+
+def _metric_applies(prompts: list[str] | None) -> bool:
+    """Prompt accuracy is defined for coloured-shape captions (colour, shape, background)."""
+    return bool(prompts) and all(all(parse_prompt(p).values()) for p in prompts)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_models(args: argparse.Namespace):
+    """Scheduler, tokenizer, text encoder, VAE and UNet of the base pipeline, all frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = args.pretrained_model_name_or_path
+    if (path.startswith((".", "/")) or Path(path).exists()) and not Path(path).is_dir():
+        raise ValueError(f"--pretrained_model_name_or_path: {path} does not exist")
+    kwargs = {"revision": args.revision}
+    try:
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", variant=args.variant, **kwargs
+        )
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--pretrained_model_name_or_path: cannot load {path}: {_one_line(err)}") from err
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+    if args.prediction_type is not None:
+        scheduler.register_to_config(prediction_type=args.prediction_type)
+    return scheduler, tokenizer, text_encoder, vae, unet
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def check_target_modules(unet, targets: list[str] | None) -> None:
+    """Every target must name at least one linear layer of the UNet."""
+    linear = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
+    for target in targets or []:
+        if not any(n == target or n.endswith("." + target) for n in linear):
+            raise ValueError(
+                f"--target_modules: {target!r} names no linear layer of the UNet (e.g. {linear[0]})"
+            )
+
+
+def add_adapters(args: argparse.Namespace, unet, text_encoder) -> list[torch.nn.Parameter]:
+    """ResLoRA (or PEFT LoRA) on the UNet and, with ``--train_text_encoder``, the text encoder;
+    returns the trainable parameters (float32)."""
+    check_target_modules(unet, args.target_modules)
+    models = [unet, text_encoder] if args.train_text_encoder else [unet]
+    if args.use_peft:
+        from peft import LoraConfig
+
+        unet_targets = args.target_modules or ["to_q", "to_k", "to_v", "to_out.0"]
+        for model, targets in zip(models, [unet_targets, ["q_proj", "k_proj", "v_proj", "out_proj"]]):
+            lora = LoraConfig(
+                r=args.rank,
+                lora_alpha=args.lora_alpha or args.rank,
+                lora_dropout=args.lora_dropout,
+                target_modules=targets,
+            )
+            model.add_adapter(lora)
+        params = [p for model in models for p in model.parameters() if p.requires_grad]
+    else:
+        config = ResLoRAConfig(
+            rank=args.rank,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            res_type=args.res_type,
+            pre_num=args.pre_num,
+            target_modules=args.target_modules,
+            merge=args.merge,
+        )
+        add_reslora(unet, config)
+        if args.train_text_encoder:
+            add_reslora(text_encoder, replace(config, target_modules=None))
+        params = [p for model in models for p in trainable_parameters(model)]
+    for param in params:
+        param.data = param.data.float()
+    return params
+
+
+def register_checkpoint_hooks(accelerator: Accelerator, components: dict) -> None:
+    """Checkpoints hold the ResLoRA file instead of whole models (accelerate keeps the rest)."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_reslora_checkpoint(
+                _unwrapped(accelerator, components), Path(output_dir) / RESLORA_CHECKPOINT
+            )
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        models.clear()
+        load_reslora_checkpoint(_unwrapped(accelerator, components), Path(input_dir) / RESLORA_CHECKPOINT)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _unwrapped(accelerator: Accelerator, components: dict) -> dict:
+    return {name: accelerator.unwrap_model(model) for name, model in components.items()}
+
+
+# ----------------------------------------------------------------------------- training step
+
+
+def training_loss(args, batch, unet, text_encoder, vae, noise_scheduler, weight_dtype) -> torch.Tensor:
+    """The denoising loss of one batch (min-SNR weighted when ``--snr_gamma`` > 0)."""
+    from diffusers.training_utils import compute_snr
+
+    latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
+    latents = latents * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    if args.noise_offset:
+        noise += args.noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), device=latents.device
+        )
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+    ).long()
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+    if not args.snr_gamma:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (loss * weights).mean()
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Tile equally sized images, ``columns`` per row."""
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, math.ceil(len(images) / columns) * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def build_pipeline(args, weight_dtype, **components):
+    """The base pipeline with the given (trained) components swapped in."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        torch_dtype=weight_dtype,
+        safety_checker=None,
+        **components,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_validation(args, pipe, step: int, name: str, resolution: int) -> dict:
+    """Generate ``--num_validation_images`` seeds x the prompts, save the grid, score it."""
+    prompts = args.validation_prompt
+    seeds = list(range(args.num_validation_images))
+    with torch.random.fork_rng(), torch.no_grad():
+        images = []
+        for seed in seeds:
+            images += generate(
+                pipe,
+                prompts,
+                [seed] * len(prompts),
+                BASE_NUM_INFERENCE_STEPS,
+                BASE_GUIDANCE_SCALE,
+                resolution,
+                resolution,
+            )
+    grid_path = Path(args.output_dir) / "validation" / f"{name}.png"
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, columns=len(prompts)).save(grid_path)
+    record = {"step": step, "validation_grid": grid_path.relative_to(args.output_dir).as_posix()}
+    if _metric_applies(prompts):
+        record["prompt_accuracy"] = prompt_accuracy(images, prompts * len(seeds))
+    record["images"] = images
+    return record
+
+
+def validate_during_training(args, accelerator, models, weight_dtype, step, resolution, log):
+    """Validation with the ResLoRA model as it trains (main process; eval mode meanwhile)."""
+    parts = {name: accelerator.unwrap_model(models[name]) for name in ("unet", "text_encoder")}
+    trained = [parts["unet"], parts["text_encoder"]] if args.train_text_encoder else [parts["unet"]]
+    for model in trained:
+        model.eval()
+    pipe = build_pipeline(args, weight_dtype, vae=models["vae"], **parts)
+    record = run_validation(args, pipe, step, f"step-{step:06d}", resolution)
+    for model in trained:
+        model.train()
+    images = record.pop("images")
+    _log_validation(accelerator, record, images, step, log)
+    return record
+
+
+def _log_validation(accelerator, record: dict, images: list[Image.Image], step: int, log) -> None:
+    if "prompt_accuracy" in record:
+        accelerator.log({"validation/prompt_accuracy": record["prompt_accuracy"]}, step=step)
+        logger.info("step %d: prompt accuracy %.1f%%", step, 100 * record["prompt_accuracy"])
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
+            )
+    log.write({"kind": "validation", **record})
+
+
+class TrainLog:
+    """``train_log.jsonl``: one JSON line per step (step, loss, lr, time) and per validation."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        kept = []
+        if path.exists() and resume_step > 0:
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.records = [json.loads(line) for line in kept]
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def accuracy_at(self, step: int) -> float | None:
+        found = [
+            r["prompt_accuracy"]
+            for r in self.records
+            if r.get("kind") == "validation" and r["step"] == step and "prompt_accuracy" in r
+        ]
+        return found[0] if found else None
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def real_unet_inputs(args, dataset, tokenizer, text_encoder, vae, noise_scheduler, seed: int, num: int):
+    """``num`` batches of UNet keyword inputs from the training data (noisy latents at random
+    timesteps, the captions' text states) and the matching text-encoder inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=gen).tolist()
+    size = min(args.train_batch_size, 8)
+    unet_batches, text_batches = [], []
+    device, dtype = vae.device, vae.dtype
+    with torch.no_grad():
+        for b in range(num):
+            idx = [order[(b * size + i) % len(order)] for i in range(size)]
+            batch = collate([dataset[(i, seed + i)] for i in idx])
+            latents = (
+                vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.mean
+                * vae.config.scaling_factor
+            )
+            noise = torch.randn(latents.shape, generator=gen).to(device, dtype)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=gen)
+            input_ids = batch["input_ids"].to(device)
+            unet_batches.append(
+                {
+                    "sample": noise_scheduler.add_noise(latents, noise, timesteps),
+                    "timestep": timesteps.to(device),
+                    "encoder_hidden_states": text_encoder(input_ids, return_dict=False)[0],
+                }
+            )
+            text_batches.append({"input_ids": input_ids})
+    return unet_batches, text_batches
+
+
+def export(args, unet, text_encoder, inputs: dict) -> dict | None:
+    """Write the LoRA files; ResLoRA: its checkpoint, the merged export and the merge report."""
+    from diffusers import StableDiffusionPipeline
+
+    output_dir = Path(args.output_dir)
+    if args.use_peft:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+        if args.train_text_encoder:
+            layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
+                get_peft_model_state_dict(text_encoder)
+            )
+        StableDiffusionPipeline.save_lora_weights(output_dir, **layers, safe_serialization=True)
+        return None
+    from reslora_diffusers.diffusion import export_lora
+
+    components = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
+    save_reslora_checkpoint(components, output_dir / RESLORA_CHECKPOINT)
+    return export_lora(
+        output_dir,
+        **components,
+        merge=args.merge,
+        calibration={k: v for k, v in inputs["calibration"].items() if k in components},
+        eval_inputs={k: v for k, v in inputs["held_out"].items() if k in components},
+        metadata={"reslora_base_model": str(args.pretrained_model_name_or_path)},
+    )
+
+
+def final_evaluation(args, weight_dtype, resolution: int, log: TrainLog, step: int) -> dict:
+    """The base pipeline with the exported LoRA loaded by ``load_lora_weights``: the final grid
+    and metric are what a user of the files gets."""
+    pipe = build_pipeline(args, weight_dtype)
+    pipe.load_lora_weights(args.output_dir)
+    record = run_validation(args, pipe, step, "final", resolution)
+    record.pop("images")
+    log.write({"kind": "final", **record})
+    return record
+
+
+# ----------------------------------------------------------------------------- main loop
+
+
+def train(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Train, checkpoint, validate and export; returns the summary printed at the end."""
+    check_args(args)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)  # the same adapter initialisation on every process
+
+    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
+    resolution = args.resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    for model in (unet, vae, text_encoder):
+        model.to(accelerator.device, dtype=weight_dtype)
+    params = add_adapters(args, unet, text_encoder)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    with accelerator.main_process_first():
+        data = load_image_captions(
+            args.dataset_name,
+            args.train_data_dir,
+            args.image_column,
+            args.caption_column,
+            args.max_train_samples,
+            args.seed,
+            args.revision,
+        )
+    dataset = TextImageDataset(data, tokenizer, resolution, args.center_crop, args.random_flip)
+    sampler = EpochSampler(len(dataset), args.seed)
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+    if args.scale_lr:
+        args.learning_rate *= (
+            args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        )
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    steps_per_epoch = math.ceil(
+        math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps
+    )
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
+
+    trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
+    if not args.use_peft:
+        register_checkpoint_hooks(accelerator, trained)
+    prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
+    trained = dict(zip(trained, prepared[: len(trained)]))
+    optimizer, dataloader, lr_scheduler = prepared[len(trained) :]
+    models = {"text_encoder": text_encoder, **trained, "vae": vae}
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("text2image-reslora", config=_hparams(args))
+    global_step = resume(args, accelerator)
+    if global_step == 0:
+        set_seed(args.seed, device_specific=True)  # noise differs per process; a resume restores RNG states
+    log = TrainLog(output_dir / TRAIN_LOG, global_step) if accelerator.is_main_process else None
+    validating = accelerator.is_main_process and bool(args.validation_prompt)
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(
+        "  examples = %d (%d corrupt skipped), epochs = %d, total batch = %d, steps = %d",
+        len(dataset),
+        data.skipped,
+        args.num_train_epochs,
+        total_batch,
+        args.max_train_steps,
+    )
+    if validating and global_step == 0:
+        validate_during_training(args, accelerator, models, weight_dtype, 0, resolution, log)
+
+    run_training(
+        args,
+        accelerator,
+        models,
+        optimizer,
+        lr_scheduler,
+        dataloader,
+        sampler,
+        noise_scheduler,
+        params,
+        weight_dtype,
+        resolution,
+        global_step,
+        steps_per_epoch,
+        log,
+    )
+
+    accelerator.wait_for_everyone()
+    summary = {}
+    if accelerator.is_main_process:
+        summary = finish(
+            args,
+            argv,
+            accelerator,
+            models,
+            dataset,
+            tokenizer,
+            noise_scheduler,
+            weight_dtype,
+            resolution,
+            log,
+            data,
+            validating,
+        )
+    accelerator.end_training()
+    return summary
+
+
+def make_lr_scheduler(args, optimizer, num_processes: int):
+    """diffusers' schedules; accelerate steps a prepared scheduler once per process."""
+    from diffusers.optimization import get_scheduler
+
+    try:
+        return get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=args.lr_warmup_steps * num_processes,
+            num_training_steps=args.max_train_steps * num_processes,
+        )
+    except ValueError as err:
+        raise ValueError(f"--lr_scheduler: {_one_line(err)}") from err
+
+
+def _hparams(args: argparse.Namespace) -> dict:
+    """TensorBoard takes scalars and strings only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+
+
+def resume(args, accelerator: Accelerator) -> int:
+    """Load ``--resume_from_checkpoint`` if given; the global step to continue from."""
+    from reslora_diffusers.training.checkpoints import checkpoint_step
+
+    path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if path is None:
+        return 0
+    logger.info("resuming from %s", path)
+    accelerator.load_state(str(path))
+    return checkpoint_step(path)
+
+
+def run_training(
+    args,
+    accelerator,
+    models,
+    optimizer,
+    lr_scheduler,
+    dataloader,
+    sampler,
+    noise_scheduler,
+    params,
+    weight_dtype,
+    resolution,
+    global_step,
+    steps_per_epoch,
+    log,
+) -> None:
+    """The loop: accumulate, clip, step; log, checkpoint and validate on the way."""
+    unet, text_encoder = models["unet"], models["text_encoder"]
+    trained = [unet, text_encoder] if args.train_text_encoder else [unet]
+    first_epoch = global_step // steps_per_epoch
+    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    progress = tqdm(
+        range(args.max_train_steps),
+        initial=global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    start = time.time() - (max((r.get("time", 0.0) for r in log.records), default=0.0) if log else 0.0)
+    for model in trained:
+        model.train()
+    for epoch in range(first_epoch, args.num_train_epochs):
+        sampler.start_epoch(epoch)
+        loader = dataloader
+        if epoch == first_epoch and skip_batches:
+            loader = accelerator.skip_first_batches(dataloader, skip_batches)
+        train_loss = 0.0
+        for batch in loader:
+            with accelerator.accumulate(*trained):
+                loss = training_loss(
+                    args, batch, unet, text_encoder, models["vae"], noise_scheduler, weight_dtype
+                )
+                avg = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
+                train_loss += avg.item() / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            lr = lr_scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({"train_loss": train_loss, "lr": lr}, step=global_step)
+            if log:
+                log.write(
+                    {"step": global_step, "loss": train_loss, "lr": lr, "time": round(time.time() - start, 3)}
+                )
+            train_loss = 0.0
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if (
+                log
+                and args.validation_prompt
+                and args.validation_steps
+                and global_step % args.validation_steps == 0
+                and global_step < args.max_train_steps
+            ):
+                validate_during_training(
+                    args, accelerator, models, weight_dtype, global_step, resolution, log
+                )
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+    progress.close()
+
+
+def finish(
+    args,
+    argv,
+    accelerator,
+    models,
+    dataset,
+    tokenizer,
+    noise_scheduler,
+    weight_dtype,
+    resolution,
+    log,
+    data,
+    validating,
+) -> dict:
+    """Export the LoRA files, evaluate them as a user would load them, write the model card."""
+    unet = accelerator.unwrap_model(models["unet"])
+    text_encoder = accelerator.unwrap_model(models["text_encoder"])
+    unet.eval()
+    text_encoder.eval()
+    inputs = {}
+    if not args.use_peft:
+        calib_unet, calib_text = real_unet_inputs(
+            args, dataset, tokenizer, text_encoder, models["vae"], noise_scheduler, args.seed + 1, num=2
+        )
+        held_unet, held_text = real_unet_inputs(
+            args, dataset, tokenizer, text_encoder, models["vae"], noise_scheduler, args.seed + 2, num=1
+        )
+        inputs = {
+            "calibration": {"unet": calib_unet, "text_encoder": calib_text},
+            "held_out": {"unet": held_unet, "text_encoder": held_text},
+        }
+    report = export(args, unet, text_encoder, inputs)
+    step = args.max_train_steps
+    summary = {
+        "output_dir": str(args.output_dir),
+        "steps": step,
+        "final_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
+    }
+    if report:
+        summary["merge_fidelity"] = {k: v["fidelity"] for k, v in report["components"].items()}
+    grid, before, after, images = None, None, None, 0
+    if validating:
+        final = final_evaluation(args, weight_dtype, resolution, log, step)
+        grid = Path(args.output_dir) / final["validation_grid"]
+        before, after = log.accuracy_at(0), final.get("prompt_accuracy")
+        images = len(args.validation_prompt) * args.num_validation_images
+    summary.update(prompt_accuracy_before=before, prompt_accuracy_after=after)
+    data_text = f"{data.origin}, {len(dataset)} images" + (
+        f" ({data.skipped} corrupt skipped)" if data.skipped else ""
+    )
+    write_model_card(
+        Path(args.output_dir),
+        args,
+        argv,
+        data_text,
+        accelerator.num_processes,
+        report,
+        (before, after, images),
+        grid,
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        summary = train(args, argv)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"train_text_to_image.py: error: {_one_line(err)}")
+    if summary:
+        if summary.get("prompt_accuracy_after") is not None:
+            before = summary["prompt_accuracy_before"]
+            print(
+                f"prompt accuracy before: {'n/a' if before is None else f'{before:.1%}'}"
+                f"  after: {summary['prompt_accuracy_after']:.1%}"
+            )
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
