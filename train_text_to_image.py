@@ -6,7 +6,11 @@ plus the ResLoRA ones. With no arguments the script fine-tunes the embedded tiny
 the embedded "cross" concept and prints the prompt accuracy before and after:
 
     python train_text_to_image.py
-    accelerate launch --num_processes 2 --cpu train_text_to_image.py --output_dir out
+    accelerate launch --multi_gpu --num_processes 2 train_text_to_image.py           # 2 GPUs
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_text_to_image.py  # 2 CPU processes
+
+(``accelerate launch --cpu --num_processes 2`` starts one process in accelerate 1.x: its CPU
+launcher needs mpirun; the line above runs torchrun with the gloo backend instead.)
 
 At the end ``output_dir`` holds ``pytorch_lora_weights.safetensors`` (loads with
 ``pipe.load_lora_weights``), ``lora_kohya.safetensors``, ``merge_report.json``,
@@ -82,10 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # training
     p.add_argument("--train_batch_size", type=int, default=16)
     p.add_argument("--num_train_epochs", type=int, default=100)
-    p.add_argument("--max_train_steps", type=int, default=300, help="overrides --num_train_epochs")
+    p.add_argument("--max_train_steps", type=int, default=500, help="overrides --num_train_epochs")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument(
         "--scale_lr",
         action="store_true",
@@ -149,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="repeat for several (default with the embedded data: its 15 concept prompts)",
     )
     p.add_argument("--num_validation_images", type=int, default=2, help="images (seeds) per prompt")
-    p.add_argument("--validation_steps", type=int, default=150)
+    p.add_argument("--validation_steps", type=int, default=250)
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")

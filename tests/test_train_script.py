@@ -38,6 +38,15 @@ def _load_script():
 script = _load_script()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two OpenMP threads wait on each other."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A random tiny StableDiffusionPipeline folder (same architecture as the embedded base)."""
