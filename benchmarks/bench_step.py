@@ -2,7 +2,8 @@
 
 Every variant trains the same UNet config (random weights, no download) on the same inputs:
 forward + backward + AdamW step, rank and targets equal. Variants run interleaved, one step
-each per round, and the table reports medians over rounds, the ratio to PEFT, and the bytes
+each per round, and the table reports medians over rounds (wall time, and the process's CPU
+time, which other jobs on a shared machine disturb less), the ratios to PEFT, and the bytes
 the step saves for backward (activation memory; CPU has no peak-memory counter). It also
 times an inference forward of the base UNet against the UNet with the merged LoRA fused in.
 
@@ -78,13 +79,14 @@ class Step:
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         self.target = torch.randn_like(inputs["sample"])
 
-    def __call__(self) -> float:
-        start = time.perf_counter()
+    def __call__(self) -> tuple[float, float]:
+        """(wall seconds, CPU seconds of this process) of one step."""
+        start, cpu = time.perf_counter(), time.process_time()
         loss = torch.nn.functional.mse_loss(self.unet(**self.inputs).sample, self.target)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     def saved_mib(self) -> float:
         seen: dict[int, int] = {}
@@ -123,13 +125,20 @@ def bench_size(name: str, rounds: int, rank: int) -> None:
     for _ in range(rounds):
         for label, step in steps.items():
             times[label].append(step())
-    peft = statistics.median(times["PEFT LoRA"])
+    peft_wall = statistics.median(t[0] for t in times["PEFT LoRA"])
+    peft_cpu = statistics.median(t[1] for t in times["PEFT LoRA"])
     print(f"\n### {name}: UNet channels {channels}, latents {side}x{side}, batch {batch}, rank {rank}\n")
-    print("| variant | median step ms | ratio to PEFT | saved for backward MiB |")
-    print("|---|---|---|---|")
+    print(
+        "| variant | median wall ms | ratio to PEFT | median CPU ms | CPU ratio to PEFT | saved for backward MiB |"
+    )
+    print("|---|---|---|---|---|---|")
     for label, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {label} | {med * 1e3:.1f} | {med / peft:.3f} | {steps[label].saved_mib():.1f} |")
+        wall = statistics.median(t[0] for t in ts)
+        cpu = statistics.median(t[1] for t in ts)
+        print(
+            f"| {label} | {wall * 1e3:.1f} | {wall / peft_wall:.3f} | {cpu * 1e3:.1f} | {cpu / peft_cpu:.3f} "
+            f"| {steps[label].saved_mib():.1f} |"
+        )
 
     # inference: base UNet vs the UNet with a merged (bs, m=5) ResLoRA fused into its weights
     trained = steps["ResLoRA bs m=5"].unet
