@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train diffusers' own PEFT LoRA instead of ResLoRA (the ecosystem baseline)",
     )
     # output and monitoring
-    p.add_argument("--output_dir", default="reslora-tiny-cross")
+    p.add_argument("--output_dir", default="runs/reslora", help="the demo app (app/app.py) lists runs/*")
     p.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
     p.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
     p.add_argument(

@@ -41,7 +41,7 @@ RUNS_DIR = REPO / "runs"
 #: the runs the training button makes: label -> (output folder, res_type)
 DEFAULT_RUNS = {"LoRA": ("lora", "none"), "ResLoRA": ("reslora", "bs")}
 #: training steps of each run the button trains (the training script's default run)
-TRAIN_STEPS = 300
+TRAIN_STEPS = 500
 DEFAULT_PROMPT = "a blue cross on a white background"
 
 
