@@ -25,7 +25,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer
 
@@ -39,6 +39,7 @@ from reslora_diffusers.adapters.toy_tasks import (
 )
 from reslora_diffusers.adapters.training import (
     add_method_arguments,
+    load_raw_dataset,
     method_config,
     model_batches,
     set_threads,
@@ -80,11 +81,7 @@ def load_splits(args: argparse.Namespace) -> DatasetDict:
             train=Dataset.from_list(arithmetic_examples(4000, seed=args.seed)),
             eval=Dataset.from_list(arithmetic_examples(200, seed=args.seed + 1)),
         )
-    suffix = Path(args.dataset_name).suffix
-    if suffix in (".csv", ".json", ".jsonl"):
-        raw = load_dataset("csv" if suffix == ".csv" else "json", data_files=args.dataset_name)
-    else:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+    raw = load_raw_dataset(args.dataset_name, args.dataset_config_name)
     if "test" not in raw:
         raw = raw["train"].train_test_split(test_size=0.1, seed=args.seed)
     splits = DatasetDict(train=raw["train"], eval=raw["test"])

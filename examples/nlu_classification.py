@@ -23,7 +23,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from transformers import (
     AutoModelForSequenceClassification,
@@ -38,6 +38,7 @@ from reslora_diffusers.adapters import ResLoRACallback
 from reslora_diffusers.adapters.toy_tasks import sentiment_examples, tiny_roberta_config, word_tokenizer
 from reslora_diffusers.adapters.training import (
     add_method_arguments,
+    load_raw_dataset,
     method_config,
     model_batches,
     set_threads,
@@ -77,11 +78,7 @@ def load_splits(args: argparse.Namespace) -> DatasetDict:
             train=Dataset.from_list(sentiment_examples(2000, seed=args.seed)),
             eval=Dataset.from_list(sentiment_examples(500, seed=args.seed + 1)),
         )
-    suffix = Path(args.dataset_name).suffix
-    if suffix in (".csv", ".json", ".jsonl"):
-        raw = load_dataset("csv" if suffix == ".csv" else "json", data_files=args.dataset_name)
-    else:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+    raw = load_raw_dataset(args.dataset_name, args.dataset_config_name)
     eval_split = next((s for s in ("validation", "test") if s in raw and _labelled(raw[s], args)), None)
     if eval_split is None:
         raw = raw["train"].train_test_split(test_size=0.2, seed=args.seed)

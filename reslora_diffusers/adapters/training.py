@@ -11,6 +11,16 @@ import torch
 from ..core import MERGE_METHODS, RES_TYPES, ResLoRAConfig
 
 
+def load_raw_dataset(name: str, config_name: str | None = None):
+    """A local CSV/JSON(L) file (by its suffix) or a hub dataset, as ``datasets.load_dataset`` reads it."""
+    from datasets import load_dataset
+
+    suffix = Path(name).suffix
+    if suffix in (".csv", ".json", ".jsonl"):
+        return load_dataset("csv" if suffix == ".csv" else "json", data_files=name)
+    return load_dataset(name, config_name)
+
+
 def add_method_arguments(
     parser: argparse.ArgumentParser,
     *,
