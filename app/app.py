@@ -42,6 +42,8 @@ RUNS_DIR = REPO / "runs"
 DEFAULT_RUNS = {"LoRA": ("lora", "none"), "ResLoRA": ("reslora", "bs")}
 #: training steps of each run the button trains (the training script's default run)
 TRAIN_STEPS = 500
+#: further flags for those runs (a base or data other than the embedded ones, say)
+TRAIN_EXTRA_ARGS: list[str] = []
 DEFAULT_PROMPT = "a blue cross on a white background"
 
 
@@ -201,7 +203,7 @@ def train_default_runs(progress=gr.Progress()):  # noqa: B008 (how Gradio inject
     for i, (label, (folder, res_type)) in enumerate(DEFAULT_RUNS.items()):
         out = RUNS_DIR / folder
         cmd = [sys.executable, str(script), "--res_type", res_type, "--output_dir", str(out)]
-        cmd += ["--max_train_steps", str(TRAIN_STEPS), "--report_to", "none"]
+        cmd += ["--max_train_steps", str(TRAIN_STEPS), "--report_to", "none", *TRAIN_EXTRA_ARGS]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while proc.poll() is None:
             rows = read_log(out)
@@ -214,7 +216,7 @@ def train_default_runs(progress=gr.Progress()):  # noqa: B008 (how Gradio inject
         if proc.returncode != 0:
             err = (proc.stderr.read() or "").strip().splitlines()
             return gr.update(), f"Training {label} failed: {err[-1] if err else proc.returncode}"
-    runs = "\n".join(found_runs())
+    runs = "\n".join(found_runs(RUNS_DIR))
     return gr.update(value=runs), f"Trained {', '.join(DEFAULT_RUNS)} into {RUNS_DIR}."
 
 

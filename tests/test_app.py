@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from gradio_client import Client
 from PIL import Image
 from safetensors.torch import save_file
 
+import app.app as demo_app
 from app.app import build_app, merge_table, run_label
 from reslora_diffusers import ResLoRAConfig, add_reslora, export_lora
 from tests.tiny_pipes import tiny_sd_pipeline, unet_inputs
@@ -129,3 +131,32 @@ def test_browser_types_prompt_clicks_generate_and_sees_images(served, tmp_path):
             assert shot.stat().st_size > 10_000
         finally:
             browser.close()
+
+
+def test_train_button_makes_the_lora_and_reslora_runs(served, tmp_path, monkeypatch):
+    from reslora_diffusers.data import default_finetune_data_dir
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (default_finetune_data_dir() / "metadata.jsonl").read_text().splitlines()[:4]
+    for line in lines:
+        name = json.loads(line)["file_name"]
+        (data / name).write_bytes((default_finetune_data_dir() / name).read_bytes())
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(demo_app, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(demo_app, "TRAIN_STEPS", 2)
+    monkeypatch.setattr(
+        demo_app,
+        "TRAIN_EXTRA_ARGS",
+        ["--pretrained_model_name_or_path", str(served["base"]), "--train_data_dir", str(data)]
+        + ["--train_batch_size", "2", "--validation_prompt", "a red cross on a white background"]
+        + ["--num_validation_images", "1", "--validation_steps", "100"],
+    )
+    seen = []
+    update, message = demo_app.train_default_runs(progress=lambda frac, desc=None: seen.append(frac))
+    assert message.startswith("Trained LoRA, ResLoRA"), message
+    for folder in ("lora", "reslora"):
+        assert (tmp_path / "runs" / folder / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((tmp_path / "runs" / "lora" / "merge_report.json").read_text())["res_type"] == "none"
+    assert update["value"].splitlines() == [str(tmp_path / "runs" / f) for f in ("lora", "reslora")]
