@@ -79,18 +79,18 @@ def build_unet() -> UNet2DConditionModel:
         layers_per_block=2,
         norm_num_groups=16,
         cross_attention_dim=_TEXT_HIDDEN,
-        attention_head_dim=4,
+        attention_head_dim=2,
     )
 
 
 def build_scheduler() -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ over a 1000-step linear-beta DDPM schedule, sampling from t = 999."""
+    """DPM-Solver++ over a 1000-step linear-beta DDPM schedule (v-prediction), sampling from t = 999."""
     return DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
         beta_schedule="linear",
         beta_start=1e-4,
         beta_end=0.02,
-        prediction_type="epsilon",
+        prediction_type="v_prediction",
         timestep_spacing="trailing",
         steps_offset=1,
     )

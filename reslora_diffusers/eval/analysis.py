@@ -3,7 +3,7 @@
 ``analyse_image`` reads the background colour from the image border, separates the
 foreground by projecting every pixel on the background -> foreground colour axis,
 keeps the largest connected foreground region, names its colour (nearest palette
-colour of its median pixel) and its shape (best soft IoU between the region's
+colour of its median pixel) and its shape (best IoU between the region's
 bounding-box crop and each shape's template).
 """
 
@@ -59,11 +59,14 @@ def _template(shape: str) -> np.ndarray:
     return draw_shape_mask(shape, _TEMPLATE_SIDE, (0.0, 0.0, float(_TEMPLATE_SIDE), float(_TEMPLATE_SIDE)))
 
 
-def _shape_scores(coverage: np.ndarray, region: np.ndarray) -> dict[str, float]:
-    """Soft IoU of the region's bounding-box crop (resized to the template side) with each template."""
+def _shape_scores(region: np.ndarray) -> dict[str, float]:
+    """Soft IoU of the binary region's bounding-box crop, resized to the template side, with each template.
+
+    A binary crop keeps blurred corners of generated squares square; soft edges would read as round.
+    """
     rows, cols = np.nonzero(region)
-    crop = np.where(region, coverage, 0.0)[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    resized = Image.fromarray(crop.astype(np.float32), mode="F").resize(
+    crop = region.astype(np.float32)[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    resized = Image.fromarray(crop, mode="F").resize(
         (_TEMPLATE_SIDE, _TEMPLATE_SIDE), Image.Resampling.BILINEAR
     )
     crop = np.asarray(resized)
@@ -95,7 +98,7 @@ def analyse_image(image: Image.Image) -> dict:
     region = _largest_component(coverage > 0.5)
     rows, cols = np.nonzero(region)
     bbox_area = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
-    scores = _shape_scores(coverage, region)
+    scores = _shape_scores(region)
     result.update(
         color=_nearest(np.median(rgb[region], axis=0), COLORS),
         color_rgb=np.median(rgb[region], axis=0).round().tolist(),
