@@ -1,0 +1,90 @@
+"""The committed tiny base pipeline: what it is made of, that it loads, and what it draws."""
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from reslora_diffusers.data import (
+    BASE_GUIDANCE_SCALE,
+    BASE_NUM_INFERENCE_STEPS,
+    BASE_RESOLUTION,
+    MODEL_MAX_LENGTH,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    default_base_model_path,
+    finetune_prompts,
+    heldout_base_prompts,
+    write_tokenizer,
+)
+from reslora_diffusers.eval import evaluate_pipeline
+
+_TRANSFORMERS_BOOKKEEPING = {"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Sampling this small a model is fastest on one thread (and several stall on a busy machine)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(default_base_model_path())
+
+
+def _public(config) -> dict:
+    """A diffusers config as plain JSON values, without the private bookkeeping keys."""
+    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
+
+
+def test_committed_configs_match_the_builders(pipe, tmp_path):
+    assert _public(pipe.unet.config) == _public(build_unet().config)
+    assert _public(pipe.vae.config) == _public(build_vae(pipe.vae.config.scaling_factor).config)
+    assert pipe.vae.config.scaling_factor != 1.0
+    assert _public(pipe.scheduler.config) == _public(build_scheduler().config)
+    built = build_text_encoder(build_tokenizer(tmp_path)).config.to_dict()
+    committed = pipe.text_encoder.config.to_dict()
+    assert {k: v for k, v in committed.items() if k not in _TRANSFORMERS_BOOKKEEPING} == {
+        k: v for k, v in built.items() if k not in _TRANSFORMERS_BOOKKEEPING
+    }
+
+
+def test_committed_tokenizer_is_our_vocabulary(pipe, tmp_path):
+    written = write_tokenizer(tmp_path)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (default_base_model_path() / "tokenizer" / name).read_bytes() == (written / name).read_bytes()
+    assert pipe.tokenizer.model_max_length == MODEL_MAX_LENGTH
+    assert pipe.text_encoder.config.max_position_embeddings == MODEL_MAX_LENGTH
+
+
+def test_committed_folder_is_small_safetensors():
+    files = [path for path in default_base_model_path().rglob("*") if path.is_file()]
+    assert sum(path.stat().st_size for path in files) < 30 * 2**20
+    assert len([path for path in files if path.suffix == ".safetensors"]) == 3
+    assert not [path for path in files if path.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
+
+
+def test_model_card_documents_the_settings():
+    card = (default_base_model_path() / "README.md").read_text()
+    assert f"{BASE_RESOLUTION} x {BASE_RESOLUTION} px" in card
+    assert f"{BASE_NUM_INFERENCE_STEPS} steps, guidance scale {BASE_GUIDANCE_SCALE}" in card
+
+
+def test_generates_an_image_of_the_documented_size(pipe):
+    image = pipe("a red circle on a white background", num_inference_steps=2, generator=torch.manual_seed(0))
+    assert image.images[0].size == (BASE_RESOLUTION, BASE_RESOLUTION)
+
+
+def test_base_draws_heldout_pairs_but_not_the_new_concept(pipe):
+    heldout = evaluate_pipeline(pipe, heldout_base_prompts(), seeds=[0, 1])
+    concept = evaluate_pipeline(pipe, finetune_prompts()[::3], seeds=[0])
+    assert heldout["accuracy"] >= 0.7
+    assert concept["shape_accuracy"] <= 0.2
