@@ -41,7 +41,7 @@ RUNS_DIR = REPO / "runs"
 #: the runs the training button makes: label -> (output folder, res_type)
 DEFAULT_RUNS = {"LoRA": ("lora", "none"), "ResLoRA": ("reslora", "bs")}
 #: training steps of each run the button trains (the training script's default run)
-TRAIN_STEPS = 500
+TRAIN_STEPS = 800
 #: further flags for those runs (a base or data other than the embedded ones, say)
 TRAIN_EXTRA_ARGS: list[str] = []
 DEFAULT_PROMPT = "a blue cross on a white background"

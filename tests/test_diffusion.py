@@ -22,6 +22,7 @@ from reslora_diffusers import (
 )
 from reslora_diffusers.cli import merge_main
 from reslora_diffusers.core.merge import merged_view
+from reslora_diffusers.diffusion.model import UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
 from tests.tiny_pipes import tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline, tiny_sdxl_unet, unet_inputs
 from tests.toys import randomize_lora
 
@@ -110,11 +111,10 @@ def test_cross_attention_kv_merges_are_exact(tmp_path, res_type, pre_num):
     assert methods["input"]["chains"]["attn1.to_q"] > 1e-4
 
 
-def _pipe_with_reslora(make_pipe, tmp_path, res_type, pre_num=2):
+def _pipe_with_reslora(make_pipe, tmp_path, res_type, pre_num=2, targets=None):
     pipe = make_pipe(tmp_path)
-    add_reslora(
-        pipe, ResLoRAConfig(rank=2, alpha=4, res_type=res_type, pre_num=pre_num), train_text_encoder=True
-    )
+    config = ResLoRAConfig(rank=2, alpha=4, res_type=res_type, pre_num=pre_num, target_modules=targets)
+    add_reslora(pipe, config, train_text_encoder=True)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if module is not None:
@@ -172,7 +172,9 @@ def test_load_lora_weights_reproduces_merged_model(tmp_path, res_type):
 
 @pytest.mark.parametrize("make_pipe", [tiny_sd_pipeline, tiny_sdxl_pipeline])
 def test_kohya_file_loads_to_the_same_weights(tmp_path, make_pipe):
-    pipe, unet_b, text_b = _pipe_with_reslora(make_pipe, tmp_path, "bs")
+    # attention and feed-forward layers: the training script's default targets
+    targets = [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS]
+    pipe, unet_b, text_b = _pipe_with_reslora(make_pipe, tmp_path, "bs", targets=targets)
     out = tmp_path / "lora"
     _export(pipe, out, unet_b, text_b, "input")
     with safe_open(str(out / "lora_kohya.safetensors"), framework="pt") as f:
@@ -186,11 +188,13 @@ def test_kohya_file_loads_to_the_same_weights(tmp_path, make_pipe):
         assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
         assert "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0.alpha" in keys
         assert "lora_unet_output_blocks_2_1_transformer_blocks_0_attn1_to_k.lora_up.weight" in keys
+        assert "lora_unet_output_blocks_2_1_transformer_blocks_0_ff_net_0_proj.lora_up.weight" in keys
         assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
         assert any(k.startswith("lora_te2_") for k in keys)
     else:
         assert meta["ss_base_model_version"] == "sd_v1"
         assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+        assert "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_ff_net_2.lora_down.weight" in keys
         assert "lora_te_text_model_encoder_layers_2_self_attn_out_proj.lora_up.weight" in keys
 
     via_diffusers, via_kohya = make_pipe(tmp_path), make_pipe(tmp_path)

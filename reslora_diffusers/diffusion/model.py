@@ -12,6 +12,10 @@ from ..core.config import ResLoRAConfig
 from .processor import ResLoRAAttnProcessor
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+#: The transformer blocks' feed-forward layers (GEGLU input projection, output projection),
+#: which kohya-ss's LoRA trains by default too. They are ordinary linear layers for the core;
+#: only the attention projections go through :class:`ResLoRAAttnProcessor`.
+UNET_FEEDFORWARD_TARGETS = ["ff.net.0.proj", "ff.net.2"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
