@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 
 from reslora_diffusers import chain_structure, load_reslora_checkpoint
 from reslora_diffusers.data import build_pipeline, default_finetune_data_dir
-from reslora_diffusers.training.data import load_image_captions
+from reslora_diffusers.training.data import load_image_captions, open_image
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_text_to_image.py"
@@ -45,6 +46,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a run with another --mixed_precision needs a new one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -209,52 +220,29 @@ def test_corrupt_images_are_skipped_and_counted(data, tmp_path):
         load_image_captions(None, folder, "image", "text")
 
 
-def test_two_process_ddp_run(base, data, tmp_path):
-    """2 CPU processes (gloo DDP): the run completes, both ranks checkpoint their RNG, and the
-    result has the single-process chain structure, finite trained weights and an accurate merge."""
+def _launch_two_processes(base: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]
+    cmd += ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data)]
+    cmd += ["--output_dir", str(out), "--train_batch_size", "2", "--max_train_steps", "4"]
+    cmd += ["--checkpointing_steps", "2", "--res_type", "ms", "--merge", "input", "--rank", "4"]
+    cmd += ["--report_to", "none", "--random_flip", *extra]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_process_ddp_run_and_exact_resume(base, data, tmp_path):
+    """2 CPU processes (gloo DDP): the run completes, both ranks checkpoint their RNG, the
+    result has the single-process chain structure, finite trained weights and an accurate
+    merge; a 2-process run resumed from the step-2 checkpoint ends with the same weights."""
     from diffusers import UNet2DConditionModel
 
     from reslora_diffusers import ResLoRAConfig, add_reslora
 
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(SCRIPT),
-        "--pretrained_model_name_or_path",
-        str(base),
-        "--train_data_dir",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--train_batch_size",
-        "2",
-        "--max_train_steps",
-        "4",
-        "--checkpointing_steps",
-        "2",
-        "--res_type",
-        "ms",
-        "--merge",
-        "input",
-        "--rank",
-        "4",
-        "--report_to",
-        "none",
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _launch_two_processes(base, data, out)
     assert "Num processes: 2" in result.stderr
     assert {p.name for p in (out / "checkpoint-2").glob("random_states_*")} == {
         "random_states_0.pkl",
@@ -269,10 +257,137 @@ def test_two_process_ddp_run(base, data, tmp_path):
     with safe_open(str(out / "reslora_checkpoint.safetensors"), framework="pt") as f:
         ddp_chains = json.loads(f.metadata()["chains"])["unet"]
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    add_reslora(unet, ResLoRAConfig(rank=4, res_type="ms"))
+    add_reslora(unet, ResLoRAConfig(rank=4, res_type="ms", target_modules=script.DEFAULT_UNET_TARGETS))
     with torch.no_grad():
         unet(**_unet_inputs())
     single = {k: {"modules": v["modules"], "links": v["links"]} for k, v in chain_structure(unet).items()}
     assert ddp_chains == single
     report = json.loads((out / "merge_report.json").read_text())
     assert report["components"]["unet"]["fidelity"] < 0.05
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    _launch_two_processes(base, data, resumed, "--resume_from_checkpoint", "latest")
+    again = load_file(resumed / "reslora_checkpoint.safetensors")
+    assert again.keys() == weights.keys()
+    for key in weights:
+        assert torch.equal(again[key], weights[key]), key
+
+
+def _as_hub_dataset(data: Path, root: Path) -> tuple[Path, Path]:
+    """The image folder as a hub-style parquet repo (``data/train-*.parquet``, images embedded)
+    and as a ``Dataset.save_to_disk`` folder, with the captions in a column named ``caption``."""
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    lines = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    dataset = Dataset.from_dict(
+        {"image": [str(data / r["file_name"]) for r in lines], "caption": [r["text"] for r in lines]}
+    ).cast_column("image", ImageFeature())
+    parquet, saved = root / "parquet-repo", root / "saved"
+    (parquet / "data").mkdir(parents=True)
+    dataset.to_parquet(str(parquet / "data" / "train-00000-of-00001.parquet"))
+    dataset.save_to_disk(str(saved))
+    return parquet, saved
+
+
+def test_local_dataset_folders_load_like_the_image_folder(data, tmp_path):
+    parquet, saved = _as_hub_dataset(data, tmp_path)
+    folder = load_image_captions(None, data, "image", "text")
+    for path in (parquet, saved):
+        loaded = load_image_captions(str(path), None, "image", "caption")
+        assert loaded.captions == folder.captions, path
+        for got, expected in zip(loaded.sources, folder.sources, strict=True):
+            assert np.array_equal(np.asarray(open_image(got)), np.asarray(open_image(expected))), path
+    with pytest.raises(ValueError, match="--caption_column 'text' is not a column of dataset .*saved"):
+        load_image_captions(str(saved), None, "image", "text")
+
+
+def test_peft_baseline_on_unet_and_text_encoder_from_a_hub_style_dataset(base, data, tmp_path):
+    """--use_peft --train_text_encoder: diffusers' own LoRA, saved with its own writer; every
+    targeted layer is in the file, trained, and changes the pipeline that loads it."""
+    from diffusers import StableDiffusionPipeline
+
+    parquet, _ = _as_hub_dataset(data, tmp_path)
+    out = tmp_path / "peft"
+    argv = ["--pretrained_model_name_or_path", str(base), "--dataset_name", str(parquet)]
+    argv += ["--caption_column", "caption", "--output_dir", str(out), "--report_to", "none"]
+    argv += ["--use_peft", "--train_text_encoder", "--max_train_steps", "3", "--train_batch_size", "3"]
+    argv += ["--learning_rate", "1e-2", "--checkpointing_steps", "2", "--rank", "4", "--lora_alpha", "8"]
+    summary = script.train(script.parse_args(argv), argv)
+
+    assert summary["steps"] == 3 and "merge_fidelity" not in summary
+    assert not (out / "lora_kohya.safetensors").exists()  # written from ResLoRA merges only
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    unet_targets = [n for n, _ in pipe.unet.named_modules() if n.endswith(tuple(script.DEFAULT_UNET_TARGETS))]
+    text_targets = [
+        n
+        for n, _ in pipe.text_encoder.named_modules()
+        if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))
+    ]
+    expected = {f"unet.{n}.lora_{ab}.weight" for n in unet_targets for ab in "AB"}
+    expected |= {f"text_encoder.{n}.lora_{ab}.weight" for n in text_targets for ab in "AB"}
+    assert set(weights) == expected
+    assert all(weights[k].abs().sum() > 0 for k in weights if ".lora_B." in k)  # PEFT starts B at 0
+    assert {weights[k].shape[0] for k in weights if ".lora_A." in k} == {4}
+
+    ids = pipe.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0], pipe.unet(**_unet_inputs()).sample
+        pipe.load_lora_weights(out)
+        after = pipe.text_encoder(ids)[0], pipe.unet(**_unet_inputs()).sample
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(after, before))
+    # every layer of the file is loaded, with alpha / rank = 2 from the file's metadata
+    layers = {
+        f"{c}.{n}"
+        for c in ("unet", "text_encoder")
+        for n, m in getattr(pipe, c).named_modules()
+        if hasattr(m, "lora_A")
+    }
+    assert layers == {k.rsplit(".lora_", 1)[0] for k in weights}
+    assert {
+        s
+        for c in (pipe.unet, pipe.text_encoder)
+        for m in c.modules()
+        if hasattr(m, "lora_A")
+        for s in m.scaling.values()
+    } == {2.0}
+    assert "PEFT LoRA" in (out / "README.md").read_text()
+    assert (out / "checkpoint-2").is_dir()
+
+
+def test_text_encoder_reslora_in_bf16_exports_the_trained_text_encoder(base, data, tmp_path):
+    """--train_text_encoder --mixed_precision bf16: the adapters stay float32, and the text
+    encoder that load_lora_weights builds is the trained ResLoRA one (bs merges exactly)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    out = tmp_path / "te"
+    extra = ["--train_text_encoder", "--mixed_precision", "bf16", "--res_type", "bs", "--pre_num", "2"]
+    summary = _run(base, data, out, *extra, "--max_train_steps", "3", "--learning_rate", "1e-2")
+    assert summary["merge_fidelity"]["text_encoder"] < 1e-5
+
+    trained = load_file(out / "reslora_checkpoint.safetensors")
+    assert {v.dtype for k, v in trained.items() if k.endswith(("lora_A", "lora_B"))} == {torch.float32}
+    assert any(
+        k.startswith("text_encoder.") and k.endswith("lora_B") and v.abs().sum() > 0
+        for k, v in trained.items()
+    )
+    with safe_open(str(out / "lora_kohya.safetensors"), framework="pt") as f:
+        assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in f.keys())
+
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    load_reslora_checkpoint(
+        {"unet": unet, "text_encoder": text_encoder}, out / "reslora_checkpoint.safetensors"
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    ids = pipe.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = pipe.text_encoder(ids)[0]
+        pipe.load_lora_weights(out)
+        expected, got = text_encoder(ids)[0], pipe.text_encoder(ids)[0]
+    assert (expected - plain).abs().max() > 1e-4
+    assert (got - expected).norm() / expected.norm() < 1e-5

@@ -38,12 +38,7 @@ pipe = DiffusionPipeline.from_pretrained("{base}")
 pipe.load_lora_weights("{output_dir}")  # pytorch_lora_weights.safetensors
 ```
 
-Files: `pytorch_lora_weights.safetensors` (diffusers/PEFT keys), `lora_kohya.safetensors`
-(kohya-ss keys), `merge_report.json` (relative output error of the merged LoRA against
-the trained ResLoRA model on held-out UNet inputs from the training data),
-`reslora_checkpoint.safetensors` (the unmerged ResLoRA weights, to continue training),
-`train_log.jsonl` (step, loss, lr, time; validation accuracy), `validation/` (image grids:
-one row per seed, one column per prompt).
+{files}
 
 ## Command
 
@@ -54,13 +49,35 @@ one row per seed, one column per prompt).
 
 
 def method_text(args: argparse.Namespace) -> str:
+    where = " ".join(f"`{t}`" for t in args.target_modules)
+    where = f"UNet ({where})" + (" and text encoder" if args.train_text_encoder else "")
     if args.use_peft:
-        return f"PEFT LoRA, rank {args.rank}, alpha {args.lora_alpha or args.rank}"
+        return f"PEFT LoRA, rank {args.rank}, alpha {args.lora_alpha or args.rank}, {where}"
     text = f"ResLoRA `{args.res_type}`"
     if args.res_type in ("bs", "ms"):
         text += f" (pre_num {args.pre_num})"
-    text += f", rank {args.rank}, alpha {args.lora_alpha or args.rank}, merged with `{args.merge}`"
-    return text + (", UNet and text encoder" if args.train_text_encoder else ", UNet")
+    return (
+        text
+        + f", rank {args.rank}, alpha {args.lora_alpha or args.rank}, merged with `{args.merge}`, {where}"
+    )
+
+
+def files_text(args: argparse.Namespace) -> str:
+    """The files of ``output_dir``; the kohya file, merge report and ResLoRA checkpoint come
+    from ResLoRA runs only (``--use_peft`` writes diffusers' own LoRA file)."""
+    files = ["`pytorch_lora_weights.safetensors` (diffusers/PEFT keys)"]
+    if not args.use_peft:
+        files += [
+            "`lora_kohya.safetensors` (kohya-ss keys)",
+            "`merge_report.json` (relative output error of the merged LoRA against the trained "
+            "ResLoRA model on held-out inputs from the training data)",
+            "`reslora_checkpoint.safetensors` (the unmerged ResLoRA weights, to continue training)",
+        ]
+    files += [
+        "`train_log.jsonl` (step, loss, lr, time; validation accuracy)",
+        "`validation/` (image grids: one row per seed, one column per prompt)",
+    ]
+    return "Files: " + ", ".join(files) + "."
 
 
 def fidelity_text(report: dict | None) -> str:
@@ -101,8 +118,11 @@ def write_model_card(
         accuracy=accuracy_text(*accuracy),
         grid=f"Final samples:\n\n![samples]({grid.relative_to(output_dir).as_posix()})" if grid else "",
         output_dir=output_dir,
+        files=files_text(args),
         command=shlex.join(["python", "train_text_to_image.py", *argv]),
     )
     path = Path(output_dir) / "README.md"
-    path.write_text(card)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(card)
+    tmp.replace(path)
     return path

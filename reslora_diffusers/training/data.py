@@ -1,7 +1,7 @@
 """Image-caption data for text-to-image training, with PIL and numpy only.
 
-The set is a ``datasets`` dataset (hub name, local dataset folder, or an ``imagefolder``
-with ``metadata.jsonl``). Every image is opened once up front: unreadable or corrupt files
+The set is a ``datasets`` dataset (hub name, local copy of a hub repo, ``save_to_disk``
+folder, or an ``imagefolder`` with ``metadata.jsonl``). Every image is opened once up front: unreadable or corrupt files
 are skipped with one warning that counts them. Shuffling and augmentation (random crop,
 flip) depend only on ``(seed, epoch, position)``, so a resumed run sees exactly the batches
 that an uninterrupted run sees, in one process or several.
@@ -80,6 +80,8 @@ def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, r
         if looks_local and not Path(dataset_name).exists():
             raise ValueError(f"--dataset_name: path {dataset_name} does not exist")
         try:
+            if _saved_to_disk(Path(dataset_name)):
+                return _load_saved(Path(dataset_name)), f"dataset {dataset_name}"
             return load_dataset(dataset_name, revision=revision, split="train"), f"dataset {dataset_name}"
         except (OSError, ValueError, FileNotFoundError) as err:
             raise ValueError(f"--dataset_name: could not load {dataset_name!r}: {_one_line(err)}") from err
@@ -93,6 +95,24 @@ def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, r
     except (OSError, ValueError) as err:
         raise ValueError(f"--train_data_dir: could not read {data_dir}: {_one_line(err)}") from err
     return dataset, f"folder {data_dir}"
+
+
+def _saved_to_disk(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (which
+    ``load_dataset`` cannot read), rather than a hub-style repo of data files."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def _load_saved(path: Path):
+    """Its ``train`` split (a lone ``Dataset`` is taken whole)."""
+    from datasets import DatasetDict, load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if isinstance(dataset, DatasetDict):
+        if "train" not in dataset:
+            raise ValueError(f"{path} has no 'train' split; its splits are {list(dataset)}")
+        dataset = dataset["train"]
+    return dataset
 
 
 def _one_line(err: BaseException) -> str:
