@@ -391,3 +391,17 @@ def test_text_encoder_reslora_in_bf16_exports_the_trained_text_encoder(base, dat
         expected, got = text_encoder(ids)[0], pipe.text_encoder(ids)[0]
     assert (expected - plain).abs().max() > 1e-4
     assert (got - expected).norm() / expected.norm() < 1e-5
+
+
+def test_dataset_name_hub_ids_go_to_the_hub_and_missing_paths_are_named(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # no network in tests: offline mode makes the hub lookup fail at once, as it would for a typo
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="--dataset_name: could not load 'someone/no-such-set': .*Hub"):
+        load_image_captions("someone/no-such-set", None, "image", "text")
+    for path in ("./nowhere", "/no/such/folder", "a/b/c"):
+        with pytest.raises(ValueError, match=f"--dataset_name: path {path} does not exist"):
+            load_image_captions(path, None, "image", "text")

@@ -76,7 +76,8 @@ def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, r
     from datasets import load_dataset
 
     if dataset_name is not None:
-        looks_local = os.sep in dataset_name or dataset_name.startswith(".")
+        # a hub id is "name" or "owner/name"; anything else that is not there is a missing path
+        looks_local = dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1
         if looks_local and not Path(dataset_name).exists():
             raise ValueError(f"--dataset_name: path {dataset_name} does not exist")
         try:
