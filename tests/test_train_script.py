@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -405,3 +406,30 @@ def test_dataset_name_hub_ids_go_to_the_hub_and_missing_paths_are_named(monkeypa
     for path in ("./nowhere", "/no/such/folder", "a/b/c"):
         with pytest.raises(ValueError, match=f"--dataset_name: path {path} does not exist"):
             load_image_captions(path, None, "image", "text")
+
+
+def test_no_argument_run_uses_the_embedded_base_data_and_prompts(tmp_path):
+    """The README's main command, cut to 2 steps and 1 image per prompt: embedded base and set,
+    the 15 concept prompts (which the base cannot draw), attention + feed-forward targets."""
+    from reslora_diffusers.data import default_base_model_path, finetune_prompts
+
+    out = tmp_path / "default"
+    argv = ["--output_dir", str(out), "--max_train_steps", "2", "--num_validation_images", "1"]
+    summary = script.train(script.parse_args([*argv, "--report_to", "none"]), argv)
+    assert summary["prompt_accuracy_before"] == 0.0 and summary["prompt_accuracy_after"] is not None
+    assert summary["merge_fidelity"]["unet"] < 1e-5  # bs merges exactly
+    card = (out / "README.md").read_text()
+    assert str(default_base_model_path()) in card and "150 images" in card and "`ff.net.2`" in card
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        layers = {k.rsplit(".lora_", 1)[0] for k in f.keys()}
+    suffixes = {name.split("transformer_blocks.0.")[-1] for name in layers}
+    assert suffixes == {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q"} | {
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+    }
+    assert len(layers) == 11 * 10  # 2 x 2 down, 1 mid, 2 x 3 up transformer blocks in the tiny UNet
+    grid = Image.open(out / "validation" / "final.png")
+    assert grid.size == (32 * len(finetune_prompts()), 32)
