@@ -5,9 +5,12 @@ Trains every method (PEFT LoRA as the ecosystem baseline, then ResLoRA none/is/b
 ``train_text_to_image.py`` for the same seeds and steps, and reports the loss curves and the
 prompt accuracy against steps:
 
-    python benchmarks/compare_methods.py --seeds 0 1 2 --max_train_steps 300
+    python benchmarks/compare_methods.py --seeds 0 1 2 --jobs 2
 
-Writes into ``--output_dir``: one run folder per method and seed, ``compare_methods.png``
+Each run uses one torch thread; ``--jobs`` runs that many at once (one per core). A run whose
+folder already holds ``result.json`` is not trained again, so an interrupted comparison
+continues where it stopped. Writes into ``--output_dir``: one run folder per method and
+seed, ``compare_methods.png``
 (loss and accuracy curves, mean over seeds, band = min..max), ``compare_methods.md`` (table:
 mean +- std over seeds, steps to reach the baseline's final accuracy) and ``compare_methods.json``.
 """
@@ -18,7 +21,9 @@ import argparse
 import importlib.util
 import json
 import logging
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +45,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--max_train_steps", type=int, default=300)
-    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--max_train_steps", type=int, default=800)
+    p.add_argument("--validation_steps", type=int, default=200)
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each")
     p.add_argument("--num_validation_images", type=int, default=2)
     p.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "compare_methods")
     p.add_argument("train_args", nargs="*", help="more flags for train_text_to_image.py, after --")
@@ -55,22 +61,60 @@ def load_train_script():
     return module
 
 
-def run_one(script, method: str, seed: int, args: argparse.Namespace) -> dict:
-    """Train one method with one seed; return its loss curve, accuracy curve and wall time."""
+def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
+    """Train one method with one seed (one torch thread); return its loss curve, accuracy
+    curve, merge error, the accuracy of the unmerged ResLoRA model and the wall time, also
+    kept as ``result.json`` in its run folder."""
+    import torch
+
+    torch.set_num_threads(1)
     out = args.output_dir / f"{method}-seed{seed}"
+    script = load_train_script()
     argv = [*METHODS[method], "--seed", str(seed), "--output_dir", str(out), "--report_to", "none"]
     argv += ["--max_train_steps", str(args.max_train_steps), "--validation_steps", str(args.validation_steps)]
     argv += ["--num_validation_images", str(args.num_validation_images), "--checkpointing_steps", "1000000"]
     argv += args.train_args
-    start = time.time()
-    summary = script.train(script.parse_args(argv), argv)
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return {
-        "loss": [r["loss"] for r in records if "loss" in r],
-        "accuracy": {r["step"]: r["prompt_accuracy"] for r in records if "prompt_accuracy" in r},
-        "fidelity": (summary.get("merge_fidelity") or {}).get("unet"),
-        "seconds": time.time() - start,
-    }
+    if (out / "result.json").is_file():
+        result = _read_result(out / "result.json")
+    else:
+        start = time.time()
+        summary = script.train(script.parse_args(argv), argv)
+        records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        result = {
+            "loss": [r["loss"] for r in records if "loss" in r],
+            "accuracy": {r["step"]: r["prompt_accuracy"] for r in records if "prompt_accuracy" in r},
+            "fidelity": (summary.get("merge_fidelity") or {}).get("unet"),
+            "seconds": time.time() - start,
+        }
+    if "unmerged_accuracy" not in result:
+        result["unmerged_accuracy"] = None if method == BASELINE else unmerged_accuracy(script, argv)
+        (out / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def unmerged_accuracy(script, argv: list[str]) -> float:
+    """Prompt accuracy of the trained ResLoRA model itself (shortcuts in place, loaded from its
+    checkpoint), on the prompts and seeds of the final evaluation of the merged export: the
+    difference is what the merge costs."""
+    import torch
+
+    from reslora_diffusers import load_reslora_checkpoint
+
+    args = script.parse_args(argv)
+    script.check_args(args)
+    pipe = script.build_pipeline(args, torch.float32)
+    load_reslora_checkpoint({"unet": pipe.unet}, Path(args.output_dir) / script.RESLORA_CHECKPOINT)
+    pipe.unet.eval()
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return script.run_validation(args, pipe, args.max_train_steps, "final-unmerged", resolution)[
+        "prompt_accuracy"
+    ]
+
+
+def _read_result(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    result["accuracy"] = {int(step): acc for step, acc in result["accuracy"].items()}  # JSON keys are str
+    return result
 
 
 def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
@@ -83,26 +127,37 @@ def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
     return out
 
 
+def _mean_std(values) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
 def summarise(results: dict) -> dict:
-    """Per method: mean/std of the final loss (mean of the last 10 %) and accuracy, the mean
-    accuracy curve, and the first step where it reaches the baseline's final mean accuracy."""
+    """Per method: mean/std over seeds of the final loss (mean of the last 10 % of steps), of
+    its difference to the baseline's run with the same seed (the seeds share data order and
+    noise, so the paired difference is far less noisy), of the unmerged and exported accuracy;
+    the mean accuracy curve and the first step where it reaches the baseline's final mean."""
     table = {}
     for method, runs in results.items():
         losses = np.array([r["loss"] for r in runs])
         tail = max(1, losses.shape[1] // 10)
         steps = sorted(runs[0]["accuracy"])
         acc = np.array([[r["accuracy"][s] for s in steps] for r in runs])
+        unmerged = [r.get("unmerged_accuracy") for r in runs]
         table[method] = {
-            "final_loss": (float(losses[:, -tail:].mean(1).mean()), float(losses[:, -tail:].mean(1).std())),
-            "final_accuracy": (float(acc[:, -1].mean()), float(acc[:, -1].std())),
+            "final_loss": _mean_std(losses[:, -tail:].mean(1)),
+            "final_accuracy": _mean_std(acc[:, -1]),
+            "unmerged_accuracy": None if None in unmerged else _mean_std(unmerged),
             "steps": steps,
             "accuracy_curve": acc.mean(0).tolist(),
             "fidelity": [r["fidelity"] for r in runs],
             "minutes": float(np.mean([r["seconds"] for r in runs]) / 60),
         }
     if BASELINE in table:
+        base_losses = np.array([r["loss"] for r in results[BASELINE]])
         target = table[BASELINE]["final_accuracy"][0]
-        for row in table.values():
+        for method, row in table.items():
+            diff = np.array([r["loss"] for r in results[method]]) - base_losses
+            row["loss_vs_baseline"] = _mean_std(diff[:, -max(1, diff.shape[1] // 10) :].mean(1))
             reached = [s for s, a in zip(row["steps"], row["accuracy_curve"]) if a >= target]
             row["steps_to_baseline"] = reached[0] if reached else None
     return table
@@ -110,23 +165,42 @@ def summarise(results: dict) -> dict:
 
 def markdown(table: dict, args: argparse.Namespace) -> str:
     head = (
-        f"Seeds {args.seeds}, {args.max_train_steps} steps each, accuracy on the validation prompts x "
-        f"{args.num_validation_images} images every {args.validation_steps} steps (last point: the exported "
-        "LoRA loaded with `load_lora_weights`). Mean +- std over seeds.\n\n"
-        "| method | final loss | final prompt accuracy | steps to reach "
-        f"{BASELINE}'s final accuracy | merge error (unet) | minutes per run |\n|---|---|---|---|---|---|\n"
+        f"Seeds {args.seeds}, {args.max_train_steps} steps each, prompt accuracy on the validation prompts x "
+        f"{args.num_validation_images} images every {args.validation_steps} steps; the last point is the "
+        "exported LoRA loaded with `load_lora_weights`, the column before it the trained ResLoRA model "
+        "itself (shortcuts in place) on the same prompts and seeds. Mean +- std over seeds; the loss "
+        f"difference is paired with {BASELINE}'s run of the same seed.\n\n"
+        f"| method | final loss | loss - {BASELINE} | accuracy before merge | final accuracy (exported) "
+        f"| steps to reach {BASELINE}'s final accuracy | merge error (unet) | minutes per run |\n"
+        "|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for method, row in table.items():
         fid = [f for f in row["fidelity"] if f is not None]
-        fid_text = f"{max(fid):.1e} (max)" if fid else "n/a"
         reach = row.get("steps_to_baseline")
-        rows.append(
-            f"| {method} | {row['final_loss'][0]:.4f} +- {row['final_loss'][1]:.4f} "
-            f"| {row['final_accuracy'][0]:.1%} +- {row['final_accuracy'][1]:.1%} "
-            f"| {'not reached' if reach is None else reach} | {fid_text} | {row['minutes']:.1f} |"
-        )
+        cells = [
+            method,
+            _pm(row["final_loss"], "{:.4f}"),
+            _pm(row.get("loss_vs_baseline"), "{:+.5f}"),
+            _pm(row["unmerged_accuracy"], "{:.1%}"),
+            _pm(row["final_accuracy"], "{:.1%}"),
+            "not reached" if reach is None else str(reach),
+            f"{max(fid):.1e} (max)" if fid else "n/a",
+            f"{row['minutes']:.1f}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
+
+
+def _pm(pair: tuple[float, float] | None, fmt: str) -> str:
+    return "n/a" if pair is None else f"{fmt.format(pair[0])} +- {fmt.format(pair[1]).lstrip('+')}"
+
+
+def _band(ax, x, curves: np.ndarray, **kwargs):
+    """Mean line and min..max band over seeds."""
+    (line,) = ax.plot(x, curves.mean(0), **kwargs)
+    ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
+    return line
 
 
 def plot(results: dict, table: dict, path: Path) -> None:
@@ -135,20 +209,21 @@ def plot(results: dict, table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_diff, ax_acc) = plt.subplots(1, 3, figsize=(16, 4))
+    base = np.array([r["loss"] for r in results[BASELINE]]) if BASELINE in results else None
     for method, runs in results.items():
-        losses = smooth(np.array([r["loss"] for r in runs]))
+        losses = np.array([r["loss"] for r in runs])
         steps = np.arange(1, losses.shape[1] + 1)
-        (line,) = ax_loss.plot(steps, losses.mean(0), label=method)
-        ax_loss.fill_between(steps, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.15)
+        line = _band(ax_loss, steps, smooth(losses), label=method)
+        color = line.get_color()
+        if base is not None:
+            _band(ax_diff, steps, smooth(losses - base), color=color, label=method)
         acc = np.array([[r["accuracy"][s] for s in table[method]["steps"]] for r in runs])
-        ax_acc.plot(table[method]["steps"], acc.mean(0), marker="o", color=line.get_color(), label=method)
-        ax_acc.fill_between(
-            table[method]["steps"], acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15
-        )
+        _band(ax_acc, table[method]["steps"], acc, marker="o", color=color, label=method)
     ax_loss.set(xlabel="step", ylabel="training loss (EMA 0.9)", title="loss")
+    ax_diff.set(xlabel="step", ylabel="loss difference (EMA 0.9)", title=f"loss - {BASELINE}'s (same seed)")
     ax_acc.set(xlabel="step", ylabel="prompt accuracy", title="prompt accuracy on the concept prompts")
-    ax_loss.legend()
+    ax_acc.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -156,12 +231,16 @@ def plot(results: dict, table: dict, path: Path) -> None:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    script = load_train_script()
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for method in args.methods:
-        results[method] = [run_one(script, method, seed, args) for seed in args.seeds]
-        logger.info("%s done", method)
+    runs = [(method, seed) for method in args.methods for seed in args.seeds]
+    # spawn: each run starts from a fresh interpreter, as a user's single run would
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        futures = {run: pool.submit(run_one, *run, args) for run in runs}
+        for (method, seed), future in futures.items():
+            future.result()
+            logger.info("%s seed %d done", method, seed)
+    results = {m: [futures[(m, s)].result() for s in args.seeds] for m in args.methods}
     table = summarise(results)
     text = markdown(table, args)
     (args.output_dir / "compare_methods.md").write_text(text)
