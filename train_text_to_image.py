@@ -145,6 +145,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--train_text_encoder", action="store_true")
     p.add_argument(
+        "--no_chain_report",
+        action="store_true",
+        help="merge_report.json: each merge method's total error only, not every chain's (faster on large UNets)",
+    )
+    p.add_argument(
         "--use_peft",
         action="store_true",
         help="train diffusers' own PEFT LoRA instead of ResLoRA (the ecosystem baseline)",
@@ -510,6 +515,7 @@ def export(args, unet, text_encoder, inputs: dict) -> dict | None:
         calibration={k: v for k, v in inputs["calibration"].items() if k in components},
         eval_inputs={k: v for k, v in inputs["held_out"].items() if k in components},
         metadata={"reslora_base_model": str(args.pretrained_model_name_or_path)},
+        chain_report=not args.no_chain_report,
     )
 
 

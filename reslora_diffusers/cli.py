@@ -30,6 +30,11 @@ def merge_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fuse", action="store_true", help=f"also save the pipeline with merged weights in {FUSED_DIR}/"
     )
+    p.add_argument(
+        "--no_chain_report",
+        action="store_true",
+        help="report each merge method's total error only, not every chain's (faster on large UNets)",
+    )
     return p
 
 
@@ -71,7 +76,9 @@ def run_merge(args: argparse.Namespace) -> dict:
             raise ValueError(f"{ckpt}: checkpoint has component {name!r}, the base pipeline has none")
         comps[name] = module
     load_reslora_checkpoint(comps, ckpt)
-    merged, report = merge_components(comps, args.merge, rank=args.rank)
+    merged, report = merge_components(
+        comps, args.merge, rank=args.rank, chain_report=not args.no_chain_report
+    )
     with atomic_dir(args.output) as tmp:
         write_lora_files(tmp, merged, report, comps, formats, {"reslora_checkpoint": ckpt.name})
         if args.fuse:

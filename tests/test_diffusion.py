@@ -110,6 +110,17 @@ def test_cross_attention_kv_merges_are_exact(tmp_path, res_type, pre_num):
     # self-attention chains are not exact: the report must say so
     assert methods["input"]["chains"]["attn1.to_q"] > 1e-4
 
+    # without the per-chain part: the same totals, measured on the same inputs
+    brief = export_lora(
+        tmp_path / "brief",
+        unet=unet,
+        merge="calibrated",
+        calibration={"unet": batches[:2]},
+        eval_inputs={"unet": batches[2:]},
+        chain_report=False,
+    )["components"]["unet"]["methods"]
+    assert brief == {m: {"total": result["total"]} for m, result in methods.items()}
+
 
 def _pipe_with_reslora(make_pipe, tmp_path, res_type, pre_num=2, targets=None):
     pipe = make_pipe(tmp_path)

@@ -367,8 +367,13 @@ def test_text_encoder_reslora_in_bf16_exports_the_trained_text_encoder(base, dat
 
     out = tmp_path / "te"
     extra = ["--train_text_encoder", "--mixed_precision", "bf16", "--res_type", "bs", "--pre_num", "2"]
+    extra += ["--no_chain_report"]
     summary = _run(base, data, out, *extra, "--max_train_steps", "3", "--learning_rate", "1e-2")
     assert summary["merge_fidelity"]["text_encoder"] < 1e-5
+    report = json.loads((out / "merge_report.json").read_text())
+    assert {k for comp in report["components"].values() for r in comp["methods"].values() for k in r} == {
+        "total"
+    }
 
     trained = load_file(out / "reslora_checkpoint.safetensors")
     assert {v.dtype for k, v in trained.items() if k.endswith(("lora_A", "lora_B"))} == {torch.float32}

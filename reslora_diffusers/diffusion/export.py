@@ -104,6 +104,7 @@ def export_lora(
     eval_inputs: Batches | None = None,
     rank: int | None = None,
     metadata: dict[str, str] | None = None,
+    chain_report: bool = True,
 ) -> dict:
     """Merge each component's ResLoRA into a plain LoRA and write the files (see module doc).
 
@@ -112,13 +113,16 @@ def export_lora(
             passed to the component); components without batches get synthetic ones.
         eval_inputs: ``{component: batches}`` held out for the report (synthetic where missing).
         rank: truncate merged updates (``bs`` stacks to rank ``(m+1) r``) to this rank by SVD.
+        chain_report: also measure each chain merged alone (one forward per chain and merge
+            method on the held-out inputs); ``False`` keeps the per-method totals only, for
+            large models where those forwards dominate the export time.
     Returns:
         the report written to ``merge_report.json``.
     """
     comps = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     comps = {k: v for k, v in comps.items() if v is not None}
     formats = check_formats(formats)
-    merged, report = merge_components(comps, merge, calibration, eval_inputs, rank)
+    merged, report = merge_components(comps, merge, calibration, eval_inputs, rank, chain_report)
     with atomic_dir(output_dir) as tmp:
         write_lora_files(tmp, merged, report, comps, formats, metadata)
     return report
@@ -138,6 +142,7 @@ def merge_components(
     calibration: Batches | None = None,
     eval_inputs: Batches | None = None,
     rank: int | None = None,
+    chain_report: bool = True,
 ) -> tuple[dict[str, MergedLoRA], dict]:
     """``({component: plain LoRA}, report)`` for ``{component: model with ResLoRA}``."""
     if not comps:
@@ -151,7 +156,9 @@ def merge_components(
         evals = list(given or default_batches(name, module, seed=1000 + i))
         calib = list((calibration or {}).get(name) or default_batches(name, module, seed=i))
         merged[name] = merge_to_lora(module, method, calibration=calib, rank=rank, eval_inputs=evals)
-        report["components"][name] = component_report(module, merged[name], method, calib, evals, rank)
+        report["components"][name] = component_report(
+            module, merged[name], method, calib, evals, rank, chain_report
+        )
         report["components"][name]["eval_inputs"] = "given" if given else "synthetic"
     logger.info(
         "Merged %s ResLoRA (%s): relative output error %s",
@@ -198,10 +205,16 @@ def canonical_keys(module: nn.Module, lora: dict[str, torch.Tensor]) -> dict[str
 
 
 def component_report(
-    module: nn.Module, merged: MergedLoRA, method: str, calib: list, evals: list, rank: int | None
+    module: nn.Module,
+    merged: MergedLoRA,
+    method: str,
+    calib: list,
+    evals: list,
+    rank: int | None,
+    chains: bool = True,
 ) -> dict:
     """Relative output error of the exported merge, and of every applicable merge method,
-    in total and with only one chain merged at a time."""
+    in total and (``chains``) with only one chain merged at a time."""
     state = get_state(module)
     methods = [method]
     if state.config.res_type in ("is", "ms"):
@@ -210,12 +223,13 @@ def component_report(
     ref = reference_outputs(module, evals)
     for m in methods:
         lora = merged if m == method else merge_to_lora(module, m, calibration=calib, rank=rank)
-        per_chain = {
-            chain_name: relative_error(module, _subset(lora, chain.blocks), evals, ref)
-            for chain_name, chain in state.chains.items()
-        }
         total = merged.report.fidelity if m == method else relative_error(module, lora, evals, ref)
-        per_method[m] = {"total": total, "chains": per_chain}
+        per_method[m] = {"total": total}
+        if chains:
+            per_method[m]["chains"] = {
+                chain_name: relative_error(module, _subset(lora, chain.blocks), evals, ref)
+                for chain_name, chain in state.chains.items()
+            }
     return {
         "fidelity": merged.report.fidelity,
         "methods": per_method,
