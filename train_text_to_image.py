@@ -26,7 +26,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -314,11 +314,38 @@ def _unwrapped(accelerator: Accelerator, components: dict) -> dict:
 # ----------------------------------------------------------------------------- training step
 
 
-def training_loss(args, batch, unet, text_encoder, vae, noise_scheduler, weight_dtype) -> torch.Tensor:
+@dataclass
+class Run:
+    """What the loop, validation and export of one training run share."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    #: "text_encoder", "unet", "vae"; the trained ones as ``accelerator.prepare`` returned them
+    models: dict
+    noise_scheduler: object
+    weight_dtype: torch.dtype
+    resolution: int
+    #: ``train_log.jsonl``, on the main process only
+    log: TrainLog | None
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    lr_scheduler: object = None
+    dataloader: object = None
+    sampler: EpochSampler | None = None
+
+    def trained(self) -> list[torch.nn.Module]:
+        names = ["unet", "text_encoder"] if self.args.train_text_encoder else ["unet"]
+        return [self.models[name] for name in names]
+
+
+def training_loss(run: Run, batch: dict) -> torch.Tensor:
     """The denoising loss of one batch (min-SNR weighted when ``--snr_gamma`` > 0)."""
     from diffusers.training_utils import compute_snr
 
-    latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
+    args, noise_scheduler = run.args, run.noise_scheduler
+    vae, text_encoder, unet = run.models["vae"], run.models["text_encoder"], run.models["unet"]
+
+    latents = vae.encode(batch["pixel_values"].to(run.weight_dtype)).latent_dist.sample()
     latents = latents * vae.config.scaling_factor
     noise = torch.randn_like(latents)
     if args.noise_offset:
@@ -398,22 +425,21 @@ def run_validation(args, pipe, step: int, name: str, resolution: int) -> dict:
     return record
 
 
-def validate_during_training(args, accelerator, models, weight_dtype, step, resolution, log):
+def validate_during_training(run: Run, step: int) -> dict:
     """Validation with the ResLoRA model as it trains (main process; eval mode meanwhile)."""
-    parts = {name: accelerator.unwrap_model(models[name]) for name in ("unet", "text_encoder")}
-    trained = [parts["unet"], parts["text_encoder"]] if args.train_text_encoder else [parts["unet"]]
-    for model in trained:
+    parts = {name: run.accelerator.unwrap_model(run.models[name]) for name in ("unet", "text_encoder")}
+    for model in run.trained():
         model.eval()
-    pipe = build_pipeline(args, weight_dtype, vae=models["vae"], **parts)
-    record = run_validation(args, pipe, step, f"step-{step:06d}", resolution)
-    for model in trained:
+    pipe = build_pipeline(run.args, run.weight_dtype, vae=run.models["vae"], **parts)
+    record = run_validation(run.args, pipe, step, f"step-{step:06d}", run.resolution)
+    for model in run.trained():
         model.train()
     images = record.pop("images")
-    _log_validation(accelerator, record, images, step, log)
+    _log_validation(run.accelerator, record, images, step, run.log)
     return record
 
 
-def _log_validation(accelerator, record: dict, images: list[Image.Image], step: int, log) -> None:
+def _log_validation(accelerator, record: dict, images: list[Image.Image], step: int, log: TrainLog) -> None:
     if "prompt_accuracy" in record:
         accelerator.log({"validation/prompt_accuracy": record["prompt_accuracy"]}, step=step)
         logger.info("step %d: prompt accuracy %.1f%%", step, 100 * record["prompt_accuracy"])
@@ -621,6 +647,20 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
         set_seed(args.seed, device_specific=True)  # noise differs per process; a resume restores RNG states
     log = TrainLog(output_dir / TRAIN_LOG, global_step) if accelerator.is_main_process else None
     validating = accelerator.is_main_process and bool(args.validation_prompt)
+    run = Run(
+        args,
+        accelerator,
+        models,
+        noise_scheduler,
+        weight_dtype,
+        resolution,
+        log,
+        params,
+        optimizer,
+        lr_scheduler,
+        dataloader,
+        sampler,
+    )
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
@@ -633,42 +673,14 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
         args.max_train_steps,
     )
     if validating and global_step == 0:
-        validate_during_training(args, accelerator, models, weight_dtype, 0, resolution, log)
+        validate_during_training(run, 0)
 
-    run_training(
-        args,
-        accelerator,
-        models,
-        optimizer,
-        lr_scheduler,
-        dataloader,
-        sampler,
-        noise_scheduler,
-        params,
-        weight_dtype,
-        resolution,
-        global_step,
-        steps_per_epoch,
-        log,
-    )
+    run_training(run, global_step, steps_per_epoch)
 
     accelerator.wait_for_everyone()
     summary = {}
     if accelerator.is_main_process:
-        summary = finish(
-            args,
-            argv,
-            accelerator,
-            models,
-            dataset,
-            tokenizer,
-            noise_scheduler,
-            weight_dtype,
-            resolution,
-            log,
-            data,
-            validating,
-        )
+        summary = finish(run, argv, dataset, tokenizer, data, validating)
     accelerator.end_training()
     return summary
 
@@ -705,25 +717,11 @@ def resume(args, accelerator: Accelerator) -> int:
     return checkpoint_step(path)
 
 
-def run_training(
-    args,
-    accelerator,
-    models,
-    optimizer,
-    lr_scheduler,
-    dataloader,
-    sampler,
-    noise_scheduler,
-    params,
-    weight_dtype,
-    resolution,
-    global_step,
-    steps_per_epoch,
-    log,
-) -> None:
+def run_training(run: Run, global_step: int, steps_per_epoch: int) -> None:
     """The loop: accumulate, clip, step; log, checkpoint and validate on the way."""
-    unet, text_encoder = models["unet"], models["text_encoder"]
-    trained = [unet, text_encoder] if args.train_text_encoder else [unet]
+    args, accelerator, log = run.args, run.accelerator, run.log
+    optimizer, lr_scheduler = run.optimizer, run.lr_scheduler
+    trained = run.trained()
     first_epoch = global_step // steps_per_epoch
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     progress = tqdm(
@@ -736,21 +734,19 @@ def run_training(
     for model in trained:
         model.train()
     for epoch in range(first_epoch, args.num_train_epochs):
-        sampler.start_epoch(epoch)
-        loader = dataloader
+        run.sampler.start_epoch(epoch)
+        loader = run.dataloader
         if epoch == first_epoch and skip_batches:
-            loader = accelerator.skip_first_batches(dataloader, skip_batches)
+            loader = accelerator.skip_first_batches(run.dataloader, skip_batches)
         train_loss = 0.0
         for batch in loader:
             with accelerator.accumulate(*trained):
-                loss = training_loss(
-                    args, batch, unet, text_encoder, models["vae"], noise_scheduler, weight_dtype
-                )
+                loss = training_loss(run, batch)
                 avg = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
                 train_loss += avg.item() / args.gradient_accumulation_steps
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -775,9 +771,7 @@ def run_training(
                 and global_step % args.validation_steps == 0
                 and global_step < args.max_train_steps
             ):
-                validate_during_training(
-                    args, accelerator, models, weight_dtype, global_step, resolution, log
-                )
+                validate_during_training(run, global_step)
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
@@ -785,32 +779,21 @@ def run_training(
     progress.close()
 
 
-def finish(
-    args,
-    argv,
-    accelerator,
-    models,
-    dataset,
-    tokenizer,
-    noise_scheduler,
-    weight_dtype,
-    resolution,
-    log,
-    data,
-    validating,
-) -> dict:
+def finish(run: Run, argv: list[str], dataset, tokenizer, data, validating: bool) -> dict:
     """Export the LoRA files, evaluate them as a user would load them, write the model card."""
-    unet = accelerator.unwrap_model(models["unet"])
-    text_encoder = accelerator.unwrap_model(models["text_encoder"])
+    args, log = run.args, run.log
+    unet = run.accelerator.unwrap_model(run.models["unet"])
+    text_encoder = run.accelerator.unwrap_model(run.models["text_encoder"])
     unet.eval()
     text_encoder.eval()
     inputs = {}
     if not args.use_peft:
+        vae, noise_scheduler = run.models["vae"], run.noise_scheduler
         calib_unet, calib_text = real_unet_inputs(
-            args, dataset, tokenizer, text_encoder, models["vae"], noise_scheduler, args.seed + 1, num=2
+            args, dataset, tokenizer, text_encoder, vae, noise_scheduler, args.seed + 1, num=2
         )
         held_unet, held_text = real_unet_inputs(
-            args, dataset, tokenizer, text_encoder, models["vae"], noise_scheduler, args.seed + 2, num=1
+            args, dataset, tokenizer, text_encoder, vae, noise_scheduler, args.seed + 2, num=1
         )
         inputs = {
             "calibration": {"unet": calib_unet, "text_encoder": calib_text},
@@ -827,7 +810,7 @@ def finish(
         summary["merge_fidelity"] = {k: v["fidelity"] for k, v in report["components"].items()}
     grid, before, after, images = None, None, None, 0
     if validating:
-        final = final_evaluation(args, weight_dtype, resolution, log, step)
+        final = final_evaluation(args, run.weight_dtype, run.resolution, log, step)
         grid = Path(args.output_dir) / final["validation_grid"]
         before, after = log.accuracy_at(0), final.get("prompt_accuracy")
         images = len(args.validation_prompt) * args.num_validation_images
@@ -840,7 +823,7 @@ def finish(
         args,
         argv,
         data_text,
-        accelerator.num_processes,
+        run.accelerator.num_processes,
         report,
         (before, after, images),
         grid,

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import multiprocessing
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -57,6 +58,7 @@ def parse_args() -> argparse.Namespace:
 def load_train_script():
     spec = importlib.util.spec_from_file_location("train_text_to_image", ROOT / "train_text_to_image.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

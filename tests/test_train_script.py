@@ -33,6 +33,7 @@ PROMPT = "a red cross on a white background"
 def _load_script():
     spec = importlib.util.spec_from_file_location("train_text_to_image", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
