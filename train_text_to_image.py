@@ -62,6 +62,7 @@ RESLORA_CHECKPOINT = "reslora_checkpoint.safetensors"
 DEFAULT_UNET_TARGETS = [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS]
 TRAIN_LOG = "train_log.jsonl"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+PEFT_CHECKPOINT = "peft_lora.safetensors"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -289,22 +290,59 @@ def add_adapters(args: argparse.Namespace, unet, text_encoder) -> list[torch.nn.
     return params
 
 
-def register_checkpoint_hooks(accelerator: Accelerator, components: dict) -> None:
-    """Checkpoints hold the ResLoRA file instead of whole models (accelerate keeps the rest)."""
+def register_checkpoint_hooks(accelerator: Accelerator, components: dict, use_peft: bool) -> None:
+    """Checkpoints hold the adapter weights instead of whole models (accelerate keeps the
+    optimizer, scheduler and RNG states): the ResLoRA checkpoint, or with ``--use_peft`` the
+    PEFT LoRA layers (``PEFT_CHECKPOINT``)."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            save_reslora_checkpoint(
-                _unwrapped(accelerator, components), Path(output_dir) / RESLORA_CHECKPOINT
-            )
+            unwrapped = _unwrapped(accelerator, components)
+            if use_peft:
+                save_peft_layers(unwrapped, Path(output_dir) / PEFT_CHECKPOINT)
+            else:
+                save_reslora_checkpoint(unwrapped, Path(output_dir) / RESLORA_CHECKPOINT)
         weights.clear()
 
     def load_hook(models, input_dir):
         models.clear()
-        load_reslora_checkpoint(_unwrapped(accelerator, components), Path(input_dir) / RESLORA_CHECKPOINT)
+        unwrapped = _unwrapped(accelerator, components)
+        if use_peft:
+            load_peft_layers(unwrapped, Path(input_dir) / PEFT_CHECKPOINT)
+        else:
+            load_reslora_checkpoint(unwrapped, Path(input_dir) / RESLORA_CHECKPOINT)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_peft_layers(components: dict, path: Path) -> None:
+    """The PEFT LoRA weights of every component, ``<component>.<PEFT key>``."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"{name}.{key}": value.detach().cpu().contiguous()
+        for name, model in components.items()
+        for key, value in get_peft_model_state_dict(model).items()
+    }
+    save_file(tensors, str(path))
+
+
+def load_peft_layers(components: dict, path: Path) -> None:
+    """Inverse of :func:`save_peft_layers`; every model's LoRA layers must all be in the file."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for name, model in components.items():
+        prefix = f"{name}."
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(model, own)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or missing:
+            key = (result.unexpected_keys or missing)[0]
+            raise ValueError(f"{path}: {name} LoRA key {key!r} does not match the model")
 
 
 def _unwrapped(accelerator: Accelerator, components: dict) -> dict:
@@ -633,8 +671,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
 
     trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
-    if not args.use_peft:
-        register_checkpoint_hooks(accelerator, trained)
+    register_checkpoint_hooks(accelerator, trained, args.use_peft)
     prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
     trained = dict(zip(trained, prepared[: len(trained)]))
     optimizer, dataloader, lr_scheduler = prepared[len(trained) :]

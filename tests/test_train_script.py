@@ -357,7 +357,17 @@ def test_peft_baseline_on_unet_and_text_encoder_from_a_hub_style_dataset(base, d
         for s in m.scaling.values()
     } == {2.0}
     assert "PEFT LoRA" in (out / "README.md").read_text()
-    assert (out / "checkpoint-2").is_dir()
+
+    # checkpoints hold the LoRA layers, not whole models, and resume to the same weights
+    assert {p.name for p in (out / "checkpoint-2").glob("*.safetensors")} == {"peft_lora.safetensors"}
+    resumed = tmp_path / "peft-resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    again = [*argv, "--resume_from_checkpoint", "latest"]
+    again[again.index(str(out))] = str(resumed)
+    script.train(script.parse_args(again), again)
+    resumed_weights = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights)
 
 
 def test_text_encoder_reslora_in_bf16_exports_the_trained_text_encoder(base, data, tmp_path):

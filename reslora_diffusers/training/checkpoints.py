@@ -1,7 +1,8 @@
 """Training checkpoints: ``output_dir/checkpoint-<step>`` folders written by accelerate.
 
-Every folder holds the ResLoRA checkpoint (adapter weights and norm windows) and
-accelerate's optimizer, scheduler and per-process RNG states. Folders are written under a
+Every folder holds the adapter weights (the ResLoRA checkpoint with its norm windows, or
+the PEFT LoRA layers with ``--use_peft``), never whole models, and accelerate's optimizer,
+scheduler and per-process RNG states. Folders are written under a
 temporary name and renamed when complete, so a crash never leaves a partial checkpoint.
 """
 
