@@ -144,6 +144,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["input", "weight", "calibrated"],
         help="how the is/ms shortcuts are merged away at export (bs, none: exact)",
     )
+    p.add_argument(
+        "--calibration_batches",
+        type=int,
+        default=8,
+        help="training batches (up to 8 images) that fit the calibrated is/ms merge",
+    )
     p.add_argument("--train_text_encoder", action="store_true")
     p.add_argument(
         "--no_chain_report",
@@ -179,7 +185,8 @@ def check_args(args: argparse.Namespace) -> None:
         args.train_data_dir = str(default_finetune_data_dir())
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         raise ValueError(f"--resolution {args.resolution} must be a positive multiple of 8")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_validation_images", "rank"):
+    positive = ("train_batch_size", "gradient_accumulation_steps", "num_validation_images", "rank")
+    for flag in (*positive, "calibration_batches"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag} {getattr(args, flag)} must be > 0")
     for flag in ("validation_steps", "checkpointing_steps", "checkpoints_total_limit", "max_train_steps"):
@@ -827,7 +834,14 @@ def finish(run: Run, argv: list[str], dataset, tokenizer, data, validating: bool
     if not args.use_peft:
         vae, noise_scheduler = run.models["vae"], run.noise_scheduler
         calib_unet, calib_text = real_unet_inputs(
-            args, dataset, tokenizer, text_encoder, vae, noise_scheduler, args.seed + 1, num=2
+            args,
+            dataset,
+            tokenizer,
+            text_encoder,
+            vae,
+            noise_scheduler,
+            args.seed + 1,
+            num=args.calibration_batches,
         )
         held_unet, held_text = real_unet_inputs(
             args, dataset, tokenizer, text_encoder, vae, noise_scheduler, args.seed + 2, num=1

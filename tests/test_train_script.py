@@ -196,6 +196,7 @@ def test_bad_inputs_give_one_line_naming_the_problem(base, data, tmp_path):
     missing = tmp_path / "nowhere"
     cases = [
         (["--resolution", "30"], "--resolution 30"),
+        (["--calibration_batches", "0"], "--calibration_batches 0"),
         (["--caption_column", "caption"], "--caption_column 'caption'"),
         (["--image_column", "picture"], "--image_column 'picture'"),
         (["--train_data_dir", str(empty)], f"no images in {empty}"),
