@@ -7,7 +7,7 @@ time, which other jobs on a shared machine disturb less), the ratios to PEFT, an
 the step saves for backward (activation memory; CPU has no peak-memory counter). It also
 times an inference forward of the base UNet against the UNet with the merged LoRA fused in.
 
-    python benchmarks/bench_step.py [--sizes small mid] [--rounds 7]
+    python benchmarks/bench_step.py [--sizes small mid] [--rounds 7] [--targets attention|attention+ff]
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from peft import LoraConfig
 
 from reslora_diffusers import ResLoRAConfig, add_reslora, merge_to_lora, remove_reslora, trainable_parameters
 from reslora_diffusers.diffusion import fuse_lora
+from reslora_diffusers.diffusion.model import UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+#: diffusers' attention projections, or with the feed-forward layers (the training script's default)
+TARGET_SETS = {"attention": UNET_TARGETS, "attention+ff": [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS]}
 SIZES = {
     # name: (block_out_channels, latent side, batch)
     "small": ((32, 64), 16, 4),
@@ -57,17 +59,18 @@ def make_inputs(side: int, batch: int) -> dict:
     }
 
 
-def peft_variant(base: UNet2DConditionModel, rank: int):
+def peft_variant(base: UNet2DConditionModel, rank: int, targets: list[str]):
     unet = copy.deepcopy(base)
     unet.requires_grad_(False)
     unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS)
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
     )
     return unet, [p for p in unet.parameters() if p.requires_grad]
 
 
-def reslora_variant(base: UNet2DConditionModel, rank: int, res_type: str, pre_num: int):
-    unet = add_reslora(copy.deepcopy(base), ResLoRAConfig(rank=rank, res_type=res_type, pre_num=pre_num))
+def reslora_variant(base: UNet2DConditionModel, rank: int, res_type: str, pre_num: int, targets: list[str]):
+    config = ResLoRAConfig(rank=rank, res_type=res_type, pre_num=pre_num, target_modules=targets)
+    unet = add_reslora(copy.deepcopy(base), config)
     return unet, trainable_parameters(unet)
 
 
@@ -111,14 +114,14 @@ def forward_time(unet, inputs, rounds: int) -> list[float]:
     return times
 
 
-def bench_size(name: str, rounds: int, rank: int) -> None:
+def bench_size(name: str, rounds: int, rank: int, targets: list[str]) -> None:
     channels, side, batch = SIZES[name]
     base = make_unet(channels)
     inputs = make_inputs(side, batch)
-    steps = {"PEFT LoRA": Step(*peft_variant(base, rank), inputs)}
+    steps = {"PEFT LoRA": Step(*peft_variant(base, rank, targets), inputs)}
     for res_type, pre_num in RESLORA:
         label = f"ResLoRA {res_type}" + (f" m={pre_num}" if res_type in ("bs", "ms") else "")
-        steps[label] = Step(*reslora_variant(base, rank, res_type, pre_num), inputs)
+        steps[label] = Step(*reslora_variant(base, rank, res_type, pre_num, targets), inputs)
     for step in steps.values():  # warm-up (and the traced pass of ResLoRA)
         step()
     times = {k: [] for k in steps}
@@ -127,7 +130,10 @@ def bench_size(name: str, rounds: int, rank: int) -> None:
             times[label].append(step())
     peft_wall = statistics.median(t[0] for t in times["PEFT LoRA"])
     peft_cpu = statistics.median(t[1] for t in times["PEFT LoRA"])
-    print(f"\n### {name}: UNet channels {channels}, latents {side}x{side}, batch {batch}, rank {rank}\n")
+    print(
+        f"\n### {name}: UNet channels {channels}, latents {side}x{side}, batch {batch}, rank {rank}, "
+        f"targets {' '.join(targets)}\n"
+    )
     print(
         "| variant | median wall ms | ratio to PEFT | median CPU ms | CPU ratio to PEFT | saved for backward MiB |"
     )
@@ -144,11 +150,14 @@ def bench_size(name: str, rounds: int, rank: int) -> None:
     trained = steps["ResLoRA bs m=5"].unet
     lora = merge_to_lora(trained)
     fused = fuse_lora(remove_reslora(copy.deepcopy(trained)), lora).eval()
-    base.eval()
+    # a fresh copy of the base, like the fused model, and alternating order: the untouched
+    # base object measured slower by up to 30 % (memory it shares with the step benchmark)
+    plain = copy.deepcopy(base).eval()
     fwd = {"base": [], "fused": []}
-    for _ in range(rounds):
-        fwd["base"] += forward_time(base, inputs, 1)
-        fwd["fused"] += forward_time(fused, inputs, 1)
+    for i in range(rounds):
+        order = [("base", plain), ("fused", fused)]
+        for key, model in order if i % 2 == 0 else order[::-1]:
+            fwd[key] += forward_time(model, inputs, 1)
     b, f = statistics.median(fwd["base"]), statistics.median(fwd["fused"])
     print(f"\nInference forward: base {b * 1e3:.1f} ms, fused ResLoRA {f * 1e3:.1f} ms, ratio {f / b:.3f}")
 
@@ -158,10 +167,11 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "mid"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", choices=sorted(TARGET_SETS), default="attention")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for name in args.sizes:
-        bench_size(name, args.rounds, args.rank)
+        bench_size(name, args.rounds, args.rank, TARGET_SETS[args.targets])
 
 
 if __name__ == "__main__":
