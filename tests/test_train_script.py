@@ -295,10 +295,11 @@ def _as_hub_dataset(data: Path, root: Path) -> tuple[Path, Path]:
     return parquet, saved
 
 
-def test_local_dataset_folders_load_like_the_image_folder(data, tmp_path):
+def test_local_dataset_folders_load_like_the_image_folder(data, tmp_path, monkeypatch):
     parquet, saved = _as_hub_dataset(data, tmp_path)
     folder = load_image_captions(None, data, "image", "text")
-    for path in (parquet, saved):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for path in (parquet, saved, "~/saved"):
         loaded = load_image_captions(str(path), None, "image", "caption")
         assert loaded.captions == folder.captions, path
         for got, expected in zip(loaded.sources, folder.sources, strict=True):

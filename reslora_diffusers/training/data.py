@@ -78,12 +78,14 @@ def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, r
     if dataset_name is not None:
         # a hub id is "name" or "owner/name"; anything else that is not there is a missing path
         looks_local = dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1
-        if looks_local and not Path(dataset_name).exists():
+        local = Path(dataset_name).expanduser()
+        if looks_local and not local.exists():
             raise ValueError(f"--dataset_name: path {dataset_name} does not exist")
+        name = str(local) if local.exists() else dataset_name
         try:
-            if _saved_to_disk(Path(dataset_name)):
-                return _load_saved(Path(dataset_name)), f"dataset {dataset_name}"
-            return load_dataset(dataset_name, revision=revision, split="train"), f"dataset {dataset_name}"
+            if _saved_to_disk(local):
+                return _load_saved(local), f"dataset {dataset_name}"
+            return load_dataset(name, revision=revision, split="train"), f"dataset {dataset_name}"
         except (OSError, ValueError, FileNotFoundError) as err:
             raise ValueError(f"--dataset_name: could not load {dataset_name!r}: {_one_line(err)}") from err
     data_dir = Path(train_data_dir)
