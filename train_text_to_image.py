@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from reslora_diffusers import ResLoRAConfig, add_reslora, load_reslora_checkpoint, save_reslora_checkpoint
-from reslora_diffusers.core import trainable_parameters
+from reslora_diffusers.core import MERGE_METHODS, trainable_parameters
 from reslora_diffusers.data import default_base_model_path, default_finetune_data_dir, finetune_prompts
 from reslora_diffusers.diffusion.model import TEXT_ENCODER_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
 from reslora_diffusers.eval import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS, generate, prompt_accuracy
@@ -141,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--merge",
         default="calibrated",
-        choices=["input", "weight", "calibrated"],
+        choices=MERGE_METHODS,
         help="how the is/ms shortcuts are merged away at export (bs, none: exact)",
     )
     p.add_argument(

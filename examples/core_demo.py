@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from reslora_diffusers import ResLoRAConfig, add_reslora, compare_merges, trainable_parameters
+from reslora_diffusers.core import MERGE_METHODS
 
 
 class Block(nn.Module):
@@ -46,7 +47,7 @@ def main() -> None:
     data = [torch.randn(64, d) for _ in range(8)]
     held_out = [torch.randn(64, d) for _ in range(2)]
 
-    print(f"{'method':8} {'final loss':>10}  merge error (input / weight / calibrated)")
+    print(f"{'method':8} {'final loss':>10}  merge error ({' / '.join(MERGE_METHODS)})")
     for res_type in ("none", "is", "bs", "ms"):
         torch.manual_seed(1)
         model = Stack(d, n_layers)

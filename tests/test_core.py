@@ -21,6 +21,7 @@ from reslora_diffusers import (
     reslora_chains,
     save_reslora_checkpoint,
 )
+from reslora_diffusers.core.merge import calibrate, calibrate_sequential
 from tests.toys import (
     Independent,
     Reordered,
@@ -305,13 +306,14 @@ def test_input_merge_exact_for_is_when_inputs_scale_exactly():
     torch.testing.assert_close(plain_fused_copy(model, merged)(x), model.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["calibrated", "sequential"])
 @pytest.mark.parametrize("res_type,pre_num", [("is", 1), ("ms", 1), ("ms", 3)])
-def test_calibrated_merge_exact_when_inputs_scale_exactly(res_type, pre_num):
+def test_calibrated_merge_exact_when_inputs_scale_exactly(res_type, pre_num, method):
     model = make(ScaleStack, res_type=res_type, pre_num=pre_num)
     _train_windows(model)
     calib = [torch.randn(64, 8) for _ in range(2)]
     held_out = [torch.randn(64, 8)]
-    merged = merge_to_lora(model, "calibrated", calibration=calib, eval_inputs=held_out)
+    merged = merge_to_lora(model, method, calibration=calib, eval_inputs=held_out)
     assert merged.report.fidelity < 1e-5
     assert merged["layers.3.proj.lora_A.weight"].shape == (3, 8)  # still rank r
 
@@ -337,6 +339,42 @@ def test_calibrated_beats_paper_merges_on_nonlinear_model(res_type, pre_num):
     assert errors["calibrated"] <= errors["input"]
     assert errors["calibrated"] <= errors["weight"]
     assert errors["calibrated"] > 0  # x_{n-1} is not linear in x_n here
+
+
+def test_sequential_calibration_written_out_for_is():
+    """Block n's correction, fitted on the inputs it sees when blocks 1..n-1 already run
+    ``A_j + G_j``, towards the ResLoRA intermediate ``A_n (x_n + x_{n-1})``; restated here from
+    the weights with two residual streams (reference and merged)."""
+    model = make(ResidualStack, res_type="is")
+    _train_windows(model)
+    s = model.layers[0].proj.scaling
+    calib = [torch.randn(128, 8) for _ in range(2)]
+    got = calibrate_sequential(model, calib)
+    W = [layer.proj.base_layer.weight.double() for layer in model.layers]
+    bias = [layer.proj.base_layer.bias.double() for layer in model.layers]
+    A = [layer.proj.lora_A.detach().double() for layer in model.layers]
+    B = [layer.proj.lora_B.detach().double() for layer in model.layers]
+    fitted = {0: torch.zeros_like(A[0])}  # the first block has no shortcut: nothing to fit
+    for n in range(1, len(model.layers)):
+        xt, u = [], []
+        for x in calib:
+            h = ht = x.double()
+            prev = None
+            for j in range(n):
+                inp = h if prev is None else h + prev
+                prev, h = h, h + torch.tanh(h @ W[j].T + bias[j] + s * inp @ A[j].T @ B[j].T)
+                ht = ht + torch.tanh(ht @ W[j].T + bias[j] + s * ht @ (A[j] + fitted[j]).T @ B[j].T)
+            xt.append(ht)
+            u.append((h + prev) @ A[n].T)
+        X, U = torch.cat(xt), torch.cat(u)
+        gram = X.T @ X
+        lam = 1e-6 * float(torch.trace(gram)) / gram.shape[0] + 1e-12
+        fitted[n] = torch.linalg.solve(gram + lam * torch.eye(8, dtype=gram.dtype), X.T @ (U - X @ A[n].T)).T
+        torch.testing.assert_close(got[model.layers[n].proj].double(), fitted[n], rtol=1e-4, atol=1e-5)
+    # the first fitted block sees an exact upstream, so it matches the one-pass fit; later ones do not
+    joint = calibrate(model, calib)
+    torch.testing.assert_close(got[model.layers[1].proj], joint[model.layers[1].proj], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got[model.layers[4].proj], joint[model.layers[4].proj], atol=1e-4)
 
 
 def test_weight_merge_uses_merged_weight_norms():

@@ -181,6 +181,26 @@ def test_load_lora_weights_reproduces_merged_model(tmp_path, res_type):
             assert err > 1e-6  # the approximation is real, and reported
 
 
+def test_sequential_merge_is_reported_and_exact_on_cross_attention(tmp_path):
+    unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type="ms", pre_num=2))
+    randomize_lora(unet, scale=0.2)
+    batches = [unet_inputs(unet, seed=s) for s in range(3)]
+    train_forwards(unet, batches)
+    report = export_lora(
+        tmp_path / "out",
+        unet=unet,
+        merge="sequential",
+        calibration={"unet": batches[:2]},
+        eval_inputs={"unet": batches[2:]},
+    )
+    unet_report = report["components"]["unet"]
+    methods = unet_report["methods"]
+    assert report["merge"] == "sequential" and set(methods) == {"input", "weight", "calibrated", "sequential"}
+    assert unet_report["fidelity"] == methods["sequential"]["total"] > 0
+    for chain in ("attn2.to_k", "attn2.to_v"):  # the text states are the same for every layer
+        assert methods["sequential"]["chains"][chain] < 1e-5, chain
+
+
 @pytest.mark.parametrize("make_pipe", [tiny_sd_pipeline, tiny_sdxl_pipeline])
 def test_kohya_file_loads_to_the_same_weights(tmp_path, make_pipe):
     # attention and feed-forward layers: the training script's default targets

@@ -6,7 +6,9 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 RES_TYPES = ("none", "is", "bs", "ms")
-MERGE_METHODS = ("input", "weight", "calibrated")
+MERGE_METHODS = ("input", "weight", "calibrated", "sequential")
+#: the merges that fit ``A'_n = A_n + G_n`` on calibration batches (sequential: block by block)
+CALIBRATED_METHODS = ("calibrated", "sequential")
 INIT_METHODS = ("kaiming", "gaussian")
 
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .config import MERGE_METHODS
+from .config import CALIBRATED_METHODS, MERGE_METHODS
 from .layer import ResLoRALinear
 from .model import _traced_state, get_state
 
@@ -133,8 +133,10 @@ def merge_to_lora(
 
     Args:
         model: a model prepared with ``add_reslora`` that ran at least one forward pass.
-        merge: ``input | weight | calibrated``; default: the config's ``merge``.
-        calibration: batches (tensor, tuple or dict) for ``calibrated``; run in eval mode.
+        merge: ``input | weight | calibrated | sequential``; default: the config's ``merge``.
+            ``sequential`` is ``calibrated`` fitted block by block on the partly merged model
+            (:func:`calibrate_sequential`): a lower error for one forward per block and batch.
+        calibration: batches (tensor, tuple or dict) for ``calibrated``/``sequential``; run in eval mode.
         rank: truncate every merged ``dW`` to this rank by SVD (errors in ``report.truncation``).
         eval_inputs: held-out batches on which ``report.fidelity`` is measured.
         ridge: ``lambda`` of the calibrated fit, relative to the mean eigenvalue of ``X X^T``.
@@ -144,10 +146,10 @@ def merge_to_lora(
     if method not in MERGE_METHODS:
         raise ValueError(f"merge={method!r} is invalid; allowed: {' | '.join(MERGE_METHODS)}")
     corrections = {}
-    if method == "calibrated" and state.config.res_type in ("is", "ms"):
+    if method in CALIBRATED_METHODS and state.config.res_type in ("is", "ms"):
         if calibration is None:
-            raise ValueError("merge='calibrated' needs calibration batches (calibration=...)")
-        corrections = calibrate(model, calibration, ridge)
+            raise ValueError(f"merge={method!r} needs calibration batches (calibration=...)")
+        corrections = calibrate(model, calibration, ridge, sequential=method == "sequential")
     ctx = MergeContext(corrections)
     factors = _merge_factors(state, method, ctx)
     report = MergeReport(method, state.config.res_type, state.config.pre_num, alphas=ctx.alphas)
@@ -265,7 +267,7 @@ def compare_merges(
     for lack of data, e.g. ``calibrated`` without batches, are left out)."""
     out = {}
     for method in methods:
-        if method == "calibrated" and calibration is None:
+        if method in CALIBRATED_METHODS and calibration is None:
             continue
         merged = merge_to_lora(model, method, calibration=calibration, eval_inputs=eval_inputs, **kwargs)
         out[method] = merged.report.fidelity
@@ -285,17 +287,12 @@ class _CalibStats:
 
     @torch.no_grad()
     def observe(self, block: ResLoRALinear, x: torch.Tensor, pred_pos: list[int]) -> None:
-        chain = block._chain
         x2 = x.reshape(-1, x.shape[-1]).double()
         self.xxt += x2.t() @ x2
-        for k, pos in enumerate(pred_pos, start=1):
-            x_prev = chain.xs[pos]
+        for k, (a_src, x_prev, z) in enumerate(_shortcut_terms(block, pred_pos), start=1):
             same = x_prev is x or (x_prev.shape == x.shape and torch.equal(x_prev, x))
             self.identical[k] = self.identical.get(k, True) and same
-            # is: z = A_n x_{n-1}; ms: z = A_{n-k} x_{n-k}
-            a_src = block if block.shortcut.name == "is" else chain.blocks[pos]
             self.lag_blocks[k] = a_src
-            z = x_prev.reshape(-1, x_prev.shape[-1]).double() @ a_src.lora_A.double().t()
             self.zxt[k] = self.zxt.get(k, 0) + z.t() @ x2
 
     def solve(self, ridge: float) -> torch.Tensor:
@@ -313,10 +310,25 @@ class _CalibStats:
         return total
 
 
+def _shortcut_terms(block: ResLoRALinear, pred_pos: list[int]):
+    """Per lag k: the block whose A reads the earlier input, that input, and
+    ``z_k`` (``A_n x_{n-1}`` for is, ``A_{n-k} x_{n-k}`` for ms) as (tokens, r) float64."""
+    chain = block._chain
+    for pos in pred_pos:
+        x_prev = chain.xs[pos]
+        a_src = block if block.shortcut.name == "is" else chain.blocks[pos]
+        yield a_src, x_prev, x_prev.reshape(-1, x_prev.shape[-1]).double() @ a_src.lora_A.double().t()
+
+
 def calibrate(
-    model: nn.Module, batches: Iterable[Batch], ridge: float = 1e-6
+    model: nn.Module, batches: Iterable[Batch], ridge: float = 1e-6, sequential: bool = False
 ) -> dict[ResLoRALinear, torch.Tensor]:
-    """The calibrated correction ``G_n`` of every block that has a shortcut input."""
+    """The calibrated correction ``G_n`` of every block that has a shortcut input.
+
+    ``sequential``: see :func:`calibrate_sequential`.
+    """
+    if sequential:
+        return calibrate_sequential(model, batches, ridge)
     state = _traced_state(model)
     stats = {}
     for chain in state.chains.values():
@@ -335,3 +347,126 @@ def calibrate(
     if n_batches == 0:
         raise ValueError("merge='calibrated' got an empty calibration iterable")
     return {block: s.solve(ridge).to(block.lora_A.dtype) for block, s in stats.items()}
+
+
+class _StopForward(Exception):
+    """Ends a calibration forward once the block being fitted has seen its input."""
+
+
+class _Targets:
+    """Reference pass, per block and batch: the ResLoRA intermediate ``u_n = A_n x_n + z_n``
+    without the lags whose input is ``x_n`` itself (cross-attention text states), which are
+    kept as exact terms ``A_src`` with the input they assume; and the blocks' run order."""
+
+    def __init__(self) -> None:
+        self.u: dict[ResLoRALinear, list[torch.Tensor]] = {}
+        self.exact: dict[ResLoRALinear, list[ResLoRALinear]] = {}
+        self.inputs: dict[ResLoRALinear, list[torch.Tensor]] = {}
+        self.order: list[ResLoRALinear] = []
+
+    @torch.no_grad()
+    def observe(self, block: ResLoRALinear, x: torch.Tensor, pred_pos: list[int]) -> None:
+        u = x.reshape(-1, x.shape[-1]).double() @ block.lora_A.double().t()
+        exact = []
+        for a_src, x_prev, z in _shortcut_terms(block, pred_pos):
+            if x_prev is x or (x_prev.shape == x.shape and torch.equal(x_prev, x)):
+                exact.append(a_src)
+            else:
+                u = u + z
+        if block not in self.u:
+            self.order.append(block)
+            self.u[block], self.inputs[block] = [], []
+            self.exact[block] = exact
+        elif exact != self.exact[block]:  # identical in one batch only: fit those lags too
+            raise _Inconsistent(block)
+        self.u[block].append(u)
+        if exact:
+            self.inputs[block].append(x.detach())
+
+
+class _Inconsistent(Exception):
+    def __init__(self, block: ResLoRALinear) -> None:
+        super().__init__(f"{block.module_path}: shortcut input identical in some calibration batches only")
+
+
+class _Grab:
+    """Captures the fitted block's input in the partly merged model, then stops the pass."""
+
+    x: torch.Tensor | None = None
+
+    def observe(self, block: ResLoRALinear, x: torch.Tensor, pred_pos: list[int]) -> None:
+        self.x = x
+        raise _StopForward
+
+
+def calibrate_sequential(
+    model: nn.Module, batches: Iterable[Batch], ridge: float = 1e-6
+) -> dict[ResLoRALinear, torch.Tensor]:
+    """Calibrated corrections fitted one block at a time, in execution order (as GPTQ does).
+
+    Block n's ``G_n`` solves ``min ||(A_n + G_n) x~_n - u_n||^2 + lambda ||G_n||^2`` where
+    ``x~_n`` is its input when every earlier block already runs its merged factors and
+    ``u_n = A_n x_n + z_n`` the ResLoRA model's intermediate: the fit also absorbs the drift
+    that earlier approximate merges cause. One forward per block and batch, stopped at the
+    block. Lags whose earlier input is ``x_n`` itself (cross-attention ``to_k``/``to_v``) add
+    their ``A`` exactly while ``x~_n == x_n``, as in :func:`calibrate`.
+    """
+    state = _traced_state(model)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("merge='sequential' got an empty calibration iterable")
+    fitted = {b for c in state.chains.values() for pos, b in enumerate(c.blocks) if c.preds(pos)}
+    targets = _Targets()
+    try:
+        _run_observed(model, batches, dict.fromkeys(fitted, targets))
+    except _Inconsistent as err:
+        raise ValueError(f"merge='sequential': {err}") from err
+    corrections: dict[ResLoRALinear, torch.Tensor] = {}
+    merged: dict[str, torch.Tensor] = {}
+    for block in targets.order:
+        corrections[block] = _fit_on_merged(model, block, batches, targets, merged, ridge)
+        merged[f"{block.module_path}.lora_A.weight"] = block.lora_A.detach() + corrections[block]
+        merged[f"{block.module_path}.lora_B.weight"] = block.lora_B.detach() * block.scaling
+    return corrections
+
+
+def _fit_on_merged(model, block, batches, targets: _Targets, merged: dict, ridge: float) -> torch.Tensor:
+    """``G_n`` of :func:`calibrate_sequential` for one block, given the blocks merged so far."""
+    a = block.lora_A.detach().double()
+    exact = sum((src.lora_A.detach().double() for src in targets.exact[block]), torch.zeros_like(a))
+    gram = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
+    rxt = torch.zeros_like(a)  # sum of (u - A x~)^T x~
+    exact_rxt = torch.zeros_like(a)  # sum of (A_exact x)^T x~: the exact lags' share of the target
+    unchanged = True
+    grab = _Grab()
+    with merged_view(model, merged):
+        for i, batch in enumerate(batches):
+            _run_observed(model, [batch], {block: grab})
+            x2 = grab.x.reshape(-1, grab.x.shape[-1]).double()
+            gram += x2.t() @ x2
+            rxt += (targets.u[block][i] - x2 @ a.t()).t() @ x2
+            if targets.exact[block]:
+                x_ref = targets.inputs[block][i]
+                unchanged = unchanged and torch.equal(grab.x, x_ref)
+                exact_rxt += (x_ref.reshape(-1, x_ref.shape[-1]).double() @ exact.t()).t() @ x2
+    lam = ridge * float(torch.trace(gram)) / gram.shape[0] + 1e-12
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    if unchanged:  # the exact lags' input is this block's input: add their A, fit the rest
+        return (torch.linalg.solve(gram + lam * eye, rxt.t()).t() + exact).to(block.lora_A.dtype)
+    return torch.linalg.solve(gram + lam * eye, (rxt + exact_rxt).t()).t().to(block.lora_A.dtype)
+
+
+def _run_observed(model: nn.Module, batches: list[Batch], observers: dict) -> None:
+    """Run ``batches`` in eval mode with ``observers`` ({block: observer}) attached."""
+    try:
+        for block, observer in observers.items():
+            block._calib = observer
+        with eval_mode(model):
+            for batch in batches:
+                try:
+                    run_batch(model, batch)
+                except _StopForward:
+                    pass
+    finally:
+        for block in observers:
+            block._calib = None

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .config import CALIBRATED_METHODS
+
 if TYPE_CHECKING:
     from .layer import ResLoRALinear
     from .merge import MergeContext
@@ -78,7 +80,7 @@ class _ScalarMergeShortcut(Shortcut, ABC):
         A, B = block.lora_A.detach(), block.lora_B.detach() * block.scaling
         if not preds:
             return A, B
-        if method == "calibrated":
+        if method in CALIBRATED_METHODS:
             return A + ctx.correction(block), B
         alpha = (
             self.input_alpha(block, preds, ctx) if method == "input" else self.weight_alpha(block, preds, ctx)

@@ -218,7 +218,10 @@ def component_report(
     state = get_state(module)
     methods = [method]
     if state.config.res_type in ("is", "ms"):
-        methods = [m for m in ("input", "weight", "calibrated") if m == method or _can_merge(state, m)]
+        # the one-pass merges always, for comparison; the sequential one only when chosen (costly)
+        cheap = ("input", "weight", "calibrated")
+        methods = [m for m in cheap if m == method or _can_merge(state, m)]
+        methods += [method] if method not in cheap else []
     per_method = {}
     ref = reference_outputs(module, evals)
     for m in methods:
