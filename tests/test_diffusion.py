@@ -87,19 +87,20 @@ def test_unet_chains_follow_down_mid_up_and_break_at_resolution_changes():
     assert [len(s) for s in chains["attn2.to_k"]["segments"]] == [11]
 
 
-@pytest.mark.parametrize("res_type,pre_num", [("is", 1), ("ms", 2)])
-def test_cross_attention_kv_merges_are_exact(tmp_path, res_type, pre_num):
+def _export_trained_unet(out, res_type: str, pre_num: int, merge: str, **kwargs):
+    """The report of a tiny UNet with random LoRA weights after training passes, exported with
+    ``merge``: calibrated on two batches, measured on a third."""
     unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type=res_type, pre_num=pre_num))
     randomize_lora(unet, scale=0.2)
     batches = [unet_inputs(unet, seed=s) for s in range(3)]
     train_forwards(unet, batches)
-    report = export_lora(
-        tmp_path / "out",
-        unet=unet,
-        merge="calibrated",
-        calibration={"unet": batches[:2]},
-        eval_inputs={"unet": batches[2:]},
-    )
+    calib, held_out = {"unet": batches[:2]}, {"unet": batches[2:]}
+    return export_lora(out, unet=unet, merge=merge, calibration=calib, eval_inputs=held_out, **kwargs)
+
+
+@pytest.mark.parametrize("res_type,pre_num", [("is", 1), ("ms", 2)])
+def test_cross_attention_kv_merges_are_exact(tmp_path, res_type, pre_num):
+    report = _export_trained_unet(tmp_path / "out", res_type, pre_num, "calibrated")
     methods = report["components"]["unet"]["methods"]
     # is: x_{n-1} = x_n gives alpha = 1 exactly; ms: only the calibrated merge is exact, since the
     # paper's scalar assumes A_{n-k} x ~ alpha A_n x, which differing A matrices break
@@ -111,14 +112,8 @@ def test_cross_attention_kv_merges_are_exact(tmp_path, res_type, pre_num):
     assert methods["input"]["chains"]["attn1.to_q"] > 1e-4
 
     # without the per-chain part: the same totals, measured on the same inputs
-    brief = export_lora(
-        tmp_path / "brief",
-        unet=unet,
-        merge="calibrated",
-        calibration={"unet": batches[:2]},
-        eval_inputs={"unet": batches[2:]},
-        chain_report=False,
-    )["components"]["unet"]["methods"]
+    brief = _export_trained_unet(tmp_path / "brief", res_type, pre_num, "calibrated", chain_report=False)
+    brief = brief["components"]["unet"]["methods"]
     assert brief == {m: {"total": result["total"]} for m, result in methods.items()}
 
 
@@ -182,17 +177,7 @@ def test_load_lora_weights_reproduces_merged_model(tmp_path, res_type):
 
 
 def test_sequential_merge_is_reported_and_exact_on_cross_attention(tmp_path):
-    unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type="ms", pre_num=2))
-    randomize_lora(unet, scale=0.2)
-    batches = [unet_inputs(unet, seed=s) for s in range(3)]
-    train_forwards(unet, batches)
-    report = export_lora(
-        tmp_path / "out",
-        unet=unet,
-        merge="sequential",
-        calibration={"unet": batches[:2]},
-        eval_inputs={"unet": batches[2:]},
-    )
+    report = _export_trained_unet(tmp_path / "out", "ms", 2, "sequential")
     unet_report = report["components"]["unet"]
     methods = unet_report["methods"]
     assert report["merge"] == "sequential" and set(methods) == {"input", "weight", "calibrated", "sequential"}
