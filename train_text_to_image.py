@@ -26,7 +26,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -372,11 +372,11 @@ class Run:
     resolution: int
     #: ``train_log.jsonl``, on the main process only
     log: TrainLog | None
-    params: list[torch.nn.Parameter] = field(default_factory=list)
-    optimizer: torch.optim.Optimizer | None = None
-    lr_scheduler: object = None
-    dataloader: object = None
-    sampler: EpochSampler | None = None
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: object
+    sampler: EpochSampler
 
     def trained(self) -> list[torch.nn.Module]:
         names = ["unet", "text_encoder"] if self.args.train_text_encoder else ["unet"]

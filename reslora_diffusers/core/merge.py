@@ -149,7 +149,8 @@ def merge_to_lora(
     if method in CALIBRATED_METHODS and state.config.res_type in ("is", "ms"):
         if calibration is None:
             raise ValueError(f"merge={method!r} needs calibration batches (calibration=...)")
-        corrections = calibrate(model, calibration, ridge, sequential=method == "sequential")
+        fit = calibrate_sequential if method == "sequential" else calibrate
+        corrections = fit(model, calibration, ridge)
     ctx = MergeContext(corrections)
     factors = _merge_factors(state, method, ctx)
     report = MergeReport(method, state.config.res_type, state.config.pre_num, alphas=ctx.alphas)
@@ -289,63 +290,60 @@ class _CalibStats:
     def observe(self, block: ResLoRALinear, x: torch.Tensor, pred_pos: list[int]) -> None:
         x2 = x.reshape(-1, x.shape[-1]).double()
         self.xxt += x2.t() @ x2
-        for k, (a_src, x_prev, z) in enumerate(_shortcut_terms(block, pred_pos), start=1):
-            same = x_prev is x or (x_prev.shape == x.shape and torch.equal(x_prev, x))
+        for k, (a_src, same, z) in enumerate(_shortcut_terms(block, x, pred_pos), start=1):
             self.identical[k] = self.identical.get(k, True) and same
             self.lag_blocks[k] = a_src
             self.zxt[k] = self.zxt.get(k, 0) + z.t() @ x2
 
     def solve(self, ridge: float) -> torch.Tensor:
-        n_in = self.xxt.shape[0]
-        lam = ridge * float(torch.trace(self.xxt)) / n_in + 1e-12
-        gram = self.xxt + lam * torch.eye(n_in, dtype=self.xxt.dtype, device=self.xxt.device)
         total = 0
         fitted = [k for k in self.zxt if not self.identical[k]]
         if fitted:
-            zxt = sum(self.zxt[k] for k in fitted)
-            total = torch.linalg.solve(gram, zxt.t()).t()
+            total = _ridge_solve(self.xxt, sum(self.zxt[k] for k in fitted), ridge)
         for k in self.zxt:
             if self.identical[k]:
                 total = total + self.lag_blocks[k].lora_A.detach().double()
         return total
 
 
-def _shortcut_terms(block: ResLoRALinear, pred_pos: list[int]):
-    """Per lag k: the block whose A reads the earlier input, that input, and
-    ``z_k`` (``A_n x_{n-1}`` for is, ``A_{n-k} x_{n-k}`` for ms) as (tokens, r) float64."""
+def _shortcut_terms(block: ResLoRALinear, x: torch.Tensor, pred_pos: list[int]):
+    """Per lag k: the block whose A reads the earlier input, whether that input is ``x``
+    itself (cross-attention text states), and ``z_k`` (``A_n x_{n-1}`` for is,
+    ``A_{n-k} x_{n-k}`` for ms) as (tokens, r) float64."""
     chain = block._chain
     for pos in pred_pos:
         x_prev = chain.xs[pos]
         a_src = block if block.shortcut.name == "is" else chain.blocks[pos]
-        yield a_src, x_prev, x_prev.reshape(-1, x_prev.shape[-1]).double() @ a_src.lora_A.double().t()
+        same = x_prev is x or (x_prev.shape == x.shape and torch.equal(x_prev, x))
+        yield a_src, same, x_prev.reshape(-1, x_prev.shape[-1]).double() @ a_src.lora_A.double().t()
+
+
+def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``G = rhs (gram + lambda I)^-1``, ``lambda`` = ``ridge`` x the mean eigenvalue of ``gram``."""
+    lam = ridge * float(torch.trace(gram)) / gram.shape[0] + 1e-12
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + lam * eye, rhs.t()).t()
+
+
+def _shortcut_blocks(model: nn.Module) -> list[ResLoRALinear]:
+    """The blocks that have a shortcut input (every block of a chain but its first)."""
+    state = _traced_state(model)
+    return [b for c in state.chains.values() for pos, b in enumerate(c.blocks) if c.preds(pos)]
+
+
+def _calibration_batches(batches: Iterable[Batch], method: str) -> list[Batch]:
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"merge={method!r} got an empty calibration iterable")
+    return batches
 
 
 def calibrate(
-    model: nn.Module, batches: Iterable[Batch], ridge: float = 1e-6, sequential: bool = False
+    model: nn.Module, batches: Iterable[Batch], ridge: float = 1e-6
 ) -> dict[ResLoRALinear, torch.Tensor]:
-    """The calibrated correction ``G_n`` of every block that has a shortcut input.
-
-    ``sequential``: see :func:`calibrate_sequential`.
-    """
-    if sequential:
-        return calibrate_sequential(model, batches, ridge)
-    state = _traced_state(model)
-    stats = {}
-    for chain in state.chains.values():
-        for pos, block in enumerate(chain.blocks):
-            if chain.preds(pos):
-                stats[block] = block._calib = _CalibStats(block)
-    n_batches = 0
-    try:
-        with eval_mode(model):
-            for batch in batches:
-                run_batch(model, batch)
-                n_batches += 1
-    finally:
-        for block in stats:
-            block._calib = None
-    if n_batches == 0:
-        raise ValueError("merge='calibrated' got an empty calibration iterable")
+    """The calibrated correction ``G_n`` of every block that has a shortcut input."""
+    stats = {block: _CalibStats(block) for block in _shortcut_blocks(model)}
+    _run_observed(model, _calibration_batches(batches, "calibrated"), stats)
     return {block: s.solve(ridge).to(block.lora_A.dtype) for block, s in stats.items()}
 
 
@@ -368,8 +366,8 @@ class _Targets:
     def observe(self, block: ResLoRALinear, x: torch.Tensor, pred_pos: list[int]) -> None:
         u = x.reshape(-1, x.shape[-1]).double() @ block.lora_A.double().t()
         exact = []
-        for a_src, x_prev, z in _shortcut_terms(block, pred_pos):
-            if x_prev is x or (x_prev.shape == x.shape and torch.equal(x_prev, x)):
+        for a_src, same, z in _shortcut_terms(block, x, pred_pos):
+            if same:
                 exact.append(a_src)
             else:
                 u = u + z
@@ -411,14 +409,10 @@ def calibrate_sequential(
     block. Lags whose earlier input is ``x_n`` itself (cross-attention ``to_k``/``to_v``) add
     their ``A`` exactly while ``x~_n == x_n``, as in :func:`calibrate`.
     """
-    state = _traced_state(model)
-    batches = list(batches)
-    if not batches:
-        raise ValueError("merge='sequential' got an empty calibration iterable")
-    fitted = {b for c in state.chains.values() for pos, b in enumerate(c.blocks) if c.preds(pos)}
+    batches = _calibration_batches(batches, "sequential")
     targets = _Targets()
     try:
-        _run_observed(model, batches, dict.fromkeys(fitted, targets))
+        _run_observed(model, batches, dict.fromkeys(_shortcut_blocks(model), targets))
     except _Inconsistent as err:
         raise ValueError(f"merge='sequential': {err}") from err
     corrections: dict[ResLoRALinear, torch.Tensor] = {}
@@ -449,11 +443,9 @@ def _fit_on_merged(model, block, batches, targets: _Targets, merged: dict, ridge
                 x_ref = targets.inputs[block][i]
                 unchanged = unchanged and torch.equal(grab.x, x_ref)
                 exact_rxt += (x_ref.reshape(-1, x_ref.shape[-1]).double() @ exact.t()).t() @ x2
-    lam = ridge * float(torch.trace(gram)) / gram.shape[0] + 1e-12
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     if unchanged:  # the exact lags' input is this block's input: add their A, fit the rest
-        return (torch.linalg.solve(gram + lam * eye, rxt.t()).t() + exact).to(block.lora_A.dtype)
-    return torch.linalg.solve(gram + lam * eye, (rxt + exact_rxt).t()).t().to(block.lora_A.dtype)
+        return (_ridge_solve(gram, rxt, ridge) + exact).to(block.lora_A.dtype)
+    return _ridge_solve(gram, rxt + exact_rxt, ridge).to(block.lora_A.dtype)
 
 
 def _run_observed(model: nn.Module, batches: list[Batch], observers: dict) -> None:
@@ -463,10 +455,8 @@ def _run_observed(model: nn.Module, batches: list[Batch], observers: dict) -> No
             block._calib = observer
         with eval_mode(model):
             for batch in batches:
-                try:
+                with contextlib.suppress(_StopForward):
                     run_batch(model, batch)
-                except _StopForward:
-                    pass
     finally:
         for block in observers:
             block._calib = None
