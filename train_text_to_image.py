@@ -154,7 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no_chain_report",
         action="store_true",
-        help="merge_report.json: each merge method's total error only, not every chain's (faster on large UNets)",
+        help="merge_report.json: each merge method's total error only, not every chain's "
+        "(faster on large UNets)",
     )
     p.add_argument(
         "--use_peft",
