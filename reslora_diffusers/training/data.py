@@ -2,9 +2,9 @@
 
 The set is a ``datasets`` dataset (hub name, local copy of a hub repo, ``save_to_disk``
 folder, or an ``imagefolder`` with ``metadata.jsonl``). Every image is opened once up front:
-unreadable or corrupt files are skipped with one warning that counts them. Shuffling and augmentation (random crop,
-flip) depend only on ``(seed, epoch, position)``, so a resumed run sees exactly the batches
-that an uninterrupted run sees, in one process or several.
+unreadable or corrupt files are skipped with one warning that counts them. Shuffling and
+augmentation (random crop, flip) depend only on ``(seed, epoch, position)``, so a resumed run
+sees exactly the batches that an uninterrupted run sees, in one process or several.
 """
 
 from __future__ import annotations
