@@ -39,11 +39,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from reslora_diffusers import ResLoRAConfig, add_reslora, load_reslora_checkpoint, save_reslora_checkpoint
-from reslora_diffusers.core import MERGE_METHODS, trainable_parameters
+from reslora_diffusers.core import (
+    MERGE_METHODS,
+    get_shortcut,
+    layer_class_for,
+    matches_target,
+    res_types,
+    trainable_parameters,
+)
 from reslora_diffusers.data import default_base_model_path, default_finetune_data_dir, finetune_prompts
-from reslora_diffusers.diffusion.model import TEXT_ENCODER_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
 from reslora_diffusers.eval import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS, generate, prompt_accuracy
 from reslora_diffusers.eval.analysis import parse_prompt
+from reslora_diffusers.frontends import CLIP_TEXT, UNET_CONV_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
 from reslora_diffusers.training.card import write_model_card
 from reslora_diffusers.training.checkpoints import resolve_resume, save_checkpoint
 from reslora_diffusers.training.data import (
@@ -134,9 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--target_modules",
         nargs="+",
         default=DEFAULT_UNET_TARGETS,
-        help=f"UNet module-name suffixes (default: {' '.join(DEFAULT_UNET_TARGETS)})",
+        help=f"UNet module-name suffixes (default: {' '.join(DEFAULT_UNET_TARGETS)}; the resnet and "
+        f"sampler convolutions, LoCon-style: {' '.join(UNET_CONV_TARGETS)})",
     )
-    p.add_argument("--res_type", default="bs", choices=["none", "is", "bs", "ms"])
+    p.add_argument("--res_type", default="bs", choices=res_types())
     p.add_argument("--pre_num", type=int, default=1, help="earlier blocks in a bs/ms shortcut")
     p.add_argument(
         "--merge",
@@ -196,7 +204,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} {value} must be > 0")
     if args.use_peft:
         args.res_type = "none"
-    if args.gradient_checkpointing and args.res_type in ("is", "ms"):
+    if args.gradient_checkpointing and get_shortcut(args.res_type, args.pre_num).reads_activations:
         raise ValueError(
             f"--gradient_checkpointing cannot be used with --res_type {args.res_type}: its shortcut caches "
             "activations of the current forward pass, which checkpointing recomputes; use bs or none"
@@ -248,12 +256,13 @@ def _one_line(err: BaseException) -> str:
 
 
 def check_target_modules(unet, targets: list[str] | None) -> None:
-    """Every target must name at least one linear layer of the UNet."""
-    linear = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
+    """Every target must name at least one linear or convolution layer of the UNet."""
+    layers = [n for n, m in unet.named_modules() if layer_class_for(m) is not None]
     for target in targets or []:
-        if not any(n == target or n.endswith("." + target) for n in linear):
+        if not any(matches_target(n, [target]) for n in layers):
             raise ValueError(
-                f"--target_modules: {target!r} names no linear layer of the UNet (e.g. {linear[0]})"
+                f"--target_modules: {target!r} names no linear or convolution layer of the UNet "
+                f"(e.g. {layers[0]})"
             )
 
 
@@ -265,7 +274,7 @@ def add_adapters(args: argparse.Namespace, unet, text_encoder) -> list[torch.nn.
     if args.use_peft:
         from peft import LoraConfig, inject_adapter_in_model
 
-        for model, targets in zip(models, [args.target_modules, TEXT_ENCODER_TARGETS]):
+        for model, targets in zip(models, [args.target_modules, list(CLIP_TEXT.targets)]):
             lora = LoraConfig(
                 r=args.rank,
                 lora_alpha=args.lora_alpha or args.rank,
@@ -576,7 +585,7 @@ def export(args, unet, text_encoder, inputs: dict) -> dict | None:
             StableDiffusionPipeline.save_lora_weights(tmp, **layers, safe_serialization=True)
             (Path(tmp) / LORA_FILE).replace(output_dir / LORA_FILE)
         return None
-    from reslora_diffusers.diffusion import export_lora
+    from reslora_diffusers.export import export_lora
 
     components = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
     save_reslora_checkpoint(components, output_dir / RESLORA_CHECKPOINT)
@@ -859,7 +868,7 @@ def finish(run: Run, argv: list[str], dataset, tokenizer, data, validating: bool
         "final_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
     }
     if report:
-        summary["merge_fidelity"] = {k: v["fidelity"] for k, v in report["components"].items()}
+        summary["merge_error"] = {k: v["output_error"] for k, v in report["components"].items()}
     grid, before, after, images = None, None, None, 0
     if validating:
         final = final_evaluation(args, run.weight_dtype, run.resolution, log, step)

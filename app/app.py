@@ -30,9 +30,9 @@ from diffusers import DiffusionPipeline  # noqa: E402
 
 from reslora_diffusers.data import default_base_model_path  # noqa: E402
 from reslora_diffusers.data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS  # noqa: E402
-from reslora_diffusers.diffusion.loading import check_lora_file, resolve_lora_file  # noqa: E402
 from reslora_diffusers.eval import analyse_image, parse_prompt  # noqa: E402
 from reslora_diffusers.eval.analysis import attribute_matches  # noqa: E402
+from reslora_diffusers.export.loading import check_lora_file, resolve_lora_file  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

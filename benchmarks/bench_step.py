@@ -22,8 +22,8 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
 from reslora_diffusers import ResLoRAConfig, add_reslora, merge_to_lora, remove_reslora, trainable_parameters
-from reslora_diffusers.diffusion import fuse_lora
-from reslora_diffusers.diffusion.model import UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
+from reslora_diffusers.export import fuse_lora
+from reslora_diffusers.frontends import UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
 
 #: diffusers' attention projections, or with the feed-forward layers (the training script's default)
 TARGET_SETS = {"attention": UNET_TARGETS, "attention+ff": [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS]}

@@ -30,12 +30,18 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from reslora_diffusers.frontends import UNET_CONV_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS  # noqa: E402
+
 METHODS = {
     "peft-lora": ["--use_peft"],
     "none": ["--res_type", "none"],
     "is": ["--res_type", "is"],
     "bs": ["--res_type", "bs", "--pre_num", "1"],
     "ms": ["--res_type", "ms", "--pre_num", "1"],
+    # the default targets plus the resnet and sampler convolutions (LoCon-style)
+    "bs+conv": ["--res_type", "bs", "--pre_num", "1", "--target_modules"]
+    + [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS, *UNET_CONV_TARGETS],
 }
 BASELINE = "peft-lora"
 
@@ -85,7 +91,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         result = {
             "loss": [r["loss"] for r in records if "loss" in r],
             "accuracy": {r["step"]: r["prompt_accuracy"] for r in records if "prompt_accuracy" in r},
-            "fidelity": (summary.get("merge_fidelity") or {}).get("unet"),
+            "merge_error": (summary.get("merge_error") or {}).get("unet"),
             "seconds": time.time() - start,
         }
     if "unmerged_accuracy" not in result:
@@ -151,7 +157,7 @@ def summarise(results: dict) -> dict:
             "unmerged_accuracy": None if None in unmerged else _mean_std(unmerged),
             "steps": steps,
             "accuracy_curve": acc.mean(0).tolist(),
-            "fidelity": [r["fidelity"] for r in runs],
+            "merge_error": [r["merge_error"] for r in runs],
             "minutes": float(np.mean([r["seconds"] for r in runs]) / 60),
         }
     if BASELINE in table:
@@ -178,7 +184,7 @@ def markdown(table: dict, args: argparse.Namespace) -> str:
     )
     rows = []
     for method, row in table.items():
-        fid = [f for f in row["fidelity"] if f is not None]
+        fid = [f for f in row["merge_error"] if f is not None]
         reach = row.get("steps_to_baseline")
         cells = [
             method,

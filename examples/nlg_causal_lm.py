@@ -30,14 +30,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer
 
 from reslora_diffusers import add_reslora, compare_merges, export_peft_adapter
-from reslora_diffusers.adapters import ResLoRACallback
-from reslora_diffusers.adapters.toy_tasks import (
+from reslora_diffusers.data.text_tasks import (
     arithmetic_examples,
     final_answer,
     tiny_llama_config,
     word_tokenizer,
 )
-from reslora_diffusers.adapters.training import (
+from reslora_diffusers.integrations.trainer import ResLoRACallback
+from reslora_diffusers.training.lm_examples import (
     add_method_arguments,
     load_raw_dataset,
     method_config,
@@ -174,7 +174,7 @@ def run_method(args, res_type: str, tokenizer, splits: DatasetDict, train: Datas
     merged = export_peft_adapter(
         model, out_dir / "peft_adapter", args.merge, calibration=calibration, eval_inputs=held_out
     )
-    scores["merge_error"] = merged.report.fidelity
+    scores["merge_error"] = merged.report.output_error
     peft_model = PeftModel.from_pretrained(build_base(args, tokenizer), out_dir / "peft_adapter").to(device)
     scores["peft_exact_match"] = exact_match(peft_model, tokenizer, splits["eval"], args)
     return scores

@@ -34,9 +34,9 @@ from transformers import (
 )
 
 from reslora_diffusers import add_reslora, compare_merges, export_peft_adapter
-from reslora_diffusers.adapters import ResLoRACallback
-from reslora_diffusers.adapters.toy_tasks import sentiment_examples, tiny_roberta_config, word_tokenizer
-from reslora_diffusers.adapters.training import (
+from reslora_diffusers.data.text_tasks import sentiment_examples, tiny_roberta_config, word_tokenizer
+from reslora_diffusers.integrations.trainer import ResLoRACallback
+from reslora_diffusers.training.lm_examples import (
     add_method_arguments,
     load_raw_dataset,
     method_config,
@@ -161,7 +161,7 @@ def run_method(args, res_type: str, tokenizer, data: DatasetDict, num_labels: in
     merged = export_peft_adapter(
         model, out_dir / "peft_adapter", args.merge, calibration=calibration, eval_inputs=held_out
     )
-    result["merge_error"] = merged.report.fidelity
+    result["merge_error"] = merged.report.output_error
     peft_model = PeftModel.from_pretrained(build_base(args, tokenizer, num_labels), out_dir / "peft_adapter")
     result["peft_accuracy"] = accuracy(peft_model.to(device), data["eval"], collate)
     return result

@@ -1,28 +1,31 @@
-"""reslora-diffusers: ResLoRA for diffusers, transformers and PEFT users."""
+"""reslora-diffusers: ResLoRA for diffusers, transformers and PEFT users.
 
-from .adapters import export_peft_adapter
-from .api import add_reslora, remove_reslora
+Layout: :mod:`.core` (the method), :mod:`.merge` (plain LoRA out), :mod:`.frontends` (one
+file per model family), :mod:`.export` (file formats), :mod:`.integrations` (training loops).
+"""
+
+from .api import add_reslora, load_reslora_checkpoint, remove_reslora
 from .core import (
-    MergedLoRA,
-    MergeReport,
     ResLoRAConfig,
+    ResLoRALayer,
     ResLoRALinear,
     chain_structure,
     checkpoint_configs,
-    compare_merges,
-    load_reslora_checkpoint,
-    merge_to_lora,
+    register_shortcut,
+    res_types,
     reslora_chains,
     save_reslora_checkpoint,
     trainable_parameters,
 )
+from .merge import MergedLoRA, MergeReport, compare_merges, merge_to_lora
 
 __version__ = "0.1.0"
 
-# The diffusers front end imports diffusers (seconds); load it on first use.
+# The writers and the attention processor import diffusers/peft (seconds); load them on first use.
 _LAZY = {
-    "ResLoRAAttnProcessor": "reslora_diffusers.diffusion",
-    "export_lora": "reslora_diffusers.diffusion",
+    "ResLoRAAttnProcessor": "reslora_diffusers.frontends",
+    "export_lora": "reslora_diffusers.export",
+    "export_peft_adapter": "reslora_diffusers.export",
 }
 
 
@@ -36,19 +39,22 @@ def __getattr__(name: str):
 
 __all__ = [
     "MergeReport",
-    "ResLoRAAttnProcessor",
-    "export_lora",
     "MergedLoRA",
+    "ResLoRAAttnProcessor",
     "ResLoRAConfig",
+    "ResLoRALayer",
     "ResLoRALinear",
     "add_reslora",
     "chain_structure",
     "checkpoint_configs",
     "compare_merges",
+    "export_lora",
     "export_peft_adapter",
     "load_reslora_checkpoint",
     "merge_to_lora",
+    "register_shortcut",
     "remove_reslora",
+    "res_types",
     "reslora_chains",
     "save_reslora_checkpoint",
     "trainable_parameters",

@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .core.checkpoint import checkpoint_configs, load_reslora_checkpoint
+from .api import load_reslora_checkpoint
+from .core.checkpoint import checkpoint_configs
 from .core.config import MERGE_METHODS
 from .utils.io import atomic_dir
 
@@ -47,7 +48,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         print(f"reslora-merge: error: {err}", file=sys.stderr)
         return 2
     for name, comp in report["components"].items():
-        print(f"{name}: relative output error of the {report['merge']} merge: {comp['fidelity']:.3e}")
+        print(f"{name}: relative output error of the {report['merge']} merge: {comp['output_error']:.3e}")
     print(f"wrote {args.output}")
     return 0
 
@@ -55,8 +56,8 @@ def merge_main(argv: list[str] | None = None) -> int:
 def run_merge(args: argparse.Namespace) -> dict:
     from diffusers import DiffusionPipeline
 
-    from .diffusion.export import check_formats, fuse_lora, merge_components, write_lora_files
-    from .diffusion.model import remove_reslora_from_pipeline
+    from .export.diffusers import check_formats, fuse_lora, merge_components, write_lora_files
+    from .frontends import remove_reslora_from_pipeline
 
     ckpt = Path(args.checkpoint)
     configs = checkpoint_configs(ckpt)

@@ -21,12 +21,12 @@ def _load(name: str):
 compare = _load("compare_methods")
 
 
-def _run(losses, accuracy, unmerged=None, fidelity=None):
+def _run(losses, accuracy, unmerged=None, merge_error=None):
     return {
         "loss": losses,
         "accuracy": dict(zip([0, 10, 20], accuracy)),
         "unmerged_accuracy": unmerged,
-        "fidelity": fidelity,
+        "merge_error": merge_error,
         "seconds": 60.0,
     }
 

@@ -21,8 +21,8 @@ from reslora_diffusers import (
     save_reslora_checkpoint,
 )
 from reslora_diffusers.cli import merge_main
-from reslora_diffusers.core.merge import merged_view
-from reslora_diffusers.diffusion.model import UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
+from reslora_diffusers.frontends import UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
+from reslora_diffusers.merge import merged_view
 from tests.tiny_pipes import tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline, tiny_sdxl_unet, unet_inputs
 from tests.toys import randomize_lora
 
@@ -172,7 +172,7 @@ def test_load_lora_weights_reproduces_merged_model(tmp_path, res_type):
         if res_type in ("none", "bs"):
             assert err < 1e-5
         else:
-            assert err <= report["components"][name]["fidelity"] * 1.001 + 1e-6
+            assert err <= report["components"][name]["output_error"] * 1.001 + 1e-6
             assert err > 1e-6  # the approximation is real, and reported
 
 
@@ -181,7 +181,7 @@ def test_sequential_merge_is_reported_and_exact_on_cross_attention(tmp_path):
     unet_report = report["components"]["unet"]
     methods = unet_report["methods"]
     assert report["merge"] == "sequential" and set(methods) == {"input", "weight", "calibrated", "sequential"}
-    assert unet_report["fidelity"] == methods["sequential"]["total"] > 0
+    assert unet_report["output_error"] == methods["sequential"]["total"] > 0
     for chain in ("attn2.to_k", "attn2.to_v"):  # the text states are the same for every layer
         assert methods["sequential"]["chains"][chain] < 1e-5, chain
 
@@ -198,7 +198,7 @@ def test_kohya_file_loads_to_the_same_weights(tmp_path, make_pipe):
         downs = {f.get_slice(k).get_shape()[0] for k in keys if k.endswith("lora_down.weight")}
     assert len(downs) == 1 and meta["ss_network_dim"] == str(downs.pop())
     assert meta["reslora_res_type"] == "bs" and meta["reslora_merge"] == "input"
-    assert set(json.loads(meta["reslora_fidelity"])) >= {"unet", "text_encoder"}
+    assert set(json.loads(meta["reslora_output_error"])) >= {"unet", "text_encoder"}
     if make_pipe is tiny_sdxl_pipeline:
         assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
         assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys

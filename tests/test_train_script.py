@@ -266,7 +266,7 @@ def test_two_process_ddp_run_and_exact_resume(base, data, tmp_path):
     single = {k: {"modules": v["modules"], "links": v["links"]} for k, v in chain_structure(unet).items()}
     assert ddp_chains == single
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["components"]["unet"]["fidelity"] < 0.05
+    assert report["components"]["unet"]["output_error"] < 0.05
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -321,7 +321,7 @@ def test_peft_baseline_on_unet_and_text_encoder_from_a_hub_style_dataset(base, d
     argv += ["--learning_rate", "1e-2", "--checkpointing_steps", "2", "--rank", "4", "--lora_alpha", "8"]
     summary = script.train(script.parse_args(argv), argv)
 
-    assert summary["steps"] == 3 and "merge_fidelity" not in summary
+    assert summary["steps"] == 3 and "merge_error" not in summary
     assert not (out / "lora_kohya.safetensors").exists()  # written from ResLoRA merges only
     weights = load_file(out / "pytorch_lora_weights.safetensors")
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
@@ -382,7 +382,7 @@ def test_text_encoder_reslora_in_bf16_exports_the_trained_text_encoder(base, dat
     extra = ["--train_text_encoder", "--mixed_precision", "bf16", "--res_type", "bs", "--pre_num", "2"]
     extra += ["--no_chain_report"]
     summary = _run(base, data, out, *extra, "--max_train_steps", "3", "--learning_rate", "1e-2")
-    assert summary["merge_fidelity"]["text_encoder"] < 1e-5
+    assert summary["merge_error"]["text_encoder"] < 1e-5
     report = json.loads((out / "merge_report.json").read_text())
     assert {k for comp in report["components"].values() for r in comp["methods"].values() for k in r} == {
         "total"
@@ -435,7 +435,7 @@ def test_no_argument_run_uses_the_embedded_base_data_and_prompts(tmp_path):
     argv = ["--output_dir", str(out), "--max_train_steps", "2", "--num_validation_images", "1"]
     summary = script.train(script.parse_args([*argv, "--report_to", "none"]), argv)
     assert summary["prompt_accuracy_before"] == 0.0 and summary["prompt_accuracy_after"] is not None
-    assert summary["merge_fidelity"]["unet"] < 1e-5  # bs merges exactly
+    assert summary["merge_error"]["unet"] < 1e-5  # bs merges exactly
     card = (out / "README.md").read_text()
     assert str(default_base_model_path()) in card and "150 images" in card and "`ff.net.2`" in card
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:

@@ -1,20 +1,25 @@
-"""ResLoRA for transformers models (NLG and NLU): presets, PEFT export and the Trainer callback.
+"""Deprecated: the transformers front end moved to :mod:`reslora_diffusers.frontends`, the PEFT
+export to :mod:`reslora_diffusers.export` and the Trainer callback to
+:mod:`reslora_diffusers.integrations`. These names stay for one release."""
 
-``add_reslora_transformers`` is what :func:`reslora_diffusers.add_reslora` calls for a
-``transformers.PreTrainedModel``; the maths is the core's.
-"""
+import warnings
 
-from __future__ import annotations
+from ..export.peft import export_peft_adapter
+from ..frontends import PRESETS, preset_targets
 
-from .peft_export import export_peft_adapter
-from .presets import PRESETS, add_reslora_transformers, preset_targets
-
-__all__ = ["PRESETS", "ResLoRACallback", "add_reslora_transformers", "export_peft_adapter", "preset_targets"]
+warnings.warn(
+    "reslora_diffusers.adapters is deprecated; use reslora_diffusers.frontends, .export and .integrations",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 
 def __getattr__(name: str):
     if name == "ResLoRACallback":  # imports transformers; only on use
-        from .trainer import ResLoRACallback
+        from ..integrations.trainer import ResLoRACallback
 
         return ResLoRACallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["PRESETS", "ResLoRACallback", "export_peft_adapter", "preset_targets"]

@@ -1,31 +1,65 @@
-"""The ResLoRA core: config, block, chains, shortcuts, merges and checkpoints.
+"""The ResLoRA core: config, chains, layers, shortcut types, attach/detach and checkpoints.
 
-The maths lives here once; the diffusers, text-encoder and transformers front ends call it.
+The maths of the method lives here once and imports nothing else of the package (merges,
+front ends and exports build on it through the public names below).
 """
 
-from .checkpoint import checkpoint_configs, load_reslora_checkpoint, save_reslora_checkpoint
-from .config import MERGE_METHODS, RES_TYPES, ResLoRAConfig
-from .layer import ResLoRALinear
-from .merge import MergedLoRA, MergeReport, compare_merges, merge_to_lora, merged_view, relative_error
-from .model import add_reslora, chain_structure, remove_reslora, reslora_chains, trainable_parameters
+from .chain import Chain, Step, chain_key
+from .checkpoint import checkpoint_configs, load_checkpoint, save_reslora_checkpoint
+from .config import CALIBRATED_METHODS, MERGE_METHODS, ResLoRAConfig
+from .inject import (
+    ResLoRAState,
+    attach_reslora,
+    chain_structure,
+    detach_reslora,
+    find_targets,
+    get_state,
+    has_reslora,
+    matches_target,
+    reslora_chains,
+    traced_state,
+    trainable_parameters,
+)
+from .layers import (
+    ResLoRAConv1D,
+    ResLoRAConv2d,
+    ResLoRALayer,
+    ResLoRALinear,
+    is_conv1d,
+    layer_class_for,
+    register_layer,
+)
+from .shortcuts import get_shortcut, register_shortcut, res_types
 
 __all__ = [
+    "CALIBRATED_METHODS",
     "MERGE_METHODS",
-    "RES_TYPES",
-    "MergeReport",
-    "MergedLoRA",
+    "Chain",
     "ResLoRAConfig",
+    "ResLoRAConv1D",
+    "ResLoRAConv2d",
+    "ResLoRALayer",
     "ResLoRALinear",
-    "add_reslora",
+    "ResLoRAState",
+    "Step",
+    "attach_reslora",
+    "chain_key",
     "chain_structure",
     "checkpoint_configs",
-    "compare_merges",
-    "load_reslora_checkpoint",
-    "merge_to_lora",
-    "merged_view",
-    "relative_error",
-    "remove_reslora",
+    "detach_reslora",
+    "find_targets",
+    "get_shortcut",
+    "get_state",
+    "has_reslora",
+    "is_conv1d",
+    "layer_class_for",
+    "load_checkpoint",
+    "matches_target",
+    "register_layer",
+    "register_shortcut",
+    "res_types",
     "reslora_chains",
     "save_reslora_checkpoint",
+    "traced_state",
     "trainable_parameters",
 ]

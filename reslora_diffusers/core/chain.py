@@ -1,23 +1,29 @@
-"""Chains: same-role ResLoRA blocks in forward-execution order, and their per-forward cache.
+"""Chains: same-role ResLoRA blocks in forward-execution order, and their per-pass cache.
 
-A chain is traced during the first forward pass after ``add_reslora``: blocks join it in
-the order they run, and the link ``n-1 -> n`` is kept only where the shortcut type's shape
-rule allows it (see :mod:`.shortcuts`). The structure is then frozen. Within one forward
-pass the chain caches what later blocks need (``x_n`` for ``is``, ``A_n x_n`` for ``ms``);
-the cache is emptied at the start and end of every pass of the root model, so nothing
-from one step or one ``train()``/``eval()`` pass reaches the next.
+A chain is traced during the first forward pass after ResLoRA is attached: blocks join it
+in the order they run, and the link ``n-1 -> n`` is kept only where the shortcut type's
+:meth:`~.shortcuts.Shortcut.link_ok` allows it. The structure is then frozen. Within one
+forward pass the chain caches what later blocks read (``x_n``, ``A_n x_n``: the type's
+``caches``); the cache is emptied at the start and end of every pass of the root model, so
+nothing from one step or one ``train()``/``eval()`` pass reaches the next.
+
+A block talks to its chain through two calls per pass: :meth:`Chain.begin` (this block runs
+now; returns the :class:`Step` with its linked predecessors) and :meth:`Chain.record` (what
+it computed, for the blocks after it).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-    from .layer import ResLoRALinear
+    from .layers import ResLoRALayer
+    from .shortcuts import Shortcut
 
 logger = logging.getLogger(__name__)
 
@@ -37,94 +43,123 @@ def chain_key(module_path: str, target: str) -> str:
     return ".".join(parts[last + 1 :] + [target])
 
 
+@dataclass
+class Step:
+    """One block's run in the current pass: its position and its linked predecessors.
+
+    ``pos`` is None for a block that did not run in the traced pass (it acts as plain LoRA).
+    """
+
+    chain: Chain
+    pos: int | None
+    #: positions of the linked predecessors, nearest first (at most ``chain.max_preds``)
+    preds: list[int] = field(default_factory=list)
+
+    @property
+    def pred_blocks(self) -> list[ResLoRALayer]:
+        return [self.chain.blocks[p] for p in self.preds]
+
+
 class Chain:
     """Blocks of one role in execution order, the links between them, and the pass cache."""
 
-    def __init__(self, name: str, pre_num: int) -> None:
+    def __init__(self, name: str, shortcut: Shortcut) -> None:
         self.name = name
-        self.pre_num = pre_num
-        self.blocks: list[ResLoRALinear] = []
+        self.shortcut = shortcut
+        #: most predecessors one block reads (the type's, for the configured ``pre_num``)
+        self.max_preds = shortcut.max_preds
+        self.blocks: list[ResLoRALayer] = []
         # links[i]: the shortcut block i-1 -> block i is allowed (links[0] is always False).
         self.links: list[bool | None] = []
         self.frozen = False
+        self._positions: dict[ResLoRALayer, int] = {}
         self._preds: list[list[int]] = []
         self.new_pass()
 
-    # -- per-forward cache ------------------------------------------------------------
+    # -- per-pass cache ---------------------------------------------------------------
     def new_pass(self) -> None:
         """Forget everything cached in the current forward pass."""
         n = len(self.blocks)
-        self.ran: list[bool] = [False] * n
-        self.xs: list[torch.Tensor | None] = [None] * n
-        self.axs: list[torch.Tensor | None] = [None] * n
+        self._ran = [False] * n
+        self._cache: dict[str, list[torch.Tensor | None]] = {k: [None] * n for k in self.shortcut.caches}
 
-    # -- tracing ----------------------------------------------------------------------
-    def enter(self, block: ResLoRALinear) -> int | None:
-        """Register that ``block`` runs now; returns its position (None: not in the chain)."""
-        pos = block._pos
+    def cached(self, kind: str, pos: int) -> torch.Tensor | None:
+        """What block ``pos`` recorded in this pass (``kind`` one of the type's ``caches``)."""
+        return self._cache[kind][pos]
+
+    # -- one block's run --------------------------------------------------------------
+    def begin(self, block: ResLoRALayer, x: torch.Tensor) -> Step:
+        """``block`` runs now on input ``x``: trace it (first pass) and return its step."""
+        pos = self._positions.get(block)
         if not self.frozen:
             if pos is None:
                 pos = self._append(block)
-            elif self.ran[pos]:
+                if pos > 0:
+                    self.links[pos] = bool(self.shortcut.link_ok(Step(self, pos), block, x))
+            elif self._ran[pos]:
                 # The block runs a second time without the root model's hooks in between:
-                # the traced pass is complete (submodule called directly).
+                # the traced pass is complete (a submodule called directly).
                 self.freeze()
                 self.new_pass()
         elif pos is None:
-            return None
-        elif self.ran[pos]:
+            return Step(self, None)
+        elif self._ran[pos]:
             self.new_pass()
-        self.ran[pos] = True
-        return pos
+        self._ran[pos] = True
+        return Step(self, pos, self.preds(pos))
 
-    def _append(self, block: ResLoRALinear) -> int:
-        pos = len(self.blocks)
-        block._pos = pos
-        self.blocks.append(block)
-        self.links.append(False if pos == 0 else None)
-        self.ran.append(False)
-        self.xs.append(None)
-        self.axs.append(None)
-        return pos
-
-    def decide_link(self, pos: int, ok: bool) -> None:
-        if self.links[pos] is None:
-            self.links[pos] = bool(ok)
-
-    def reset_trace(self) -> None:
-        """Drop an unfinished trace (a traced forward that raised)."""
-        for block in self.blocks:
-            block._pos = None
-        self.blocks, self.links, self._preds = [], [], []
-        self.new_pass()
-
-    def freeze(self) -> None:
-        self.links = [bool(x) for x in self.links]
-        self._preds = [self._walk_back(pos) for pos in range(len(self.blocks))]
-        self.frozen = True
-
-    def set_structure(self, blocks: list[ResLoRALinear], links: list[bool]) -> None:
-        """Install a known structure (from a checkpoint) instead of tracing it."""
-        self.reset_trace()
-        for block, link in zip(blocks, links):
-            self._append(block)
-            self.links[-1] = bool(link) and len(self.blocks) > 1
-        self.freeze()
-        self.new_pass()
+    def record(self, step: Step, **activations: torch.Tensor) -> None:
+        """Keep this pass's activations of ``step``'s block that later blocks read."""
+        if step.pos is None:
+            return
+        for kind, cache in self._cache.items():
+            cache[step.pos] = activations[kind]
 
     # -- structure --------------------------------------------------------------------
+    def position(self, block: ResLoRALayer) -> int | None:
+        """The block's position in the traced order (None: it did not run when traced)."""
+        return self._positions.get(block)
+
     def preds(self, pos: int) -> list[int]:
-        """Positions of the linked predecessors of ``pos``, nearest first (at most pre_num)."""
+        """Positions of the linked predecessors of ``pos``, nearest first (at most ``max_preds``)."""
         if self.frozen:
             return self._preds[pos]
         return self._walk_back(pos)
 
     def _walk_back(self, pos: int) -> list[int]:
         out = []
-        while len(out) < self.pre_num and pos > 0 and self.links[pos]:
+        while len(out) < self.max_preds and pos > 0 and self.links[pos]:
             pos -= 1
             out.append(pos)
         return out
+
+    def _append(self, block: ResLoRALayer) -> int:
+        pos = len(self.blocks)
+        self._positions[block] = pos
+        self.blocks.append(block)
+        self.links.append(False)
+        self._ran.append(False)
+        for cache in self._cache.values():
+            cache.append(None)
+        return pos
+
+    def reset_trace(self) -> None:
+        """Drop an unfinished trace (a traced forward that raised)."""
+        self.blocks, self.links, self._preds, self._positions = [], [], [], {}
+        self.new_pass()
+
+    def freeze(self) -> None:
+        self._preds = [self._walk_back(pos) for pos in range(len(self.blocks))]
+        self.frozen = True
+
+    def set_structure(self, blocks: list[ResLoRALayer], links: list[bool]) -> None:
+        """Install a known structure (from a checkpoint) instead of tracing it."""
+        self.reset_trace()
+        for block, link in zip(blocks, links):
+            pos = self._append(block)
+            self.links[pos] = bool(link) and pos > 0
+        self.freeze()
+        self.new_pass()
 
     def segments(self) -> list[list[str]]:
         """Module paths grouped into runs of linked blocks."""

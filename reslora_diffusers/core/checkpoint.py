@@ -9,6 +9,7 @@ component name.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 
 from ..utils.io import atomic_path
 from .config import ResLoRAConfig
-from .model import get_state, has_reslora
+from .inject import attach_reslora, get_state, has_reslora
 
 FORMAT = "reslora-checkpoint"
 VERSION = "1"
@@ -85,12 +86,18 @@ def checkpoint_configs(path: str | Path) -> dict[str, ResLoRAConfig]:
     return {k: ResLoRAConfig.from_dict(v) for k, v in json.loads(meta["configs"]).items()}
 
 
-def load_reslora_checkpoint(models: Models, path: str | Path) -> Models:
-    """Load a checkpoint into ``models``, adding ResLoRA with the stored config where missing.
+def load_checkpoint(
+    models: Models,
+    path: str | Path,
+    attach: Callable[[nn.Module, ResLoRAConfig], nn.Module] = attach_reslora,
+) -> Models:
+    """Load a checkpoint into ``models``, attaching ResLoRA with the stored config where missing.
 
-    Every tensor must match a block of the model in name and shape, and every block must
-    be in the file; the first key that does not fit raises ``ValueError`` naming it.
-    The stored chain structure is installed, so no traced forward is needed afterwards.
+    ``attach(model, config)`` adds ResLoRA to a model that has none (the front end's
+    ``add_reslora`` for models with presets and processors). Every tensor must match a block
+    of the model in name and shape, and every block must be in the file; the first key that
+    does not fit raises ``ValueError`` naming it. The stored chain structure is installed, so
+    no traced forward is needed afterwards.
     """
     path = Path(path)
     meta = read_checkpoint_metadata(path)
@@ -107,9 +114,7 @@ def load_reslora_checkpoint(models: Models, path: str | Path) -> Models:
             if name not in configs:
                 continue
             if not has_reslora(model):
-                from ..api import add_reslora  # the front end for this kind of model
-
-                add_reslora(model, ResLoRAConfig.from_dict(configs[name]))
+                attach(model, ResLoRAConfig.from_dict(configs[name]))
             for bpath, block in get_state(model).blocks.items():
                 for t in TENSORS:
                     expected[f"{_prefix(name)}{bpath}.{t}"] = getattr(block, t)
@@ -135,8 +140,6 @@ def load_reslora_checkpoint(models: Models, path: str | Path) -> Models:
 
 def _install_chains(model: nn.Module, chains: dict[str, dict]) -> None:
     state = get_state(model)
-    for block in state.blocks.values():
-        block.sync_norm_count()
     for key, info in chains.items():
         if key in state.chains and all(m in state.blocks for m in info["modules"]):
             state.chains[key].set_structure([state.blocks[m] for m in info["modules"]], info["links"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
-RES_TYPES = ("none", "is", "bs", "ms")
+from .shortcuts import res_types
+
 MERGE_METHODS = ("input", "weight", "calibrated", "sequential")
 #: the merges that fit ``A'_n = A_n + G_n`` on calibration batches (sequential: block by block)
 CALIBRATED_METHODS = ("calibrated", "sequential")
@@ -30,12 +31,13 @@ class ResLoRAConfig:
         rank: LoRA rank ``r``.
         alpha: LoRA alpha; ``None`` means ``alpha = rank`` (scaling 1).
         dropout: dropout probability on the branch input during training.
-        res_type: shortcut type, one of ``none | is | bs | ms``.
+        res_type: shortcut type: ``none | is | bs | ms`` or a type added with
+            :func:`~reslora_diffusers.core.shortcuts.register_shortcut`.
         pre_num: number of earlier blocks in the ``bs``/``ms`` shortcut (``m``).
         target_modules: module-name suffixes to adapt, matched on ``.`` boundaries as in PEFT;
             ``None`` picks the preset of the model's front end (diffusers attention, or the
             transformers model type).
-        merge: default way to remove the shortcuts, ``input | weight | calibrated``.
+        merge: default way to remove the shortcuts, ``input | weight | calibrated | sequential``.
         norm_window: length of the sliding window of input norms per block.
         init: ``kaiming`` (A kaiming-uniform, as PEFT) or ``gaussian`` (A ~ N(0, 1/r)); B is zero.
     """
@@ -71,7 +73,7 @@ class ResLoRAConfig:
         _check(
             _is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)"
         )
-        _check(self.res_type in RES_TYPES, "res_type", self.res_type, " | ".join(RES_TYPES))
+        _check(self.res_type in res_types(), "res_type", self.res_type, " | ".join(res_types()))
         _check(_is_int(self.pre_num) and self.pre_num >= 0, "pre_num", self.pre_num, "an integer >= 0")
         _check(
             self.target_modules is None

@@ -1,26 +1,29 @@
-"""The diffusers front end: attention processor, pipelines, standard LoRA export."""
+"""Deprecated: the diffusers front end moved to :mod:`reslora_diffusers.frontends` (model
+families) and :mod:`reslora_diffusers.export` (files). These names stay for one release."""
 
-from .export import export_lora, fuse_lora
-from .model import (
+import warnings
+
+from ..export.diffusers import export_lora, fuse_lora
+from ..frontends import (
+    ResLoRAAttnProcessor,
     add_reslora_to_pipeline,
-    add_reslora_to_text_encoder,
-    add_reslora_to_unet,
     pipeline_components,
     remove_reslora_from_pipeline,
-    remove_reslora_from_unet,
     reslora_components,
 )
-from .processor import ResLoRAAttnProcessor
+
+warnings.warn(
+    "reslora_diffusers.diffusion is deprecated; use reslora_diffusers.frontends and reslora_diffusers.export",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 __all__ = [
     "ResLoRAAttnProcessor",
     "add_reslora_to_pipeline",
     "export_lora",
     "fuse_lora",
-    "add_reslora_to_text_encoder",
-    "add_reslora_to_unet",
     "pipeline_components",
     "remove_reslora_from_pipeline",
-    "remove_reslora_from_unet",
     "reslora_components",
 ]

@@ -6,6 +6,8 @@ import argparse
 import shlex
 from pathlib import Path
 
+from ..core import get_shortcut
+
 CARD = """---
 library_name: diffusers
 base_model: {base}
@@ -24,7 +26,7 @@ A LoRA for `{base}` trained with `train_text_to_image.py` of reslora-diffusers.
 | data | {data} |
 | method | {method} |
 | steps | {steps} (batch {batch} x {accum} accumulation x {procs} process(es)), learning rate {lr} |
-| merge fidelity | {fidelity} |
+| merge output error (lower is better) | {output_error} |
 | prompt accuracy | {accuracy} |
 
 {grid}
@@ -54,7 +56,7 @@ def method_text(args: argparse.Namespace) -> str:
     if args.use_peft:
         return f"PEFT LoRA, rank {args.rank}, alpha {args.lora_alpha or args.rank}, {where}"
     text = f"ResLoRA `{args.res_type}`"
-    if args.res_type in ("bs", "ms"):
+    if get_shortcut(args.res_type, args.pre_num).uses_pre_num:
         text += f" (pre_num {args.pre_num})"
     return (
         text
@@ -80,10 +82,10 @@ def files_text(args: argparse.Namespace) -> str:
     return "Files: " + ", ".join(files) + "."
 
 
-def fidelity_text(report: dict | None) -> str:
+def output_error_text(report: dict | None) -> str:
     if not report:
         return "n/a (plain LoRA, nothing to merge)"
-    return ", ".join(f"{name}: {comp['fidelity']:.2e}" for name, comp in report["components"].items())
+    return ", ".join(f"{name}: {comp['output_error']:.2e}" for name, comp in report["components"].items())
 
 
 def accuracy_text(before: float | None, after: float | None, images: int) -> str:
@@ -114,7 +116,7 @@ def write_model_card(
         accum=args.gradient_accumulation_steps,
         procs=num_processes,
         lr=args.learning_rate,
-        fidelity=fidelity_text(report),
+        output_error=output_error_text(report),
         accuracy=accuracy_text(*accuracy),
         grid=f"Final samples:\n\n![samples]({grid.relative_to(output_dir).as_posix()})" if grid else "",
         output_dir=output_dir,

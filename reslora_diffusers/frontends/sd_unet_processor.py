@@ -13,27 +13,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.layer import ResLoRALinear
+from ..core import ResLoRALayer
 
 
 def project(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """Apply several projections to the same input, fusing the A products of ResLoRA blocks.
 
     For block ``i``: ``y_i = W_i x + s B_stack_i(mid_i)`` with every ``A_stack_i x`` taken from
-    one product ``x @ [A_stack_1; A_stack_2; ...]^T``.
+    one product ``x @ [A_stack_1; A_stack_2; ...]^T`` (through the blocks' public
+    :meth:`~reslora_diffusers.core.ResLoRALayer.start` / ``finish`` calls).
     """
-    blocks = [m for m in modules if isinstance(m, ResLoRALinear) and m._merged is None]
+    blocks = [m for m in modules if isinstance(m, ResLoRALayer)]
     if len(blocks) < 2:
         return [m(x) for m in modules]
-    weights = [b.a_weight() for b in blocks]
-    a_all = torch.cat(weights, dim=0)
-    ax_all = F.linear(blocks[0].dropout(x.to(a_all.dtype)), a_all)
-    ax_parts = dict(zip(blocks, ax_all.split([w.shape[0] for w in weights], dim=-1)))
+    started = {b: b.start(x) for b in blocks}
+    a_all = torch.cat([a for _, a in started.values()], dim=0)
+    ax_all = blocks[0].apply_a(blocks[0].dropout(x), a_all)
+    ax_parts = dict(zip(blocks, ax_all.split([a.shape[0] for _, a in started.values()], dim=-1)))
     outs = []
     for m in modules:
         if m in ax_parts:
             base = m.base_layer(x)
-            outs.append(base + m.finish(x, ax_parts[m]).to(base.dtype))
+            outs.append(base + m.finish(started[m][0], x, ax_parts[m]).to(base.dtype))
         else:
             outs.append(m(x))
     return outs

@@ -1,4 +1,10 @@
-"""Attach ResLoRA to a model and take it off again: ``add_reslora`` / ``remove_reslora``."""
+"""Attach ResLoRA to a module tree and take it off again.
+
+:func:`attach_reslora` is the model-agnostic step the front ends build on: it wraps every
+adaptable layer whose path ends with a target (see :mod:`.layers` for the kinds) and
+installs the hooks that empty the chains' caches around every forward pass. The public
+entry point for users is :func:`reslora_diffusers.add_reslora`, which picks the front end.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ import torch.nn as nn
 
 from .chain import Chain, chain_key, log_structure
 from .config import ResLoRAConfig
-from .layer import ResLoRALinear, is_conv1d
+from .layers import ResLoRALayer, layer_class_for
+from .shortcuts import Shortcut, get_shortcut
 
 logger = logging.getLogger(__name__)
 
@@ -19,11 +26,12 @@ STATE_ATTR = "_reslora_state"
 
 @dataclass
 class ResLoRAState:
-    """What ``add_reslora`` keeps on the model: config, chains, blocks and hooks."""
+    """What :func:`attach_reslora` keeps on the model: config, shortcut, chains, blocks, hooks."""
 
     config: ResLoRAConfig
+    shortcut: Shortcut
     chains: dict[str, Chain]
-    blocks: dict[str, ResLoRALinear]
+    blocks: dict[str, ResLoRALayer]
     requires_grad: dict[str, bool]
     hooks: list = field(default_factory=list)
     logged: bool = False
@@ -33,18 +41,44 @@ class ResLoRAState:
     def traced(self) -> bool:
         return all(c.frozen for c in self.chains.values())
 
+    def untraced_blocks(self) -> list[ResLoRALayer]:
+        """Blocks that did not run in the traced pass (they act as plain LoRA)."""
+        return [b for b in self.blocks.values() if b.chain.position(b) is None]
 
-def add_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
-    """Wrap every linear layer whose name ends with a target in a :class:`ResLoRALinear`.
+
+def matches_target(path: str, targets: list[str]) -> str | None:
+    """The first target that ``path`` ends with on a ``.`` boundary (as PEFT matches), or None."""
+    return next((t for t in targets if path == t or path.endswith("." + t)), None)
+
+
+def find_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:
+    """``(module path, matched target)`` for every adaptable layer whose path ends with a target."""
+    found, names = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, ResLoRALayer) or layer_class_for(module) is None:
+            continue
+        names.append(name)
+        target = matches_target(name, targets)
+        if target is not None:
+            found.append((name, target))
+    if not found:
+        sample = ", ".join(names[:8]) or "none"
+        raise ValueError(
+            f"add_reslora: no linear or convolution layer of {type(model).__name__} ends with any of "
+            f"target_modules {list(targets)}; searched {len(names)} layers (e.g. {sample})"
+        )
+    return found
+
+
+def attach_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
+    """Wrap every layer whose name ends with one of ``config.target_modules`` in a ResLoRA layer.
 
     The model is changed in place and returned: all its parameters are frozen and only the
     ``lora_A``/``lora_B`` of the new blocks train. Chains are traced by the first forward pass.
-    Models with a dedicated front end (diffusers UNets, pipelines) are handled by
-    :func:`reslora_diffusers.add_reslora`, which calls this.
     """
     if not isinstance(config, ResLoRAConfig):
         raise TypeError(f"add_reslora expects a ResLoRAConfig, got {type(config).__name__}")
-    if hasattr(model, STATE_ATTR):
+    if has_reslora(model):
         raise ValueError("add_reslora: this model already has ResLoRA; call remove_reslora first")
     if config.target_modules is None:
         raise ValueError(
@@ -54,16 +88,17 @@ def add_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     targets = find_targets(model, config.target_modules)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
+    shortcut = get_shortcut(config.res_type, config.pre_num)
     chains: dict[str, Chain] = {}
-    blocks: dict[str, ResLoRALinear] = {}
-    max_preds = _max_preds(config)
+    blocks: dict[str, ResLoRALayer] = {}
     for name, target in targets:
         key = chain_key(name, target)
-        chain = chains.setdefault(key, Chain(key, max_preds))
-        block = ResLoRALinear(model.get_submodule(name), config, name, chain)
+        chain = chains.setdefault(key, Chain(key, shortcut))
+        base = model.get_submodule(name)
+        block = layer_class_for(base)(base, config, name, chain)
         _set_submodule(model, name, block)
         blocks[name] = block
-    state = ResLoRAState(config, chains, blocks, requires_grad)
+    state = ResLoRAState(config, shortcut, chains, blocks, requires_grad)
     state.hooks = [
         model.register_forward_pre_hook(lambda m, args: _begin_pass(m)),
         model.register_forward_hook(lambda m, args, out: _end_pass(m)),
@@ -80,7 +115,7 @@ def add_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     return model
 
 
-def remove_reslora(model: nn.Module) -> nn.Module:
+def detach_reslora(model: nn.Module) -> nn.Module:
     """Put the original modules back and restore each parameter's ``requires_grad``."""
     state = get_state(model)
     for name, block in state.blocks.items():
@@ -94,9 +129,18 @@ def remove_reslora(model: nn.Module) -> nn.Module:
 
 
 def get_state(model: nn.Module) -> ResLoRAState:
+    """The :class:`ResLoRAState` of a model with ResLoRA (``ValueError`` otherwise)."""
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         raise ValueError(f"{type(model).__name__} has no ResLoRA; call add_reslora first")
+    return state
+
+
+def traced_state(model: nn.Module) -> ResLoRAState:
+    """:func:`get_state`, requiring that a forward pass (or a checkpoint) fixed the chains."""
+    state = get_state(model)
+    if not state.traced():
+        raise RuntimeError("ResLoRA chains are traced by a forward pass: run the model once first")
     return state
 
 
@@ -104,57 +148,22 @@ def has_reslora(model: nn.Module) -> bool:
     return hasattr(model, STATE_ATTR)
 
 
-def reslora_chains(model: nn.Module) -> dict[str, list[ResLoRALinear]]:
+def reslora_chains(model: nn.Module) -> dict[str, list[ResLoRALayer]]:
     """One list of blocks per chain (role), in forward-execution order.
 
     The order is traced, so at least one forward pass must have run (or the structure
     must come from a loaded checkpoint).
     """
-    state = _traced_state(model)
-    return {name: list(chain.blocks) for name, chain in state.chains.items()}
+    return {name: list(chain.blocks) for name, chain in traced_state(model).chains.items()}
 
 
 def chain_structure(model: nn.Module) -> dict[str, dict]:
     """The chains as data: module paths, links and segments per chain (JSON-serialisable)."""
-    state = _traced_state(model)
-    return {name: chain.describe() for name, chain in state.chains.items()}
+    return {name: chain.describe() for name, chain in traced_state(model).chains.items()}
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for b in get_state(model).blocks.values() for p in (b.lora_A, b.lora_B)]
-
-
-def find_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:
-    """``(module path, matched target)`` for every linear layer whose path ends with a target."""
-    found, linear_names = [], []
-    for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-            continue
-        linear_names.append(name)
-        for t in targets:
-            if name == t or name.endswith("." + t):
-                found.append((name, t))
-                break
-    if not found:
-        sample = ", ".join(linear_names[:8]) or "none"
-        raise ValueError(
-            f"add_reslora: no linear layer of {type(model).__name__} ends with any of target_modules "
-            f"{list(targets)}; searched {len(linear_names)} linear layers (e.g. {sample})"
-        )
-    return found
-
-
-def _traced_state(model: nn.Module) -> ResLoRAState:
-    state = get_state(model)
-    if not state.traced():
-        raise RuntimeError("ResLoRA chains are traced by a forward pass: run the model once first")
-    return state
-
-
-def _max_preds(config: ResLoRAConfig) -> int:
-    from .shortcuts import SHORTCUTS
-
-    return SHORTCUTS[config.res_type](config.pre_num).max_preds
 
 
 def _begin_pass(model: nn.Module) -> None:
@@ -162,7 +171,7 @@ def _begin_pass(model: nn.Module) -> None:
     if (
         model.training
         and torch.is_grad_enabled()
-        and state.config.res_type in ("is", "ms")
+        and state.shortcut.reads_activations
         and _checkpointing(model)
     ):
         raise ValueError(
@@ -191,7 +200,7 @@ def _end_pass(model: nn.Module) -> None:
         chain.new_pass()
     if not state.logged:
         state.logged = True
-        log_structure(state.chains, [n for n, b in state.blocks.items() if b._pos is None])
+        log_structure(state.chains, [b.module_path for b in state.untraced_blocks()])
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

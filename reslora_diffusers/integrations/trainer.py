@@ -23,8 +23,7 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..core import save_reslora_checkpoint
-from ..core.model import has_reslora
+from ..core import has_reslora, save_reslora_checkpoint
 
 logger = logging.getLogger(__name__)
 

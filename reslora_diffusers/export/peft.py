@@ -7,7 +7,8 @@ module ``A'`` (r' x in) and ``B'`` (out x r') with the scaling already in ``B'``
 ``bs`` (``(k+1) r`` with ``k`` predecessors) and after ``rank=`` truncation; the modules whose
 rank differs from the most common one get their own entry in PEFT's ``rank_pattern`` and
 ``alpha_pattern`` (keys are the escaped full module paths, longest first, so each matches
-exactly one module). GPT-2's ``Conv1D`` layers are written with ``fan_in_fan_out=True``.
+exactly one module). GPT-2's ``Conv1D`` layers are written with ``fan_in_fan_out=True``; ``Conv2d``
+layers as PEFT's convolution LoRA (``A`` ``(r, in, kh, kw)``, ``B`` ``(out, r, 1, 1)``).
 
 Files written atomically to ``output_dir``:
 
@@ -29,10 +30,8 @@ from pathlib import Path
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from ..core import MergedLoRA, merge_to_lora
-from ..core.layer import ResLoRALinear, is_conv1d
-from ..core.merge import Batch
-from ..core.model import get_state
+from ..core import ResLoRAConv1D, ResLoRALayer, get_state
+from ..merge import Batch, MergedLoRA, merge_to_lora
 from ..utils.io import atomic_dir
 
 PREFIX = "base_model.model."
@@ -70,7 +69,7 @@ def export_peft_adapter(
 
     ``PeftModel.from_pretrained(base, output_dir)`` then computes ``W x + B' A' x`` in every
     adapted layer: exactly the merged model (``bs``/``none`` equal the ResLoRA model up to
-    float round-off; ``is``/``ms`` differ by ``report.fidelity`` on ``eval_inputs``).
+    float round-off; ``is``/``ms`` differ by ``report.output_error`` on ``eval_inputs``).
 
     Args:
         model: a transformers (or any) model prepared with ``add_reslora``, traced by a forward.
@@ -113,7 +112,7 @@ def lora_config_for(model: nn.Module, merged: MergedLoRA, task_type: str | None,
         alpha_pattern=dict(pattern),
         target_modules=sorted(ranks),
         lora_dropout=state.config.dropout,
-        fan_in_fan_out=any(is_conv1d(state.blocks[p].base_layer) for p in ranks),
+        fan_in_fan_out=any(isinstance(state.blocks[p], ResLoRAConv1D) for p in ranks),
         bias="none",
         task_type=task_type,
         modules_to_save=modules_to_save or None,
@@ -166,7 +165,7 @@ def _trained_modules(model: nn.Module) -> list[str]:
             path
             and params
             and all(p.requires_grad for p in params)
-            and not any(isinstance(m, ResLoRALinear) for m in module.modules())
+            and not any(isinstance(m, ResLoRALayer) for m in module.modules())
             and not any(path.startswith(f + ".") for f in found)
         ):
             found.append(path)
@@ -174,7 +173,7 @@ def _trained_modules(model: nn.Module) -> list[str]:
 
 
 def _check_no_block(path: str, module: nn.Module) -> None:
-    inner = next((m.module_path for m in module.modules() if isinstance(m, ResLoRALinear)), None)
+    inner = next((m.module_path for m in module.modules() if isinstance(m, ResLoRALayer)), None)
     if inner is not None:
         raise ValueError(
             f"export_peft_adapter: modules_to_save entry {path!r} contains the ResLoRA layer {inner}; "

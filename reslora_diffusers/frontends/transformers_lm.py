@@ -1,4 +1,4 @@
-"""Target-module presets by transformers ``model_type``, and ``add_reslora`` for transformers models.
+"""transformers language models (NLG and NLU): default targets by ``model.config.model_type``.
 
 The core matches targets as module-path suffixes on ``.`` boundaries (as PEFT does), and
 forms one chain per role: the path after the last layer index plus the target, e.g.
@@ -7,19 +7,17 @@ forms one chain per role: the path after the last layer index plus the target, e
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch.nn as nn
 
-from ..core import ResLoRAConfig
-from ..core import model as core
+from .base import FrontEnd, is_instance, register_frontend
+from .clip_text import CLIP_MODEL_TYPES, CLIP_TEXT_TARGETS
 
 logger = logging.getLogger(__name__)
 
 _DECODER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ENCODER = ("query", "key", "value", "attention.output.dense")
-_CLIP_TEXT = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 #: ``model.config.model_type`` -> default ``target_modules``.
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -32,8 +30,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     # ``attention.output.dense`` is the attention output; the MLP's ``output.dense`` is not targeted.
     "bert": _ENCODER,
     "roberta": _ENCODER,
-    "clip_text_model": _CLIP_TEXT,
-    "clip_text_model_with_projection": _CLIP_TEXT,
+    **dict.fromkeys(CLIP_MODEL_TYPES, CLIP_TEXT_TARGETS),
 }
 
 
@@ -48,20 +45,20 @@ def preset_targets(model_type: str) -> list[str]:
     return list(PRESETS[model_type])
 
 
-def resolve_config(model: nn.Module, config: ResLoRAConfig) -> ResLoRAConfig:
-    """``config`` with ``target_modules`` filled from the model type's preset when it is ``None``."""
-    if config.target_modules is not None:
-        return config
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    targets = preset_targets(model_type)
-    logger.info("ResLoRA: preset target_modules for %s: %s", model_type, " ".join(targets))
-    return dataclasses.replace(config, target_modules=targets)
+class TransformersLM(FrontEnd):
+    """Any ``transformers.PreTrainedModel``; targets from :data:`PRESETS` by model type."""
+
+    name = "transformers"
+    priority = 10
+
+    def matches(self, model):
+        return is_instance(model, "transformers", ("PreTrainedModel",))
+
+    def default_targets(self, model: nn.Module) -> list[str]:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets = preset_targets(model_type)
+        logger.info("ResLoRA: preset target_modules for %s: %s", model_type, " ".join(targets))
+        return targets
 
 
-def add_reslora_transformers(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
-    """Apply ResLoRA to a transformers model in place (``target_modules=None``: the preset).
-
-    Every targeted ``nn.Linear`` / ``Conv1D`` computes ``W x_n + s * B_stack(mid_n)`` as in
-    :class:`~reslora_diffusers.core.ResLoRALinear`; the chains are traced by the first forward.
-    """
-    return core.add_reslora(model, resolve_config(model, config))
+TRANSFORMERS_LM = register_frontend(TransformersLM())

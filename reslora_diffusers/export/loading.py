@@ -6,9 +6,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .export import DIFFUSERS_FILE
-
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+from ..frontends.sd_pipeline import KOHYA_PREFIXES
+from .diffusers import DIFFUSERS_FILE
 
 
 def resolve_lora_file(path: str | Path) -> Path:
@@ -25,7 +24,8 @@ def check_lora_file(pipe, path: str | Path) -> Path:
     """Raise ``ValueError`` naming the first key of ``path`` that does not fit ``pipe``.
 
     diffusers-format keys (``unet.<module>.lora_A.weight``...) are checked module by module
-    (it must exist and ``A`` must be ``(r, in)``, ``B`` ``(out, r)``); kohya-format files are
+    (it must exist and ``A`` must be ``(r, in)``, ``B`` ``(out, r)``, with kernel dimensions for
+    convolutions); kohya-format files are
     accepted when they hold kohya LoRA keys (diffusers' converter checks them on load).
     """
     path = resolve_lora_file(path)
@@ -55,16 +55,16 @@ def _check_key(pipe, filename: str, key: str, shape: tuple[int, ...]) -> None:
         path = path.removeprefix("text_model.")
     module = modules.get(path)
     weight = getattr(module, "weight", None)
-    if weight is None or weight.ndim != 2:
+    if weight is None or weight.ndim not in (2, 4):
         raise ValueError(
-            f"{filename}: key {key!r} names no linear layer of the base model (LoRA for another base?)"
+            f"{filename}: key {key!r} names no linear or convolution layer of the base model "
+            "(LoRA for another base?)"
         )
-    out_f, in_f = weight.shape
-    if (
-        len(shape) != 2
-        or (".lora_A." in key and shape[1] != in_f)
-        or (".lora_B." in key and shape[0] != out_f)
-    ):
+    # A is (r, in[, kh, kw]) and B (out, r[, 1, 1]), as PEFT's Linear and Conv2d LoRA
+    fits = len(shape) == weight.ndim and (
+        shape[1:] == tuple(weight.shape[1:]) if ".lora_A." in key else shape[0] == weight.shape[0]
+    )
+    if not fits:
         raise ValueError(
             f"{filename}: key {key!r} has shape {shape}, which does not fit the base layer {tuple(weight.shape)} "
             "(LoRA for another base model?)"

@@ -1,5 +1,5 @@
 """What the NLU and NLG examples share: the method flags, the ``TrainingArguments`` they
-map to, and model-ready batches for the merge (calibration and held-out fidelity)."""
+map to, and model-ready batches for the merge (calibration and held-out output error)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..core import MERGE_METHODS, RES_TYPES, ResLoRAConfig
+from ..core import MERGE_METHODS, ResLoRAConfig
+from ..core.shortcuts import res_types as registered_res_types
 
 
 def load_raw_dataset(name: str, config_name: str | None = None):
@@ -39,7 +40,7 @@ def add_method_arguments(
         "--res_type",
         nargs="+",
         default=res_types,
-        choices=RES_TYPES,
+        choices=registered_res_types(),
         help="methods to train and compare on the same base; 'none' is plain LoRA",
     )
     g.add_argument("--pre_num", type=int, default=1, help="earlier blocks in a bs/ms shortcut")

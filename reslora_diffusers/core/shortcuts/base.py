@@ -1,0 +1,165 @@
+"""The shortcut contract: everything a ResLoRA shortcut type decides, in one class.
+
+Every block computes ``delta_n = s * B_stack (mid_n)`` where ``mid_n`` is built from
+``ax_n = A_stack x_n``. A type says:
+
+* ``a_weight`` / ``b_weight``: the stacked factors it applies (``A_n``/``B_n`` unless it
+  stacks earlier blocks' factors, as ``bs`` does);
+* ``caches``: which activations of this pass later blocks read (``"x"``, ``"ax"``);
+* ``link_ok``: whether block ``n-1`` may feed block ``n`` (decided once, while tracing);
+* ``mid``: the forward term;
+* ``stat``: what its norm window records for the input merge (``"x"``, ``"ax"`` or None);
+* ``exact_merge`` and ``merged_factors``: how it becomes a plain LoRA;
+* ``calibration_terms``: what the calibrated merges fit.
+
+Nothing outside this package compares ``res_type`` names; a new type is one subclass and
+one :func:`~reslora_diffusers.core.shortcuts.register_shortcut` call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from reslora_diffusers.core.chain import Step
+    from reslora_diffusers.core.layers import ResLoRALayer
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+class MergeContext(Protocol):
+    """What a merge offers the shortcut types (implemented in :mod:`reslora_diffusers.merge`)."""
+
+    #: the merge fits ``A'_n = A_n + G_n`` on calibration batches (``calibrated``, ``sequential``)
+    calibrated: bool
+    #: ``input`` or ``weight`` for the paper's scalar merges
+    method: str
+
+    def window_mean(self, block: ResLoRALayer) -> float:
+        """``f_n``: mean of the block's norm window."""
+
+    def weight_ratio(self, block: ResLoRALayer, lag: int) -> float:
+        """``f*_{n-lag-1} / f*_{n-1}`` of the already merged weights (1 where missing)."""
+
+    def correction(self, block: ResLoRALayer) -> torch.Tensor:
+        """The calibrated ``G_n`` of the block, shaped like ``A_n``."""
+
+    def record_alpha(self, block: ResLoRALayer, alpha: float) -> None:
+        """Report the scalar ``alpha*`` a merge used."""
+
+
+@dataclass
+class CalibrationTerm:
+    """One shortcut term of block n as the calibrated merge sees it: ``coeff * A_src x_src``.
+
+    ``source`` is the block whose ``A`` (and convolution geometry) reads ``x_src``, an input
+    of an earlier block of the same pass.
+    """
+
+    source: ResLoRALayer
+    x_src: torch.Tensor
+    coeff: float = 1.0
+
+
+class Shortcut:
+    """Plain LoRA (``res_type="none"``): no shortcut; also the base of the other types."""
+
+    name: ClassVar[str] = "none"
+    #: per-block statistic the norm window records for the input merge ("x", "ax" or None)
+    stat: ClassVar[str | None] = None
+    #: activations of the current pass that later blocks read
+    caches: ClassVar[tuple[str, ...]] = ()
+    #: the type merges into a plain LoRA exactly (no calibration, no approximation)
+    exact_merge: ClassVar[bool] = True
+    #: ``pre_num`` changes what the type computes (shown in reports and model cards)
+    uses_pre_num: ClassVar[bool] = False
+
+    def __init__(self, pre_num: int) -> None:
+        self.pre_num = pre_num
+
+    @property
+    def max_preds(self) -> int:
+        """How many earlier blocks of the chain feed one block at most."""
+        return 0
+
+    @property
+    def reads_activations(self) -> bool:
+        """Blocks read activations cached earlier in the same pass, which gradient
+        checkpointing would recompute out of order."""
+        return bool(self.caches)
+
+    def link_ok(self, step: Step, block: ResLoRALayer, x: torch.Tensor) -> bool:
+        """May the block before ``block`` in the chain feed it? (``step.chain`` has its cache.)"""
+        return False
+
+    def a_weight(self, block: ResLoRALayer, preds: list[ResLoRALayer]) -> torch.Tensor:
+        return block.lora_A
+
+    def b_weight(self, block: ResLoRALayer, preds: list[ResLoRALayer]) -> torch.Tensor:
+        return block.lora_B
+
+    def mid(self, block: ResLoRALayer, step: Step, x: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:
+        """The intermediate ``mid_n`` from ``ax = A_stack x`` and this pass's cache."""
+        return ax
+
+    def own_ax(self, block: ResLoRALayer, ax: torch.Tensor) -> torch.Tensor:
+        """``A_n x_n`` out of ``ax = A_stack x_n`` (what later blocks and the norm window read)."""
+        return ax
+
+    def merged_factors(self, block: ResLoRALayer, preds: list[ResLoRALayer], ctx: MergeContext) -> Factors:
+        """``(A', B')`` of the plain LoRA, scaling baked into ``B'`` (``dW = B' A'``)."""
+        return block.lora_A.detach(), block.lora_B.detach() * block.scaling
+
+    def calibration_terms(self, block: ResLoRALayer, step: Step) -> list[CalibrationTerm]:
+        """The shortcut's terms ``z_k`` of block n in this pass, one per predecessor."""
+        return []
+
+
+class ActivationShortcut(Shortcut, ABC):
+    """Shortcuts that read earlier activations (``is``, ``ms``). They merge approximately:
+    by a scalar ``alpha`` (``dW_n = s (1 + alpha) B_n A_n``, paper) or by the calibrated map
+    ``A'_n = A_n + G_n`` fitted on :meth:`calibration_terms`."""
+
+    exact_merge = False
+
+    @abstractmethod
+    def input_alpha(self, block: ResLoRALayer, preds: list[ResLoRALayer], ctx: MergeContext) -> float:
+        """``alpha`` of the input merge, from the norm windows."""
+
+    @abstractmethod
+    def weight_alpha(self, block: ResLoRALayer, preds: list[ResLoRALayer], ctx: MergeContext) -> float:
+        """``alpha`` of the weight merge, from the merged weights' norms."""
+
+    def merged_factors(self, block, preds, ctx):
+        A, B = block.lora_A.detach(), block.lora_B.detach() * block.scaling
+        if not preds:
+            return A, B
+        if ctx.calibrated:
+            return A + ctx.correction(block), B
+        if ctx.method == "input":
+            alpha = self.input_alpha(block, preds, ctx)
+        else:
+            alpha = self.weight_alpha(block, preds, ctx)
+        ctx.record_alpha(block, alpha)
+        return A, B * (1 + alpha)
+
+
+def check_cached(block: ResLoRALayer, pred: ResLoRALayer, cached, current: torch.Tensor) -> torch.Tensor:
+    """The cached activation of ``pred``, checked against what this pass computes."""
+    if cached is None:
+        raise RuntimeError(
+            f"ResLoRA: {block.module_path} needs {pred.module_path} from the same forward pass, "
+            "but that block has not run in this pass. Gradient checkpointing recomputes blocks "
+            "out of order and is supported only for shortcut types that read no activations "
+            "(res_type 'none' and 'bs')."
+        )
+    if cached.shape != current.shape:
+        raise ValueError(
+            f"ResLoRA: shortcut {pred.module_path} -> {block.module_path} was traced with equal shapes "
+            f"but now sees {tuple(cached.shape)} vs {tuple(current.shape)}"
+        )
+    return cached

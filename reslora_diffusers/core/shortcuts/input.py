@@ -1,0 +1,43 @@
+"""``is`` (input shortcut): ``h_n = W_n x_n + s B_n A_n (x_n + x_{n-1})``."""
+
+from __future__ import annotations
+
+from . import register_shortcut
+from .base import ActivationShortcut, CalibrationTerm, check_cached
+
+
+@register_shortcut
+class InputShortcut(ActivationShortcut):
+    """Block n also applies its own ``A_n`` to the previous block's input ``x_{n-1}``.
+
+    One predecessor always (``pre_num`` does not apply); the link needs equal input shapes.
+    """
+
+    name = "is"
+    stat = "x"
+    caches = ("x",)
+
+    @property
+    def max_preds(self) -> int:
+        return 1
+
+    def link_ok(self, step, block, x):
+        prev = step.chain.cached("x", step.pos - 1)
+        return prev is not None and prev.shape == x.shape
+
+    def mid(self, block, step, x, ax):
+        if not step.preds:
+            return ax
+        x_prev = check_cached(block, step.pred_blocks[0], step.chain.cached("x", step.preds[0]), x)
+        return ax + block.apply_a(block.dropout(x_prev), block.lora_A)
+
+    def calibration_terms(self, block, step):
+        return [CalibrationTerm(block, step.chain.cached("x", p)) for p in step.preds]
+
+    def input_alpha(self, block, preds, ctx):
+        """``f_{n-1} / f_n`` of the input norm windows."""
+        return ctx.window_mean(preds[0]) / ctx.window_mean(block)
+
+    def weight_alpha(self, block, preds, ctx):
+        """``f*_{n-2} / f*_{n-1}`` (paper eq. 11)."""
+        return ctx.weight_ratio(block, 1)

@@ -1,0 +1,24 @@
+"""From a trained ResLoRA model to a plain LoRA: merge factors and report, calibration,
+low-rank truncation, and the output-error measurement."""
+
+from .calibration import calibrate, calibrate_sequential
+from .error import Batch, eval_mode, merged_view, output_tensor, reference_outputs, relative_error, run_batch
+from .factors import MergedLoRA, MergeReport, compare_merges, merge_to_lora
+from .lowrank import truncate
+
+__all__ = [
+    "Batch",
+    "MergeReport",
+    "MergedLoRA",
+    "calibrate",
+    "calibrate_sequential",
+    "compare_merges",
+    "eval_mode",
+    "merge_to_lora",
+    "merged_view",
+    "output_tensor",
+    "reference_outputs",
+    "relative_error",
+    "run_batch",
+    "truncate",
+]
