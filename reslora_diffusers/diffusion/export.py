@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from ..core.merge import MergedLoRA, merge_to_lora, reference_outputs, relative_error
 from ..core.model import _traced_state, get_state
 from ..utils.io import atomic_dir
+from ..utils.safety import save_safetensors
 from .kohya import base_model_version, kohya_state_dict
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def write_lora_files(
             for name, lora in merged.items()
             for k, v in lora.items()
         }
-        save_file(flat, str(out / DIFFUSERS_FILE), metadata={"format": "pt"})
+        save_safetensors(flat, out / DIFFUSERS_FILE, metadata={"format": "pt"})
     if "kohya" in formats:
         _write_kohya(out / KOHYA_FILE, merged, comps, report, metadata)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -277,7 +277,7 @@ def _write_kohya(path: Path, merged: dict, comps: dict, report: dict, extra: dic
         "reslora_fidelity": json.dumps({k: v["fidelity"] for k, v in report["components"].items()}),
     }
     meta.update(extra or {})
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors(tensors, path, metadata=meta)
 
 
 def fuse_lora(model: nn.Module, lora: dict[str, torch.Tensor]) -> nn.Module:
