@@ -21,7 +21,7 @@ from reslora_diffusers import (
     trainable_parameters,
 )
 from reslora_diffusers.cli import merge_main
-from reslora_diffusers.utils.io import atomic_dir, remove_stale_temporaries
+from reslora_diffusers.utils.io import atomic_dir
 from tests.tiny_pipes import tiny_sd_pipeline, unet_inputs
 from tests.toys import randomize_lora
 
@@ -141,6 +141,8 @@ def test_outputs_get_the_umask_permissions(saved, tmp_path):
 
 
 def test_interrupted_writes_are_cleaned_and_folders_are_merged_not_replaced(tmp_path):
+    from reslora_diffusers.utils.io import remove_stale_temporaries
+
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     (out / "sub" / "user.txt").write_text("mine")
