@@ -219,6 +219,11 @@ def test_unusable_output_dir_is_refused_before_anything_loads(data, tmp_path):
         message = _error(nowhere, data, out)
         assert f"--output_dir {out} cannot be a folder" in message, message
     assert a_file.read_text() == "not a folder"
+    finished = tmp_path / "finished"  # a run without checkpoints: "latest" has nothing to continue
+    finished.mkdir()
+    (finished / "train_log.jsonl").write_text("")
+    message = _error(nowhere, data, finished, "--resume_from_checkpoint", "latest")
+    assert "holds files but no checkpoint-<step> folder" in message, message
 
 
 def _records(out: Path) -> list[dict]:
