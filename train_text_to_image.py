@@ -19,6 +19,13 @@ At the end ``output_dir`` holds ``pytorch_lora_weights.safetensors`` (loads with
 
 from __future__ import annotations
 
+import os
+
+# Before torch starts its OpenMP threads: idle threads sleep instead of spinning, so that a
+# run shares a busy CPU gracefully (spinning threads of an oversubscribed CPU cost several
+# times the step time). A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import logging
@@ -52,13 +59,25 @@ from reslora_diffusers.eval import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS
 from reslora_diffusers.eval.analysis import parse_prompt
 from reslora_diffusers.frontends import CLIP_TEXT, UNET_CONV_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
 from reslora_diffusers.training.card import write_model_card
-from reslora_diffusers.training.checkpoints import resolve_resume, save_checkpoint
+from reslora_diffusers.training.checkpoints import (
+    check_checkpoint_files,
+    list_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
 from reslora_diffusers.training.data import (
     EpochSampler,
     TextImageDataset,
     collate,
     load_image_captions,
 )
+from reslora_diffusers.training.outputs import (
+    check_output_dir,
+    check_resume_identity,
+    prepare_output_dir,
+    run_identity,
+)
+from reslora_diffusers.utils.safety import check_finite
 
 logger = get_logger("train_text_to_image")
 
@@ -185,6 +204,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing_steps", type=int, default=400)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    p.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="remove a previous run's outputs from --output_dir first (other files are kept)",
+    )
+    p.add_argument(
+        "--allow_partial_resume",
+        action="store_true",
+        help="resume even if the checkpoint's random states cannot be restored (the run will not "
+        "repeat an uninterrupted one)",
+    )
     return p.parse_args(argv)
 
 
@@ -204,7 +234,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} {value} must be > 0")
     if args.use_peft:
         args.res_type = "none"
-    if args.gradient_checkpointing and get_shortcut(args.res_type, args.pre_num).reads_activations:
+    shortcut = get_shortcut(args.res_type, max(args.pre_num, 0))
+    if shortcut.uses_pre_num and args.pre_num < 1:
+        raise ValueError(
+            f"--pre_num {args.pre_num} must be >= 1 for --res_type {args.res_type} (--res_type none is plain LoRA)"
+        )
+    if args.gradient_checkpointing and shortcut.reads_activations:
         raise ValueError(
             f"--gradient_checkpointing cannot be used with --res_type {args.res_type}: its shortcut caches "
             "activations of the current forward pass, which checkpointing recomputes; use bs or none"
@@ -581,6 +616,8 @@ def export(args, unet, text_encoder, inputs: dict) -> dict | None:
         if args.train_text_encoder:
             layers["text_encoder_lora_layers"] = get_peft_model_state_dict(text_encoder)
             layers["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+        for name in ("unet", "text_encoder"):
+            check_finite(layers.get(f"{name}_lora_layers", {}), f"{output_dir / LORA_FILE} ({name})")
         with tempfile.TemporaryDirectory(dir=output_dir) as tmp:  # no half-written file on failure
             StableDiffusionPipeline.save_lora_weights(tmp, **layers, safe_serialization=True)
             (Path(tmp) / LORA_FILE).replace(output_dir / LORA_FILE)
@@ -617,6 +654,7 @@ def final_evaluation(args, weight_dtype, resolution: int, log: TrainLog, step: i
 def train(args: argparse.Namespace, argv: list[str]) -> dict:
     """Train, checkpoint, validate and export; returns the summary printed at the end."""
     check_args(args)
+    check_output_dir(args)  # before anything slow is loaded
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -629,7 +667,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(args)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)  # the same adapter initialisation on every process
@@ -766,6 +804,9 @@ def resume(args, accelerator: Accelerator) -> int:
     path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if path is None:
         return 0
+    check_resume_identity(path, run_identity(args))
+    weights = PEFT_CHECKPOINT if args.use_peft else RESLORA_CHECKPOINT
+    check_checkpoint_files(path, weights, accelerator.process_index, args.allow_partial_resume)
     logger.info("resuming from %s", path)
     accelerator.load_state(str(path))
     return checkpoint_step(path)
@@ -798,6 +839,8 @@ def run_training(run: Run, global_step: int, steps_per_epoch: int) -> None:
                 loss = training_loss(run, batch)
                 avg = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
                 train_loss += avg.item() / args.gradient_accumulation_steps
+                if not math.isfinite(train_loss):  # every process sees the gathered loss
+                    raise ValueError(_diverged(args, global_step + 1, f"the training loss is {train_loss}"))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
@@ -817,7 +860,15 @@ def run_training(run: Run, global_step: int, steps_per_epoch: int) -> None:
                 )
             train_loss = 0.0
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                if not all(bool(torch.isfinite(p).all()) for p in run.params):  # never checkpoint NaN
+                    raise ValueError(_diverged(args, global_step, "the trained weights are not finite"))
+                save_checkpoint(
+                    accelerator,
+                    args.output_dir,
+                    global_step,
+                    args.checkpoints_total_limit,
+                    run_identity(args),
+                )
             if (
                 log
                 and args.validation_prompt
@@ -831,6 +882,13 @@ def run_training(run: Run, global_step: int, steps_per_epoch: int) -> None:
         if global_step >= args.max_train_steps:
             break
     progress.close()
+
+
+def _diverged(args, step: int, what: str) -> str:
+    """The error of a run that stops at NaN or infinite values, with the checkpoint to go back to."""
+    saved = list_checkpoints(args.output_dir)
+    last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved"
+    return f"step {step}: {what}; training stopped ({last}); try a lower --learning_rate or --max_grad_norm 1"
 
 
 def finish(run: Run, argv: list[str], dataset, tokenizer, data, validating: bool) -> dict:

@@ -33,6 +33,7 @@ from reslora_diffusers.data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFER
 from reslora_diffusers.eval import analyse_image, parse_prompt  # noqa: E402
 from reslora_diffusers.eval.analysis import attribute_matches  # noqa: E402
 from reslora_diffusers.export.loading import check_lora_file, resolve_lora_file  # noqa: E402
+from reslora_diffusers.utils.safety import check_finite_file  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class PipelineCache:
         pipe.set_progress_bar_config(disable=True)
         if lora is not None:
             path = check_lora_file(pipe, lora)
+            check_finite_file(path)  # NaN weights would render black images
             pipe.load_lora_weights(str(path.parent), weight_name=path.name)
         with self._lock:
             self._pipes[key] = pipe
@@ -92,7 +94,12 @@ def run_label(path: str | Path) -> str:
 def found_runs(runs_dir: Path = RUNS_DIR) -> list[str]:
     """Run folders under ``runs_dir`` that hold an exported LoRA, LoRA first."""
     order = [name for name, _ in DEFAULT_RUNS.values()]
-    runs = [p for p in sorted(runs_dir.glob("*")) if (p / "pytorch_lora_weights.safetensors").is_file()]
+    runs = [
+        p
+        for p in sorted(runs_dir.glob("*"))
+        if not p.name.startswith(".")  # hidden or an interrupted export's temporary folder
+        and (p / "pytorch_lora_weights.safetensors").is_file()
+    ]
     runs.sort(key=lambda p: order.index(p.name) if p.name in order else len(order))
     return [str(p) for p in runs]
 
@@ -123,22 +130,23 @@ def render(
     methods = [("base", None)] + [(run_label(p), p.strip()) for p in loras.splitlines() if p.strip()]
     gallery, problems = [], []
     for label, lora in methods:
-        try:
-            pipe = CACHE.get(base, str(resolve_lora_file(lora)) if lora else None)
-        except (ValueError, FileNotFoundError, OSError) as err:
-            problems.append(f"**{label}**: {err}")
-            continue
         n = int(num_images)
         generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(n)]
-        with torch.no_grad():
-            images = pipe(
-                prompt=[prompt] * n,
-                negative_prompt=[negative_prompt] * n if negative_prompt else None,
-                num_inference_steps=int(steps),
-                guidance_scale=float(guidance),
-                generator=generators,
-                cross_attention_kwargs={"scale": float(lora_scale)} if lora else None,
-            ).images
+        try:
+            pipe = CACHE.get(base, str(resolve_lora_file(lora)) if lora else None)
+            with torch.no_grad():
+                images = pipe(
+                    prompt=[prompt] * n,
+                    negative_prompt=[negative_prompt] * n if negative_prompt else None,
+                    num_inference_steps=int(steps),
+                    guidance_scale=float(guidance),
+                    generator=generators,
+                    cross_attention_kwargs={"scale": float(lora_scale)} if lora else None,
+                ).images
+        except Exception as err:  # each model fails alone: the others' images are still shown
+            logger.warning("%s failed: %s", label, err)
+            problems.append(f"**{label}**: {' '.join(str(err).split())}")
+            continue
         for i, image in enumerate(images):
             gallery.append((image, f"{label} | seed {int(seed) + i} | {score_caption(image, prompt)}"))
     status = "\n\n".join(problems) if problems else f"Rendered {len(methods)} models with the same seeds."
@@ -203,6 +211,7 @@ def train_default_runs(progress=gr.Progress()):  # noqa: B008 (how Gradio inject
     for i, (label, (folder, res_type)) in enumerate(DEFAULT_RUNS.items()):
         out = RUNS_DIR / folder
         cmd = [sys.executable, str(script), "--res_type", res_type, "--output_dir", str(out)]
+        cmd += ["--overwrite_output_dir"]  # the button retrains: the previous run is replaced
         cmd += ["--max_train_steps", str(TRAIN_STEPS), "--report_to", "none", *TRAIN_EXTRA_ARGS]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while proc.poll() is None:

@@ -81,6 +81,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     argv = [*METHODS[method], "--seed", str(seed), "--output_dir", str(out), "--report_to", "none"]
     argv += ["--max_train_steps", str(args.max_train_steps), "--validation_steps", str(args.validation_steps)]
     argv += ["--num_validation_images", str(args.num_validation_images), "--checkpointing_steps", "1000000"]
+    argv += ["--overwrite_output_dir"]  # a run folder without result.json is an interrupted run: redo it
     argv += args.train_args
     if (out / "result.json").is_file():
         result = _read_result(out / "result.json")

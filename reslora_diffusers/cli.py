@@ -1,7 +1,8 @@
 """``reslora-merge``: turn a ResLoRA checkpoint into standard LoRA files (and a fused pipeline).
 
 reslora-merge CHECKPOINT --base MODEL_DIR --output DIR [--merge input|weight|calibrated]
-              [--format diffusers|kohya|both] [--rank R] [--fuse]
+              [--format diffusers|kohya|both] [--rank R] [--fuse] [--overwrite]
+python -m reslora_diffusers.cli ...   (the same, from the checkout on the path)
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 from .api import load_reslora_checkpoint
 from .core.checkpoint import checkpoint_configs
 from .core.config import MERGE_METHODS
-from .utils.io import atomic_dir
+from .utils.io import atomic_dir, is_temporary, remove_stale_temporaries
+from .utils.safety import check_finite_file
 
 FORMAT_CHOICES = {"diffusers": ("diffusers",), "kohya": ("kohya",), "both": ("diffusers", "kohya")}
 FUSED_DIR = "fused_pipeline"
@@ -24,7 +26,12 @@ def merge_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reslora-merge", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="ResLoRA checkpoint (.safetensors) written by training")
     p.add_argument("--base", required=True, help="base diffusers pipeline: local folder or hub name")
-    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--output", required=True, help="output directory (new or empty, unless --overwrite)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder that holds files: the outputs are replaced, other files kept",
+    )
     p.add_argument("--merge", choices=MERGE_METHODS, default=None, help="default: the checkpoint's config")
     p.add_argument("--format", choices=sorted(FORMAT_CHOICES), default="both")
     p.add_argument("--rank", type=int, default=None, help="truncate merged updates to this rank (SVD)")
@@ -56,11 +63,23 @@ def merge_main(argv: list[str] | None = None) -> int:
 def run_merge(args: argparse.Namespace) -> dict:
     from diffusers import DiffusionPipeline
 
-    from .export.diffusers import check_formats, fuse_lora, merge_components, write_lora_files
+    from .export.diffusers import (
+        DIFFUSERS_FILE,
+        check_formats,
+        fuse_lora,
+        merge_components,
+        write_lora_files,
+    )
+    from .export.kohya import KOHYA_FILE
     from .frontends import remove_reslora_from_pipeline
 
     ckpt = Path(args.checkpoint)
+    if args.rank is not None and args.rank <= 0:
+        raise ValueError(f"--rank {args.rank} must be > 0")
+    output = Path(args.output)
+    check_output(output, args.overwrite)
     configs = checkpoint_configs(ckpt)
+    check_finite_file(ckpt)
     if "" in configs:
         raise ValueError(f"{ckpt}: a single-model checkpoint; reslora-merge needs a pipeline checkpoint")
     formats = check_formats(FORMAT_CHOICES[args.format])
@@ -80,14 +99,31 @@ def run_merge(args: argparse.Namespace) -> dict:
     merged, report = merge_components(
         comps, args.merge, rank=args.rank, chain_report=not args.no_chain_report
     )
-    with atomic_dir(args.output) as tmp:
+    remove_stale_temporaries(output)
+    with atomic_dir(output) as tmp:
         write_lora_files(tmp, merged, report, comps, formats, {"reslora_checkpoint": ckpt.name})
         if args.fuse:
             remove_reslora_from_pipeline(pipe)
             for name, lora in merged.items():
                 fuse_lora(comps[name], lora)
             pipe.save_pretrained(str(tmp / FUSED_DIR))
+        # --overwrite: a LoRA file of the other format is an earlier merge's, not this one's
+        for name in {DIFFUSERS_FILE, KOHYA_FILE} - {p.name for p in tmp.iterdir()}:
+            (output / name).unlink(missing_ok=True)
     return report
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an ``--output`` that is a file, or a folder holding files without ``--overwrite``."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder")
+    if output.is_dir() and not overwrite:
+        entries = sorted(p.name for p in output.iterdir() if not is_temporary(p))
+        if entries:
+            raise ValueError(
+                f"--output {output} already holds files ({', '.join(entries[:3])}"
+                f"{', ...' if len(entries) > 3 else ''}): choose a new folder, or --overwrite"
+            )
 
 
 if __name__ == "__main__":

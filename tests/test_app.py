@@ -10,7 +10,7 @@ import pytest
 import torch
 from gradio_client import Client
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import app.app as demo_app
 from app.app import build_app, merge_table, run_label
@@ -160,3 +160,35 @@ def test_train_button_makes_the_lora_and_reslora_runs(served, tmp_path, monkeypa
         assert (tmp_path / "runs" / folder / "pytorch_lora_weights.safetensors").is_file()
     assert json.loads((tmp_path / "runs" / "lora" / "merge_report.json").read_text())["res_type"] == "none"
     assert update["value"].splitlines() == [str(tmp_path / "runs" / f) for f in ("lora", "reslora")]
+
+
+def test_a_lora_that_fails_to_load_or_holds_nan_fails_alone(served):
+    """A rank mismatch between A and B passes the key/shape pre-check and fails inside diffusers'
+    loader; NaN weights load but draw black images: both are reported, the others still render."""
+    good = served["runs"][0]
+    tensors = load_file(good / "pytorch_lora_weights.safetensors")
+    folder = served["tmp"] / "bad_files"
+    folder.mkdir(exist_ok=True)
+    key_a = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
+    rank, width = tensors[key_a].shape
+    save_file({**tensors, key_a: torch.randn(rank + 1, width)}, str(folder / "mismatched.safetensors"))
+    key_b = sorted(k for k in tensors if k.endswith("lora_B.weight"))[0]
+    nan = {**tensors, key_b: torch.full_like(tensors[key_b], float("nan"))}
+    save_file(nan, str(folder / "nan_weights.safetensors"))
+
+    client = Client(served["url"], verbose=False)
+    loras = "\n".join(
+        [str(folder / "mismatched.safetensors"), str(good), str(folder / "nan_weights.safetensors")]
+    )
+    gallery, status = _generate(client, served, loras, num_images=1)
+    captions = [item["caption"] for item in gallery]
+    assert len(gallery) == 2 and captions[0].startswith("base") and captions[1].startswith("LoRA (lora)")
+    assert "**mismatched**" in status and "**nan_weights**" in status
+    assert f"tensor {key_b!r} holds NaN or infinite values" in status
+
+
+def test_temporary_folders_of_interrupted_exports_are_not_runs(tmp_path):
+    for name in ("reslora", ".reslora.k2x9.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert demo_app.found_runs(tmp_path) == [str(tmp_path / "reslora")]

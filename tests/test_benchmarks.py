@@ -55,3 +55,29 @@ def test_summary_pairs_losses_by_seed_and_finds_steps_to_the_baseline():
         "| ms | 1.8000 +- 0.9000 | -0.20000 +- 0.10000 | 60.0% +- 10.0% | 60.0% +- 10.0% | 10 | 2.0e-03 (max) |"
         in text
     )
+
+
+bench_load = _load("bench_load")
+
+
+def test_bench_load_times_steps_from_the_log_and_reports_the_ratios():
+    # cumulative times as train_log.jsonl writes them; validation records carry no loss
+    records = [{"step": s, "loss": 0.1, "time": 0.5 * s + (0.25 if s >= 12 else 0.0)} for s in range(1, 15)]
+    records.insert(3, {"kind": "validation", "step": 3, "validation_grid": "x.png"})
+    assert bench_load.step_times(records) == pytest.approx([0.5, 0.75, 0.5, 0.5])  # steps 11..14
+
+    medians = {
+        ("old", "idle"): 600.0,
+        ("old", "busy"): 2400.0,
+        ("new", "idle"): 600.0,
+        ("new", "busy"): 900.0,
+    }
+    text = bench_load.summarize(medians)
+    assert "| old | 600 | 2400 | 4.00x |" in text and "| new | 600 | 900 | 1.50x |" in text
+    assert "new / old, idle: 1.00x" in text and "new / old, busy: 0.38x" in text
+
+    # the old setting loads torch (and OpenMP with it) before the script can set a wait policy
+    old, new = bench_load.command("old", ["--seed", "1"]), bench_load.command("new", ["--seed", "1"])
+    assert new[1:] == [str(bench_load.SCRIPT), "--seed", "1"]
+    assert old[1] == "-c" and old[2].index("import sys, runpy, torch") < old[2].index("run_path")
+    assert old[3:] == ["--seed", "1"]

@@ -205,9 +205,113 @@ def test_bad_inputs_give_one_line_naming_the_problem(base, data, tmp_path):
         (["--resume_from_checkpoint", str(missing)], f"{missing} does not exist"),
         (["--target_modules", "to_q", "to_qq"], "--target_modules: 'to_qq'"),
         (["--gradient_checkpointing", "--res_type", "ms"], "--gradient_checkpointing"),
+        (["--pre_num", "0"], "--pre_num 0 must be >= 1 for --res_type bs"),
     ]
     for extra, expected in cases:
         assert expected in _error(base, data, tmp_path / "out", *extra), extra
+
+
+def test_unusable_output_dir_is_refused_before_anything_loads(data, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    nowhere = tmp_path / "no_base"  # loading it would fail: the output error must come first
+    for out in (a_file, a_file / "run"):
+        message = _error(nowhere, data, out)
+        assert f"--output_dir {out} cannot be a folder" in message, message
+    assert a_file.read_text() == "not a folder"
+    finished = tmp_path / "finished"  # a run without checkpoints: "latest" has nothing to continue
+    finished.mkdir()
+    (finished / "train_log.jsonl").write_text("")
+    message = _error(nowhere, data, finished, "--resume_from_checkpoint", "latest")
+    assert "holds files but no checkpoint-<step> folder" in message, message
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_rerun_into_a_used_folder_is_refused_and_overwrite_replaces_only_the_run(base, data, tmp_path):
+    out = tmp_path / "run"
+    _run(base, data, out, "--max_train_steps", "2", "--checkpointing_steps", "1")
+    (out / "notes.txt").write_text("mine")
+    before = (out / "train_log.jsonl").read_text()
+
+    message = _error(base, data, out, "--max_train_steps", "1")
+    assert f"--output_dir {out} already holds files" in message and "--overwrite_output_dir" in message
+    assert (out / "train_log.jsonl").read_text() == before  # untouched
+
+    # a resume under flags that make another model is refused, naming the flag
+    message = _error(base, data, out, "--res_type", "none", "--resume_from_checkpoint", "latest")
+    assert "checkpoint-2 belongs to a run with --res_type bs, this run has --res_type none" in message
+    message = _error(base, data, out, "--rank", "4", "--resume_from_checkpoint", str(out / "checkpoint-1"))
+    assert "--rank 8, this run has --rank 4" in message
+
+    _run(base, data, out, "--max_train_steps", "1", "--checkpointing_steps", "1", "--overwrite_output_dir")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # the old step 2 is gone
+    assert [r["step"] for r in _records(out)] == [1]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step_and_last_good_checkpoint(base, data, tmp_path):
+    out = tmp_path / "diverged"
+    extra = ["--learning_rate", "1e8", "--max_grad_norm", "0", "--max_train_steps", "6"]
+    message = _error(base, data, out, *extra, "--checkpointing_steps", "1", "--train_batch_size", "3")
+    assert "the training loss is nan" in message or "the trained weights are not finite" in message, message
+    step = int(message.split("error: step ")[1].split(":")[0])
+    saved = sorted(out.glob("checkpoint-*"))
+    assert (f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved") in message
+    for folder in saved:  # no checkpoint holds NaN weights
+        weights = load_file(folder / "reslora_checkpoint.safetensors")
+        assert all(torch.isfinite(v).all() for v in weights.values())
+    assert all(r["step"] < step and np.isfinite(r["loss"]) for r in _records(out))
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_damaged_or_incomplete_checkpoints_are_named_on_resume(base, data, tmp_path):
+    out = tmp_path / "run"
+    _run(base, data, out, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    ckpt = out / "checkpoint-1"
+    saved = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    def resume_error(*extra: str) -> str:
+        return _error(base, data, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest", *extra)
+
+    for name in ("reslora_checkpoint.safetensors", "optimizer.bin"):
+        (ckpt / name).write_bytes(saved[name][: len(saved[name]) // 2])
+        assert str(ckpt / name) in resume_error(), name
+        (ckpt / name).write_bytes(saved[name])
+    (ckpt / "random_states_0.pkl").unlink()
+    message = resume_error()
+    assert str(ckpt / "random_states_0.pkl") in message and "--allow_partial_resume" in message
+    _run(
+        base,
+        data,
+        out,
+        "--max_train_steps",
+        "2",
+        "--resume_from_checkpoint",
+        "latest",
+        "--allow_partial_resume",
+    )
+    assert [r["step"] for r in _records(out)] == [1, 2]
+
+
+def test_metadata_rows_naming_missing_or_outside_files_are_named(data, tmp_path):
+    folder = tmp_path / "set"
+    shutil.copytree(data, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    rows[2]["file_name"] = "gone.png"
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_image_captions(None, folder, "image", "text")
+    assert loaded.skipped == 1 and len(loaded.sources) == len(rows) - 1
+    rows[2]["file_name"] = "../outside.png"
+    shutil.copy(
+        data / json.loads((data / "metadata.jsonl").read_text().splitlines()[0])["file_name"],
+        tmp_path / "outside.png",
+    )
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="metadata.jsonl row 3: file_name '../outside.png' points outside"):
+        load_image_captions(None, folder, "image", "text")
 
 
 def test_corrupt_images_are_skipped_and_counted(data, tmp_path):

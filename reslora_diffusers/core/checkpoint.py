@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..utils.io import atomic_path
+from ..utils.safety import json_field, open_safetensors
 from .config import ResLoRAConfig
 from .inject import attach_reslora, get_state, has_reslora
 
@@ -73,7 +73,7 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ResLoRA checkpoint not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a ResLoRA checkpoint (metadata format={meta.get('format')!r})")
@@ -83,7 +83,7 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, str]:
 def checkpoint_configs(path: str | Path) -> dict[str, ResLoRAConfig]:
     """``{component: ResLoRAConfig}`` stored in a checkpoint (component ``""`` for one model)."""
     meta = read_checkpoint_metadata(path)
-    return {k: ResLoRAConfig.from_dict(v) for k, v in json.loads(meta["configs"]).items()}
+    return {k: ResLoRAConfig.from_dict(v) for k, v in json_field(meta, "configs", path).items()}
 
 
 def load_checkpoint(
@@ -101,13 +101,13 @@ def load_checkpoint(
     """
     path = Path(path)
     meta = read_checkpoint_metadata(path)
-    configs = json.loads(meta["configs"])
-    chains = json.loads(meta["chains"])
+    configs = json_field(meta, "configs", path)
+    chains = json_field(meta, "chains", path)
     comps = _components(models)
     missing = sorted(set(configs) - set(comps))
     if missing:
         raise ValueError(f"{path}: checkpoint has component {missing[0]!r}, not given to load into")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         keys = set(f.keys())
         expected = {}
         for name, model in comps.items():

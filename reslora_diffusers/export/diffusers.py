@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from ..core import get_state, traced_state
 from ..frontends import frontend_for
 from ..merge import MergedLoRA, merge_to_lora, reference_outputs, relative_error
 from ..utils.io import atomic_dir
+from ..utils.safety import save_safetensors
 from .keys import lora_factors, lora_key, lora_paths, prefixed
 from .kohya import KOHYA_FILE, write_kohya
 
@@ -129,7 +129,7 @@ def write_lora_files(
     files = {name: file_keys(comps[name], lora) for name, lora in merged.items()}
     if "diffusers" in formats:
         flat = {k: v for name, lora in files.items() for k, v in prefixed(name, lora).items()}
-        save_file(flat, str(out / DIFFUSERS_FILE), metadata={"format": "pt"})
+        save_safetensors(flat, out / DIFFUSERS_FILE, metadata={"format": "pt"})
     if "kohya" in formats:
         write_kohya(out / KOHYA_FILE, files, comps, report, metadata)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from ..frontends import frontend_for
 from ..frontends.sd_pipeline import kohya_layout, kohya_metadata, kohya_prefix
+from ..utils.safety import save_safetensors
 from .keys import lora_factors, lora_paths
 
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -81,4 +81,4 @@ def write_kohya(
     if convs:  # sd-scripts' LoCon metadata: convolutions at the same dim and alpha
         meta["ss_network_args"] = json.dumps({"conv_dim": str(dim), "conv_alpha": str(float(dim))})
     meta.update(extra or {})
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors(tensors, path, metadata=meta)

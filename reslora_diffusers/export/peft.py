@@ -28,11 +28,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from ..core import ResLoRAConv1D, ResLoRALayer, get_state
 from ..merge import Batch, MergedLoRA, merge_to_lora
 from ..utils.io import atomic_dir
+from ..utils.safety import save_safetensors
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -91,7 +91,7 @@ def export_peft_adapter(
             tensors[f"{PREFIX}{path}.{name}"] = value.detach().to("cpu").clone().contiguous()
     peft_config = lora_config_for(model, merged, task_type, saved)
     with atomic_dir(output_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         peft_config.save_pretrained(str(tmp))
         (tmp / REPORT_NAME).write_text(json.dumps(merged.report.to_dict(), indent=2, sort_keys=True))
     return merged

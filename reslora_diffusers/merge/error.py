@@ -88,4 +88,6 @@ def relative_error(
             got = output_tensor(run_batch(model, batch)).double()
             num += float((got - ref).square().sum())
             den += float(ref.square().sum())
+    if not (math.isfinite(num) and math.isfinite(den)):
+        return math.nan  # NaN/Inf outputs: never report them as a perfect merge
     return math.sqrt(num / den) if den > 0 else 0.0

@@ -14,6 +14,9 @@ import re
 import shutil
 from pathlib import Path
 
+from ..utils.safety import load_safetensors
+from .outputs import write_run_identity
+
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -51,10 +54,14 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: str | Path, step: int, total_limit: int | None, identity: dict | None = None
+) -> Path:
     """``accelerator.save_state`` into ``checkpoint-<step>`` atomically; keep the newest ``total_limit``.
 
-    Every process must call this (each one writes its own RNG state).
+    ``identity`` (the run's model-defining flags) is written beside the states, so that a
+    resume can check it continues the same run. Every process must call this (each one
+    writes its own RNG state).
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -65,6 +72,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if identity is not None:
+            write_run_identity(tmp, identity)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -74,3 +83,41 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_checkpoint_files(
+    path: Path, weights_file: str, process_index: int, allow_partial: bool = False
+) -> None:
+    """Open every state a resume from ``path`` restores, so that a damaged or missing file is
+    one error naming it rather than a failure deep inside accelerate.
+
+    accelerate skips random states it cannot read with an INFO line, which makes the resumed
+    run silently differ from an uninterrupted one: that is an error here, or with
+    ``allow_partial`` a warning.
+    """
+    from accelerate.utils import load
+
+    load_safetensors(path / weights_file)
+    for name in ("optimizer.bin", "scheduler.bin"):
+        _load_state(path / name, load)
+    rng = path / f"random_states_{process_index}.pkl"
+    try:
+        states = _load_state(rng, load)
+        missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states)
+        if missing:
+            raise ValueError(f"--resume_from_checkpoint: {rng} lacks {sorted(missing)[0]!r}")
+    except (ValueError, FileNotFoundError) as err:
+        if not allow_partial:
+            raise ValueError(f"{err}; --allow_partial_resume continues without these random states") from err
+        logger.warning("%s: the resumed run continues without them and will not repeat the original", err)
+
+
+def _load_state(path: Path, load):
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint: {path} is missing")
+    try:
+        return load(path, map_location="cpu")
+    except Exception as err:  # torch.load raises many types (RuntimeError, EOFError, UnpicklingError)
+        raise ValueError(
+            f"--resume_from_checkpoint: {path} is damaged ({' '.join(str(err).split())[:200]})"
+        ) from err

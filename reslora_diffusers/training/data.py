@@ -10,6 +10,7 @@ sees exactly the batches that an uninterrupted run sees, in one process or sever
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -59,7 +60,7 @@ def load_image_captions(
     sources, captions, bad = [], [], []
     for record in dataset:
         source = _source(record[image_column])
-        error = _unreadable(source)
+        error = f"{record[image_column].get('path')}: no such file" if source is None else _unreadable(source)
         if error:
             bad.append(error)
             continue
@@ -74,6 +75,7 @@ def load_image_captions(
 
 def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, revision: str | None):
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     if dataset_name is not None:
         # a hub id is "name" or "owner/name"; anything else that is not there is a missing path
@@ -93,11 +95,32 @@ def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, r
         raise ValueError(f"--train_data_dir: folder {data_dir} does not exist")
     if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in data_dir.rglob("*")):
         raise ValueError(f"--train_data_dir: no images in {data_dir}")
+    _check_metadata_rows(data_dir)
     try:
         dataset = load_dataset("imagefolder", data_dir=str(data_dir), split="train")
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, DatasetGenerationError) as err:
         raise ValueError(f"--train_data_dir: could not read {data_dir}: {_one_line(err)}") from err
     return dataset, f"folder {data_dir}"
+
+
+def _check_metadata_rows(data_dir: Path) -> None:
+    """Name the first row of ``metadata.jsonl`` that is not JSON or whose ``file_name`` leaves
+    the folder (``imagefolder`` fails on those with a generic error)."""
+    metadata = data_dir / "metadata.jsonl"
+    if not metadata.is_file():
+        return
+    for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--train_data_dir: {metadata} row {number} is not JSON ({err})") from err
+        name = row.get("file_name") if isinstance(row, dict) else None
+        if isinstance(name, str) and (Path(name).is_absolute() or ".." in Path(name).parts):
+            raise ValueError(
+                f"--train_data_dir: {metadata} row {number}: file_name {name!r} points outside {data_dir}"
+            )
 
 
 def _saved_to_disk(path: Path) -> bool:
@@ -122,11 +145,12 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def _source(value) -> str | bytes:
-    """An undecoded ``datasets`` image: prefer the file path, else its encoded bytes."""
+def _source(value) -> str | bytes | None:
+    """An undecoded ``datasets`` image: prefer the file path, else its encoded bytes (None: neither,
+    a row naming a missing file)."""
     if value.get("path") and os.path.isfile(value["path"]):
         return value["path"]
-    return value["bytes"]
+    return value.get("bytes")
 
 
 def open_image(source: str | bytes) -> Image.Image:
