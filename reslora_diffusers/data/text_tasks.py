@@ -110,6 +110,21 @@ def final_answer(text: str) -> str:
     return "".join(text.rpartition("####")[2].split())
 
 
+def _tiny_sizes(vocab_size: int) -> dict:
+    """What both tiny models share: 4 layers of width 64, and the special-token ids of
+    :func:`word_tokenizer`."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+
+
 def tiny_llama_config(vocab_size: int, **overrides):
     """A small LLaMA (4 layers, width 64) that trains in seconds on CPU.
 
@@ -119,16 +134,9 @@ def tiny_llama_config(vocab_size: int, **overrides):
     from transformers import LlamaConfig
 
     kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
+        _tiny_sizes(vocab_size),
         num_key_value_heads=4,
         max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
         tie_word_embeddings=False,
         initializer_range=0.1,
     )
@@ -139,16 +147,5 @@ def tiny_roberta_config(vocab_size: int, num_labels: int = 2, **overrides):
     """A small RoBERTa encoder (4 layers, width 64) for sequence classification."""
     from transformers import RobertaConfig
 
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=72,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        num_labels=num_labels,
-    )
+    kwargs = dict(_tiny_sizes(vocab_size), max_position_embeddings=72, num_labels=num_labels)
     return RobertaConfig(**{**kwargs, **overrides})
