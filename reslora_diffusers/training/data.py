@@ -75,6 +75,8 @@ def load_image_captions(
 def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, revision: str | None):
     from datasets import load_dataset
 
+    from .quiet import datasets_progress_off
+
     if dataset_name is not None:
         # a hub id is "name" or "owner/name"; anything else that is not there is a missing path
         looks_local = dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1
@@ -94,7 +96,8 @@ def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, r
     if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in data_dir.rglob("*")):
         raise ValueError(f"--train_data_dir: no images in {data_dir}")
     try:
-        dataset = load_dataset("imagefolder", data_dir=str(data_dir), split="train")
+        with datasets_progress_off():
+            dataset = load_dataset("imagefolder", data_dir=str(data_dir), split="train")
     except (OSError, ValueError) as err:
         raise ValueError(f"--train_data_dir: could not read {data_dir}: {_one_line(err)}") from err
     return dataset, f"folder {data_dir}"
