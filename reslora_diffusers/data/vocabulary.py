@@ -36,7 +36,7 @@ def unseen_words(prompt: str) -> list[tuple[str, str]]:
         if word not in VOCAB_WORDS:
             notes.setdefault(word, "not in the vocabulary")
         elif word == FINETUNE_SHAPE:
-            notes.setdefault(word, "never seen by the base: the shape that fine-tuning teaches")
+            notes.setdefault(word, "the shape fine-tuning teaches; only a LoRA trained on it draws it")
         elif following == "background" and word in COLORS:
             notes.setdefault(word, f"never a background colour (backgrounds: {', '.join(BACKGROUNDS)})")
         elif following in (*SHAPES, FINETUNE_SHAPE) and word in BACKGROUNDS:

@@ -13,7 +13,8 @@ _FONT_SIZE = 12
 _PAD = 4
 
 
-def _font() -> ImageFont.ImageFont:
+def label_font() -> ImageFont.ImageFont:
+    """The small sans-serif font the grid labels use."""
     try:
         return ImageFont.load_default(size=_FONT_SIZE)
     except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
@@ -46,7 +47,7 @@ def labelled_grid(
     width, height = images[0].size
     factor = max(1, CELL_SIDE // max(width, height))
     cell_w, cell_h = width * factor, height * factor
-    font = _font()
+    font = label_font()
     line_h = math.ceil(font.getbbox("Ag")[3]) + 2
     headers = [_wrap(label, font, cell_w - _PAD) for label in column_labels]
     top = max(len(lines) for lines in headers) * line_h + 2 * _PAD
