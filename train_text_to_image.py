@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -71,12 +72,14 @@ from reslora_diffusers.training.data import (
     collate,
     load_image_captions,
 )
+from reslora_diffusers.training.grid import labelled_grid
 from reslora_diffusers.training.outputs import (
     check_output_dir,
     check_resume_identity,
     prepare_output_dir,
     run_identity,
 )
+from reslora_diffusers.training.quiet import dropped_log_messages
 from reslora_diffusers.utils.safety import check_finite
 
 logger = get_logger("train_text_to_image")
@@ -464,25 +467,18 @@ def training_loss(run: Run, batch: dict) -> torch.Tensor:
 # ----------------------------------------------------------------------------- validation
 
 
-def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Tile equally sized images, ``columns`` per row."""
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, math.ceil(len(images) / columns) * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
-
-
 def build_pipeline(args, weight_dtype, **components):
     """The base pipeline with the given (trained) components swapped in."""
     from diffusers import DiffusionPipeline
 
+    # float32 is the default: naming it anyway makes diffusers warn that torch_dtype is deprecated
+    dtype = {} if weight_dtype == torch.float32 else {"torch_dtype": weight_dtype}
     pipe = DiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         revision=args.revision,
         variant=args.variant,
-        torch_dtype=weight_dtype,
         safety_checker=None,
+        **dtype,
         **components,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -493,7 +489,11 @@ def run_validation(args, pipe, step: int, name: str, resolution: int) -> dict:
     """Generate ``--num_validation_images`` seeds x the prompts, save the grid, score it."""
     prompts = args.validation_prompt
     seeds = list(range(args.num_validation_images))
-    with torch.random.fork_rng(), torch.no_grad():
+    # minutes on a loaded CPU: a bar over the denoising steps shows it is moving
+    bar = tqdm(
+        total=len(seeds) * BASE_NUM_INFERENCE_STEPS, desc=f"validation {name}", unit="step", leave=False
+    )
+    with torch.random.fork_rng(), torch.no_grad(), bar:
         images = []
         for seed in seeds:
             images += generate(
@@ -504,10 +504,11 @@ def run_validation(args, pipe, step: int, name: str, resolution: int) -> dict:
                 BASE_GUIDANCE_SCALE,
                 resolution,
                 resolution,
+                progress=bar,
             )
     grid_path = Path(args.output_dir) / "validation" / f"{name}.png"
     grid_path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, columns=len(prompts)).save(grid_path)
+    labelled_grid(images, [f"seed {seed}" for seed in seeds], prompts).save(grid_path)
     record = {"step": step, "validation_grid": grid_path.relative_to(args.output_dir).as_posix()}
     if _metric_applies(prompts):
         record["prompt_accuracy"] = prompt_accuracy(images, prompts * len(seeds))
@@ -641,7 +642,14 @@ def final_evaluation(args, weight_dtype, resolution: int, log: TrainLog, step: i
     """The base pipeline with the exported LoRA loaded by ``load_lora_weights``: the final grid
     and metric are what a user of the files gets."""
     pipe = build_pipeline(args, weight_dtype)
-    pipe.load_lora_weights(args.output_dir)
+    # a UNet-only LoRA has no text-encoder keys, which diffusers reports as a warning
+    quiet = (
+        contextlib.nullcontext()
+        if args.train_text_encoder
+        else dropped_log_messages("diffusers.loaders.lora_base", "No LoRA keys associated to")
+    )
+    with quiet:
+        pipe.load_lora_weights(args.output_dir)
     record = run_validation(args, pipe, step, "final", resolution)
     record.pop("images")
     log.write({"kind": "final", **record})
@@ -677,8 +685,10 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
+    # no dtype for float32, the dtype they load in: diffusers warns at every .to(dtype=...)
+    cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
     for model in (unet, vae, text_encoder):
-        model.to(accelerator.device, dtype=weight_dtype)
+        model.to(accelerator.device, **cast)
     params = add_adapters(args, unet, text_encoder)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -23,7 +23,8 @@ FUSED_DIR = "fused_pipeline"
 
 
 def merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reslora-merge", description=__doc__.split("\n")[0])
+    # the docstring's first line, without its reST literal markup
+    p = argparse.ArgumentParser(prog="reslora-merge", description=__doc__.split("\n")[0].replace("``", ""))
     p.add_argument("checkpoint", help="ResLoRA checkpoint (.safetensors) written by training")
     p.add_argument("--base", required=True, help="base diffusers pipeline: local folder or hub name")
     p.add_argument("--output", required=True, help="output directory (new or empty, unless --overwrite)")

@@ -120,7 +120,7 @@ def test_nan_weights_are_refused_by_merge_and_export_and_never_reported_as_exact
         with torch.no_grad():
             param.fill_(float("nan"))
         merged = merge_to_lora(unet, "weight", eval_inputs=[unet_inputs(unet)])
-        assert math.isnan(merged.report.fidelity)  # a NaN output is not a perfect merge
+        assert math.isnan(merged.report.output_error)  # a NaN output is not a perfect merge
         with pytest.raises(ValueError, match="holds NaN or infinite values"):
             export_lora(tmp_path / "export", unet=unet)
         assert not (tmp_path / "export").exists()

@@ -43,6 +43,7 @@ from .tiny_base import (
     build_vae,
 )
 from .tokenizer import MODEL_MAX_LENGTH, VOCAB_WORDS, write_tokenizer
+from .vocabulary import unseen_words, vocabulary_text
 
 __all__ = [
     "ALL_SHAPES",
@@ -77,6 +78,8 @@ __all__ = [
     "random_sample",
     "render",
     "seen_base_prompts",
+    "unseen_words",
+    "vocabulary_text",
     "write_imagefolder",
     "write_tokenizer",
 ]

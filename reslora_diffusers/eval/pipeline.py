@@ -33,12 +33,22 @@ def generate(
     guidance_scale: float = BASE_GUIDANCE_SCALE,
     height: int | None = None,
     width: int | None = None,
+    progress: tqdm | None = None,
 ) -> list:
     """One image per (prompt, seed) pair; each image's noise comes from its own CPU generator.
 
     An image thus depends on its prompt and seed only, not on the batch it is made in.
+    ``progress``, if given, advances by one per denoising step (the pipeline's own bar stays off).
     """
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    callback = {}
+    if progress is not None:
+
+        def step_done(pipe, step: int, timestep, tensors: dict) -> dict:
+            progress.update(1)
+            return tensors
+
+        callback["callback_on_step_end"] = step_done
     with _quiet_progress(pipe):
         output = pipe(
             prompt=list(prompts),
@@ -47,6 +57,7 @@ def generate(
             height=height,
             width=width,
             generator=generators,
+            **callback,
         )
     return output.images
 

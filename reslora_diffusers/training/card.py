@@ -10,7 +10,7 @@ from ..core import get_shortcut
 
 CARD = """---
 library_name: diffusers
-base_model: {base}
+base_model: {base_id}
 tags:
 - text-to-image
 - lora
@@ -18,11 +18,11 @@ tags:
 ---
 # {title}
 
-A LoRA for `{base}` trained with `train_text_to_image.py` of reslora-diffusers.
+A LoRA for `{base_id}` trained with `train_text_to_image.py` of reslora-diffusers.
 
 | | |
 |---|---|
-| base model | `{base}` |
+| base model | {base_text} |
 | data | {data} |
 | method | {method} |
 | steps | {steps} (batch {batch} x {accum} accumulation x {procs} process(es)), learning rate {lr} |
@@ -48,6 +48,21 @@ pipe.load_lora_weights("{output_dir}")  # pytorch_lora_weights.safetensors
 {command}
 ```
 """
+
+
+def base_model_id(base: str) -> str:
+    """What the card's ``base_model:`` names: a hub id as given, a local folder by its name (an
+    absolute path of the training machine means nothing to a reader or to the hub)."""
+    path = Path(base).expanduser()
+    return path.resolve().name if path.exists() else base
+
+
+def base_text(base: str) -> str:
+    """The base model for the card's table: its id, and for a local folder where it was."""
+    path = Path(base).expanduser()
+    if path.exists():
+        return f"`{base_model_id(base)}` (local folder `{path.resolve()}`)"
+    return f"`{base}` (hub)"
 
 
 def method_text(args: argparse.Namespace) -> str:
@@ -109,6 +124,8 @@ def write_model_card(
     card = CARD.format(
         title=Path(output_dir).name,
         base=args.pretrained_model_name_or_path,
+        base_id=base_model_id(args.pretrained_model_name_or_path),
+        base_text=base_text(args.pretrained_model_name_or_path),
         data=data_text,
         method=method_text(args),
         steps=args.max_train_steps,

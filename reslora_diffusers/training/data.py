@@ -77,6 +77,8 @@ def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, r
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
 
+    from .quiet import datasets_progress_off
+
     if dataset_name is not None:
         # a hub id is "name" or "owner/name"; anything else that is not there is a missing path
         looks_local = dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1
@@ -97,7 +99,8 @@ def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, r
         raise ValueError(f"--train_data_dir: no images in {data_dir}")
     _check_metadata_rows(data_dir)
     try:
-        dataset = load_dataset("imagefolder", data_dir=str(data_dir), split="train")
+        with datasets_progress_off():
+            dataset = load_dataset("imagefolder", data_dir=str(data_dir), split="train")
     except (OSError, ValueError, DatasetGenerationError) as err:
         raise ValueError(f"--train_data_dir: could not read {data_dir}: {_one_line(err)}") from err
     return dataset, f"folder {data_dir}"

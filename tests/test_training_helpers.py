@@ -1,0 +1,85 @@
+"""Helpers of the training script: labelled validation grids, the model card's base model, and
+silencing one known third-party log line without hiding the others."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reslora_diffusers.training.card import write_model_card
+from reslora_diffusers.training.grid import labelled_grid
+from reslora_diffusers.training.quiet import dropped_log_messages
+
+COLOURS = [(200, 0, 0), (0, 160, 0), (0, 0, 200), (200, 200, 0), (120, 0, 160), (0, 150, 150)]
+
+
+def test_grid_enlarges_cells_sharply_and_labels_rows_and_columns():
+    images = [Image.new("RGB", (32, 32), colour) for colour in COLOURS]
+    images[0].putpixel((0, 0), (255, 255, 255))  # one odd pixel: must become a sharp 3 x 3 block
+    prompts = ["a red cross on a white background", "a green circle", "a blue square"]
+    grid = np.asarray(labelled_grid(images, ["seed 0", "seed 1"], prompts))
+    height, width, _ = grid.shape
+    left, top = width - 3 * 96, height - 2 * 96
+    assert left > 0 and top > 0  # room for the seed labels and the prompts
+    for i, colour in enumerate(COLOURS):
+        y, x = top + (i // 3) * 96, left + (i % 3) * 96
+        cell = grid[y : y + 96, x : x + 96]
+        if i == 0:
+            assert (cell[:3, :3] == 255).all() and (cell[3:, 3:] == colour).all()
+            assert (cell[:3, 3] == colour).all()
+        else:
+            assert (cell == colour).all()
+    for c in range(3):  # dark text above every column, beside every row
+        assert (grid[:top, left + c * 96 : left + (c + 1) * 96] < 100).any()
+    for r in range(2):
+        assert (grid[top + r * 96 : top + (r + 1) * 96, :left] < 100).any()
+
+
+def test_grid_refuses_a_count_that_does_not_fill_it():
+    with pytest.raises(ValueError, match="5 images for 2 rows x 3 columns"):
+        labelled_grid([Image.new("RGB", (8, 8))] * 5, ["seed 0", "seed 1"], ["a", "b", "c"])
+
+
+def _card(tmp_path, base: str) -> str:
+    args = argparse.Namespace(
+        pretrained_model_name_or_path=base,
+        target_modules=["to_q"],
+        train_text_encoder=False,
+        use_peft=False,
+        res_type="bs",
+        pre_num=1,
+        rank=4,
+        lora_alpha=None,
+        merge="calibrated",
+        max_train_steps=10,
+        train_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+    )
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return write_model_card(out, args, [], "folder data", 1, None, (None, None, 0), None).read_text()
+
+
+def test_card_names_a_local_base_by_its_folder_and_a_hub_base_by_its_id(tmp_path):
+    base = tmp_path / "models" / "my-sd15"
+    base.mkdir(parents=True)
+    card = _card(tmp_path, str(base))
+    assert "\nbase_model: my-sd15\n" in card
+    assert f"(local folder `{base}`)" in card  # where it was, for the person who trained it
+    assert f'from_pretrained("{base}")' in card
+    card = _card(tmp_path, "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert "\nbase_model: stable-diffusion-v1-5/stable-diffusion-v1-5\n" in card
+
+
+def test_dropped_log_messages_hides_only_the_named_lines(caplog):
+    log = logging.getLogger("some.library.module")
+    with caplog.at_level(logging.WARNING), dropped_log_messages("some.library.module", "harmless"):
+        log.warning("a harmless %s", "note")
+        log.warning("a real problem")
+    log.warning("harmless again, after the block")
+    assert [r.getMessage() for r in caplog.records] == ["a real problem", "harmless again, after the block"]
