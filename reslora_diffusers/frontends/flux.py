@@ -32,6 +32,22 @@ FLUX_OUTPUT_LAYER = "proj_out"
 FLUX_TEXT_ENCODERS = ("text_encoder",)
 
 
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents ``(B, C, H, W)`` -> Flux tokens ``(B, H/2 * W/2, 4 C)``: each 2 x 2 patch is one
+    token, its features ordered channel-major (``c, dy, dx``), tokens row-major."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Flux packs 2 x 2 latent patches: latent size {h} x {w} must be even")
+    patches = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def latent_image_ids(rows: int, cols: int) -> torch.Tensor:
+    """``(rows * cols, 3)`` position ids of packed tokens, row-major: ``(0, row, col)``."""
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.stack([torch.zeros_like(r), r, c], dim=-1).reshape(-1, 3).float()
+
+
 class FluxTransformer(DiTFrontEnd):
     name = "flux_transformer"
     model_class = "FluxTransformer2DModel"
@@ -50,8 +66,7 @@ class FluxTransformer(DiTFrontEnd):
         text states, and guidance uniform in [1, 5) where the model embeds it."""
         cfg = model.config
         gen = torch.Generator().manual_seed(seed)
-        rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+        img_ids = latent_image_ids(*grid)
         out = []
         for _ in range(num):
             kwargs = {
