@@ -1,13 +1,19 @@
-"""Training-step time of ResLoRA against diffusers' PEFT LoRA on a UNet, measured side by side.
+"""Training-step time of ResLoRA against diffusers' PEFT LoRA on a UNet, an SD3 or a Flux
+transformer, measured side by side.
 
-Every variant trains the same UNet config (random weights, no download) on the same inputs:
+Every variant trains the same model config (random weights, no download) on the same inputs:
 forward + backward + AdamW step, rank and targets equal. Variants run interleaved, one step
 each per round, and the table reports medians over rounds (wall time, and the process's CPU
 time, which other jobs on a shared machine disturb less), the ratios to PEFT, and the bytes
 the step saves for backward (activation memory; CPU has no peak-memory counter). It also
 times an inference forward of the base UNet against the UNet with the merged LoRA fused in.
 
-    python benchmarks/bench_step.py [--sizes small mid] [--rounds 7] [--targets attention|attention+ff]
+    python benchmarks/bench_step.py [--model unet|sd3|flux] [--sizes small mid] [--rounds 7]
+                                    [--targets attention|attention+ff]
+
+For SD3 and Flux the targets are the joint-attention projections of both streams, and
+``attention+ff`` adds the feed-forward layers of both streams (Flux: and the single blocks'
+``proj_mlp``; not their ``proj_out``, which PEFT cannot name without the output layer).
 """
 
 from __future__ import annotations
@@ -18,19 +24,37 @@ import statistics
 import time
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from peft import LoraConfig
 
 from reslora_diffusers import ResLoRAConfig, add_reslora, merge_to_lora, remove_reslora, trainable_parameters
 from reslora_diffusers.export import fuse_lora
-from reslora_diffusers.frontends import UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
+from reslora_diffusers.frontends import (
+    DIT_ATTENTION_TARGETS,
+    DIT_FEEDFORWARD_TARGETS,
+    UNET_FEEDFORWARD_TARGETS,
+    UNET_TARGETS,
+    frontend_for,
+)
+from reslora_diffusers.merge.error import output_tensor
 
-#: diffusers' attention projections, or with the feed-forward layers (the training script's default)
-TARGET_SETS = {"attention": UNET_TARGETS, "attention+ff": [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS]}
+#: per model: diffusers' attention projections, or with the feed-forward layers
+TARGET_SETS = {
+    "unet": {"attention": UNET_TARGETS, "attention+ff": [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS]},
+    "sd3": {
+        "attention": list(DIT_ATTENTION_TARGETS),
+        "attention+ff": [*DIT_ATTENTION_TARGETS, *DIT_FEEDFORWARD_TARGETS],
+    },
+    "flux": {
+        "attention": list(DIT_ATTENTION_TARGETS),
+        "attention+ff": [*DIT_ATTENTION_TARGETS, *DIT_FEEDFORWARD_TARGETS, "proj_mlp"],
+    },
+}
 SIZES = {
-    # name: (block_out_channels, latent side, batch)
-    "small": ((32, 64), 16, 4),
-    "mid": ((64, 128, 256), 32, 2),
+    # UNet: (block_out_channels, latent side, batch); SD3/Flux: (blocks, width, latent side, batch)
+    "unet": {"small": ((32, 64), 16, 4), "mid": ((64, 128, 256), 32, 2)},
+    "sd3": {"small": (4, 64, 16, 2), "mid": (8, 128, 32, 2)},
+    "flux": {"small": (2, 64, 16, 2), "mid": (4, 128, 32, 2)},
 }
 RESLORA = [("none", 1), ("is", 1), ("bs", 1), ("bs", 3), ("bs", 5), ("ms", 1), ("ms", 3), ("ms", 5)]
 
@@ -50,6 +74,49 @@ def make_unet(channels: tuple[int, ...]) -> UNet2DConditionModel:
     )
 
 
+def make_sd3(blocks: int, width: int, side: int) -> SD3Transformer2DModel:
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=side,
+        patch_size=2,
+        num_layers=blocks,
+        attention_head_dim=32,
+        num_attention_heads=width // 32,
+        joint_attention_dim=64,
+        caption_projection_dim=width,
+        pooled_projection_dim=64,
+        pos_embed_max_size=side,
+    )
+
+
+def make_flux(blocks: int, width: int) -> FluxTransformer2DModel:
+    """``blocks`` double-stream blocks and twice as many single-stream ones (Flux has 19 and 38)."""
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        in_channels=16,
+        num_layers=blocks,
+        num_single_layers=2 * blocks,
+        attention_head_dim=32,
+        num_attention_heads=width // 32,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        guidance_embeds=True,
+        axes_dims_rope=(8, 12, 12),
+    )
+
+
+def make_model(model: str, size: tuple):
+    """The model and one training batch (the family's synthetic inputs for SD3 and Flux;
+    Flux packs 2 x 2 latent patches, so its token grid is ``side / 2``)."""
+    if model == "unet":
+        channels, side, batch = size
+        return make_unet(channels), make_inputs(side, batch)
+    blocks, width, side, batch = size
+    net = make_sd3(blocks, width, side) if model == "sd3" else make_flux(blocks, width)
+    kwargs = {"batch": batch} if model == "sd3" else {"batch": batch, "grid": (side // 2, side // 2)}
+    return net, frontend_for(net).synthetic_inputs(net, num=1, **kwargs)[0]
+
+
 def make_inputs(side: int, batch: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     return {
@@ -59,7 +126,7 @@ def make_inputs(side: int, batch: int) -> dict:
     }
 
 
-def peft_variant(base: UNet2DConditionModel, rank: int, targets: list[str]):
+def peft_variant(base, rank: int, targets: list[str]):
     unet = copy.deepcopy(base)
     unet.requires_grad_(False)
     unet.add_adapter(
@@ -68,7 +135,7 @@ def peft_variant(base: UNet2DConditionModel, rank: int, targets: list[str]):
     return unet, [p for p in unet.parameters() if p.requires_grad]
 
 
-def reslora_variant(base: UNet2DConditionModel, rank: int, res_type: str, pre_num: int, targets: list[str]):
+def reslora_variant(base, rank: int, res_type: str, pre_num: int, targets: list[str]):
     config = ResLoRAConfig(rank=rank, res_type=res_type, pre_num=pre_num, target_modules=targets)
     unet = add_reslora(copy.deepcopy(base), config)
     return unet, trainable_parameters(unet)
@@ -80,12 +147,13 @@ class Step:
     def __init__(self, unet, params, inputs) -> None:
         self.unet, self.inputs = unet.train(), inputs
         self.opt = torch.optim.AdamW(params, lr=1e-4)
-        self.target = torch.randn_like(inputs["sample"])
+        with torch.no_grad():
+            self.target = torch.randn_like(output_tensor(unet(**inputs)))
 
     def __call__(self) -> tuple[float, float]:
         """(wall seconds, CPU seconds of this process) of one step."""
         start, cpu = time.perf_counter(), time.process_time()
-        loss = torch.nn.functional.mse_loss(self.unet(**self.inputs).sample, self.target)
+        loss = torch.nn.functional.mse_loss(output_tensor(self.unet(**self.inputs)), self.target)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -99,7 +167,7 @@ class Step:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.unet(**self.inputs).sample.square().mean()
+            loss = output_tensor(self.unet(**self.inputs)).square().mean()
         del loss
         return sum(seen.values()) / 2**20
 
@@ -114,10 +182,8 @@ def forward_time(unet, inputs, rounds: int) -> list[float]:
     return times
 
 
-def bench_size(name: str, rounds: int, rank: int, targets: list[str]) -> None:
-    channels, side, batch = SIZES[name]
-    base = make_unet(channels)
-    inputs = make_inputs(side, batch)
+def bench_size(model: str, name: str, rounds: int, rank: int, targets: list[str]) -> None:
+    base, inputs = make_model(model, SIZES[model][name])
     steps = {"PEFT LoRA": Step(*peft_variant(base, rank, targets), inputs)}
     for res_type, pre_num in RESLORA:
         label = f"ResLoRA {res_type}" + (f" m={pre_num}" if res_type in ("bs", "ms") else "")
@@ -131,8 +197,8 @@ def bench_size(name: str, rounds: int, rank: int, targets: list[str]) -> None:
     peft_wall = statistics.median(t[0] for t in times["PEFT LoRA"])
     peft_cpu = statistics.median(t[1] for t in times["PEFT LoRA"])
     print(
-        f"\n### {name}: UNet channels {channels}, latents {side}x{side}, batch {batch}, rank {rank}, "
-        f"targets {' '.join(targets)}\n"
+        f"\n### {model} {name}: {SIZES[model][name]} (UNet: channels, latent side, batch; SD3/Flux: "
+        f"blocks, width, latent side, batch), rank {rank}, targets {' '.join(targets)}\n"
     )
     print(
         "| variant | median wall ms | ratio to PEFT | median CPU ms | CPU ratio to PEFT | saved for backward MiB |"
@@ -146,7 +212,7 @@ def bench_size(name: str, rounds: int, rank: int, targets: list[str]) -> None:
             f"| {steps[label].saved_mib():.1f} |"
         )
 
-    # inference: base UNet vs the UNet with a merged (bs, m=5) ResLoRA fused into its weights
+    # inference: the base model vs the model with a merged (bs, m=5) ResLoRA fused into its weights
     trained = steps["ResLoRA bs m=5"].unet
     lora = merge_to_lora(trained)
     fused = fuse_lora(remove_reslora(copy.deepcopy(trained)), lora).eval()
@@ -164,14 +230,15 @@ def bench_size(name: str, rounds: int, rank: int, targets: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "mid"])
+    parser.add_argument("--model", choices=sorted(SIZES), default="unet")
+    parser.add_argument("--sizes", nargs="+", choices=["small", "mid"], default=["small", "mid"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--targets", choices=sorted(TARGET_SETS), default="attention")
+    parser.add_argument("--targets", choices=["attention", "attention+ff"], default="attention")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for name in args.sizes:
-        bench_size(name, args.rounds, args.rank, TARGET_SETS[args.targets])
+        bench_size(args.model, name, args.rounds, args.rank, TARGET_SETS[args.model][args.targets])
 
 
 if __name__ == "__main__":

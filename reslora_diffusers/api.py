@@ -1,7 +1,8 @@
 """The public entry points: they find the model's family (:mod:`.frontends`) and let it act.
 
-* diffusers pipelines -> :mod:`.frontends.sd_pipeline` (UNet, plus text encoders on request)
-* UNets, CLIP text encoders, transformers models, anything else -> :func:`.frontends.frontend_for`
+* diffusers pipelines -> :mod:`.frontends.pipelines` (the denoiser, plus text encoders on request)
+* UNets, SD3/Flux transformers, CLIP/T5 text encoders, transformers models, anything else ->
+  :func:`.frontends.frontend_for`
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from .frontends import add_reslora_to_pipeline, frontend_for, is_pipeline, remov
 def add_reslora(model, config: ResLoRAConfig, *, train_text_encoder: bool = False):
     """Apply ResLoRA to ``model`` in place and return it.
 
-    ``model`` may be a diffusers pipeline (UNet, plus the text encoders when
-    ``train_text_encoder``), a ``UNet2DConditionModel``, a CLIP text encoder, a transformers
+    ``model`` may be a diffusers pipeline (its UNet or transformer, plus the text encoders its
+    LoRA loader loads when ``train_text_encoder``), a ``UNet2DConditionModel``, an
+    ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``, a CLIP or T5 text encoder, a transformers
     model, or any ``nn.Module`` (then ``config.target_modules`` must name its layers).
     """
     if is_pipeline(model):

@@ -34,7 +34,12 @@ def merge_parser() -> argparse.ArgumentParser:
         help="write into a folder that holds files: the outputs are replaced, other files kept",
     )
     p.add_argument("--merge", choices=MERGE_METHODS, default=None, help="default: the checkpoint's config")
-    p.add_argument("--format", choices=sorted(FORMAT_CHOICES), default="both")
+    p.add_argument(
+        "--format",
+        choices=sorted(FORMAT_CHOICES),
+        default=None,
+        help="default: every format of the pipeline family (both for SD/SDXL, diffusers for SD3 and Flux)",
+    )
     p.add_argument("--rank", type=int, default=None, help="truncate merged updates to this rank (SVD)")
     p.add_argument(
         "--fuse", action="store_true", help=f"also save the pipeline with merged weights in {FUSED_DIR}/"
@@ -83,7 +88,6 @@ def run_merge(args: argparse.Namespace) -> dict:
     check_finite_file(ckpt)
     if "" in configs:
         raise ValueError(f"{ckpt}: a single-model checkpoint; reslora-merge needs a pipeline checkpoint")
-    formats = check_formats(FORMAT_CHOICES[args.format])
     try:
         pipe = DiffusionPipeline.from_pretrained(args.base)
     except OSError as err:
@@ -96,6 +100,7 @@ def run_merge(args: argparse.Namespace) -> dict:
         if module is None:
             raise ValueError(f"{ckpt}: checkpoint has component {name!r}, the base pipeline has none")
         comps[name] = module
+    formats = check_formats(FORMAT_CHOICES[args.format] if args.format else None, comps)
     load_reslora_checkpoint(comps, ckpt)
     merged, report = merge_components(
         comps, args.merge, rank=args.rank, chain_report=not args.no_chain_report

@@ -37,6 +37,8 @@ class ResLoRAConfig:
         target_modules: module-name suffixes to adapt, matched on ``.`` boundaries as in PEFT;
             ``None`` picks the preset of the model's front end (diffusers attention, or the
             transformers model type).
+        exclude_modules: full module paths never adapted even where a target matches them
+            (Flux's final ``proj_out``, which the single blocks' ``proj_out`` target also names).
         merge: default way to remove the shortcuts, ``input | weight | calibrated | sequential``.
         norm_window: length of the sliding window of input norms per block.
         init: ``kaiming`` (A kaiming-uniform, as PEFT) or ``gaussian`` (A ~ N(0, 1/r)); B is zero.
@@ -48,6 +50,7 @@ class ResLoRAConfig:
     res_type: str = "bs"
     pre_num: int = 1
     target_modules: list[str] | None = None
+    exclude_modules: list[str] | None = None
     merge: str = "calibrated"
     norm_window: int = 100
     init: str = "kaiming"
@@ -57,6 +60,8 @@ class ResLoRAConfig:
             self.target_modules = [t for t in self.target_modules.replace(",", " ").split() if t]
         elif self.target_modules is not None:
             self.target_modules = list(self.target_modules)
+        if self.exclude_modules is not None:
+            self.exclude_modules = list(self.exclude_modules)
         if self.alpha is None:
             self.alpha = float(self.rank) if _is_int(self.rank) else self.rank
         self.validate()
@@ -81,6 +86,12 @@ class ResLoRAConfig:
             "target_modules",
             self.target_modules,
             "None (the model's preset) or a non-empty list of module-name suffixes",
+        )
+        _check(
+            self.exclude_modules is None or all(isinstance(t, str) and t for t in self.exclude_modules),
+            "exclude_modules",
+            self.exclude_modules,
+            "None or a list of full module paths",
         )
         _check(self.merge in MERGE_METHODS, "merge", self.merge, " | ".join(MERGE_METHODS))
         _check(

@@ -51,11 +51,14 @@ def matches_target(path: str, targets: list[str]) -> str | None:
     return next((t for t in targets if path == t or path.endswith("." + t)), None)
 
 
-def find_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:
-    """``(module path, matched target)`` for every adaptable layer whose path ends with a target."""
+def find_targets(
+    model: nn.Module, targets: list[str], exclude: list[str] | None = None
+) -> list[tuple[str, str]]:
+    """``(module path, matched target)`` for every adaptable layer whose path ends with a target
+    and is not one of the ``exclude`` paths."""
     found, names = [], []
     for name, module in model.named_modules():
-        if isinstance(module, ResLoRALayer) or layer_class_for(module) is None:
+        if isinstance(module, ResLoRALayer) or layer_class_for(module) is None or name in (exclude or ()):
             continue
         names.append(name)
         target = matches_target(name, targets)
@@ -85,7 +88,7 @@ def attach_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
             f"ResLoRAConfig.target_modules is None and {type(model).__name__} has no preset; "
             "pass target_modules (module-name suffixes such as ['q_proj', 'v_proj'])"
         )
-    targets = find_targets(model, config.target_modules)
+    targets = find_targets(model, config.target_modules, config.exclude_modules)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     shortcut = get_shortcut(config.res_type, config.pre_num)

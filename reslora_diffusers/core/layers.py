@@ -125,6 +125,12 @@ class ResLoRALayer(nn.Module, ABC):
             nn.init.zeros_(self.lora_B)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The frozen layer's own weight, as stored: models that read ``layer.weight`` (T5 casts
+        its feed-forward input to ``wo.weight.dtype``) see the layer they were built with."""
+        return self.base_layer.weight
+
+    @property
     def rank(self) -> int:
         return self.lora_A.shape[0]
 

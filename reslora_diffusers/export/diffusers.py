@@ -5,8 +5,9 @@ Writes into ``output_dir`` (atomically: nothing appears there unless every file 
 * ``pytorch_lora_weights.safetensors``: diffusers/PEFT keys (``unet.<path>.lora_A.weight``,
   ``text_encoder.<path>.lora_B.weight``, ...), scale baked into ``lora_B``, so
   ``pipe.load_lora_weights(output_dir)`` gives the merged model with no extra arguments;
-* ``lora_kohya.safetensors``: kohya-ss sd-scripts keys and ``ss_*`` metadata, plus ``reslora_*``
-  provenance (res_type, pre_num, merge, output error);
+* ``lora_kohya.safetensors`` (Stable Diffusion pipelines): kohya-ss sd-scripts keys and ``ss_*``
+  metadata, plus ``reslora_*`` provenance (res_type, pre_num, merge, output error); SD3 and
+  Flux have the diffusers file only, which diffusers and ComfyUI both load;
 * ``merge_report.json``: per component and merge method, the relative output error of the
   merged model against the ResLoRA model on held-out inputs, in total and per chain.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..core import get_state, traced_state
-from ..frontends import frontend_for
+from ..frontends import components_family, frontend_for
 from ..merge import MergedLoRA, merge_to_lora, reference_outputs, relative_error
 from ..utils.io import atomic_dir
 from ..utils.safety import save_safetensors
@@ -45,7 +46,7 @@ def export_lora(
     *,
     merge: str | None = None,
     calibration: Batches | None = None,
-    formats: Iterable[str] = FORMATS,
+    formats: Iterable[str] | None = None,
     eval_inputs: Batches | None = None,
     rank: int | None = None,
     metadata: dict[str, str] | None = None,
@@ -56,7 +57,10 @@ def export_lora(
 
     Args:
         components: the pipeline components with ResLoRA by their pipeline names
-            (``unet=..., text_encoder=..., text_encoder_2=...``); ``None`` values are skipped.
+            (``unet=..., text_encoder=..., text_encoder_2=...``, or ``transformer=...`` for SD3
+            and Flux); ``None`` values are skipped.
+        formats: ``diffusers`` and/or ``kohya``; default: what the pipeline family has
+            (both for Stable Diffusion, the diffusers file for SD3 and Flux).
         calibration: ``{component: batches}`` for ``merge="calibrated"`` (keyword batches, as
             passed to the component); components without batches get synthetic ones.
         eval_inputs: ``{component: batches}`` held out for the report (synthetic where missing).
@@ -68,18 +72,23 @@ def export_lora(
         the report written to ``merge_report.json``.
     """
     comps = {k: v for k, v in components.items() if v is not None}
-    formats = check_formats(formats)
+    formats = check_formats(formats, comps)
     merged, report = merge_components(comps, merge, calibration, eval_inputs, rank, chain_report)
     with atomic_dir(output_dir) as tmp:
         write_lora_files(tmp, merged, report, comps, formats, metadata)
     return report
 
 
-def check_formats(formats: Iterable[str]) -> tuple[str, ...]:
-    formats = tuple(formats)
+def check_formats(formats: Iterable[str] | None, comps: dict[str, nn.Module]) -> tuple[str, ...]:
+    """The formats to write for ``comps`` (None: their pipeline family's), checked against it."""
+    if not comps:
+        raise ValueError("export needs at least one component with ResLoRA (e.g. unet=...)")
+    family = components_family(comps)
+    formats = family.formats if formats is None else tuple(formats)
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"formats={formats!r}: allowed values are {FORMATS}")
+    family.check_components(comps, formats)
     return formats
 
 
@@ -122,7 +131,7 @@ def write_lora_files(
     merged: dict[str, MergedLoRA],
     report: dict,
     comps: dict[str, nn.Module],
-    formats: tuple[str, ...] = FORMATS,
+    formats: tuple[str, ...] = ("diffusers",),
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write the chosen formats and ``merge_report.json`` into the directory ``out``."""

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..frontends import frontend_for
-from ..frontends.sd_pipeline import kohya_layout, kohya_metadata, kohya_prefix
+from ..frontends import components_family, frontend_for
 from ..utils.safety import save_safetensors
 from .keys import lora_factors, lora_paths
 
@@ -41,13 +40,14 @@ def kohya_state_dict(
     with ``k`` predecessors) by zero padding, and ``alpha = R`` so the loaded scale is 1:
     community tools assume one network dim.
     """
-    layout = kohya_layout(components)
+    pipeline = components_family(components)
+    layout = pipeline.kohya_layout(components)
     rank = max(lora_factors(lora, p)[0].shape[0] for lora in merged.values() for p in lora_paths(lora))
     out = {}
     for component, lora in merged.items():
         module = components[component]
         family = frontend_for(module)
-        prefix = kohya_prefix(component, layout)
+        prefix = pipeline.kohya_prefix(component, layout)
         for path in lora_paths(lora):
             name = f"{prefix}_{family.kohya_name(module, path, layout)}"
             a, b = _pad_rank(*lora_factors(lora, path), rank)
@@ -66,13 +66,14 @@ def write_kohya(
 ) -> None:
     """Write the kohya file with ``ss_*`` metadata and ``reslora_*`` provenance."""
     tensors = kohya_state_dict(merged, components)
+    pipeline = components_family(components)
     dim = next(v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight"))
     convs = any(v.ndim == 4 for k, v in tensors.items() if k.endswith("lora_down.weight"))
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(float(dim)),
-        **kohya_metadata(components, kohya_layout(components)),
+        **pipeline.kohya_metadata(components, pipeline.kohya_layout(components)),
         "reslora_res_type": report["res_type"],
         "reslora_pre_num": str(report["pre_num"]),
         "reslora_merge": report["merge"],

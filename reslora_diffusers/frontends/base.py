@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
+import torch
 import torch.nn as nn
 
 from ..core import ResLoRAConfig, attach_reslora, detach_reslora
@@ -23,6 +24,15 @@ def is_instance(obj, module: str, names: tuple[str, ...]) -> bool:
     pkg = sys.modules[module]
     classes = tuple(getattr(pkg, n) for n in names if hasattr(pkg, n))
     return bool(classes) and isinstance(obj, classes)
+
+
+def to_model(obj, model: nn.Module):
+    """Tensors in ``obj`` (nested dicts) on ``model``'s device; floating ones in its dtype too."""
+    if isinstance(obj, dict):
+        return {k: to_model(v, model) for k, v in obj.items()}
+    if torch.is_tensor(obj):
+        return obj.to(model.device, model.dtype) if obj.is_floating_point() else obj.to(model.device)
+    return obj
 
 
 class FrontEnd:

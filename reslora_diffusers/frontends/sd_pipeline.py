@@ -1,20 +1,17 @@
-"""Stable Diffusion pipelines (SD 1.x/2.x, SDXL): which components carry ResLoRA, and the
-names their LoRA files give them.
+"""Stable Diffusion pipelines (SD 1.x/2.x, SDXL): their components and kohya-ss names.
 
-This is the one place that names the components: the denoiser ``unet`` and the text
+This is the one place that names their components: the denoiser ``unet`` and the text
 encoders ``text_encoder`` (and SDXL's ``text_encoder_2``). Each component is a model of its
-own family (:mod:`.sd_unet`, :mod:`.clip_text`).
+own family (:mod:`.sd_unet`, :mod:`.clip_text`); the generic pipeline functions are in
+:mod:`.pipelines`.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch.nn as nn
 
-from ..core import ResLoRAConfig, has_reslora
-from .base import frontend_for, is_instance
-from .sd_unet import is_sdxl_unet
+from .pipelines import PipelineFamily, register_pipeline_family
+from .sd_unet import SD_UNET, is_sdxl_unet
 
 DENOISER = "unet"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -28,38 +25,6 @@ _KOHYA_PREFIXES = {
 
 #: every kohya key prefix of these pipelines (with the trailing ``_``)
 KOHYA_PREFIXES = tuple(sorted({f"{p}_" for layout in _KOHYA_PREFIXES.values() for p in layout.values()}))
-
-
-def is_pipeline(obj) -> bool:
-    return is_instance(obj, "diffusers", ("DiffusionPipeline",))
-
-
-def pipeline_components(pipe, train_text_encoder: bool = True) -> dict[str, nn.Module]:
-    """``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}`` of a pipeline (those present)."""
-    names = COMPONENTS if train_text_encoder else (DENOISER,)
-    return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
-
-
-def reslora_components(pipe) -> dict[str, nn.Module]:
-    """The pipeline's components that carry ResLoRA."""
-    return {k: v for k, v in pipeline_components(pipe).items() if has_reslora(v)}
-
-
-def add_reslora_to_pipeline(pipe, config: ResLoRAConfig, train_text_encoder: bool = False):
-    """ResLoRA on the pipeline's UNet and, with ``train_text_encoder``, on its text encoder(s).
-
-    ``config.target_modules`` applies to the UNet; text encoders use their family's preset.
-    """
-    for name, module in pipeline_components(pipe, train_text_encoder).items():
-        component_config = config if name == DENOISER else replace(config, target_modules=None)
-        frontend_for(module).attach(module, component_config)
-    return pipe
-
-
-def remove_reslora_from_pipeline(pipe):
-    for module in reslora_components(pipe).values():
-        frontend_for(module).detach(module)
-    return pipe
 
 
 def kohya_layout(components: dict[str, nn.Module]) -> str:
@@ -85,3 +50,26 @@ def kohya_metadata(components: dict[str, nn.Module], layout: str) -> dict[str, s
     else:
         version = "sd_v2" if v2 else "sd_v1"
     return {"ss_base_model_version": version, "ss_v2": str(v2)}
+
+
+class SDPipelines(PipelineFamily):
+    """``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` and every pipeline with a ``unet``."""
+
+    name = "stable_diffusion"
+    priority = 10
+    denoiser = DENOISER
+    denoiser_family = SD_UNET.name
+    text_encoders = TEXT_ENCODERS
+    formats = ("diffusers", "kohya")
+
+    def kohya_layout(self, components):
+        return kohya_layout(components)
+
+    def kohya_prefix(self, component, layout):
+        return kohya_prefix(component, layout)
+
+    def kohya_metadata(self, components, layout):
+        return kohya_metadata(components, layout)
+
+
+SD_PIPELINES = register_pipeline_family(SDPipelines())

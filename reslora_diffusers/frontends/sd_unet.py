@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..core import ResLoRAConfig, attach_reslora, detach_reslora, get_state
-from .base import FrontEnd, is_instance, register_frontend
+from .base import FrontEnd, is_instance, register_frontend, to_model
 from .sd_unet_processor import ResLoRAAttnProcessor
 
 #: The attention projections (diffusers' own default for UNet LoRA).
@@ -141,21 +141,13 @@ class SDUNet(FrontEnd):
                     ),
                     "time_ids": torch.rand(batch, 6, generator=gen) * size * 8,
                 }
-            out.append(_to(kwargs, model.device, model.dtype))
+            out.append(to_model(kwargs, model))
         return out
 
     def kohya_name(self, model, path, layout):
         if layout == "sdxl":
             path = sgm_unet_path(path, model)
         return path.replace(".", "_")
-
-
-def _to(obj, device, dtype):
-    if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
-    if torch.is_tensor(obj):
-        return obj.to(device, dtype) if obj.is_floating_point() else obj.to(device)
-    return obj
 
 
 SD_UNET = register_frontend(SDUNet())

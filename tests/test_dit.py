@@ -1,0 +1,356 @@
+"""SD3 and Flux: ResLoRA on diffusion transformers, their chains, and files diffusers loads."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from peft import PeftModel
+from safetensors import safe_open
+
+from reslora_diffusers import (
+    ResLoRAConfig,
+    add_reslora,
+    chain_structure,
+    export_lora,
+    remove_reslora,
+    save_reslora_checkpoint,
+)
+from reslora_diffusers.cli import merge_main
+from reslora_diffusers.core import get_state
+from reslora_diffusers.export import export_peft_adapter
+from reslora_diffusers.frontends import (
+    DIT_ATTENTION_TARGETS,
+    FLUX_FEEDFORWARD_TARGETS,
+    frontend_for,
+    pipeline_components,
+)
+from reslora_diffusers.merge import merged_view
+from reslora_diffusers.merge.error import output_tensor
+from tests.tiny_dits import (
+    tiny_flux_pipeline,
+    tiny_flux_transformer,
+    tiny_sd3_pipeline,
+    tiny_sd3_transformer,
+    tiny_t5,
+)
+from tests.toys import randomize_lora
+
+TYPES = ["none", "is", "bs", "ms"]
+MAKERS = {"sd3": tiny_sd3_transformer, "flux": tiny_flux_transformer}
+PIPES = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
+
+
+def run(module, batch):
+    """The output the merge report measures (``.sample``, ``last_hidden_state``...)."""
+    return output_tensor(module(**batch))
+
+
+def inputs(model, num=1, seed=0):
+    return frontend_for(model).synthetic_inputs(model, num=num, seed=seed)
+
+
+def text_batches(n=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 40, (2, 16), generator=gen)} for _ in range(n)]
+
+
+def train_forwards(module, batches):
+    """Training-mode passes: trace the chains and fill the norm windows."""
+    module.train()
+    with torch.no_grad():
+        for batch in batches:
+            module(**batch)
+    module.eval()
+
+
+@pytest.mark.parametrize("family", MAKERS)
+@pytest.mark.parametrize("res_type", TYPES)
+def test_init_is_bit_identical_and_removal_exact(family, res_type):
+    model = MAKERS[family]()
+    batch = inputs(model)[0]
+    processors = {k: type(p) for k, p in model.attn_processors.items()}
+    with torch.no_grad():
+        before = run(model, batch)
+        add_reslora(model, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2))
+        assert torch.equal(run(model, batch), before)  # B = 0: the branch adds exact zeros
+        # diffusers' own processors stay and call the wrapped projections
+        assert {k: type(p) for k, p in model.attn_processors.items()} == processors
+        randomize_lora(model, scale=0.2)
+        assert (run(model, batch) - before).abs().max() > 1e-3
+        remove_reslora(model)
+        assert torch.equal(run(model, batch), before)
+
+
+def reference_run(plain, structure, factors, s, res_type, pre_num, batch):
+    """The design table written out with forward hooks on the untouched model: at module
+    ``n`` of a chain, ``out + s * term`` with ``term`` = ``B_n A_n x_n`` (none),
+    ``B_n A_n (x_n + x_{n-1})`` (is), ``sum_k B_{n-k} A_{n-k} x_n`` (bs),
+    ``B_n sum_k A_{n-k} x_{n-k}`` (ms), over the linked predecessors of ``structure``."""
+    where = {p: (c, i) for c, d in structure.items() for i, p in enumerate(d["modules"])}
+    xs = {}
+
+    def preds(chain, i):
+        links, paths, out = structure[chain]["links"], structure[chain]["modules"], []
+        limit = {"none": 0, "is": 1}.get(res_type, pre_num)
+        while i > 0 and links[i] and len(out) < limit:
+            i -= 1
+            out.append(paths[i])
+        return out
+
+    def hook(path):
+        def add_branch(module, args, out):
+            x = args[0]
+            a, b = factors[path]
+            xs[path] = x
+            ps = preds(*where[path])
+            if res_type == "is" and ps:
+                term = (x + xs[ps[0]]) @ a.T @ b.T
+            elif res_type == "bs":
+                term = sum((x @ factors[q][0].T @ factors[q][1].T for q in ps), x @ a.T @ b.T)
+            elif res_type == "ms":
+                term = sum((xs[q] @ factors[q][0].T for q in ps), x @ a.T) @ b.T
+            else:
+                term = x @ a.T @ b.T
+            return out + s * term
+
+        return add_branch
+
+    handles = [plain.get_submodule(p).register_forward_hook(hook(p)) for p in where]
+    try:
+        return run(plain, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", MAKERS)
+@pytest.mark.parametrize("res_type", TYPES)
+def test_outputs_and_gradients_follow_the_written_out_formula(family, res_type):
+    model = MAKERS[family]()
+    plain = copy.deepcopy(model)
+    config = ResLoRAConfig(rank=2, alpha=4, res_type=res_type, pre_num=2)
+    add_reslora(model, config)
+    randomize_lora(model, scale=0.2)
+    batch = inputs(model)[0]
+    with torch.no_grad():
+        run(model, batch)  # trace the chains
+    structure = chain_structure(model)
+    blocks = get_state(model).blocks
+    factors = {
+        p: (b.lora_A.detach().clone().requires_grad_(), b.lora_B.detach().clone().requires_grad_())
+        for p, b in blocks.items()
+    }
+    weights = torch.randn(run(plain, batch).shape, generator=torch.Generator().manual_seed(1))
+    got = run(model.train(), batch)
+    want = reference_run(plain.train(), structure, factors, config.scaling, res_type, 2, batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    for p, b in blocks.items():
+        torch.testing.assert_close(b.lora_A.grad, factors[p][0].grad, rtol=1e-4, atol=1e-6, msg=p)
+        torch.testing.assert_close(b.lora_B.grad, factors[p][1].grad, rtol=1e-4, atol=1e-6, msg=p)
+
+
+def _segments(model, res_type, targets=None):
+    add_reslora(model, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2, target_modules=targets))
+    with torch.no_grad():
+        run(model, inputs(model)[0])
+    return {k: [len(s) for s in v["segments"]] for k, v in chain_structure(model).items()}
+
+
+@pytest.mark.parametrize("res_type", ["is", "bs", "ms"])
+def test_sd3_chains_run_unbroken_through_the_joint_blocks(res_type):
+    segments = _segments(tiny_sd3_transformer(), res_type)
+    for role in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"):
+        assert segments[f"attn.{role}"] == [3], role
+    assert segments["attn.to_add_out"] == [2]  # the last block's text stream ends before it
+    assert segments["attn2.to_q"] == [1]  # SD3.5's dual attention: its own chain
+
+
+def test_flux_chains_cross_from_double_to_single_blocks_where_shapes_allow():
+    # bs links equal weight shapes: to_q runs through the 2 double and 2 single blocks
+    bs = _segments(tiny_flux_transformer(), "bs")
+    assert bs["attn.to_q"] == [4] and bs["attn.add_q_proj"] == [2] and bs["attn.to_out.0"] == [2]
+    model = tiny_flux_transformer()
+    _segments(model, "is")
+    q = chain_structure(model)["attn.to_q"]
+    # the single blocks also see the text tokens: is/ms inputs differ in shape there
+    assert q["segments"] == [
+        ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_q"],
+        ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.attn.to_q"],
+    ]
+    assert _segments(tiny_flux_transformer(), "ms")["attn.to_v"] == [2, 2]
+
+
+def test_flux_feedforward_targets_leave_the_output_layer_alone():
+    model = tiny_flux_transformer()
+    targets = [*DIT_ATTENTION_TARGETS, *FLUX_FEEDFORWARD_TARGETS]
+    segments = _segments(model, "bs", targets)
+    assert chain_structure(model)["proj_out"]["modules"] == [
+        "single_transformer_blocks.0.proj_out",
+        "single_transformer_blocks.1.proj_out",
+    ]
+    assert segments["proj_mlp"] == [2] and segments["ff_context.net.2"] == [2]
+    assert type(model.proj_out).__name__ == "Linear"
+    # named explicitly, the output layer is adapted like any other
+    model = tiny_flux_transformer()
+    add_reslora(model, ResLoRAConfig(rank=2, target_modules=["proj_out"], exclude_modules=[]))
+    assert type(model.proj_out).__name__ == "ResLoRALinear"
+
+
+def _pipe_with_reslora(family, tmp_path, res_type):
+    pipe = PIPES[family](tmp_path)
+    add_reslora(pipe, ResLoRAConfig(rank=2, alpha=4, res_type=res_type, pre_num=2), train_text_encoder=True)
+    comps = pipeline_components(pipe)
+    batches = {}
+    for name, module in comps.items():
+        randomize_lora(module, scale=0.1)
+        batches[name] = inputs(module, num=3) if name == "transformer" else text_batches(3)
+        train_forwards(module, batches[name])
+    return pipe, comps, batches
+
+
+def _lora_of(out, component, module):
+    """The exported plain LoRA of one component, keyed by the module's own paths."""
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        lora = {k[len(component) + 1 :]: f.get_tensor(k) for k in f.keys() if k.startswith(component + ".")}
+    if component != "transformer" and not hasattr(module, "text_model"):
+        lora = {k.removeprefix("text_model."): v for k, v in lora.items()}
+    return lora
+
+
+@pytest.mark.parametrize("family", PIPES)
+@pytest.mark.parametrize("res_type", TYPES)
+def test_load_lora_weights_gives_the_merged_model(tmp_path, family, res_type):
+    pipe, comps, batches = _pipe_with_reslora(family, tmp_path, res_type)
+    # SD3: the transformer and both CLIP encoders; Flux: the transformer and CLIP, never T5
+    assert (
+        set(comps)
+        == {
+            "sd3": {"transformer", "text_encoder", "text_encoder_2"},
+            "flux": {"transformer", "text_encoder"},
+        }[family]
+    )
+    out = tmp_path / "lora"
+    calib = {k: b[:2] for k, b in batches.items()}
+    held = {k: b[2:] for k, b in batches.items()}
+    report = export_lora(out, calibration=calib, eval_inputs=held, **comps)
+    assert {p.name for p in out.iterdir()} == {"pytorch_lora_weights.safetensors", "merge_report.json"}
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        assert "transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight" in f.keys()
+
+    fresh = PIPES[family](tmp_path)
+    fresh.load_lora_weights(str(out))
+    for name, module in comps.items():
+        batch = held[name][0]
+        with torch.no_grad():
+            reslora_out = run(module, batch)
+            with merged_view(module, _lora_of(out, name, module)):
+                merged_out = run(module, batch)
+            got = run(getattr(fresh, name), batch)
+        torch.testing.assert_close(got, merged_out, rtol=1e-4, atol=1e-5)
+        err = float((got - reslora_out).norm() / reslora_out.norm())
+        if res_type in ("none", "bs"):
+            assert err < 1e-5, name
+        else:
+            assert 1e-7 < err <= report["components"][name]["output_error"] * 1.001 + 1e-6, name
+
+
+@pytest.mark.parametrize("family", MAKERS)
+def test_merge_report_on_synthetic_transformer_inputs(tmp_path, family):
+    model = MAKERS[family]()
+    add_reslora(model, ResLoRAConfig(rank=2, res_type="ms", pre_num=2))
+    randomize_lora(model, scale=0.2)
+    train_forwards(model, inputs(model, num=2))
+    report = export_lora(tmp_path / "out", transformer=model)
+    component = report["components"]["transformer"]
+    assert component["eval_inputs"] == "synthetic"
+    assert 0 < component["output_error"] < 1
+    assert set(component["methods"]) == {"input", "weight", "calibrated"}
+    assert "attn.to_q" in component["methods"]["calibrated"]["chains"]
+
+
+def test_export_refuses_kohya_and_t5_for_transformer_pipelines(tmp_path):
+    model = add_reslora(tiny_flux_transformer(), ResLoRAConfig(rank=2))
+    with torch.no_grad():
+        run(model, inputs(model)[0])
+    with pytest.raises(ValueError, match="no kohya-ss file for flux pipelines"):
+        export_lora(tmp_path / "x", transformer=model, formats=("kohya",))
+    t5 = add_reslora(tiny_t5(), ResLoRAConfig(rank=2))
+    t5(**text_batches(1)[0])
+    with pytest.raises(ValueError, match="component 'text_encoder_2' cannot go into its LoRA file"):
+        export_lora(tmp_path / "x", transformer=model, text_encoder_2=t5)
+    assert not (tmp_path / "x").exists()
+
+
+def test_t5_encoder_targets_and_peft_export(tmp_path):
+    t5 = tiny_t5()
+    base = copy.deepcopy(t5)
+    batch = text_batches(1)[0]
+    with torch.no_grad():
+        before = t5(**batch).last_hidden_state
+    add_reslora(t5, ResLoRAConfig(rank=2, res_type="bs", pre_num=1))
+    adapted = sorted({p.rsplit(".", 1)[-1] for p in get_state(t5).blocks})
+    assert adapted == ["k", "o", "q", "v", "wi_0", "wi_1", "wo"]
+    with torch.no_grad():
+        assert torch.equal(t5(**batch).last_hidden_state, before)
+    randomize_lora(t5, scale=0.2)
+    train_forwards(t5, text_batches(2))
+    assert [len(s) for s in chain_structure(t5)["DenseReluDense.wi_0"]["segments"]] == [2]
+    export_peft_adapter(t5, tmp_path / "t5")
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "t5"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).last_hidden_state, t5(**batch).last_hidden_state)
+
+
+@pytest.mark.parametrize("family", MAKERS)
+def test_peft_export_of_the_transformer_loads_into_peft(tmp_path, family):
+    model = MAKERS[family]()
+    base = copy.deepcopy(model)
+    add_reslora(model, ResLoRAConfig(rank=2, res_type="bs", pre_num=2))
+    randomize_lora(model, scale=0.2)
+    batch = inputs(model)[0]
+    train_forwards(model, [batch])
+    export_peft_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["rank_pattern"]  # bs stacks ranks 2, 4, 6 along a chain
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded, batch), run(model, batch), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", PIPES)
+def test_merge_cli_and_fuse(tmp_path, family):
+    base_dir = tmp_path / "base"
+    PIPES[family](tmp_path).save_pretrained(str(base_dir))
+    pipe = DiffusionPipeline.from_pretrained(str(base_dir))
+    add_reslora(pipe, ResLoRAConfig(rank=2, res_type="bs", pre_num=2), train_text_encoder=True)
+    comps = pipeline_components(pipe)
+    for name, module in comps.items():
+        randomize_lora(module, scale=0.1)
+        train_forwards(module, inputs(module) if name == "transformer" else text_batches(1))
+    ckpt = save_reslora_checkpoint(comps, tmp_path / "r.safetensors")
+    out = tmp_path / "merged"
+    assert merge_main([str(ckpt), "--base", str(base_dir), "--output", str(out), "--fuse"]) == 0
+    assert {p.name for p in out.iterdir()} == {
+        "pytorch_lora_weights.safetensors",
+        "merge_report.json",
+        "fused_pipeline",
+    }
+    fused = DiffusionPipeline.from_pretrained(str(out / "fused_pipeline"))
+    base = DiffusionPipeline.from_pretrained(str(base_dir))
+    assert sum(p.numel() for p in fused.transformer.parameters()) == sum(
+        p.numel() for p in base.transformer.parameters()
+    )
+    batch = inputs(pipe.transformer)[0]
+    with torch.no_grad():
+        want = run(pipe.transformer, batch)  # bs merges exactly: the ResLoRA model itself
+        torch.testing.assert_close(run(fused.transformer, batch), want, rtol=1e-4, atol=1e-5)
+    assert (
+        merge_main([str(ckpt), "--base", str(base_dir), "--output", str(tmp_path / "k"), "--format", "kohya"])
+        == 2
+    )

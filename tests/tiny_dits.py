@@ -1,0 +1,124 @@
+"""Tiny SD3 and Flux transformers and pipelines built from configs (random weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from tests.tiny_pipes import TEXT_DIM, tiny_clip_config, tiny_tokenizer
+
+#: the pooled text state: CLIP-L and CLIP-G's projections side by side for SD3, CLIP-L's for Flux
+SD3_POOLED = 2 * TEXT_DIM
+
+
+def tiny_sd3_transformer(seed: int = 0, num_layers: int = 3) -> SD3Transformer2DModel:
+    """Three joint blocks (the last one text-pre-only), the first with SD3.5's dual attention."""
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        caption_projection_dim=16,
+        pooled_projection_dim=SD3_POOLED,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+
+
+def tiny_flux_transformer(seed: int = 0) -> FluxTransformer2DModel:
+    """Two double-stream and two single-stream blocks, guidance embedding (Flux dev)."""
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=TEXT_DIM,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def tiny_t5(seed: int = 0, vocab_size: int = 64) -> T5EncoderModel:
+    """Gated-GELU T5 (v1.1, as SD3 and Flux use), two layers."""
+    torch.manual_seed(seed)
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=TEXT_DIM,
+            d_kv=8,
+            d_ff=48,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+        )
+    )
+
+
+def _tiny_vae(seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+
+
+def tiny_sd3_pipeline(tmp: Path, seed: int = 0) -> StableDiffusion3Pipeline:
+    """The transformer, VAE, two CLIP encoders and a tiny T5 (a T5 tokenizer needs a
+    sentencepiece vocabulary, so the CLIP tokenizer stands in for it)."""
+    tok = tiny_tokenizer(tmp)
+    torch.manual_seed(seed)
+    te1 = CLIPTextModelWithProjection(tiny_clip_config(len(tok)))
+    te2 = CLIPTextModelWithProjection(tiny_clip_config(len(tok)))
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(seed),
+        text_encoder=te1,
+        tokenizer=tok,
+        text_encoder_2=te2,
+        tokenizer_2=tok,
+        text_encoder_3=tiny_t5(seed),
+        tokenizer_3=tok,
+    )
+
+
+def tiny_flux_pipeline(tmp: Path, seed: int = 0) -> FluxPipeline:
+    """The transformer, VAE, CLIP encoder and a tiny T5 (the CLIP tokenizer stands in for T5's)."""
+    tok = tiny_tokenizer(tmp)
+    torch.manual_seed(seed)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(seed),
+        text_encoder=CLIPTextModel(tiny_clip_config(len(tok))),
+        tokenizer=tok,
+        text_encoder_2=tiny_t5(seed),
+        tokenizer_2=tok,
+        transformer=tiny_flux_transformer(seed),
+    )
