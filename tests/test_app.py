@@ -312,7 +312,8 @@ def test_a_lora_that_fails_to_load_or_holds_nan_fails_alone(served):
     gallery, status = _generate(client, served, loras, num_images=1)
     captions = [item["caption"] for item in gallery]
     assert len(gallery) == 2 and captions[0].startswith("base") and captions[1].startswith("LoRA (lora)")
-    assert "**mismatched**" in status and "**nan_weights**" in status
+    assert "**mismatched.safetensors** (not a usable LoRA" in status
+    assert "**nan_weights.safetensors** (not a usable LoRA" in status
     assert f"tensor {key_b!r} holds NaN or infinite values" in status
 
 
