@@ -52,13 +52,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 
 from reslora_diffusers.data import default_base_model_path, unseen_words, vocabulary_text
 from reslora_diffusers.data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS
-from reslora_diffusers.eval import analyse_image, parse_prompt
+from reslora_diffusers.eval import analyse_image, generate, parse_prompt
 from reslora_diffusers.eval.analysis import attribute_matches
 from reslora_diffusers.export.loading import check_lora_file, resolve_lora_file
 from reslora_diffusers.training.grid import label_font
@@ -218,17 +217,16 @@ def render(
             problems.append(f"**{label}** (not a usable LoRA, not shown): {' '.join(str(err).split())}")
             continue
         n = int(num_images)
-        generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(n)]
         try:
-            with torch.no_grad():
-                images = pipe(
-                    prompt=[prompt] * n,
-                    negative_prompt=[negative_prompt] * n if negative_prompt else None,
-                    num_inference_steps=int(steps),
-                    guidance_scale=float(guidance),
-                    generator=generators,
-                    cross_attention_kwargs={"scale": float(lora_scale)} if lora else None,
-                ).images
+            images = generate(
+                pipe,
+                [prompt] * n,
+                [int(seed) + i for i in range(n)],
+                num_inference_steps=int(steps),
+                guidance_scale=float(guidance),
+                negative_prompt=[negative_prompt] * n if negative_prompt else None,
+                cross_attention_kwargs={"scale": float(lora_scale)} if lora else None,
+            )
         except Exception as err:  # each model fails alone: the others' images are still shown
             logger.warning("%s failed: %s", label, err)
             problems.append(f"**{label}**: {' '.join(str(err).split())}")

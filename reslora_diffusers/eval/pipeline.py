@@ -34,11 +34,13 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     progress: tqdm | None = None,
+    **pipe_kwargs,
 ) -> list:
     """One image per (prompt, seed) pair; each image's noise comes from its own CPU generator.
 
     An image thus depends on its prompt and seed only, not on the batch it is made in.
-    ``progress``, if given, advances by one per denoising step (the pipeline's own bar stays off).
+    ``progress``, if given, advances by one per denoising step (the pipeline's own bar stays off);
+    ``pipe_kwargs`` go to the pipeline call (``negative_prompt``, ``cross_attention_kwargs``...).
     """
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     callback = {}
@@ -58,6 +60,7 @@ def generate(
             width=width,
             generator=generators,
             **callback,
+            **pipe_kwargs,
         )
     return output.images
 
