@@ -19,6 +19,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors.torch import load_file
 
 from reslora_diffusers import load_reslora_checkpoint
+from reslora_diffusers.data import default_base_model_path
 from reslora_diffusers.frontends import frontend_for
 from tests.test_train_script import _subset, fresh_accelerate_state, one_thread, script  # noqa: F401
 from tests.tiny_dits import tiny_flux_pipeline, tiny_sd3_pipeline
@@ -243,3 +244,6 @@ def test_flags_of_the_other_objective_are_refused(bases, data, tmp_path):
     message = _error(bases["sd3"], data, tmp_path / "b", "--guidance_scale", "2")
     assert "--guidance_scale does not apply to stable_diffusion_3 pipelines" in message, message
     assert not (tmp_path / "a" / "train_log.jsonl").exists()
+    # and the flow-matching flags on a UNet (the embedded Stable Diffusion base)
+    message = _error(default_base_model_path(), data, tmp_path / "c", "--weighting_scheme", "mode")
+    assert "--weighting_scheme does not apply to stable_diffusion pipelines" in message, message
