@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -58,7 +57,7 @@ from reslora_diffusers.core import (
 from reslora_diffusers.data import default_base_model_path, default_finetune_data_dir, finetune_prompts
 from reslora_diffusers.eval import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS, generate, prompt_accuracy
 from reslora_diffusers.eval.analysis import parse_prompt
-from reslora_diffusers.frontends import CLIP_TEXT, UNET_CONV_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
+from reslora_diffusers.frontends import CLIP_TEXT, DIT_ATTENTION_TARGETS, UNET_CONV_TARGETS
 from reslora_diffusers.training.card import write_model_card
 from reslora_diffusers.training.checkpoints import (
     check_checkpoint_files,
@@ -72,7 +71,15 @@ from reslora_diffusers.training.data import (
     collate,
     load_image_captions,
 )
+from reslora_diffusers.training.flow_matching import WEIGHTING_SCHEMES
 from reslora_diffusers.training.grid import labelled_grid
+from reslora_diffusers.training.objectives import (
+    DEFAULT_UNET_TARGETS,
+    Objective,
+    load_objective,
+    pipeline_kwargs,
+    real_inputs,
+)
 from reslora_diffusers.training.outputs import (
     check_output_dir,
     check_resume_identity,
@@ -85,10 +92,6 @@ from reslora_diffusers.utils.safety import check_finite
 logger = get_logger("train_text_to_image")
 
 RESLORA_CHECKPOINT = "reslora_checkpoint.safetensors"
-#: Attention and feed-forward projections of the UNet's transformer blocks: a new shape needs
-#: the feed-forward layers too (on the embedded base, 800 steps reach 53-80 % prompt accuracy
-#: with them; the attention projections alone stayed below 10 %).
-DEFAULT_UNET_TARGETS = [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS]
 TRAIN_LOG = "train_log.jsonl"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PEFT_CHECKPOINT = "peft_lora.safetensors"
@@ -117,7 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_column", default="image")
     p.add_argument("--caption_column", default="text")
     p.add_argument("--max_train_samples", type=int, default=None)
-    p.add_argument("--resolution", type=int, default=None, help="default: the base UNet's sample size x 8")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="default: the base denoiser's sample size x the VAE factor",
+    )
     p.add_argument("--center_crop", action="store_true")
     p.add_argument("--random_flip", action="store_true")
     # training
@@ -138,14 +146,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="linear | cosine | cosine_with_restarts | polynomial | constant | constant_with_warmup",
     )
     p.add_argument("--lr_warmup_steps", type=int, default=20)
-    p.add_argument("--snr_gamma", type=float, default=5.0, help="min-SNR loss weighting; 0 turns it off")
-    p.add_argument("--noise_offset", type=float, default=0.0)
+    p.add_argument(
+        "--snr_gamma", type=float, default=5.0, help="min-SNR loss weighting; 0 turns it off (UNet)"
+    )
+    p.add_argument("--noise_offset", type=float, default=0.0, help="(UNet)")
     p.add_argument(
         "--prediction_type",
         default=None,
         choices=["epsilon", "v_prediction"],
-        help="default: the base scheduler's",
+        help="default: the base scheduler's (UNet)",
     )
+    # flow matching (SD3, Flux), as diffusers' train_dreambooth_lora_sd3.py / _flux.py
+    p.add_argument(
+        "--weighting_scheme",
+        default=None,
+        choices=WEIGHTING_SCHEMES,
+        help="sigma sampling and loss weights (default: logit_normal for SD3, none for Flux)",
+    )
+    p.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean of the logit")
+    p.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: its standard deviation")
+    p.add_argument("--mode_scale", type=float, default=1.29, help="mode: the scale of the mode density")
+    p.add_argument("--guidance_scale", type=float, default=3.5, help="Flux: the guidance embedding's input")
     p.add_argument("--adam_beta1", type=float, default=0.9)
     p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -162,9 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--target_modules",
         nargs="+",
-        default=DEFAULT_UNET_TARGETS,
-        help=f"UNet module-name suffixes (default: {' '.join(DEFAULT_UNET_TARGETS)}; the resnet and "
-        f"sampler convolutions, LoCon-style: {' '.join(UNET_CONV_TARGETS)})",
+        default=None,
+        help=f"denoiser module-name suffixes (default: UNet {' '.join(DEFAULT_UNET_TARGETS)}; SD3/Flux "
+        f"{' '.join(DIT_ATTENTION_TARGETS)}; the UNet's resnet and sampler convolutions, LoCon-style: "
+        f"{' '.join(UNET_CONV_TARGETS)})",
     )
     p.add_argument("--res_type", default="bs", choices=res_types())
     p.add_argument("--pre_num", type=int, default=1, help="earlier blocks in a bs/ms shortcut")
@@ -263,65 +285,49 @@ def _metric_applies(prompts: list[str] | None) -> bool:
 # ----------------------------------------------------------------------------- models
 
 
-def load_models(args: argparse.Namespace):
-    """Scheduler, tokenizer, text encoder, VAE and UNet of the base pipeline, all frozen."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+def load_models(args: argparse.Namespace) -> Objective:
+    """The base pipeline's components, all frozen, in the objective of its family (a UNet's DDPM
+    denoising, SD3's or Flux's flow matching)."""
     path = args.pretrained_model_name_or_path
     if (path.startswith((".", "/")) or Path(path).exists()) and not Path(path).is_dir():
         raise ValueError(f"--pretrained_model_name_or_path: {path} does not exist")
-    kwargs = {"revision": args.revision}
-    try:
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(
-            path, subfolder="text_encoder", variant=args.variant, **kwargs
-        )
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--pretrained_model_name_or_path: cannot load {path}: {_one_line(err)}") from err
-    for model in (text_encoder, vae, unet):
-        model.requires_grad_(False)
-    if args.prediction_type is not None:
-        scheduler.register_to_config(prediction_type=args.prediction_type)
-    return scheduler, tokenizer, text_encoder, vae, unet
+    return load_objective(args, vars(parse_args([])))
 
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def check_target_modules(unet, targets: list[str] | None) -> None:
-    """Every target must name at least one linear or convolution layer of the UNet."""
-    layers = [n for n, m in unet.named_modules() if layer_class_for(m) is not None]
+def check_target_modules(denoiser, targets: list[str] | None, title: str) -> None:
+    """Every target must name at least one linear or convolution layer of the denoiser."""
+    layers = [n for n, m in denoiser.named_modules() if layer_class_for(m) is not None]
     for target in targets or []:
         if not any(matches_target(n, [target]) for n in layers):
             raise ValueError(
-                f"--target_modules: {target!r} names no linear or convolution layer of the UNet "
+                f"--target_modules: {target!r} names no linear or convolution layer of the {title} "
                 f"(e.g. {layers[0]})"
             )
 
 
-def add_adapters(args: argparse.Namespace, unet, text_encoder) -> list[torch.nn.Parameter]:
-    """ResLoRA (or PEFT LoRA) on the UNet and, with ``--train_text_encoder``, the text encoder;
-    returns the trainable parameters (float32)."""
-    check_target_modules(unet, args.target_modules)
-    models = [unet, text_encoder] if args.train_text_encoder else [unet]
+def add_adapters(args: argparse.Namespace, trained: dict, objective: Objective) -> list[torch.nn.Parameter]:
+    """ResLoRA (or PEFT LoRA) on the denoiser and, with ``--train_text_encoder``, the text
+    encoder(s) (``trained``, denoiser first); returns the trainable parameters (float32)."""
+    denoiser = trained[objective.denoiser]
+    check_target_modules(denoiser, args.target_modules, objective.denoiser_title)
+    models = list(trained.values())
     if args.use_peft:
         from peft import LoraConfig, inject_adapter_in_model
 
-        for model, targets in zip(models, [args.target_modules, list(CLIP_TEXT.targets)]):
+        for model in models:
             lora = LoraConfig(
                 r=args.rank,
                 lora_alpha=args.lora_alpha or args.rank,
                 lora_dropout=args.lora_dropout,
-                target_modules=targets,
+                target_modules=args.target_modules if model is denoiser else list(CLIP_TEXT.targets),
             )
-            # diffusers' UNet.add_adapter; transformers' own add_adapter wants a newer PEFT
-            # than diffusers does, so the text encoder gets PEFT's injection directly
-            if model is unet:
+            # diffusers' add_adapter on the UNet/transformer; transformers' own add_adapter wants
+            # a newer PEFT than diffusers does, so text encoders get PEFT's injection directly
+            if model is denoiser:
                 model.add_adapter(lora)
             else:
                 inject_adapter_in_model(lora, model)
@@ -336,9 +342,8 @@ def add_adapters(args: argparse.Namespace, unet, text_encoder) -> list[torch.nn.
             target_modules=args.target_modules,
             merge=args.merge,
         )
-        add_reslora(unet, config)
-        if args.train_text_encoder:
-            add_reslora(text_encoder, replace(config, target_modules=None))
+        for model in models:
+            add_reslora(model, config if model is denoiser else replace(config, target_modules=None))
         params = [p for model in models for p in trainable_parameters(model)]
     for param in params:
         param.data = param.data.float()
@@ -413,9 +418,11 @@ class Run:
 
     args: argparse.Namespace
     accelerator: Accelerator
-    #: "text_encoder", "unet", "vae"; the trained ones as ``accelerator.prepare`` returned them
+    #: the pipeline's models ("unet" or "transformer", text encoders, "vae"); the trained ones as
+    #: ``accelerator.prepare`` returned them
     models: dict
-    noise_scheduler: object
+    #: the family's loss, prompt encoding and merge-report inputs
+    objective: Objective
     weight_dtype: torch.dtype
     resolution: int
     #: ``train_log.jsonl``, on the main process only
@@ -427,41 +434,13 @@ class Run:
     sampler: EpochSampler
 
     def trained(self) -> list[torch.nn.Module]:
-        names = ["unet", "text_encoder"] if self.args.train_text_encoder else ["unet"]
-        return [self.models[name] for name in names]
+        return [self.models[name] for name in self.objective.trained_names(self.args.train_text_encoder)]
 
 
 def training_loss(run: Run, batch: dict) -> torch.Tensor:
-    """The denoising loss of one batch (min-SNR weighted when ``--snr_gamma`` > 0)."""
-    from diffusers.training_utils import compute_snr
-
-    args, noise_scheduler = run.args, run.noise_scheduler
-    vae, text_encoder, unet = run.models["vae"], run.models["text_encoder"], run.models["unet"]
-
-    latents = vae.encode(batch["pixel_values"].to(run.weight_dtype)).latent_dist.sample()
-    latents = latents * vae.config.scaling_factor
-    noise = torch.randn_like(latents)
-    if args.noise_offset:
-        noise += args.noise_offset * torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), device=latents.device
-        )
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-    ).long()
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
-    if not args.snr_gamma:
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
-    weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (loss * weights).mean()
+    """The loss of one batch: the UNet's denoising loss (min-SNR weighted when ``--snr_gamma`` > 0)
+    or the transformer's flow-matching loss (weighted by ``--weighting_scheme``)."""
+    return run.objective.loss(run.models, batch, run.weight_dtype)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -477,7 +456,7 @@ def build_pipeline(args, weight_dtype, **components):
         args.pretrained_model_name_or_path,
         revision=args.revision,
         variant=args.variant,
-        safety_checker=None,
+        **pipeline_kwargs(args.pretrained_model_name_or_path, args.revision),
         **dtype,
         **components,
     )
@@ -518,10 +497,10 @@ def run_validation(args, pipe, step: int, name: str, resolution: int) -> dict:
 
 def validate_during_training(run: Run, step: int) -> dict:
     """Validation with the ResLoRA model as it trains (main process; eval mode meanwhile)."""
-    parts = {name: run.accelerator.unwrap_model(run.models[name]) for name in ("unet", "text_encoder")}
+    parts = {name: run.accelerator.unwrap_model(model) for name, model in run.models.items()}
     for model in run.trained():
         model.eval()
-    pipe = build_pipeline(run.args, run.weight_dtype, vae=run.models["vae"], **parts)
+    pipe = build_pipeline(run.args, run.weight_dtype, **parts)
     record = run_validation(run.args, pipe, step, f"step-{step:06d}", run.resolution)
     for model in run.trained():
         model.train()
@@ -570,62 +549,26 @@ class TrainLog:
 # ----------------------------------------------------------------------------- export
 
 
-def real_unet_inputs(args, dataset, tokenizer, text_encoder, vae, noise_scheduler, seed: int, num: int):
-    """``num`` batches of UNet keyword inputs from the training data (noisy latents at random
-    timesteps, the captions' text states) and the matching text-encoder inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=gen).tolist()
-    size = min(args.train_batch_size, 8)
-    unet_batches, text_batches = [], []
-    device, dtype = vae.device, vae.dtype
-    with torch.no_grad():
-        for b in range(num):
-            idx = [order[(b * size + i) % len(order)] for i in range(size)]
-            batch = collate([dataset[(i, seed + i)] for i in idx])
-            latents = (
-                vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.mean
-                * vae.config.scaling_factor
-            )
-            noise = torch.randn(latents.shape, generator=gen).to(device, dtype)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=gen)
-            input_ids = batch["input_ids"].to(device)
-            unet_batches.append(
-                {
-                    "sample": noise_scheduler.add_noise(latents, noise, timesteps),
-                    "timestep": timesteps.to(device),
-                    "encoder_hidden_states": text_encoder(input_ids, return_dict=False)[0],
-                }
-            )
-            text_batches.append({"input_ids": input_ids})
-    return unet_batches, text_batches
-
-
-def export(args, unet, text_encoder, inputs: dict) -> dict | None:
-    """Write the LoRA files; ResLoRA: its checkpoint, the merged export and the merge report."""
-    from diffusers import StableDiffusionPipeline
-
+def export(args, components: dict, inputs: dict, pipeline_class) -> dict | None:
+    """Write the LoRA files of the trained ``{component: model}``; ResLoRA: its checkpoint, the
+    merged export and the merge report. ``--use_peft``: ``pipeline_class.save_lora_weights``."""
     output_dir = Path(args.output_dir)
     if args.use_peft:
         from peft.utils import get_peft_model_state_dict
 
         # PEFT keys (lora_A/lora_B) as the ResLoRA export writes them, with the adapter config
         # as metadata so that load_lora_weights applies the same alpha / rank
-        layers = {
-            "unet_lora_layers": get_peft_model_state_dict(unet),
-            "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
-        }
-        if args.train_text_encoder:
-            layers["text_encoder_lora_layers"] = get_peft_model_state_dict(text_encoder)
-            layers["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
-        for name in ("unet", "text_encoder"):
-            check_finite(layers.get(f"{name}_lora_layers", {}), f"{output_dir / LORA_FILE} ({name})")
+        layers = {}
+        for name, model in components.items():
+            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(model)
+            layers[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+            check_finite(layers[f"{name}_lora_layers"], f"{output_dir / LORA_FILE} ({name})")
         with tempfile.TemporaryDirectory(dir=output_dir) as tmp:  # no half-written file on failure
-            StableDiffusionPipeline.save_lora_weights(tmp, **layers, safe_serialization=True)
+            pipeline_class.save_lora_weights(tmp, **layers, safe_serialization=True)
             (Path(tmp) / LORA_FILE).replace(output_dir / LORA_FILE)
         return None
     from reslora_diffusers.export import export_lora
 
-    components = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
     save_reslora_checkpoint(components, output_dir / RESLORA_CHECKPOINT)
     return export_lora(
         output_dir,
@@ -680,20 +623,24 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)  # the same adapter initialisation on every process
 
-    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
-    resolution = args.resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    objective = load_models(args)
+    resolution = args.resolution or objective.default_resolution()
+    objective.check_resolution(resolution)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
     # no dtype for float32, the dtype they load in: diffusers warns at every .to(dtype=...)
     cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
-    for model in (unet, vae, text_encoder):
+    for model in objective.models.values():
         model.to(accelerator.device, **cast)
-    params = add_adapters(args, unet, text_encoder)
+    trained = {name: objective.models[name] for name in objective.trained_names(args.train_text_encoder)}
+    params = add_adapters(args, trained, objective)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        for name, model in trained.items():
+            if name == objective.denoiser:
+                model.enable_gradient_checkpointing()
+            else:
+                model.gradient_checkpointing_enable()
 
     with accelerator.main_process_first():
         data = load_image_captions(
@@ -705,7 +652,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
             args.seed,
             args.revision,
         )
-    dataset = TextImageDataset(data, tokenizer, resolution, args.center_crop, args.random_flip)
+    dataset = TextImageDataset(data, objective.tokenizer, resolution, args.center_crop, args.random_flip)
     sampler = EpochSampler(len(dataset), args.seed)
     dataloader = torch.utils.data.DataLoader(
         dataset,
@@ -735,12 +682,11 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
     args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
 
-    trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
     register_checkpoint_hooks(accelerator, trained, args.use_peft)
     prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
     trained = dict(zip(trained, prepared[: len(trained)]))
     optimizer, dataloader, lr_scheduler = prepared[len(trained) :]
-    models = {"text_encoder": text_encoder, **trained, "vae": vae}
+    models = {**objective.models, **trained}
 
     if accelerator.is_main_process:
         accelerator.init_trackers("text2image-reslora", config=_hparams(args))
@@ -753,7 +699,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
         args,
         accelerator,
         models,
-        noise_scheduler,
+        objective,
         weight_dtype,
         resolution,
         log,
@@ -782,7 +728,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
     accelerator.wait_for_everyone()
     summary = {}
     if accelerator.is_main_process:
-        summary = finish(run, argv, dataset, tokenizer, data, validating)
+        summary = finish(run, argv, dataset, data, validating)
     accelerator.end_training()
     return summary
 
@@ -901,34 +847,24 @@ def _diverged(args, step: int, what: str) -> str:
     return f"step {step}: {what}; training stopped ({last}); try a lower --learning_rate or --max_grad_norm 1"
 
 
-def finish(run: Run, argv: list[str], dataset, tokenizer, data, validating: bool) -> dict:
+def finish(run: Run, argv: list[str], dataset, data, validating: bool) -> dict:
     """Export the LoRA files, evaluate them as a user would load them, write the model card."""
-    args, log = run.args, run.log
-    unet = run.accelerator.unwrap_model(run.models["unet"])
-    text_encoder = run.accelerator.unwrap_model(run.models["text_encoder"])
-    unet.eval()
-    text_encoder.eval()
+    args, log, objective = run.args, run.log, run.objective
+    models = {name: run.accelerator.unwrap_model(model) for name, model in run.models.items()}
+    trained = {name: models[name] for name in objective.trained_names(args.train_text_encoder)}
+    for model in models.values():
+        model.eval()
     inputs = {}
     if not args.use_peft:
-        vae, noise_scheduler = run.models["vae"], run.noise_scheduler
-        calib_unet, calib_text = real_unet_inputs(
-            args,
-            dataset,
-            tokenizer,
-            text_encoder,
-            vae,
-            noise_scheduler,
-            args.seed + 1,
-            num=args.calibration_batches,
-        )
-        held_unet, held_text = real_unet_inputs(
-            args, dataset, tokenizer, text_encoder, vae, noise_scheduler, args.seed + 2, num=1
-        )
+        # real inputs of the trained components: noisy latents and captions of the training data
+        size = args.train_batch_size
         inputs = {
-            "calibration": {"unet": calib_unet, "text_encoder": calib_text},
-            "held_out": {"unet": held_unet, "text_encoder": held_text},
+            "calibration": real_inputs(
+                objective, models, dataset, size, args.seed + 1, args.calibration_batches
+            ),
+            "held_out": real_inputs(objective, models, dataset, size, args.seed + 2, num=1),
         }
-    report = export(args, unet, text_encoder, inputs)
+    report = export(args, trained, inputs, objective.pipeline_class)
     step = args.max_train_steps
     summary = {
         "output_dir": str(args.output_dir),
@@ -956,6 +892,8 @@ def finish(run: Run, argv: list[str], dataset, tokenizer, data, validating: bool
         report,
         (before, after, images),
         grid,
+        denoiser=objective.denoiser_title,
+        formats=objective.family.formats,
     )
     return summary
 

@@ -91,7 +91,8 @@ def _tiny_vae(seed: int) -> AutoencoderKL:
 
 def tiny_sd3_pipeline(tmp: Path, seed: int = 0) -> StableDiffusion3Pipeline:
     """The transformer, VAE, two CLIP encoders and a tiny T5 (a T5 tokenizer needs a
-    sentencepiece vocabulary, so the CLIP tokenizer stands in for it)."""
+    sentencepiece vocabulary, so the CLIP tokenizer stands in for it, with T5's vocabulary
+    sized to it so that the pipeline encodes prompts)."""
     tok = tiny_tokenizer(tmp)
     torch.manual_seed(seed)
     te1 = CLIPTextModelWithProjection(tiny_clip_config(len(tok)))
@@ -104,7 +105,7 @@ def tiny_sd3_pipeline(tmp: Path, seed: int = 0) -> StableDiffusion3Pipeline:
         tokenizer=tok,
         text_encoder_2=te2,
         tokenizer_2=tok,
-        text_encoder_3=tiny_t5(seed),
+        text_encoder_3=tiny_t5(seed, vocab_size=len(tok)),
         tokenizer_3=tok,
     )
 
@@ -118,7 +119,7 @@ def tiny_flux_pipeline(tmp: Path, seed: int = 0) -> FluxPipeline:
         vae=_tiny_vae(seed),
         text_encoder=CLIPTextModel(tiny_clip_config(len(tok))),
         tokenizer=tok,
-        text_encoder_2=tiny_t5(seed),
+        text_encoder_2=tiny_t5(seed, vocab_size=len(tok)),
         tokenizer_2=tok,
         transformer=tiny_flux_transformer(seed),
     )

@@ -65,9 +65,9 @@ def base_text(base: str) -> str:
     return f"`{base}` (hub)"
 
 
-def method_text(args: argparse.Namespace) -> str:
+def method_text(args: argparse.Namespace, denoiser: str = "UNet") -> str:
     where = " ".join(f"`{t}`" for t in args.target_modules)
-    where = f"UNet ({where})" + (" and text encoder" if args.train_text_encoder else "")
+    where = f"{denoiser} ({where})" + (" and text encoder" if args.train_text_encoder else "")
     if args.use_peft:
         return f"PEFT LoRA, rank {args.rank}, alpha {args.lora_alpha or args.rank}, {where}"
     text = f"ResLoRA `{args.res_type}`"
@@ -79,13 +79,14 @@ def method_text(args: argparse.Namespace) -> str:
     )
 
 
-def files_text(args: argparse.Namespace) -> str:
-    """The files of ``output_dir``; the kohya file, merge report and ResLoRA checkpoint come
-    from ResLoRA runs only (``--use_peft`` writes diffusers' own LoRA file)."""
+def files_text(args: argparse.Namespace, formats: tuple[str, ...] = ("diffusers", "kohya")) -> str:
+    """The files of ``output_dir``; the kohya file (for pipeline families with that ``formats``),
+    merge report and ResLoRA checkpoint come from ResLoRA runs only (``--use_peft`` writes
+    diffusers' own LoRA file)."""
     files = ["`pytorch_lora_weights.safetensors` (diffusers/PEFT keys)"]
     if not args.use_peft:
+        files += ["`lora_kohya.safetensors` (kohya-ss keys)"] if "kohya" in formats else []
         files += [
-            "`lora_kohya.safetensors` (kohya-ss keys)",
             "`merge_report.json` (relative output error of the merged LoRA against the trained "
             "ResLoRA model on held-out inputs from the training data)",
             "`reslora_checkpoint.safetensors` (the unmerged ResLoRA weights, to continue training)",
@@ -119,15 +120,18 @@ def write_model_card(
     report: dict | None,
     accuracy: tuple[float | None, float | None, int],
     grid: Path | None,
+    denoiser: str = "UNet",
+    formats: tuple[str, ...] = ("diffusers", "kohya"),
 ) -> Path:
-    """Write ``output_dir/README.md``: base model, data, method, flags, final metric, grid."""
+    """Write ``output_dir/README.md``: base model, data, method, flags, final metric, grid
+    (``denoiser``: how the method names the trained model; ``formats``: the LoRA files written)."""
     card = CARD.format(
         title=Path(output_dir).name,
         base=args.pretrained_model_name_or_path,
         base_id=base_model_id(args.pretrained_model_name_or_path),
         base_text=base_text(args.pretrained_model_name_or_path),
         data=data_text,
-        method=method_text(args),
+        method=method_text(args, denoiser),
         steps=args.max_train_steps,
         batch=args.train_batch_size,
         accum=args.gradient_accumulation_steps,
@@ -137,7 +141,7 @@ def write_model_card(
         accuracy=accuracy_text(*accuracy),
         grid=f"Final samples:\n\n![samples]({grid.relative_to(output_dir).as_posix()})" if grid else "",
         output_dir=output_dir,
-        files=files_text(args),
+        files=files_text(args, formats),
         command=shlex.join(["python", "train_text_to_image.py", *argv]),
     )
     path = Path(output_dir) / "README.md"

@@ -208,7 +208,8 @@ def preprocess(
 
 
 class TextImageDataset(torch.utils.data.Dataset):
-    """Items ``{"pixel_values", "input_ids"}``, indexed by ``(index, augmentation seed)``."""
+    """Items ``{"pixel_values", "caption", "input_ids"}``, indexed by ``(index, augmentation seed)``
+    (``input_ids`` only with a ``tokenizer``: pipelines with several tokenizers tokenize per encoder)."""
 
     def __init__(self, data: ImageCaptions, tokenizer, resolution: int, center_crop: bool, random_flip: bool):
         self.data = data
@@ -228,7 +229,10 @@ class TextImageDataset(torch.utils.data.Dataset):
         caption = self.data.captions[index]
         if isinstance(caption, list):
             caption = caption[int(rng.integers(len(caption)))]
-        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+        item = {"pixel_values": pixels, "caption": caption}
+        if self.tokenizer is not None:
+            item["input_ids"] = tokenize(self.tokenizer, [caption])[0]
+        return item
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -242,10 +246,13 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def collate(items: list[dict]) -> dict:
-    return {
+    batch = {
         "pixel_values": torch.stack([i["pixel_values"] for i in items]).float(),
-        "input_ids": torch.stack([i["input_ids"] for i in items]),
+        "captions": [i["caption"] for i in items],
     }
+    if "input_ids" in items[0]:
+        batch["input_ids"] = torch.stack([i["input_ids"] for i in items])
+    return batch
 
 
 class EpochSampler(torch.utils.data.Sampler):
