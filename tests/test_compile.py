@@ -14,8 +14,13 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from reslora_diffusers import ResLoRAConfig, add_reslora, merge_to_lora, save_reslora_checkpoint
-from reslora_diffusers import load_reslora_checkpoint
+from reslora_diffusers import (
+    ResLoRAConfig,
+    add_reslora,
+    load_reslora_checkpoint,
+    merge_to_lora,
+    save_reslora_checkpoint,
+)
 from reslora_diffusers.core import trainable_parameters
 from reslora_diffusers.merge.error import output_tensor
 from reslora_diffusers.training.speed import compile_model, fused_adam_supported, make_adamw
@@ -157,3 +162,45 @@ def test_fused_adamw_on_cuda_is_the_default_and_steps_like_the_unfused_one():
 def test_compile_mode_is_checked():
     with pytest.raises(ValueError, match="compile mode 'fast'"):
         compile_model(copy.deepcopy(ResidualStack()), mode="fast")
+
+
+def _bf16_base(model: torch.nn.Module) -> torch.nn.Module:
+    """The frozen base in bfloat16, the adapters in float32 (as the training script keeps them)."""
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def test_under_autocast_the_activation_is_not_cast_up_and_back_down():
+    """A bf16 base under autocast: ``A x`` is one bf16 product of the bf16 activation (autocast
+    casts A); without autocast it is a float32 product of the activation cast up."""
+    block = _bf16_base(_model("none", 1)).layers[0].proj
+    x = torch.randn(4, 8).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ax = block.apply_a(x, block.lora_A)
+    assert ax.dtype == torch.bfloat16
+    torch.testing.assert_close(ax, x @ block.lora_A.detach().to(torch.bfloat16).T)
+    plain = block.apply_a(x, block.lora_A)
+    assert plain.dtype == torch.float32
+    torch.testing.assert_close(plain, x.float() @ block.lora_A.detach().T)
+
+
+@pytest.mark.parametrize("res_type", ["bs", "ms"])
+def test_compiled_bf16_autocast_training_is_one_graph_and_matches_eager(res_type):
+    eager, model = _bf16_base(_model(res_type, 5)), _bf16_base(_model(res_type, 5))
+    batches = _batches()
+    compiled = compile_model(model, backend="aot_eager", inputs={"x": batches[0][0].bfloat16()})
+
+    def under_autocast(forward):
+        def run(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return forward(x).float()
+
+        return run
+
+    expected = _train(under_autocast(eager), trainable_parameters(eager), batches)
+    got = _train(under_autocast(compiled), trainable_parameters(model), batches)
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    assert {p.dtype for p in trainable_parameters(model)} == {torch.float32}
+    assert got == pytest.approx(expected, rel=1e-2)
