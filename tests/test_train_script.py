@@ -571,6 +571,7 @@ def _losses(out: Path) -> list[float]:
     ]
 
 
+@pytest.mark.slow  # about 50 s of dynamo tracing on an idle CPU
 def test_torch_compile_trains_like_eager_and_exports_the_uncompiled_unet(base, data, tmp_path):
     """--torch_compile with dynamo's graph capture (the ``eager`` backend: inductor's code
     generation takes minutes on a CPU): the same losses and LoRA file as the eager run."""
