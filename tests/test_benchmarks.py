@@ -119,3 +119,10 @@ def test_bench_gpu_variants_share_one_copy_of_the_frozen_weights():
         assert v.params and all(p.dtype == torch.float32 for p in v.params)
     assert bench_gpu.parse_config("sdxl-1024-1", 0.1) == ("sdxl", 128, 1)
     assert bench_gpu.parse_config("sd15-512-8", 1.0) == ("sd15", 512, 8)
+
+
+def test_profile_step_prints_the_top_operators_of_an_eager_step(capsys):
+    _load("profile_step").main(["--modes", "eager", "--steps", "1", "--rows", "4", "--scale", "0.05"])
+    out = capsys.readouterr().out
+    assert "### eager step, top 4 operators" in out and "Self CPU" in out
+    assert "aten::" in out
