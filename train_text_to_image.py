@@ -87,6 +87,13 @@ from reslora_diffusers.training.outputs import (
     run_identity,
 )
 from reslora_diffusers.training.quiet import dropped_log_messages
+from reslora_diffusers.training.speed import (
+    COMPILE_MODES,
+    allow_tf32,
+    compile_model,
+    make_adamw,
+    trace_chains,
+)
 from reslora_diffusers.utils.safety import check_finite
 
 logger = get_logger("train_text_to_image")
@@ -173,7 +180,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    p.add_argument("--allow_tf32", action="store_true")
+    p.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA")
+    p.add_argument(
+        "--use_fused_adam",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch's fused AdamW kernel (default: on CUDA only)",
+    )
+    p.add_argument("--torch_compile", action="store_true", help="train the denoiser through torch.compile")
+    p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES)
+    # the tests compile with dynamo's "eager" backend (graph capture without code generation)
+    p.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     # LoRA / ResLoRA
@@ -405,6 +422,11 @@ def load_peft_layers(components: dict, path: Path) -> None:
             raise ValueError(f"{path}: {name} LoRA key {key!r} does not match the model")
 
 
+def _uncompiled(run: Run, name: str) -> torch.nn.Module:
+    """The model itself: without accelerate's wrappers and without torch.compile's."""
+    return run.accelerator.unwrap_model(run.models[name], keep_torch_compile=False)
+
+
 def _unwrapped(accelerator: Accelerator, components: dict) -> dict:
     return {name: accelerator.unwrap_model(model) for name, model in components.items()}
 
@@ -497,7 +519,7 @@ def run_validation(args, pipe, step: int, name: str, resolution: int) -> dict:
 
 def validate_during_training(run: Run, step: int) -> dict:
     """Validation with the ResLoRA model as it trains (main process; eval mode meanwhile)."""
-    parts = {name: run.accelerator.unwrap_model(model) for name, model in run.models.items()}
+    parts = {name: _uncompiled(run, name) for name in run.models}
     for model in run.trained():
         model.eval()
     pipe = build_pipeline(run.args, run.weight_dtype, **parts)
@@ -615,12 +637,17 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+        raise ValueError(
+            f"--mixed_precision fp16 needs loss scaling, which accelerate offers on CUDA, not on "
+            f"{accelerator.device.type}; use --mixed_precision bf16"
+        )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_main_process:
         prepare_output_dir(args)
     if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+        allow_tf32()
     set_seed(args.seed)  # the same adapter initialisation on every process
 
     objective = load_models(args)
@@ -667,8 +694,10 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
         args.learning_rate *= (
             args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
         )
-    optimizer = torch.optim.AdamW(
+    optimizer = make_adamw(
         params,
+        args.use_fused_adam,
+        accelerator.device,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -685,6 +714,10 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
     register_checkpoint_hooks(accelerator, trained, args.use_peft)
     prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
     trained = dict(zip(trained, prepared[: len(trained)]))
+    if args.torch_compile:  # validation, checkpoints and the export use the uncompiled module
+        denoiser = objective.denoiser
+        trace_chains(accelerator.unwrap_model(trained[denoiser]))
+        trained[denoiser] = compile_model(trained[denoiser], args.compile_mode, args.compile_backend)
     optimizer, dataloader, lr_scheduler = prepared[len(trained) :]
     models = {**objective.models, **trained}
 
@@ -850,7 +883,7 @@ def _diverged(args, step: int, what: str) -> str:
 def finish(run: Run, argv: list[str], dataset, data, validating: bool) -> dict:
     """Export the LoRA files, evaluate them as a user would load them, write the model card."""
     args, log, objective = run.args, run.log, run.objective
-    models = {name: run.accelerator.unwrap_model(model) for name, model in run.models.items()}
+    models = {name: _uncompiled(run, name) for name in run.models}
     trained = {name: models[name] for name in objective.trained_names(args.train_text_encoder)}
     for model in models.values():
         model.eval()

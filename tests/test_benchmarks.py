@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,3 +82,47 @@ def test_bench_load_times_steps_from_the_log_and_reports_the_ratios():
     assert new[1:] == [str(bench_load.SCRIPT), "--seed", "1"]
     assert old[1] == "-c" and old[2].index("import sys, runpy, torch") < old[2].index("run_path")
     assert old[3:] == ["--seed", "1"]
+
+
+bench_gpu = _load("bench_gpu")
+
+
+def test_bench_gpu_runs_every_variant_at_toy_size_on_cpu(capsys):
+    """The smoke run of ``--device cpu --scale 0.1`` (eager only, one round): every variant has a
+    row, ratios are to the same mode's PEFT and floor rows, CPU has no peak-memory counter."""
+    bench_gpu.main(
+        ["--device", "cpu", "--scale", "0.1", "--configs", "sd15-512-1"]
+        + ["--modes", "eager", "--rounds", "1", "--warmup", "1"]
+    )
+    out = capsys.readouterr().out
+    assert "sd15 UNet (scale 0.1), 64 px, batch 1, rank 8" in out
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")
+        for line in out.splitlines()
+        if "| eager |" in line
+    }
+    labels = ["floor", "PEFT LoRA", "ResLoRA none", "ResLoRA is"]
+    labels += [f"ResLoRA {t} m={m}" for t in ("bs", "ms") for m in (1, 5)]
+    assert list(rows) == labels
+    assert rows["PEFT LoRA"][3] == "1.000" and rows["floor"][4] == "1.000"
+    assert all(r[-1].strip(" |") == "N/A" for r in rows.values())
+
+
+def test_bench_gpu_variants_share_one_copy_of_the_frozen_weights():
+    base = bench_gpu.UNet2DConditionModel(**bench_gpu.denoiser_config("sd15", 0.05)).requires_grad_(False)
+    inputs = bench_gpu.make_inputs(base, 64, 1, torch.device("cpu"), torch.float32, 0.05)
+    variants = bench_gpu.build_variants(base, inputs, 4, torch.device("cpu"), ["PEFT LoRA", "ResLoRA bs m=5"])
+    base_ptrs = {p.data_ptr() for p in base.parameters()}
+    for v in variants:
+        frozen = {p.data_ptr() for p in v.model.parameters() if not p.requires_grad}
+        assert frozen == base_ptrs
+        assert v.params and all(p.dtype == torch.float32 for p in v.params)
+    assert bench_gpu.parse_config("sdxl-1024-1", 0.1) == ("sdxl", 128, 1)
+    assert bench_gpu.parse_config("sd15-512-8", 1.0) == ("sd15", 512, 8)
+
+
+def test_profile_step_prints_the_top_operators_of_an_eager_step(capsys):
+    _load("profile_step").main(["--modes", "eager", "--steps", "1", "--rows", "4", "--scale", "0.05"])
+    out = capsys.readouterr().out
+    assert "### eager step, top 4 operators" in out and "Self CPU" in out
+    assert "aten::" in out

@@ -563,3 +563,93 @@ def test_no_argument_run_uses_the_embedded_base_data_and_prompts(tmp_path, capfd
         assert harmless not in err
     assert "validation step-000000" in err and "validation final" in err
     assert "base_model: tiny-sd\n" in card
+
+
+def _losses(out: Path) -> list[float]:
+    return [
+        r["loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r
+    ]
+
+
+@pytest.mark.slow  # about 50 s of dynamo tracing on an idle CPU
+def test_torch_compile_trains_like_eager_and_exports_the_uncompiled_unet(base, data, tmp_path):
+    """--torch_compile with dynamo's graph capture (the ``eager`` backend: inductor's code
+    generation takes minutes on a CPU): the same losses and LoRA file as the eager run."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    extra = ["--max_train_steps", "2", "--res_type", "ms", "--pre_num", "2", "--no_chain_report"]
+    _run(base, data, tmp_path / "eager", *extra)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = [*extra, "--torch_compile", "--compile_backend", "eager"]
+    _run(base, data, tmp_path / "compiled", *compiled)
+    assert counters["stats"]["unique_graphs"] == 1 and dict(counters["graph_break"]) == {}
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-5)
+    want = load_file(tmp_path / "eager" / "pytorch_lora_weights.safetensors")
+    got = load_file(tmp_path / "compiled" / "pytorch_lora_weights.safetensors")
+    assert set(got) == set(want) and not any("_orig_mod" in k for k in got)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_fused_adam_flag_and_its_cpu_default(base, data, tmp_path, monkeypatch):
+    """No --use_fused_adam: the fused kernel only on CUDA; --use_fused_adam asks for it anywhere."""
+    made = []
+    real = torch.optim.AdamW
+
+    class Recording(real):
+        def __init__(self, params, **kwargs):
+            made.append(kwargs.get("fused"))
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    extra = ["--max_train_steps", "1", "--res_type", "bs", "--no_chain_report"]
+    _run(base, data, tmp_path / "default", *extra)
+    _run(base, data, tmp_path / "fused", *extra, "--use_fused_adam")
+    assert made == [None, True]
+
+
+PRECISIONS = [
+    "bf16",
+    pytest.param("fp16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("method", [["--res_type", "ms", "--pre_num", "2"], ["--use_peft"]])
+def test_mixed_precision_keeps_the_base_in_half_and_adapters_and_optimizer_in_float32(
+    base, data, tmp_path, monkeypatch, precision, method
+):
+    """As diffusers' LoRA scripts: the frozen UNet in bf16/fp16, the trained factors and AdamW's
+    moments in float32; fp16 with accelerate's loss scaler."""
+    seen = {}
+    loop = script.run_training
+
+    def recording(run, *args):
+        loop(run, *args)
+        unet = run.accelerator.unwrap_model(run.models["unet"])
+        seen["base"] = {p.dtype for p in unet.parameters() if not p.requires_grad}
+        seen["trained"] = {p.dtype for p in run.params}
+        seen["moments"] = {t.dtype for s in run.optimizer.state.values() for k, t in s.items() if k != "step"}
+        seen["scaler"] = run.accelerator.scaler
+
+    monkeypatch.setattr(script, "run_training", recording)
+    extra = ["--max_train_steps", "2", "--mixed_precision", precision, "--no_chain_report", *method]
+    summary = _run(base, data, tmp_path / "run", *extra)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen["base"] == {half}
+    assert seen["trained"] == {torch.float32} and seen["moments"] == {torch.float32}
+    assert (seen["scaler"] is not None) == (precision == "fp16")
+    assert np.isfinite(summary["final_loss"])
+    assert all(
+        v.dtype == torch.float32
+        for v in load_file(tmp_path / "run" / "pytorch_lora_weights.safetensors").values()
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA has a loss scaler")
+def test_fp16_without_a_loss_scaler_is_refused_in_one_line(base, data, tmp_path):
+    with pytest.raises(ValueError, match="fp16 needs loss scaling.*use --mixed_precision bf16"):
+        _run(base, data, tmp_path / "run", "--max_train_steps", "1", "--mixed_precision", "fp16")

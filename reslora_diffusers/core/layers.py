@@ -41,6 +41,19 @@ class ObserverHandle:
         self._observers.pop(self._key, None)
 
 
+def as_factor_input(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype of the (float32) factor ``a``, except under autocast.
+
+    A frozen half-precision base gives half-precision activations; without autocast ``A x``
+    runs in ``a``'s dtype. Under autocast the product's dtype is autocast's choice: casting
+    ``x`` up here would be cast back down by autocast, a round trip of the activation on
+    every call, while autocast casts the leaf factors once per forward (its weight cache).
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(a.dtype)
+
+
 class ResLoRALayer(nn.Module, ABC):
     """``h_n = base(x_n) + s * B_stack(mid_n)``, the shortcut term chosen by ``res_type``.
 
@@ -92,8 +105,8 @@ class ResLoRALayer(nn.Module, ABC):
         """The shapes of ``lora_A`` and ``lora_B`` for ``base_layer``."""
 
     def apply_a(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """``A x`` for (stacked) A rows ``a``, in ``a``'s dtype."""
-        return F.linear(x.to(a.dtype), a)
+        """``A x`` for (stacked) A rows ``a``, in ``a``'s dtype (under autocast: autocast's)."""
+        return F.linear(as_factor_input(x, a), a)
 
     def apply_b(self, mid: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``B mid`` for (stacked) B columns ``b``."""
@@ -318,7 +331,7 @@ class ResLoRAConv2d(ResLoRALayer):
 
     def apply_a(self, x, a):
         conv = self.base_layer
-        return F.conv2d(x.to(a.dtype), a, stride=conv.stride, padding=conv.padding)
+        return F.conv2d(as_factor_input(x, a), a, stride=conv.stride, padding=conv.padding)
 
     def apply_b(self, mid, b):
         return F.conv2d(mid, b)

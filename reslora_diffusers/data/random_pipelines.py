@@ -1,0 +1,337 @@
+"""Pipelines with random weights in the published architectures: SD 1.5, SDXL, SD3 medium, Flux dev.
+
+The numbers are those of the published model configs (``unet/config.json``,
+``transformer/config.json``, ``vae/config.json``, the text encoders' ``config.json``), written
+out here so that a full-size pipeline exists without a download; the training script and the
+benchmarks can then be timed at the real sizes. ``scale`` shrinks them for CPU runs:
+
+* widths: channel counts ``c`` become ``max(g, round(c * scale / g) * g)`` (``g`` = the group
+  norm's groups: 32 at ``scale >= 0.25``, else 8); attention heads become
+  ``max(1, round(heads * scale))`` at the published head size (SDXL: heads = width / 64);
+* depths: transformer layers per block, joint / double / single blocks and text-encoder
+  layers become ``max(1, round(n * scale))`` (SD3: at least 2 joint blocks, since its last
+  one differs); resnet layers per block and the number of resolution levels stay.
+
+Every text encoder uses the project's own CLIP-format tokenizer (:func:`.tokenizer.write_tokenizer`);
+the T5 encoder is a one-layer T5 of the transformer's ``joint_attention_dim`` width with that
+tokenizer standing in for T5's (the pipelines only need its output width).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PRESETS = ("sd15", "sdxl", "sd3", "flux")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Rounding rules for one ``scale`` factor (see the module doc)."""
+
+    factor: float
+
+    @property
+    def groups(self) -> int:
+        return 32 if self.factor >= 0.25 else 8
+
+    def width(self, c: int) -> int:
+        return max(self.groups, round(c * self.factor / self.groups) * self.groups)
+
+    def count(self, n: int, least: int = 1) -> int:
+        return max(least, round(n * self.factor))
+
+
+def _check_scale(scale: float) -> Scale:
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale {scale} must be in (0, 1]")
+    return Scale(scale)
+
+
+# ----------------------------------------------------------------------------- UNets
+
+
+def sd15_unet_config(scale: float = 1.0) -> dict:
+    """SD 1.5 ``unet/config.json``: 320/640/1280/1280 channels, 2 resnets per block, 8 heads,
+    cross-attention 768 (CLIP-L)."""
+    s = _check_scale(scale)
+    return {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [s.width(c) for c in (320, 640, 1280, 1280)],
+        "layers_per_block": 2,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "cross_attention_dim": clip_l_config(scale)["hidden_size"],
+        "attention_head_dim": s.count(8),  # diffusers' name for the number of heads in SD 1.x
+        "norm_num_groups": s.groups,
+    }
+
+
+def sdxl_unet_config(scale: float = 1.0) -> dict:
+    """SDXL base ``unet/config.json``: 320/640/1280 channels, transformer layers (1, 2, 10),
+    heads of 64, cross-attention 2048 (CLIP-L 768 + bigG 1280), text_time conditioning."""
+    s = _check_scale(scale)
+    channels = [s.width(c) for c in (320, 640, 1280)]
+    time_dim = s.width(256)
+    return {
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": channels,
+        "layers_per_block": 2,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [s.count(n) for n in (1, 2, 10)],
+        "attention_head_dim": [max(1, c // 64) for c in channels],  # heads per level: 5, 10, 20
+        "use_linear_projection": True,
+        "cross_attention_dim": clip_l_config(scale)["hidden_size"] + clip_g_config(scale)["hidden_size"],
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": time_dim,
+        "projection_class_embeddings_input_dim": 6 * time_dim + clip_g_config(scale)["projection_dim"],
+        "norm_num_groups": s.groups,
+    }
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def sd3_transformer_config(scale: float = 1.0) -> dict:
+    """SD3 medium ``transformer/config.json``: 24 joint blocks, 24 heads x 64, joint attention
+    4096 (T5-XXL), pooled 2048 (CLIP-L 768 + CLIP-G 1280 projections)."""
+    s = _check_scale(scale)
+    heads = s.count(24)
+    return {
+        "sample_size": 128,
+        "patch_size": 2,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": s.count(24, least=2),
+        "attention_head_dim": 64,
+        "num_attention_heads": heads,
+        "joint_attention_dim": _t5_width("sd3", scale),
+        "caption_projection_dim": heads * 64,
+        "pooled_projection_dim": clip_l_config(scale)["projection_dim"]
+        + clip_g_config(scale)["projection_dim"],
+        "pos_embed_max_size": 192,
+    }
+
+
+def flux_transformer_config(scale: float = 1.0) -> dict:
+    """Flux dev ``transformer/config.json``: 19 double-stream and 38 single-stream blocks,
+    24 heads x 128 (RoPE axes 16/56/56), joint attention 4096 (T5-XXL), pooled 768 (CLIP-L),
+    guidance embedding."""
+    s = _check_scale(scale)
+    return {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": s.count(19),
+        "num_single_layers": s.count(38),
+        "attention_head_dim": 128,
+        "num_attention_heads": s.count(24),
+        "joint_attention_dim": _t5_width("flux", scale),
+        "pooled_projection_dim": clip_l_config(scale)["hidden_size"],
+        "guidance_embeds": True,
+        "axes_dims_rope": [16, 56, 56],
+    }
+
+
+def _t5_width(preset: str, scale: float) -> int:
+    """T5-XXL's 4096, scaled; SD3 pads the CLIP states (L + G) to it, so it holds them."""
+    width = Scale(scale).width(4096)
+    if preset == "sd3":
+        width = max(width, clip_l_config(scale)["hidden_size"] + clip_g_config(scale)["hidden_size"])
+    return width
+
+
+# ----------------------------------------------------------------------------- VAEs and text encoders
+
+
+def vae_config(preset: str, scale: float = 1.0) -> dict:
+    """The SD VAE (128/256/512/512 channels, 2 resnets per block): 4 latent channels for SD 1.5 and
+    SDXL, 16 for SD3 and Flux (no quant convolutions), with each model's scaling and shift."""
+    s = _check_scale(scale)
+    latent = 16 if preset in ("sd3", "flux") else 4
+    config = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [s.width(c) for c in (128, 256, 512, 512)],
+        "layers_per_block": 2,
+        "latent_channels": latent,
+        "norm_num_groups": s.groups,
+        "sample_size": {"sd15": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}[preset],
+        "scaling_factor": {"sd15": 0.18215, "sdxl": 0.13025, "sd3": 1.5305, "flux": 0.3611}[preset],
+    }
+    if latent == 16:
+        config.update(
+            shift_factor={"sd3": 0.0609, "flux": 0.1159}[preset],
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    return config
+
+
+def clip_l_config(scale: float = 1.0) -> dict:
+    """CLIP ViT-L/14's text tower: width 768, 12 layers, 12 heads, quick-GELU, projection 768."""
+    s = _check_scale(scale)
+    heads = s.count(12)
+    return {
+        "hidden_size": heads * 64,
+        "intermediate_size": heads * 64 * 4,
+        "num_hidden_layers": s.count(12),
+        "num_attention_heads": heads,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "projection_dim": heads * 64,
+    }
+
+
+def clip_g_config(scale: float = 1.0) -> dict:
+    """OpenCLIP bigG/14's text tower: width 1280, 32 layers, 20 heads, GELU, projection 1280."""
+    s = _check_scale(scale)
+    heads = s.count(20)
+    return {
+        "hidden_size": heads * 64,
+        "intermediate_size": heads * 64 * 4,
+        "num_hidden_layers": s.count(32),
+        "num_attention_heads": heads,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "projection_dim": heads * 64,
+    }
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def build_random_pipeline(preset: str, tokenizer_dir: str | Path, scale: float = 1.0):
+    """The diffusers pipeline of ``preset`` with random weights (tokenizer files go to ``tokenizer_dir``)."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .tokenizer import write_tokenizer
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r}: allowed {' | '.join(PRESETS)}")
+    tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(tokenizer_dir)))
+    ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    ids["pad_token_id"] = tok.pad_token_id
+
+    def clip(config: dict, cls=CLIPTextModel):
+        return cls(CLIPTextConfig(**config, **ids))
+
+    vae = diffusers.AutoencoderKL(**vae_config(preset, scale))
+    if preset == "sd15":
+        return diffusers.StableDiffusionPipeline(
+            unet=diffusers.UNet2DConditionModel(**sd15_unet_config(scale)),
+            vae=vae,
+            text_encoder=clip(clip_l_config(scale)),
+            tokenizer=tok,
+            scheduler=_sd_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if preset == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(
+            unet=diffusers.UNet2DConditionModel(**sdxl_unet_config(scale)),
+            vae=vae,
+            text_encoder=clip(clip_l_config(scale)),
+            text_encoder_2=clip(clip_g_config(scale), CLIPTextModelWithProjection),
+            tokenizer=tok,
+            tokenizer_2=tok,
+            scheduler=_sd_scheduler(),
+        )
+    if preset == "sd3":
+        transformer = diffusers.SD3Transformer2DModel(**sd3_transformer_config(scale))
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=vae,
+            text_encoder=clip(clip_l_config(scale), CLIPTextModelWithProjection),
+            tokenizer=tok,
+            text_encoder_2=clip(clip_g_config(scale), CLIPTextModelWithProjection),
+            tokenizer_2=tok,
+            text_encoder_3=_t5(transformer.config.joint_attention_dim, len(tok)),
+            tokenizer_3=tok,
+        )
+    transformer = diffusers.FluxTransformer2DModel(**flux_transformer_config(scale))
+    return diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+        ),
+        vae=vae,
+        text_encoder=clip(clip_l_config(scale)),
+        tokenizer=tok,
+        text_encoder_2=_t5(transformer.config.joint_attention_dim, len(tok)),
+        tokenizer_2=tok,
+        transformer=transformer,
+    )
+
+
+def _sd_scheduler():
+    """SD 1.5 / SDXL's noise schedule (scaled linear betas 0.00085 .. 0.012, 1000 steps)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+
+
+def _t5(width: int, vocab_size: int):
+    """One gated-GELU T5 encoder layer (T5 v1.1, as SD3 and Flux use) of the given width."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=width,
+            d_kv=64,
+            d_ff=256,
+            num_layers=1,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+        )
+    )
+
+
+def denoiser_config(preset: str, scale: float = 1.0) -> dict:
+    """The UNet or transformer config of ``preset`` (what the benchmarks build alone)."""
+    return {
+        "sd15": sd15_unet_config,
+        "sdxl": sdxl_unet_config,
+        "sd3": sd3_transformer_config,
+        "flux": flux_transformer_config,
+    }[preset](scale)
+
+
+def save_random_pipeline(
+    preset: str, output: str | Path, scale: float = 1.0, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Path:
+    """Build the pipeline with ``dtype`` parameters and save it to ``output`` atomically
+    (a temporary folder beside it, renamed when complete; an existing ``output`` is refused)."""
+    import tempfile
+
+    from ..utils.io import atomic_dir
+
+    output = Path(output)
+    if output.exists():
+        raise ValueError(f"{output} exists; choose a new folder")
+    torch.manual_seed(seed)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in dtype: a float32 copy of Flux alone is 48 GB
+    try:
+        with tempfile.TemporaryDirectory() as tok_dir:
+            pipe = build_random_pipeline(preset, tok_dir, scale)
+    finally:
+        torch.set_default_dtype(saved)
+    with atomic_dir(output) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return output

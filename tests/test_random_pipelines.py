@@ -1,0 +1,111 @@
+"""scripts/make_random_pipeline.py: the published architectures at full size, loadable folders when scaled."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from reslora_diffusers.data import random_pipelines as rp
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "make_random_pipeline.py"
+PIPELINES = {
+    "sd15": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+    "sd3": StableDiffusion3Pipeline,
+    "flux": FluxPipeline,
+}
+
+
+def _params(cls, **config) -> int:
+    with torch.device("meta"):  # full size without allocating it
+        return sum(p.numel() for p in cls(**config).parameters())
+
+
+def test_full_size_configs_have_the_published_parameter_counts():
+    """The parameter counts of the released checkpoints (SD 1.5 UNet 859.5 M, SDXL UNet 2.57 B,
+    SD3 medium transformer 2.03 B, Flux dev transformer 11.9 B, the SD VAE 83.7 M, CLIP-L's
+    text tower 123.1 M and bigG's 694.7 M with their 49408-token vocabulary)."""
+    assert _params(UNet2DConditionModel, **rp.sd15_unet_config()) == 859_520_964
+    assert _params(UNet2DConditionModel, **rp.sdxl_unet_config()) == 2_567_463_684
+    assert _params(SD3Transformer2DModel, **rp.sd3_transformer_config()) == 2_028_328_000
+    assert _params(FluxTransformer2DModel, **rp.flux_transformer_config()) == 11_901_408_320
+    assert _params(AutoencoderKL, **rp.vae_config("sd15")) == 83_653_863
+
+    def clip(config, cls):
+        return _params(cls, config=CLIPTextConfig(**config, vocab_size=49408))
+
+    assert clip(rp.clip_l_config(), CLIPTextModel) == 123_060_480
+    assert clip(rp.clip_g_config(), CLIPTextModelWithProjection) == 694_659_840
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("random")
+    spec = importlib.util.spec_from_file_location("make_random_pipeline", SCRIPT)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    for preset in rp.PRESETS:
+        cli.main(["--preset", preset, str(root / preset), "--scale", "0.05"])
+    return {preset: root / preset for preset in rp.PRESETS}
+
+
+@pytest.mark.parametrize("preset", rp.PRESETS)
+def test_scaled_folders_load_as_their_pipeline_and_denoise(folders, preset):
+    pipe = DiffusionPipeline.from_pretrained(folders[preset])
+    assert type(pipe) is PIPELINES[preset]
+    denoiser = pipe.unet if preset in ("sd15", "sdxl") else pipe.transformer
+    assert dict(denoiser.config) | rp.denoiser_config(preset, 0.05) == dict(denoiser.config)
+    assert pipe.vae.config.latent_channels == (16 if preset in ("sd3", "flux") else 4)
+    pipe.set_progress_bar_config(disable=True)
+    size = 64 if preset in ("sd15", "sdxl") else 32
+    with torch.no_grad():
+        image = pipe("a red circle", num_inference_steps=1, height=size, width=size, output_type="pt").images
+    assert image.shape == (1, 3, size, size) and torch.isfinite(image).all()
+
+
+def test_the_training_script_runs_on_the_sd15_folder(folders, tmp_path):
+    spec = importlib.util.spec_from_file_location("train_text_to_image", ROOT / "train_text_to_image.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script
+    spec.loader.exec_module(script)
+    from tests.test_train_script import _subset
+
+    data = _subset(tmp_path / "data", 2)
+    argv = ["--pretrained_model_name_or_path", str(folders["sd15"]), "--train_data_dir", str(data)]
+    argv += ["--output_dir", str(tmp_path / "run"), "--resolution", "64", "--train_batch_size", "2"]
+    argv += [
+        "--max_train_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--no_chain_report",
+        "--calibration_batches",
+        "1",
+    ]
+    summary = script.train(script.parse_args(argv), argv)
+    assert summary["steps"] == 1 and summary["merge_error"]["unet"] < 1e-5
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_an_existing_output_or_a_bad_scale_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="exists"):
+        rp.save_random_pipeline("sd15", tmp_path, 0.05)
+    with pytest.raises(ValueError, match=r"scale 2.0 must be in \(0, 1\]"):
+        rp.sd15_unet_config(2.0)
