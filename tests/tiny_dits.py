@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -15,7 +14,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from tests.tiny_pipes import TEXT_DIM, tiny_clip_config, tiny_tokenizer
+from tests.tiny_pipes import TEXT_DIM, tiny_clip_config, tiny_tokenizer, tiny_vae
 
 #: the pooled text state: CLIP-L and CLIP-G's projections side by side for SD3, CLIP-L's for Flux
 SD3_POOLED = 2 * TEXT_DIM
@@ -76,19 +75,6 @@ def tiny_t5(seed: int = 0, vocab_size: int = 64) -> T5EncoderModel:
     )
 
 
-def _tiny_vae(seed: int) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-    )
-
-
 def tiny_sd3_pipeline(tmp: Path, seed: int = 0) -> StableDiffusion3Pipeline:
     """The transformer, VAE, two CLIP encoders and a tiny T5 (a T5 tokenizer needs a
     sentencepiece vocabulary, so the CLIP tokenizer stands in for it, with T5's vocabulary
@@ -100,7 +86,7 @@ def tiny_sd3_pipeline(tmp: Path, seed: int = 0) -> StableDiffusion3Pipeline:
     return StableDiffusion3Pipeline(
         transformer=tiny_sd3_transformer(seed),
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_tiny_vae(seed),
+        vae=tiny_vae(seed),
         text_encoder=te1,
         tokenizer=tok,
         text_encoder_2=te2,
@@ -116,7 +102,7 @@ def tiny_flux_pipeline(tmp: Path, seed: int = 0) -> FluxPipeline:
     torch.manual_seed(seed)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_tiny_vae(seed),
+        vae=tiny_vae(seed),
         text_encoder=CLIPTextModel(tiny_clip_config(len(tok))),
         tokenizer=tok,
         text_encoder_2=tiny_t5(seed, vocab_size=len(tok)),

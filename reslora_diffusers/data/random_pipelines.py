@@ -177,34 +177,29 @@ def vae_config(preset: str, scale: float = 1.0) -> dict:
     return config
 
 
+def _clip_text_config(scale: float, heads: int, layers: int, act: str) -> dict:
+    """A CLIP text tower of ``heads`` x 64 width (MLP 4x), ``layers`` deep, projection = width."""
+    s = _check_scale(scale)
+    width = s.count(heads) * 64
+    return {
+        "hidden_size": width,
+        "intermediate_size": width * 4,
+        "num_hidden_layers": s.count(layers),
+        "num_attention_heads": s.count(heads),
+        "max_position_embeddings": 77,
+        "hidden_act": act,
+        "projection_dim": width,
+    }
+
+
 def clip_l_config(scale: float = 1.0) -> dict:
     """CLIP ViT-L/14's text tower: width 768, 12 layers, 12 heads, quick-GELU, projection 768."""
-    s = _check_scale(scale)
-    heads = s.count(12)
-    return {
-        "hidden_size": heads * 64,
-        "intermediate_size": heads * 64 * 4,
-        "num_hidden_layers": s.count(12),
-        "num_attention_heads": heads,
-        "max_position_embeddings": 77,
-        "hidden_act": "quick_gelu",
-        "projection_dim": heads * 64,
-    }
+    return _clip_text_config(scale, heads=12, layers=12, act="quick_gelu")
 
 
 def clip_g_config(scale: float = 1.0) -> dict:
     """OpenCLIP bigG/14's text tower: width 1280, 32 layers, 20 heads, GELU, projection 1280."""
-    s = _check_scale(scale)
-    heads = s.count(20)
-    return {
-        "hidden_size": heads * 64,
-        "intermediate_size": heads * 64 * 4,
-        "num_hidden_layers": s.count(32),
-        "num_attention_heads": heads,
-        "max_position_embeddings": 77,
-        "hidden_act": "gelu",
-        "projection_dim": heads * 64,
-    }
+    return _clip_text_config(scale, heads=20, layers=32, act="gelu")
 
 
 # ----------------------------------------------------------------------------- pipelines
