@@ -46,7 +46,13 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from PIL import Image
 from tqdm.auto import tqdm
 
-from reslora_diffusers import ResLoRAConfig, add_reslora, load_reslora_checkpoint, save_reslora_checkpoint
+from reslora_diffusers import (
+    ResLoRAConfig,
+    add_reslora,
+    load_reslora_checkpoint,
+    save_reslora_checkpoint,
+    set_shortcut_scale,
+)
 from reslora_diffusers.core import (
     MERGE_METHODS,
     get_shortcut,
@@ -59,6 +65,7 @@ from reslora_diffusers.data import default_base_model_path, default_finetune_dat
 from reslora_diffusers.eval import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS, generate, prompt_accuracy
 from reslora_diffusers.eval.analysis import parse_prompt
 from reslora_diffusers.frontends import CLIP_TEXT, UNET_CONV_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
+from reslora_diffusers.merge import DEFAULT_DISTILL_STEPS
 from reslora_diffusers.training.card import write_model_card
 from reslora_diffusers.training.checkpoints import (
     check_checkpoint_files,
@@ -80,6 +87,7 @@ from reslora_diffusers.training.outputs import (
     run_identity,
 )
 from reslora_diffusers.training.quiet import dropped_log_messages
+from reslora_diffusers.training.schedule import SCHEDULES, check_schedule, shortcut_scale_at
 from reslora_diffusers.utils.safety import check_finite
 
 logger = get_logger("train_text_to_image")
@@ -175,6 +183,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how the is/ms shortcuts are merged away at export (bs, none: exact)",
     )
     p.add_argument(
+        "--distill_steps",
+        type=int,
+        default=DEFAULT_DISTILL_STEPS,
+        help="--merge distill: Adam steps fitting the merged LoRA to the trained model's outputs",
+    )
+    p.add_argument(
+        "--shortcut_schedule",
+        default="constant",
+        choices=SCHEDULES,
+        help="shortcut scale over training: constant 1, or 1 until --shortcut_decay_start and then "
+        "down to exactly 0 at the last step (the trained model is then a plain LoRA: exact export)",
+    )
+    p.add_argument(
+        "--shortcut_decay_start",
+        type=float,
+        default=None,
+        help="fraction of --max_train_steps where a linear/cosine schedule starts (default 0.5)",
+    )
+    p.add_argument(
         "--calibration_batches",
         type=int,
         default=8,
@@ -235,6 +262,11 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag} {value} must be > 0")
+    if args.use_peft and args.shortcut_schedule != "constant":
+        raise ValueError("--shortcut_schedule applies to ResLoRA; PEFT LoRA (--use_peft) has no shortcuts")
+    if args.distill_steps < 0:
+        raise ValueError(f"--distill_steps {args.distill_steps} must be >= 0")
+    args.shortcut_decay_start = check_schedule(args.shortcut_schedule, args.shortcut_decay_start)
     if args.use_peft:
         args.res_type = "none"
     shortcut = get_shortcut(args.res_type, max(args.pre_num, 0))
@@ -635,6 +667,7 @@ def export(args, unet, text_encoder, inputs: dict) -> dict | None:
         eval_inputs={k: v for k, v in inputs["held_out"].items() if k in components},
         metadata={"reslora_base_model": str(args.pretrained_model_name_or_path)},
         chain_report=not args.no_chain_report,
+        distill_steps=args.distill_steps,
     )
 
 
@@ -845,6 +878,7 @@ def run_training(run: Run, global_step: int, steps_per_epoch: int) -> None:
             loader = accelerator.skip_first_batches(run.dataloader, skip_batches)
         train_loss = 0.0
         for batch in loader:
+            apply_shortcut_schedule(run, global_step + 1)
             with accelerator.accumulate(*trained):
                 loss = training_loss(run, batch)
                 avg = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
@@ -892,6 +926,17 @@ def run_training(run: Run, global_step: int, steps_per_epoch: int) -> None:
         if global_step >= args.max_train_steps:
             break
     progress.close()
+
+
+def apply_shortcut_schedule(run: Run, step: int) -> None:
+    """Set the trained models' shortcut scale for training step ``step`` (1-based), from
+    ``--shortcut_schedule`` (:func:`~reslora_diffusers.training.schedule.shortcut_scale_at`)."""
+    args = run.args
+    if args.use_peft or args.shortcut_schedule == "constant":
+        return
+    scale = shortcut_scale_at(step, args.max_train_steps, args.shortcut_schedule, args.shortcut_decay_start)
+    for model in run.trained():
+        set_shortcut_scale(run.accelerator.unwrap_model(model), scale)
 
 
 def _diverged(args, step: int, what: str) -> str:
