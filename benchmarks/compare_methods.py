@@ -1,11 +1,20 @@
 #!/usr/bin/env python
 """Compare ResLoRA shortcut types with plain LoRA on the embedded fine-tuning task.
 
-Trains every method (PEFT LoRA as the ecosystem baseline, then ResLoRA none/is/bs/ms) with
-``train_text_to_image.py`` for the same seeds and steps, and reports the loss curves and the
-prompt accuracy against steps:
+Trains every method (PEFT LoRA as the ecosystem baseline, then ResLoRA is/bs/ms, with the
+constant and the cosine shortcut schedule) with ``train_text_to_image.py`` for the same seeds
+and steps, and reports the loss curves and the prompt accuracy against steps:
 
-    python benchmarks/compare_methods.py --seeds 0 1 2 --jobs 2
+    python benchmarks/compare_methods.py --seeds 0 1 2 3 4 --num_validation_images 4 --jobs 2
+
+At ``--compare_step`` (400) and at the last step every run is measured three ways: the
+trained model itself ("unmerged"), the exported LoRA loaded with ``load_lora_weights``
+("exported", the calibrated merge) and, for ``is``/``ms`` with a constant schedule, the same
+run exported with ``merge="distill"`` (a variant of the export, not another training run).
+``compare_intervals.md`` gives per method the mean over seeds with a 95 % bootstrap
+interval of each, and of the exported accuracy's paired difference to PEFT LoRA's run of
+the same seed. Accuracy is the open-set prompt accuracy; the nearest-template reading is
+kept beside it in each ``result.json``.
 
 Each run uses one torch thread; ``--jobs`` runs that many at once (one per core). A run whose
 folder already holds ``result.json`` is not trained again, so an interrupted comparison
@@ -31,6 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from reslora_diffusers.data import finetune_prompts  # noqa: E402
 from reslora_diffusers.frontends import UNET_CONV_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS  # noqa: E402
 
 METHODS = {
@@ -42,7 +52,14 @@ METHODS = {
     # the default targets plus the resnet and sampler convolutions (LoCon-style)
     "bs+conv": ["--res_type", "bs", "--pre_num", "1", "--target_modules"]
     + [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS, *UNET_CONV_TARGETS],
+    # shortcuts decaying to 0 over the second half: the trained model is a plain LoRA
+    "is-cosine": ["--res_type", "is", "--shortcut_schedule", "cosine"],
+    "bs-cosine": ["--res_type", "bs", "--pre_num", "1", "--shortcut_schedule", "cosine"],
+    "ms-cosine": ["--res_type", "ms", "--pre_num", "1", "--shortcut_schedule", "cosine"],
 }
+DEFAULT_METHODS = ["peft-lora", "bs", "is", "ms", "bs-cosine", "is-cosine", "ms-cosine"]
+#: runs also exported with merge="distill" (the other merges of bs and of a decayed schedule are exact)
+DISTILLED = ("is", "ms")
 BASELINE = "peft-lora"
 
 logger = logging.getLogger("compare_methods")
@@ -50,15 +67,27 @@ logger = logging.getLogger("compare_methods")
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max_train_steps", type=int, default=800)
     p.add_argument("--validation_steps", type=int, default=200)
+    p.add_argument(
+        "--compare_step",
+        type=int,
+        default=400,
+        help="the early step measured exported and unmerged, besides the last (a multiple of --validation_steps)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each")
     p.add_argument("--num_validation_images", type=int, default=2)
     p.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "compare_methods")
     p.add_argument("train_args", nargs="*", help="more flags for train_text_to_image.py, after --")
-    return p.parse_args()
+    args = p.parse_args()
+    if not 0 < args.compare_step < args.max_train_steps or args.compare_step % args.validation_steps:
+        p.error(
+            f"--compare_step {args.compare_step} must be below --max_train_steps and a multiple of "
+            f"--validation_steps {args.validation_steps}"
+        )
+    return args
 
 
 def load_train_script():
@@ -80,7 +109,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     script = load_train_script()
     argv = [*METHODS[method], "--seed", str(seed), "--output_dir", str(out), "--report_to", "none"]
     argv += ["--max_train_steps", str(args.max_train_steps), "--validation_steps", str(args.validation_steps)]
-    argv += ["--num_validation_images", str(args.num_validation_images), "--checkpointing_steps", "1000000"]
+    # the checkpoint at --compare_step is what is exported there
+    argv += ["--num_validation_images", str(args.num_validation_images)]
+    argv += ["--checkpointing_steps", str(args.compare_step)]
     argv += ["--overwrite_output_dir"]  # a run folder without result.json is an interrupted run: redo it
     argv += args.train_args
     if (out / "result.json").is_file():
@@ -92,13 +123,116 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         result = {
             "loss": [r["loss"] for r in records if "loss" in r],
             "accuracy": {r["step"]: r["prompt_accuracy"] for r in records if "prompt_accuracy" in r},
+            "accuracy_lenient": {
+                r["step"]: r["prompt_accuracy_lenient"] for r in records if "prompt_accuracy_lenient" in r
+            },
             "merge_error": (summary.get("merge_error") or {}).get("unet"),
             "seconds": time.time() - start,
         }
+        (out / "result.json").write_text(json.dumps(result))
     if "unmerged_accuracy" not in result:
         result["unmerged_accuracy"] = None if method == BASELINE else unmerged_accuracy(script, argv)
         (out / "result.json").write_text(json.dumps(result))
+    measure_run(script, method, argv, result, args, out)
     return result
+
+
+def measure_run(
+    script, method: str, argv: list[str], result: dict, args: argparse.Namespace, out: Path
+) -> None:
+    """Fill ``result["measurements"][step][what]`` (``unmerged``, ``calibrated``, ``distill``:
+    accuracy and lenient accuracy, merge error) at ``--compare_step`` and the last step, saving
+    ``result.json`` after each so that an interrupted comparison resumes."""
+    last, early = args.max_train_steps, args.compare_step
+    measurements = result.setdefault("measurements", {})
+    final = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    final = next(r for r in final if r.get("kind") == "final")
+
+    def logged(step: int) -> dict:
+        if step == last:
+            return {k: final[k] for k in ("prompt_accuracy", "prompt_accuracy_lenient")}
+        return {
+            "prompt_accuracy": result["accuracy"][step],
+            "prompt_accuracy_lenient": result["accuracy_lenient"][step],
+        }
+
+    wanted = {str(early): ["unmerged", "calibrated"], str(last): ["unmerged", "calibrated"]}
+    if method in DISTILLED:
+        for step in wanted.values():
+            step.append("distill")
+    for step, kinds in wanted.items():
+        done = measurements.setdefault(step, {})
+        for kind in kinds:
+            if kind in done:
+                continue
+            if method == BASELINE:  # the trained PEFT LoRA is the shipped file
+                done[kind] = logged(int(step))
+            elif kind == "unmerged" and int(step) == early:  # validated while training
+                done[kind] = logged(early)
+            elif kind == "unmerged":
+                done[kind] = {"prompt_accuracy": result["unmerged_accuracy"]}
+            elif kind == "calibrated" and int(step) == last:  # the script's own export
+                done[kind] = {**logged(last), "merge_error": result["merge_error"]}
+            else:
+                ckpt = out / (f"checkpoint-{early}" if int(step) == early else "") / script.RESLORA_CHECKPOINT
+                done[kind] = export_accuracy(script, argv, ckpt, kind, int(step))
+            (out / "result.json").write_text(json.dumps(result))
+
+
+def export_accuracy(script, argv: list[str], checkpoint: Path, merge: str, step: int) -> dict:
+    """Export a saved ResLoRA checkpoint as the training script does (calibration batches from
+    the training data), load the file with ``load_lora_weights`` and score it."""
+    import tempfile
+
+    import torch
+
+    from reslora_diffusers import load_reslora_checkpoint
+    from reslora_diffusers.export import export_lora
+    from reslora_diffusers.training.data import TextImageDataset, load_image_captions
+
+    args = script.parse_args(argv)
+    script.check_args(args)
+    noise_scheduler, tokenizer, text_encoder, vae, unet = script.load_models(args)
+    load_reslora_checkpoint({"unet": unet}, checkpoint)
+    unet.eval()
+    resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    data = load_image_captions(
+        args.dataset_name,
+        args.train_data_dir,
+        args.image_column,
+        args.caption_column,
+        args.max_train_samples,
+        args.seed,
+        args.revision,
+    )
+    dataset = TextImageDataset(data, tokenizer, resolution, args.center_crop, args.random_flip)
+    batches = {}
+    for key, seed, num in (
+        ("calibration", args.seed + 1, args.calibration_batches),
+        ("held_out", args.seed + 2, 1),
+    ):
+        batches[key], _ = script.real_unet_inputs(
+            args, dataset, tokenizer, text_encoder, vae, noise_scheduler, seed, num
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        report = export_lora(
+            tmp,
+            unet=unet,
+            merge=merge,
+            calibration={"unet": batches["calibration"]},
+            eval_inputs={"unet": batches["held_out"]},
+            formats=["diffusers"],
+            chain_report=False,
+            distill_steps=args.distill_steps,
+        )
+        pipe = script.build_pipeline(args, torch.float32)
+        pipe.load_lora_weights(tmp)
+    record = script.run_validation(args, pipe, step, f"step-{step:06d}-{merge}", resolution)
+    return {
+        "prompt_accuracy": record["prompt_accuracy"],
+        "prompt_accuracy_lenient": record["prompt_accuracy_lenient"],
+        "merge_error": report["components"]["unet"]["output_error"],
+    }
 
 
 def unmerged_accuracy(script, argv: list[str]) -> float:
@@ -122,8 +256,87 @@ def unmerged_accuracy(script, argv: list[str]) -> float:
 
 def _read_result(path: Path) -> dict:
     result = json.loads(path.read_text())
-    result["accuracy"] = {int(step): acc for step, acc in result["accuracy"].items()}  # JSON keys are str
+    for key in ("accuracy", "accuracy_lenient"):  # JSON keys are str
+        result[key] = {int(step): acc for step, acc in result.get(key, {}).items()}
     return result
+
+
+def bootstrap_interval(
+    values, level: float = 0.95, resamples: int = 10000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values`` and its percentile bootstrap interval.
+
+    ``resamples`` times, draw ``n`` values with replacement and take their mean; the interval
+    is the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of those means.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError("bootstrap_interval needs a non-empty list of numbers")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(values.mean()), float(low), float(high)
+
+
+def paired_differences(runs: list[dict], baseline: list[dict], step: str, kind: str) -> list[float]:
+    """Per seed, ``accuracy(run) - accuracy(baseline run of the same seed)`` of one measurement
+    (``runs`` and ``baseline`` in the same seed order); the baseline's measurement is its
+    exported (its only) one."""
+    base_kind = "calibrated"
+    return [
+        r["measurements"][step][kind]["prompt_accuracy"]
+        - b["measurements"][step][base_kind]["prompt_accuracy"]
+        for r, b in zip(runs, baseline, strict=True)
+    ]
+
+
+def interval_table(results: dict, steps: list[int]) -> dict:
+    """Rows ``method`` (calibrated export) and ``method+distill``; per step the mean and 95 %
+    bootstrap interval over seeds of the exported accuracy, the unmerged accuracy and the
+    exported accuracy's paired difference to the baseline."""
+    table = {}
+    for method, runs in results.items():
+        kinds = ["calibrated"] + (["distill"] if "distill" in runs[0]["measurements"][str(steps[-1])] else [])
+        for kind in kinds:
+            row = table[method if kind == "calibrated" else f"{method}+distill"] = {}
+            for step in map(str, steps):
+                cells = {
+                    "exported": bootstrap_interval(
+                        [r["measurements"][step][kind]["prompt_accuracy"] for r in runs]
+                    ),
+                    "unmerged": bootstrap_interval(
+                        [r["measurements"][step]["unmerged"]["prompt_accuracy"] for r in runs]
+                    ),
+                }
+                if BASELINE in results:
+                    cells["vs_baseline"] = bootstrap_interval(
+                        paired_differences(runs, results[BASELINE], step, kind)
+                    )
+                row[step] = cells
+    return table
+
+
+def interval_markdown(table: dict, steps: list[int], seeds: list[int], images: int) -> str:
+    head = (
+        f"Seeds {seeds}; {images} images per accuracy (prompts x generation seeds); mean over seeds "
+        f"[95 % bootstrap interval]. Exported: the LoRA file loaded with `load_lora_weights`; unmerged: "
+        f"the trained model itself; difference: exported minus {BASELINE}'s run of the same seed.\n\n"
+    )
+    cols = [f"{what} @ {step}" for step in steps for what in ("exported", "unmerged", f"- {BASELINE}")]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in table.items():
+        cells = []
+        for step in map(str, steps):
+            for key, sign in (("exported", ""), ("unmerged", ""), ("vs_baseline", "+")):
+                value = row[step].get(key)
+                cells.append("n/a" if value is None else _interval(value, sign))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _interval(value: tuple[float, float, float], sign: str = "") -> str:
+    mean, low, high = (100 * v for v in value)
+    return f"{mean:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
 
 
 def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
@@ -253,8 +466,15 @@ def main() -> None:
     table = summarise(results)
     text = markdown(table, args)
     (args.output_dir / "compare_methods.md").write_text(text)
+    steps = [args.compare_step, args.max_train_steps]
+    intervals = interval_table(results, steps)
+    images = len(finetune_prompts()) * args.num_validation_images
+    text += "\n" + interval_markdown(intervals, steps, args.seeds, images)
+    (args.output_dir / "compare_intervals.md").write_text(
+        interval_markdown(intervals, steps, args.seeds, images)
+    )
     (args.output_dir / "compare_methods.json").write_text(
-        json.dumps({"table": table, "runs": results}, indent=1)
+        json.dumps({"table": table, "intervals": intervals, "runs": results}, indent=1)
     )
     plot(results, table, args.output_dir / "compare_methods.png")
     print(text)

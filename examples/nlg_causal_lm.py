@@ -36,12 +36,12 @@ from reslora_diffusers.data.text_tasks import (
     tiny_llama_config,
     word_tokenizer,
 )
-from reslora_diffusers.integrations.trainer import ResLoRACallback
 from reslora_diffusers.training.lm_examples import (
     add_method_arguments,
     load_raw_dataset,
     method_config,
     model_batches,
+    reslora_callback,
     set_threads,
     training_arguments,
 )
@@ -156,7 +156,7 @@ def run_method(args, res_type: str, tokenizer, splits: DatasetDict, train: Datas
         args=training_arguments(args, out_dir),
         train_dataset=train,
         data_collator=collate,
-        callbacks=[ResLoRACallback()],
+        callbacks=[reslora_callback(args)],
     )
     trainer.remove_callback(PrinterCallback)
     result = trainer.train()
@@ -172,7 +172,12 @@ def run_method(args, res_type: str, tokenizer, splits: DatasetDict, train: Datas
     if args.compare_merges and res_type in ("is", "ms"):
         print(f"{res_type}: merge errors", compare_merges(model, held_out, calibration=calibration))
     merged = export_peft_adapter(
-        model, out_dir / "peft_adapter", args.merge, calibration=calibration, eval_inputs=held_out
+        model,
+        out_dir / "peft_adapter",
+        args.merge,
+        calibration=calibration,
+        eval_inputs=held_out,
+        distill_steps=args.distill_steps,
     )
     scores["merge_error"] = merged.report.output_error
     peft_model = PeftModel.from_pretrained(build_base(args, tokenizer), out_dir / "peft_adapter").to(device)

@@ -35,12 +35,12 @@ from transformers import (
 
 from reslora_diffusers import add_reslora, compare_merges, export_peft_adapter
 from reslora_diffusers.data.text_tasks import sentiment_examples, tiny_roberta_config, word_tokenizer
-from reslora_diffusers.integrations.trainer import ResLoRACallback
 from reslora_diffusers.training.lm_examples import (
     add_method_arguments,
     load_raw_dataset,
     method_config,
     model_batches,
+    reslora_callback,
     set_threads,
     training_arguments,
 )
@@ -144,7 +144,7 @@ def run_method(args, res_type: str, tokenizer, data: DatasetDict, num_labels: in
         args=training_arguments(args, out_dir),
         train_dataset=data["train"],
         data_collator=collate,
-        callbacks=[ResLoRACallback()],
+        callbacks=[reslora_callback(args)],
     )
     trainer.remove_callback(PrinterCallback)
     train = trainer.train()
@@ -159,7 +159,12 @@ def run_method(args, res_type: str, tokenizer, data: DatasetDict, num_labels: in
     if args.compare_merges and res_type in ("is", "ms"):
         print(f"{res_type}: merge errors", compare_merges(model, held_out, calibration=calibration))
     merged = export_peft_adapter(
-        model, out_dir / "peft_adapter", args.merge, calibration=calibration, eval_inputs=held_out
+        model,
+        out_dir / "peft_adapter",
+        args.merge,
+        calibration=calibration,
+        eval_inputs=held_out,
+        distill_steps=args.distill_steps,
     )
     result["merge_error"] = merged.report.output_error
     peft_model = PeftModel.from_pretrained(build_base(args, tokenizer, num_labels), out_dir / "peft_adapter")

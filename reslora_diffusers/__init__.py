@@ -15,6 +15,8 @@ from .core import (
     res_types,
     reslora_chains,
     save_reslora_checkpoint,
+    set_shortcut_scale,
+    shortcut_scale,
     trainable_parameters,
 )
 from .merge import MergedLoRA, MergeReport, compare_merges, merge_to_lora
@@ -57,5 +59,7 @@ __all__ = [
     "res_types",
     "reslora_chains",
     "save_reslora_checkpoint",
+    "set_shortcut_scale",
+    "shortcut_scale",
     "trainable_parameters",
 ]

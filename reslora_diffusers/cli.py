@@ -1,7 +1,10 @@
 """``reslora-merge``: turn a ResLoRA checkpoint into standard LoRA files (and a fused pipeline).
 
-reslora-merge CHECKPOINT --base MODEL_DIR --output DIR [--merge input|weight|calibrated]
-              [--format diffusers|kohya|both] [--rank R] [--fuse] [--overwrite]
+reslora-merge CHECKPOINT --base MODEL_DIR --output DIR [--merge input|weight|calibrated|sequential|distill]
+              [--distill_steps N] [--format diffusers|kohya|both] [--rank R] [--fuse] [--overwrite]
+
+The calibrated merges (and distill, which fits on the same batches) run on the pipeline
+family's synthetic inputs here: random latents, timesteps and text states, not training data.
 python -m reslora_diffusers.cli ...   (the same, from the checkout on the path)
 """
 
@@ -15,6 +18,7 @@ from pathlib import Path
 from .api import load_reslora_checkpoint
 from .core.checkpoint import checkpoint_configs
 from .core.config import MERGE_METHODS
+from .merge.distill import DEFAULT_DISTILL_STEPS
 from .utils.io import atomic_dir, is_temporary, remove_stale_temporaries
 from .utils.safety import check_finite_file
 
@@ -39,6 +43,13 @@ def merge_parser() -> argparse.ArgumentParser:
         choices=sorted(FORMAT_CHOICES),
         default=None,
         help="default: every format of the pipeline family (both for SD/SDXL, diffusers for SD3 and Flux)",
+    )
+    p.add_argument(
+        "--distill_steps",
+        type=int,
+        default=DEFAULT_DISTILL_STEPS,
+        help="--merge distill: Adam steps fitting the merged LoRA to the ResLoRA model's outputs "
+        "(on synthetic inputs)",
     )
     p.add_argument("--rank", type=int, default=None, help="truncate merged updates to this rank (SVD)")
     p.add_argument(
@@ -82,6 +93,8 @@ def run_merge(args: argparse.Namespace) -> dict:
     ckpt = Path(args.checkpoint)
     if args.rank is not None and args.rank <= 0:
         raise ValueError(f"--rank {args.rank} must be > 0")
+    if args.distill_steps < 0:
+        raise ValueError(f"--distill_steps {args.distill_steps} must be >= 0")
     output = Path(args.output)
     check_output(output, args.overwrite)
     configs = checkpoint_configs(ckpt)
@@ -103,7 +116,11 @@ def run_merge(args: argparse.Namespace) -> dict:
     formats = check_formats(FORMAT_CHOICES[args.format] if args.format else None, comps)
     load_reslora_checkpoint(comps, ckpt)
     merged, report = merge_components(
-        comps, args.merge, rank=args.rank, chain_report=not args.no_chain_report
+        comps,
+        args.merge,
+        rank=args.rank,
+        chain_report=not args.no_chain_report,
+        distill_steps=args.distill_steps,
     )
     remove_stale_temporaries(output)
     with atomic_dir(output) as tmp:

@@ -25,7 +25,7 @@ from reslora_diffusers import (
     load_reslora_checkpoint,
     merge_to_lora,
 )
-from reslora_diffusers.core import get_state
+from reslora_diffusers.core import get_state, shortcut_scale
 from reslora_diffusers.frontends import PRESETS
 from reslora_diffusers.integrations.trainer import ResLoRACallback
 from tests.toys import randomize_lora
@@ -323,6 +323,40 @@ def test_trainer_with_callback_and_checkpointing(tmp_path):
     fresh = load_reslora_checkpoint(tiny("llama"), tmp_path / "reslora.safetensors")
     x = ids()
     torch.testing.assert_close(out(fresh, x), out(model.eval(), x), rtol=0, atol=0)
+
+
+class _ScaleRecorder(tf.TrainerCallback):
+    """Notes the model's shortcut scale at the start of every step (after ResLoRACallback set it)."""
+
+    def __init__(self) -> None:
+        self.scales = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.scales.append(shortcut_scale(model))
+
+
+def test_trainer_callback_decays_the_shortcuts_to_an_exact_peft_export(tmp_path):
+    model = with_reslora("llama", "ms", pre_num=2)
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    recorder = _ScaleRecorder()
+    callbacks = [ResLoRACallback(shortcut_schedule="cosine", decay_start=0.5), recorder]
+    tf.Trainer(model=model, args=args, train_dataset=_Ids(), callbacks=callbacks).train()
+    # steps 1, 2 before the decay start (2 of 4); step 3: p = 1/2; step 4: c = 0 exactly
+    assert recorder.scales == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    x = ids()
+    y = out(model.eval(), x)
+    merged = export_peft_adapter(model, tmp_path / "adapter", eval_inputs=[{"input_ids": x}])
+    assert merged.report.shortcuts_off and merged.report.output_error < 1e-6
+    torch.testing.assert_close(out(_load_peft("llama", tmp_path / "adapter"), x), y, rtol=1e-5, atol=1e-5)
 
 
 # -- PEFT export ----------------------------------------------------------------------

@@ -58,6 +58,51 @@ def test_summary_pairs_losses_by_seed_and_finds_steps_to_the_baseline():
     )
 
 
+def test_bootstrap_interval_on_written_out_distributions():
+    # constant values: every resample has the same mean
+    assert compare.bootstrap_interval([0.5] * 5) == (0.5, 0.5, 0.5)
+    # two values: resampled means are 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4, so the 2.5 %
+    # and 97.5 % quantiles are 0 and 1
+    assert compare.bootstrap_interval([0.0, 1.0]) == (0.5, 0.0, 1.0)
+    # one 1 in four: the number of 1s in a resample is Binomial(4, 1/4); P(0) = 0.316 covers the
+    # 2.5 % quantile, P(<= 2) = 0.949 < 0.975 <= P(<= 3) = 0.996 puts the 97.5 % one at 3/4
+    assert compare.bootstrap_interval([0.0, 0.0, 0.0, 1.0]) == (0.25, 0.0, 0.75)
+    with pytest.raises(ValueError, match="non-empty"):
+        compare.bootstrap_interval([])
+
+
+def _measured(step_accuracies: dict[str, dict[str, float]]) -> dict:
+    return {
+        "measurements": {
+            step: {kind: {"prompt_accuracy": acc} for kind, acc in kinds.items()}
+            for step, kinds in step_accuracies.items()
+        }
+    }
+
+
+def test_intervals_pair_each_seed_with_the_baseline_run_of_the_same_seed():
+    # three seeds; the baseline's exported accuracy spreads 0.5..0.6 between seeds
+    base = [_measured({s: {"calibrated": a, "unmerged": a} for s in ("4", "8")}) for a in (0.5, 0.5, 0.6)]
+    runs = [
+        _measured({s: {"calibrated": e, "distill": d, "unmerged": u} for s in ("4", "8")})
+        for e, d, u in ((0.6, 0.6, 0.7), (0.5, 0.6, 0.7), (0.7, 0.7, 0.7))
+    ]
+    assert compare.paired_differences(runs, base, "8", "calibrated") == pytest.approx([0.1, 0.0, 0.1])
+    assert compare.paired_differences(runs, base, "8", "distill") == pytest.approx([0.1, 0.1, 0.1])
+    table = compare.interval_table({"peft-lora": base, "is": runs}, [4, 8])
+    assert set(table) == {"peft-lora", "is", "is+distill"}
+    cells = table["is"]["8"]
+    # differences 0.1, 0, 0.1: a resample of three is all zeros with probability 1/27 = 0.037
+    # (> 2.5 %, so the low end is 0) and zero-free with probability 8/27 (the high end is 0.1)
+    assert cells["vs_baseline"] == pytest.approx((0.2 / 3, 0.0, 0.1))
+    assert cells["unmerged"] == pytest.approx((0.7, 0.7, 0.7))
+    assert table["is+distill"]["4"]["vs_baseline"] == pytest.approx((0.1, 0.1, 0.1))
+    assert table["peft-lora"]["8"]["vs_baseline"] == (0.0, 0.0, 0.0)
+    text = compare.interval_markdown(table, [4, 8], [0, 1, 2], 60)
+    assert "| is+distill | 63.3 [60.0, 70.0] | 70.0 [70.0, 70.0] | +10.0 [+10.0, +10.0] |" in text
+    assert "60 images per accuracy" in text
+
+
 bench_load = _load("bench_load")
 
 

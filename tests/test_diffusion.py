@@ -19,6 +19,7 @@ from reslora_diffusers import (
     export_lora,
     remove_reslora,
     save_reslora_checkpoint,
+    set_shortcut_scale,
 )
 from reslora_diffusers.cli import merge_main
 from reslora_diffusers.frontends import UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
@@ -174,6 +175,22 @@ def test_load_lora_weights_reproduces_merged_model(tmp_path, res_type):
         else:
             assert err <= report["components"][name]["output_error"] * 1.001 + 1e-6
             assert err > 1e-6  # the approximation is real, and reported
+
+
+@pytest.mark.parametrize("res_type", ["is", "bs", "ms"])
+def test_scale_zero_exports_exactly_and_loads_with_load_lora_weights(tmp_path, res_type):
+    pipe, unet_b, text_b = _pipe_with_reslora(tiny_sd_pipeline, tmp_path, res_type)
+    for name in ("unet", "text_encoder"):
+        set_shortcut_scale(getattr(pipe, name), 0.0)
+    out = tmp_path / "lora"
+    report = _export(pipe, out, unet_b, text_b, "calibrated")
+    fresh = tiny_sd_pipeline(tmp_path)
+    fresh.load_lora_weights(str(out))
+    for name, batch in (("unet", unet_b[2]), ("text_encoder", text_b[2])):
+        assert report["components"][name]["ranks"] == [2]  # bs at c = 0: rank r, not (m+1) r
+        assert report["components"][name]["output_error"] < 1e-5
+        reslora_out, got = run(getattr(pipe, name), batch), run(getattr(fresh, name), batch)
+        assert float((got - reslora_out).norm() / reslora_out.norm()) < 1e-5, name
 
 
 def test_sequential_merge_is_reported_and_exact_on_cross_attention(tmp_path):

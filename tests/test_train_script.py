@@ -179,6 +179,38 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(base, data, tmp_path):
     assert [r["loss"] for r in losses] == [r["loss"] for r in full_losses if r["step"] > 2]
 
 
+def test_resume_mid_decay_of_the_shortcut_schedule_is_exact_and_exports_exactly(base, data, tmp_path):
+    """A cosine schedule from step 1 of 5: the checkpoint at step 3 is mid-decay (c = 0.5); the
+    resumed run ends with the same weights and c = 0, where the `is` merge is exact."""
+    extra = ["--max_train_steps", "5", "--checkpointing_steps", "3", "--res_type", "is"]
+    extra += ["--shortcut_schedule", "cosine", "--shortcut_decay_start", "0.2", "--lora_dropout", "0.1"]
+    _run(base, data, tmp_path / "full", *extra)
+    mid = load_file(tmp_path / "full" / "checkpoint-3" / "reslora_checkpoint.safetensors")
+    scales = {float(v) for k, v in mid.items() if k.endswith("shortcut_scale")}
+    assert len(scales) == 1 and scales.pop() == pytest.approx(
+        0.5
+    )  # step 3: p = (3 - 1) / 4, (1 + cos(pi / 2)) / 2
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", resumed / "checkpoint-3")
+    _run(base, data, resumed, *extra, "--resume_from_checkpoint", "latest")
+
+    full = load_file(tmp_path / "full" / "reslora_checkpoint.safetensors")
+    again = load_file(resumed / "reslora_checkpoint.safetensors")
+    assert full.keys() == again.keys()
+    for key in full:
+        assert torch.equal(full[key], again[key]), key
+    assert {float(v) for k, v in full.items() if k.endswith("shortcut_scale")} == {0.0}
+    losses = [json.loads(line)["loss"] for line in (resumed / "train_log.jsonl").read_text().splitlines()]
+    full_log = (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()
+    assert losses == [json.loads(line)["loss"] for line in full_log[3:]]
+    report = json.loads((resumed / "merge_report.json").read_text())
+    assert report["components"]["unet"]["output_error"] < 1e-5
+    # a resume under another schedule is another run
+    message = _error(base, data, resumed, "--res_type", "is", "--resume_from_checkpoint", "latest")
+    assert "--shortcut_schedule cosine" in message
+
+
 def _error(base: Path, data: Path, out: Path, *extra: str, defaults: bool = True) -> str:
     argv = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data)] if defaults else []
     argv += ["--output_dir", str(out), "--report_to", "none", "--max_train_steps", "1", *extra]

@@ -83,3 +83,26 @@ def test_dropped_log_messages_hides_only_the_named_lines(caplog):
         log.warning("a real problem")
     log.warning("harmless again, after the block")
     assert [r.getMessage() for r in caplog.records] == ["a real problem", "harmless again, after the block"]
+
+
+def test_shortcut_schedule_values_at_given_steps():
+    from reslora_diffusers.training.schedule import check_schedule, shortcut_scale_at
+
+    # 10 steps, decay from step 5 (0.5 x 10): p = (step - 5) / 5
+    assert [shortcut_scale_at(s, 10, "constant") for s in (1, 5, 10)] == [1.0, 1.0, 1.0]
+    linear = [shortcut_scale_at(s, 10, "linear", 0.5) for s in range(1, 11)]
+    assert linear == pytest.approx([1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0])
+    cosine = [shortcut_scale_at(s, 10, "cosine", 0.5) for s in (5, 6, 8, 10)]
+    # (1 + cos(pi p)) / 2 at p = 0, 0.2, 0.6, 1: cos(0.2 pi) = 0.80902, cos(0.6 pi) = -0.30902
+    assert cosine == pytest.approx([1.0, 0.904508, 0.345492, 0.0], abs=1e-6)
+    assert shortcut_scale_at(10, 10, "cosine", 0.5) == 0.0 and shortcut_scale_at(10, 10, "linear", 0.3) == 0.0
+    # decay from the start: step 1 of 4 is a quarter of the way down
+    assert shortcut_scale_at(1, 4, "linear", 0.0) == pytest.approx(0.75)
+    assert check_schedule("cosine", None) == 0.5 and check_schedule("linear", 0.25) == 0.25
+    for schedule, start, message in (
+        ("constant", 0.3, "needs a decaying"),
+        ("linear", 1.0, r"in \[0, 1\)"),
+        ("step", None, "unknown"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_schedule(schedule, start)

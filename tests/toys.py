@@ -89,9 +89,10 @@ def randomize_lora(model: nn.Module, seed: int = 0, scale: float = 0.3) -> None:
 
 
 def reference_residual_stack(
-    model: ResidualStack, x: torch.Tensor, res_type: str, m: int, s: float
+    model: ResidualStack, x: torch.Tensor, res_type: str, m: int, s: float, c: float = 1.0
 ) -> torch.Tensor:
-    """The DESIGN table written out directly from the weights, independent of the library."""
+    """The DESIGN table written out directly from the weights, independent of the library;
+    ``c`` multiplies every shortcut term (the shortcut scale)."""
     blocks = [layer.proj for layer in model.layers]
     W = [b.base_layer.weight for b in blocks]
     bias = [b.base_layer.bias for b in blocks]
@@ -106,12 +107,14 @@ def reference_residual_stack(
         if res_type == "none":
             term = xn @ A[n].T @ B[n].T
         elif res_type == "is":
-            inp = xn + xs[n - 1] if n > 0 else xn
+            inp = xn + c * xs[n - 1] if n > 0 else xn
             term = inp @ A[n].T @ B[n].T
         elif res_type == "bs":
-            term = sum(xn @ A[n - k].T @ B[n - k].T for k in range(0, min(m, n) + 1))
+            term = xn @ A[n].T @ B[n].T + c * sum(
+                xn @ A[n - k].T @ B[n - k].T for k in range(1, min(m, n) + 1)
+            )
         elif res_type == "ms":
-            mid = sum(xs[n - k] @ A[n - k].T for k in range(0, min(m, n) + 1))
+            mid = xn @ A[n].T + c * sum(xs[n - k] @ A[n - k].T for k in range(1, min(m, n) + 1))
             term = mid @ B[n].T
         h = h + torch.tanh(base + s * term)
     return h

@@ -17,6 +17,8 @@ from .inject import (
     has_reslora,
     matches_target,
     reslora_chains,
+    set_shortcut_scale,
+    shortcut_scale,
     traced_state,
     trainable_parameters,
 )
@@ -60,6 +62,8 @@ __all__ = [
     "res_types",
     "reslora_chains",
     "save_reslora_checkpoint",
+    "set_shortcut_scale",
+    "shortcut_scale",
     "traced_state",
     "trainable_parameters",
 ]

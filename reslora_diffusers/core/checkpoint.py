@@ -1,7 +1,7 @@
-"""The ResLoRA checkpoint: one safetensors file with every block's A, B and norm window,
-and the config and chain structure in its JSON metadata.
+"""The ResLoRA checkpoint: one safetensors file with every block's A, B, norm window and
+shortcut scale, and the config and chain structure in its JSON metadata.
 
-Keys are ``[<component>.]<module path>.<lora_A|lora_B|norm_window|norm_count>``; a
+Keys are ``[<component>.]<module path>.<lora_A|lora_B|norm_window|norm_count|shortcut_scale>``; a
 checkpoint of several models (a pipeline's UNet and text encoders) prefixes each with its
 component name.
 """
@@ -23,7 +23,9 @@ from .inject import attach_reslora, get_state, has_reslora
 
 FORMAT = "reslora-checkpoint"
 VERSION = "1"
-TENSORS = ("lora_A", "lora_B", "norm_window", "norm_count")
+TENSORS = ("lora_A", "lora_B", "norm_window", "norm_count", "shortcut_scale")
+#: tensors that older checkpoints lack, and the value they load as (the paper's full shortcut)
+OPTIONAL = {"shortcut_scale": 1.0}
 
 Models = nn.Module | dict[str, nn.Module]
 
@@ -123,7 +125,9 @@ def load_checkpoint(
                 raise ValueError(f"{path}: key {key!r} has no matching ResLoRA module in the model")
         for key, target in expected.items():
             if key not in keys:
-                raise ValueError(f"{path}: key {key!r} is missing from the checkpoint")
+                if key.rpartition(".")[2] not in OPTIONAL:
+                    raise ValueError(f"{path}: key {key!r} is missing from the checkpoint")
+                continue
             shape = tuple(f.get_slice(key).get_shape())
             if shape != tuple(target.shape):
                 raise ValueError(
@@ -131,7 +135,10 @@ def load_checkpoint(
                 )
         with torch.no_grad():
             for key, target in expected.items():
-                target.copy_(f.get_tensor(key))
+                if key in keys:
+                    target.copy_(f.get_tensor(key))
+                else:
+                    target.fill_(OPTIONAL[key.rpartition(".")[2]])
     for name, model in comps.items():
         if name in configs:
             _install_chains(model, chains.get(name, {}))

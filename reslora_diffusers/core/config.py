@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, fields
 
 from .shortcuts import res_types
 
-MERGE_METHODS = ("input", "weight", "calibrated", "sequential")
-#: the merges that fit ``A'_n = A_n + G_n`` on calibration batches (sequential: block by block)
-CALIBRATED_METHODS = ("calibrated", "sequential")
+MERGE_METHODS = ("input", "weight", "calibrated", "sequential", "distill")
+#: the merges that fit ``A'_n = A_n + G_n`` on calibration batches (sequential: block by block;
+#: distill: then refines all factors by gradient steps on the model's outputs)
+CALIBRATED_METHODS = ("calibrated", "sequential", "distill")
 INIT_METHODS = ("kaiming", "gaussian")
 
 
@@ -39,7 +40,7 @@ class ResLoRAConfig:
             transformers model type).
         exclude_modules: full module paths never adapted even where a target matches them
             (Flux's final ``proj_out``, which the single blocks' ``proj_out`` target also names).
-        merge: default way to remove the shortcuts, ``input | weight | calibrated | sequential``.
+        merge: default way to remove the shortcuts, ``input | weight | calibrated | sequential | distill``.
         norm_window: length of the sliding window of input norms per block.
         init: ``kaiming`` (A kaiming-uniform, as PEFT) or ``gaussian`` (A ~ N(0, 1/r)); B is zero.
     """

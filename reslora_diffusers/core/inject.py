@@ -9,6 +9,7 @@ entry point for users is :func:`reslora_diffusers.add_reslora`, which picks the 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,10 @@ class ResLoRAState:
 
     def traced(self) -> bool:
         return all(c.frozen for c in self.chains.values())
+
+    def shortcuts_off(self) -> bool:
+        """Every block's shortcut scale is exactly 0: the model is a plain LoRA."""
+        return all(float(b.shortcut_scale) == 0.0 for b in self.blocks.values())
 
     def untraced_blocks(self) -> list[ResLoRALayer]:
         """Blocks that did not run in the traced pass (they act as plain LoRA)."""
@@ -163,6 +168,27 @@ def reslora_chains(model: nn.Module) -> dict[str, list[ResLoRALayer]]:
 def chain_structure(model: nn.Module) -> dict[str, dict]:
     """The chains as data: module paths, links and segments per chain (JSON-serialisable)."""
     return {name: chain.describe() for name, chain in traced_state(model).chains.items()}
+
+
+def set_shortcut_scale(model: nn.Module, scale: float) -> None:
+    """Multiply every shortcut term of the model by ``scale`` (``c``):
+
+    ``is``: ``B_n A_n (x_n + c x_{n-1})``; ``ms``: ``B_n (A_n x_n + c sum_k A_{n-k} x_{n-k})``;
+    ``bs``: ``(B_n A_n + c sum_k B_{n-k} A_{n-k}) x_n``. ``c = 1`` is the paper's ResLoRA and
+    ``c = 0`` a plain LoRA with the same factors (which every merge then exports exactly).
+    The value is written into each block's ``shortcut_scale`` buffer in place, so a compiled
+    model sees it without recompiling; it is saved in state dicts and ResLoRA checkpoints.
+    """
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"set_shortcut_scale: scale must be a finite number, got {scale!r}")
+    with torch.no_grad():
+        for block in get_state(model).blocks.values():
+            block.shortcut_scale.fill_(float(scale))
+
+
+def shortcut_scale(model: nn.Module) -> float:
+    """The shortcut scale ``c`` of the model's blocks (the largest, should blocks have been set apart)."""
+    return max(float(b.shortcut_scale) for b in get_state(model).blocks.values())
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -68,6 +68,10 @@ class ResLoRALayer(nn.Module, ABC):
         norm_window, norm_count: sliding window of RMS norms of ``x`` (or ``A x``: the type's
             ``stat``), recorded in training mode for the input merge. The write position is
             ``norm_count`` itself, so loading a state dict resumes the window where it was.
+        shortcut_scale: the factor ``c`` on every shortcut term of this block (0-dim buffer,
+            1 by default; :func:`~.inject.set_shortcut_scale`). A tensor, not a Python float,
+            so that a schedule changing it every step does not make ``torch.compile`` recompile;
+            at ``c = 0`` the block is a plain LoRA.
     """
 
     #: the dimension of ``x`` and ``A x`` that holds features (channels)
@@ -88,6 +92,7 @@ class ResLoRALayer(nn.Module, ABC):
         self.module_path = module_path
         self.register_buffer("norm_window", torch.zeros(config.norm_window, device=weight.device))
         self.register_buffer("norm_count", torch.zeros((), dtype=torch.long, device=weight.device))
+        self.register_buffer("shortcut_scale", torch.ones((), device=weight.device))
         self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self._observers: dict[int, Observer] = {}
         self._next_observer = 0

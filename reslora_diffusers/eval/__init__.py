@@ -1,7 +1,18 @@
 """Deterministic image metrics: read colour and shape off an image, score prompts, evaluate pipelines."""
 
 from ..data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS, BASE_RESOLUTION
-from .analysis import ATTRIBUTES, analyse_image, attribute_matches, parse_prompt, prompt_accuracy
+from .analysis import (
+    ATTRIBUTES,
+    MIN_SHAPE_IOU,
+    MIN_SHAPE_MARGIN,
+    UNKNOWN_SHAPE,
+    analyse_image,
+    attribute_matches,
+    open_set_shape,
+    parse_prompt,
+    prompt_accuracies,
+    prompt_accuracy,
+)
 from .pipeline import evaluate_pipeline, generate
 
 #: Seeds of the documented evaluations.
@@ -13,10 +24,15 @@ __all__ = [
     "BASE_NUM_INFERENCE_STEPS",
     "BASE_RESOLUTION",
     "EVAL_SEEDS",
+    "MIN_SHAPE_IOU",
+    "MIN_SHAPE_MARGIN",
+    "UNKNOWN_SHAPE",
     "analyse_image",
     "attribute_matches",
     "evaluate_pipeline",
     "generate",
+    "open_set_shape",
     "parse_prompt",
+    "prompt_accuracies",
     "prompt_accuracy",
 ]

@@ -77,9 +77,10 @@ def evaluate_pipeline(
 ) -> dict:
     """Generate every prompt with every seed and score the images.
 
-    Returns ``accuracy`` (all named attributes right), ``<attribute>_accuracy`` for
-    colour, shape and background, and per image (seed-major order) ``images``,
-    ``prompts``, ``seeds`` and ``analyses``.
+    Returns ``accuracy`` (all named attributes right, the shape by the open-set call),
+    ``accuracy_lenient`` (the shape by the nearest template), ``<attribute>_accuracy`` for
+    colour, shape and background, ``shape_accuracy_lenient``, and per image (seed-major
+    order) ``images``, ``prompts``, ``seeds`` and ``analyses``.
     """
     jobs = [(seed, prompt) for seed in seeds for prompt in prompts]
     images = []
@@ -89,10 +90,13 @@ def evaluate_pipeline(
             pipe, batch_prompts, batch_seeds, num_inference_steps, guidance_scale, height, width
         )
     analyses = [analyse_image(image) for image in images]
-    matches = [attribute_matches(a, parse_prompt(p)) for a, (_, p) in zip(analyses, jobs, strict=True)]
-    result = {"accuracy": float(np.mean([all(m.values()) for m in matches]))}
-    for key in ATTRIBUTES:
-        named = [m[key] for m in matches if key in m]
-        result[f"{key}_accuracy"] = float(np.mean(named)) if named else float("nan")
+    parsed = [parse_prompt(p) for _, p in jobs]
+    result = {}
+    for suffix, open_set in (("", True), ("_lenient", False)):
+        matches = [attribute_matches(a, p, open_set) for a, p in zip(analyses, parsed, strict=True)]
+        result[f"accuracy{suffix}"] = float(np.mean([all(m.values()) for m in matches]))
+        for key in ATTRIBUTES if open_set else ("shape",):
+            named = [m[key] for m in matches if key in m]
+            result[f"{key}_accuracy{suffix}"] = float(np.mean(named)) if named else float("nan")
     result.update(images=images, prompts=[p for _, p in jobs], seeds=[s for s, _ in jobs], analyses=analyses)
     return result

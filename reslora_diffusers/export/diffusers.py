@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..core import get_state, traced_state
 from ..frontends import components_family, frontend_for
-from ..merge import MergedLoRA, merge_to_lora, reference_outputs, relative_error
+from ..merge import DEFAULT_DISTILL_STEPS, MergedLoRA, merge_to_lora, reference_outputs, relative_error
 from ..utils.io import atomic_dir
 from ..utils.safety import save_safetensors
 from .keys import lora_factors, lora_key, lora_paths, prefixed
@@ -51,6 +51,7 @@ def export_lora(
     rank: int | None = None,
     metadata: dict[str, str] | None = None,
     chain_report: bool = True,
+    distill_steps: int = DEFAULT_DISTILL_STEPS,
     **components: nn.Module | None,
 ) -> dict:
     """Merge each component's ResLoRA into a plain LoRA and write the files (see module doc).
@@ -68,12 +69,15 @@ def export_lora(
         chain_report: also measure each chain merged alone (one forward per chain and merge
             method on the held-out inputs); ``False`` keeps the per-method totals only, for
             large models where those forwards dominate the export time.
+        distill_steps: Adam steps of ``merge="distill"`` (fitted on the calibration batches).
     Returns:
         the report written to ``merge_report.json``.
     """
     comps = {k: v for k, v in components.items() if v is not None}
     formats = check_formats(formats, comps)
-    merged, report = merge_components(comps, merge, calibration, eval_inputs, rank, chain_report)
+    merged, report = merge_components(
+        comps, merge, calibration, eval_inputs, rank, chain_report, distill_steps
+    )
     with atomic_dir(output_dir) as tmp:
         write_lora_files(tmp, merged, report, comps, formats, metadata)
     return report
@@ -99,6 +103,7 @@ def merge_components(
     eval_inputs: Batches | None = None,
     rank: int | None = None,
     chain_report: bool = True,
+    distill_steps: int = DEFAULT_DISTILL_STEPS,
 ) -> tuple[dict[str, MergedLoRA], dict]:
     """``({component: plain LoRA}, report)`` for ``{component: model with ResLoRA}``."""
     if not comps:
@@ -112,10 +117,14 @@ def merge_components(
         given = (eval_inputs or {}).get(name)
         evals = list(given or family.synthetic_inputs(module, seed=1000 + i))
         calib = list((calibration or {}).get(name) or family.synthetic_inputs(module, seed=i))
-        merged[name] = merge_to_lora(module, method, calibration=calib, rank=rank, eval_inputs=evals)
+        merged[name] = merge_to_lora(
+            module, method, calibration=calib, rank=rank, eval_inputs=evals, distill_steps=distill_steps
+        )
         report["components"][name] = component_report(
             module, merged[name], method, calib, evals, rank, chain_report
         )
+        if merged[name].report.distill:
+            report["components"][name]["distill"] = merged[name].report.distill
         report["components"][name]["eval_inputs"] = "given" if given else "synthetic"
     logger.info(
         "Merged %s ResLoRA (%s): relative output error %s",
@@ -168,7 +177,7 @@ def component_report(
     in total and (``chains``) with only one chain merged at a time."""
     state = get_state(module)
     methods = [method]
-    if not state.shortcut.exact_merge:
+    if not (state.shortcut.exact_merge or state.shortcuts_off()):
         # the one-pass merges always, for comparison; the sequential one only when chosen (costly)
         methods = [m for m in _COMPARED if m == method or _can_merge(state, m)]
         methods += [method] if method not in _COMPARED else []

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..core import ResLoRAConv1D, ResLoRALayer, get_state
-from ..merge import Batch, MergedLoRA, merge_to_lora
+from ..merge import DEFAULT_DISTILL_STEPS, Batch, MergedLoRA, merge_to_lora
 from ..utils.io import atomic_dir
 from ..utils.safety import save_safetensors
 
@@ -64,6 +64,7 @@ def export_peft_adapter(
     eval_inputs: Iterable[Batch] | None = None,
     rank: int | None = None,
     modules_to_save: list[str] | None = None,
+    distill_steps: int = DEFAULT_DISTILL_STEPS,
 ) -> MergedLoRA:
     """Merge ResLoRA into a plain LoRA and write it as a PEFT adapter directory.
 
@@ -74,7 +75,8 @@ def export_peft_adapter(
     Args:
         model: a transformers (or any) model prepared with ``add_reslora``, traced by a forward.
         output_dir: the adapter directory (created; existing adapter files are replaced).
-        merge, calibration, eval_inputs, rank: passed to :func:`~reslora_diffusers.merge_to_lora`.
+        merge, calibration, eval_inputs, rank, distill_steps: passed to
+            :func:`~reslora_diffusers.merge_to_lora`.
         modules_to_save: module names whose full weights go into the adapter as PEFT
             ``modules_to_save``; default: the largest modules outside ResLoRA whose parameters
             all train (e.g. a classification head), plus the head PEFT expects for the task.
@@ -82,7 +84,9 @@ def export_peft_adapter(
     Returns:
         The merged LoRA (``.report`` is what ``merge_report.json`` holds).
     """
-    merged = merge_to_lora(model, merge, calibration=calibration, rank=rank, eval_inputs=eval_inputs)
+    merged = merge_to_lora(
+        model, merge, calibration=calibration, rank=rank, eval_inputs=eval_inputs, distill_steps=distill_steps
+    )
     task_type, heads = _task(model)
     saved = _modules_to_save(model, modules_to_save, heads)
     tensors = {PREFIX + key: value.detach().to("cpu").contiguous() for key, value in merged.items()}

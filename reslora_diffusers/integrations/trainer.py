@@ -11,6 +11,11 @@ checkpoint can be merged or exported later with ``load_reslora_checkpoint`` on a
     trainer = Trainer(model, args, train_dataset=..., callbacks=[ResLoRACallback()])
     trainer.train()
 
+``ResLoRACallback(shortcut_schedule="cosine")`` also sets the shortcut scale before every
+step from ``state.global_step / state.max_steps`` (see
+:func:`reslora_diffusers.training.schedule.shortcut_scale_at`): 1 until ``decay_start``, then
+down to exactly 0 at the last step, so that the trained model exports exactly.
+
 Gradient checkpointing (``TrainingArguments(gradient_checkpointing=True)``) works with
 ``res_type`` ``none`` and ``bs``; ``is`` and ``ms`` refuse it at the first training step.
 """
@@ -23,7 +28,8 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..core import has_reslora, save_reslora_checkpoint
+from ..core import has_reslora, save_reslora_checkpoint, set_shortcut_scale
+from ..training.schedule import check_schedule, shortcut_scale_at
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +41,27 @@ class ResLoRACallback(TrainerCallback):
 
     Args:
         filename: name of the ResLoRA checkpoint file inside each directory.
+        shortcut_schedule: ``constant`` (the scale is left alone), ``linear`` or ``cosine``.
+        decay_start: fraction of ``max_steps`` where a decaying schedule starts (default 0.5).
     """
 
-    def __init__(self, filename: str = CHECKPOINT_NAME) -> None:
+    def __init__(
+        self,
+        filename: str = CHECKPOINT_NAME,
+        shortcut_schedule: str = "constant",
+        decay_start: float | None = None,
+    ) -> None:
         self.filename = filename
+        self.shortcut_schedule = shortcut_schedule
+        self.decay_start = check_schedule(shortcut_schedule, decay_start)
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ) -> None:
+        if self.shortcut_schedule != "constant":
+            step = state.global_step + 1  # the step about to run, 1-based
+            scale = shortcut_scale_at(step, state.max_steps, self.shortcut_schedule, self.decay_start)
+            set_shortcut_scale(_unwrap(model), scale)
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs

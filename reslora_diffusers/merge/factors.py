@@ -10,6 +10,11 @@ function of ``x_n``:
   of the already-merged layers (for lag k: ``f*_{n-k-1} / f*_{n-1}``); 1 where missing.
 * ``calibrated`` / ``sequential`` (ours, :mod:`.calibration`): ``A'_n = A_n + G_n`` fitted by
   ridge least squares on calibration batches.
+* ``distill`` (ours, :mod:`.distill`): the calibrated merge, then every factor refined by Adam
+  steps so that the merged model's outputs match the ResLoRA model's on the calibration batches.
+
+A model whose shortcut scale is 0 in every block (the end of a decaying
+``--shortcut_schedule``) is a plain LoRA: every type then merges exactly, as ``none`` does.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch.nn as nn
 from ..core import CALIBRATED_METHODS, MERGE_METHODS, ResLoRALayer, traced_state
 from ..export.keys import lora_factors, lora_key
 from .calibration import calibrate, calibrate_sequential
+from .distill import DEFAULT_DISTILL_LR, DEFAULT_DISTILL_STEPS, distill
 from .error import Batch, relative_error
 from .lowrank import truncate
 
@@ -44,6 +50,11 @@ class MergeReport:
     #: relative Frobenius error of dW per block from rank truncation
     truncation: dict[str, float] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
+    #: every shortcut scale was 0: merged exactly as the plain LoRA the model is
+    shortcuts_off: bool = False
+    #: ``merge="distill"``: steps, lr and the relative output error on the calibration batches
+    #: before (the calibrated merge) and after the fit; on ``eval_inputs`` too when given
+    distill: dict = field(default_factory=dict)
 
     @property
     def fidelity(self) -> float | None:
@@ -107,33 +118,44 @@ def merge_to_lora(
     rank: int | None = None,
     eval_inputs: Iterable[Batch] | None = None,
     ridge: float = 1e-6,
+    distill_steps: int = DEFAULT_DISTILL_STEPS,
+    distill_lr: float = DEFAULT_DISTILL_LR,
 ) -> MergedLoRA:
     """Merge the shortcuts away and return a plain LoRA with its :class:`MergeReport`.
 
     Args:
         model: a model prepared with ``add_reslora`` that ran at least one forward pass.
-        merge: ``input | weight | calibrated | sequential``; default: the config's ``merge``.
+        merge: ``input | weight | calibrated | sequential | distill``; default: the config's ``merge``.
             ``sequential`` is ``calibrated`` fitted block by block on the partly merged model
             (:func:`~.calibration.calibrate_sequential`): a lower error for one forward per
-            block and batch.
-        calibration: batches (tensor, tuple or dict) for ``calibrated``/``sequential``; run in eval mode.
+            block and batch. ``distill`` refines the calibrated (and truncated) factors by
+            ``distill_steps`` Adam steps on the calibration batches (:func:`~.distill.distill`).
+        calibration: batches (tensor, tuple or dict) for ``calibrated``/``sequential``/``distill``;
+            run in eval mode.
         rank: truncate every merged ``dW`` to this rank by SVD (errors in ``report.truncation``).
         eval_inputs: held-out batches on which ``report.output_error`` is measured.
         ridge: ``lambda`` of the calibrated fit, relative to the mean eigenvalue of ``X X^T``.
+        distill_steps, distill_lr: the Adam steps and relative step size of ``merge="distill"``.
     """
     state = traced_state(model)
     method = merge or state.config.merge
     if method not in MERGE_METHODS:
         raise ValueError(f"merge={method!r} is invalid; allowed: {' | '.join(MERGE_METHODS)}")
+    off = state.shortcuts_off()
+    exact = state.shortcut.exact_merge or off
     corrections = {}
-    if method in CALIBRATED_METHODS and not state.shortcut.exact_merge:
+    if method in CALIBRATED_METHODS and calibration is not None:
+        calibration = list(calibration)
+    if method in CALIBRATED_METHODS and not exact:
         if calibration is None:
             raise ValueError(f"merge={method!r} needs calibration batches (calibration=...)")
         fit = calibrate_sequential if method == "sequential" else calibrate
         corrections = fit(model, calibration, ridge)
     ctx = _Context(method, corrections)
-    factors = _merge_factors(state, ctx)
-    report = MergeReport(method, state.config.res_type, state.config.pre_num, alphas=ctx.alphas)
+    factors = _merge_factors(state, ctx, off)
+    report = MergeReport(
+        method, state.config.res_type, state.config.pre_num, alphas=ctx.alphas, shortcuts_off=off
+    )
     merged = MergedLoRA()
     for block, (a, b) in factors.items():
         if rank is not None:
@@ -142,22 +164,36 @@ def merge_to_lora(
         merged[lora_key(block.module_path, "B")] = b.contiguous()
         report.ranks[block.module_path] = a.shape[0]
     merged.report = report
+    if method == "distill" and not (exact and not any(report.truncation.values())):
+        if calibration is None:
+            raise ValueError("merge='distill' needs calibration batches (calibration=...)")
+        eval_inputs = None if eval_inputs is None else list(eval_inputs)
+        held_out_before = None if eval_inputs is None else relative_error(model, merged, eval_inputs)
+        fitted, report.distill = distill(model, merged, calibration, distill_steps, distill_lr)
+        merged.update({k: v.contiguous() for k, v in fitted.items()})
+        if held_out_before is not None:
+            report.distill["held_out_error_before"] = held_out_before
     if eval_inputs is not None:
         report.output_error = relative_error(model, merged, eval_inputs)
+        if report.distill:
+            report.distill["held_out_error_after"] = report.output_error
         logger.info(
             "ResLoRA %s merge (%s): relative output error %.3e", method, report.res_type, report.output_error
         )
     return merged
 
 
-def _merge_factors(state, ctx: _Context) -> dict[ResLoRALayer, tuple[torch.Tensor, torch.Tensor]]:
+def _merge_factors(
+    state, ctx: _Context, shortcuts_off: bool = False
+) -> dict[ResLoRALayer, tuple[torch.Tensor, torch.Tensor]]:
     """``(A', B')`` per block, chain by chain in execution order (the weight merge reads the
-    merged norms ``f*`` of earlier blocks)."""
+    merged norms ``f*`` of earlier blocks). With ``shortcuts_off`` every block is merged as a
+    chain's first block, which has no shortcut term: the plain LoRA ``(A_n, s B_n)``."""
     factors = {}
     with torch.no_grad():
         for chain in state.chains.values():
             for pos, block in enumerate(chain.blocks):
-                preds = [chain.blocks[p] for p in chain.preds(pos)]
+                preds = [] if shortcuts_off else [chain.blocks[p] for p in chain.preds(pos)]
                 a, b = state.shortcut.merged_factors(block, preds, ctx)
                 factors[block] = (a, b)
                 w = block.base_weight().detach()

@@ -10,6 +10,8 @@ import torch
 
 from ..core import MERGE_METHODS, ResLoRAConfig
 from ..core.shortcuts import res_types as registered_res_types
+from ..merge import DEFAULT_DISTILL_STEPS
+from .schedule import SCHEDULES
 
 
 def load_raw_dataset(name: str, config_name: str | None = None):
@@ -51,6 +53,24 @@ def add_method_arguments(
         help="how is/ms shortcuts are merged away for the PEFT export (bs, none: exact)",
     )
     g.add_argument(
+        "--distill_steps",
+        type=int,
+        default=DEFAULT_DISTILL_STEPS,
+        help="--merge distill: Adam steps fitting the merged LoRA to the trained model's logits",
+    )
+    g.add_argument(
+        "--shortcut_schedule",
+        default="constant",
+        choices=SCHEDULES,
+        help="shortcut scale: constant 1, or 1 until --shortcut_decay_start then down to 0 at the last step",
+    )
+    g.add_argument(
+        "--shortcut_decay_start",
+        type=float,
+        default=None,
+        help="fraction of the training steps where a linear/cosine schedule starts (default 0.5)",
+    )
+    g.add_argument(
         "--compare_merges", action="store_true", help="also print the error of every is/ms merge method"
     )
     t = parser.add_argument_group("training")
@@ -79,6 +99,13 @@ def method_config(args: argparse.Namespace, res_type: str) -> ResLoRAConfig:
         target_modules=args.target_modules,
         merge=args.merge,
     )
+
+
+def reslora_callback(args: argparse.Namespace):
+    """The Trainer callback that saves ResLoRA checkpoints and runs ``--shortcut_schedule``."""
+    from ..integrations.trainer import ResLoRACallback
+
+    return ResLoRACallback(shortcut_schedule=args.shortcut_schedule, decay_start=args.shortcut_decay_start)
 
 
 def set_threads(args: argparse.Namespace, tiny_model: bool) -> None:

@@ -32,6 +32,8 @@ IDENTITY_FLAGS = (
     "lora_alpha",
     "target_modules",
     "train_text_encoder",
+    "shortcut_schedule",
+    "shortcut_decay_start",
 )
 
 

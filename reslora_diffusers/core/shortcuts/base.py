@@ -1,7 +1,9 @@
 """The shortcut contract: everything a ResLoRA shortcut type decides, in one class.
 
 Every block computes ``delta_n = s * B_stack (mid_n)`` where ``mid_n`` is built from
-``ax_n = A_stack x_n``. A type says:
+``ax_n = A_stack x_n``. Every shortcut term (what a type adds beyond the plain ``B_n A_n x_n``)
+is multiplied by the block's ``shortcut_scale`` ``c``: at ``c = 0`` each type is a plain LoRA,
+and the merges see ``c`` in their terms (``coeff``) and scalars. A type says:
 
 * ``a_weight`` / ``b_weight``: the stacked factors it applies (``A_n``/``B_n`` unless it
   stacks earlier blocks' factors, as ``bs`` does);
@@ -121,7 +123,7 @@ class Shortcut:
 
 class ActivationShortcut(Shortcut, ABC):
     """Shortcuts that read earlier activations (``is``, ``ms``). They merge approximately:
-    by a scalar ``alpha`` (``dW_n = s (1 + alpha) B_n A_n``, paper) or by the calibrated map
+    by a scalar ``alpha`` (``dW_n = s (1 + c alpha) B_n A_n``, paper) or by the calibrated map
     ``A'_n = A_n + G_n`` fitted on :meth:`calibration_terms`."""
 
     exact_merge = False
@@ -144,6 +146,8 @@ class ActivationShortcut(Shortcut, ABC):
             alpha = self.input_alpha(block, preds, ctx)
         else:
             alpha = self.weight_alpha(block, preds, ctx)
+        # the shortcut term is c * alpha * A_n x_n under the scalar assumption
+        alpha = float(block.shortcut_scale) * alpha
         ctx.record_alpha(block, alpha)
         return A, B * (1 + alpha)
 

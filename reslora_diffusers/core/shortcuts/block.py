@@ -1,4 +1,5 @@
-"""``bs`` (block shortcut): ``h_n = W_n x_n + s (sum_{k=0..m} B_{n-k} A_{n-k}) x_n``."""
+"""``bs`` (block shortcut): ``h_n = W_n x_n + s (B_n A_n + c sum_{k=1..m} B_{n-k} A_{n-k}) x_n``,
+``c`` the shortcut scale."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from .base import Shortcut
 class BlockShortcut(Shortcut):
     """Block n applies the earlier blocks' whole branches to its own input.
 
-    The sum is one product of stacked factors ``[B_n .. B_{n-m}] [A_n; ..; A_{n-m}]``, which
-    is also the exact merge (rank ``(k+1) r`` for ``k`` predecessors). Links need equal
+    The sum is one product of stacked factors ``[B_n, c B_{n-1} .. c B_{n-m}] [A_n; ..; A_{n-m}]``,
+    which is also the exact merge (rank ``(k+1) r`` for ``k`` predecessors). Links need equal
     factor shapes.
     """
 
@@ -36,7 +37,7 @@ class BlockShortcut(Shortcut):
     def b_weight(self, block, preds):
         if not preds:
             return block.lora_B
-        return torch.cat([block.lora_B] + [p.lora_B for p in preds], dim=1)
+        return torch.cat([block.lora_B] + [block.shortcut_scale * p.lora_B for p in preds], dim=1)
 
     def own_ax(self, block, ax):
         return ax.narrow(block.feature_dim, 0, block.rank)

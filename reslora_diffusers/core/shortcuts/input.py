@@ -1,4 +1,4 @@
-"""``is`` (input shortcut): ``h_n = W_n x_n + s B_n A_n (x_n + x_{n-1})``."""
+"""``is`` (input shortcut): ``h_n = W_n x_n + s B_n A_n (x_n + c x_{n-1})``, ``c`` the shortcut scale."""
 
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ class InputShortcut(ActivationShortcut):
         if not step.preds:
             return ax
         x_prev = check_cached(block, step.pred_blocks[0], step.chain.cached("x", step.preds[0]), x)
-        return ax + block.apply_a(block.dropout(x_prev), block.lora_A)
+        return ax + block.shortcut_scale * block.apply_a(block.dropout(x_prev), block.lora_A)
 
     def calibration_terms(self, block, step):
-        return [CalibrationTerm(block, step.chain.cached("x", p)) for p in step.preds]
+        coeff = float(block.shortcut_scale)
+        return [CalibrationTerm(block, step.chain.cached("x", p), coeff) for p in step.preds]
 
     def input_alpha(self, block, preds, ctx):
         """``f_{n-1} / f_n`` of the input norm windows."""

@@ -1,4 +1,5 @@
-"""``ms`` (middle shortcut): ``h_n = W_n x_n + s B_n (sum_{k=0..m} A_{n-k} x_{n-k})``."""
+"""``ms`` (middle shortcut): ``h_n = W_n x_n + s B_n (A_n x_n + c sum_{k=1..m} A_{n-k} x_{n-k})``,
+``c`` the shortcut scale."""
 
 from __future__ import annotations
 
@@ -28,13 +29,17 @@ class MiddleShortcut(ActivationShortcut):
         return prev is not None and tuple(prev.shape) == block.ax_shape(x)
 
     def mid(self, block, step, x, ax):
-        out = ax
-        for pred, pos in zip(step.pred_blocks, step.preds):
-            out = out + check_cached(block, pred, step.chain.cached("ax", pos), ax)
-        return out
+        if not step.preds:
+            return ax
+        earlier = sum(
+            check_cached(block, pred, step.chain.cached("ax", pos), ax)
+            for pred, pos in zip(step.pred_blocks, step.preds)
+        )
+        return ax + block.shortcut_scale * earlier
 
     def calibration_terms(self, block, step):
-        return [CalibrationTerm(step.chain.blocks[p], step.chain.cached("x", p)) for p in step.preds]
+        coeff = float(block.shortcut_scale)
+        return [CalibrationTerm(step.chain.blocks[p], step.chain.cached("x", p), coeff) for p in step.preds]
 
     def input_alpha(self, block, preds, ctx):
         """``sum_k f_{n-k} / f_n`` of the ``A x`` norm windows (paper eq. 12)."""
