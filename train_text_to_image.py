@@ -922,7 +922,7 @@ def apply_shortcut_schedule(run: Run, step: int) -> None:
         return
     scale = shortcut_scale_at(step, args.max_train_steps, args.shortcut_schedule, args.shortcut_decay_start)
     for model in run.trained():
-        set_shortcut_scale(run.accelerator.unwrap_model(model), scale)
+        set_shortcut_scale(run.accelerator.unwrap_model(model, keep_torch_compile=False), scale)
 
 
 def _diverged(args, step: int, what: str) -> str:
