@@ -31,7 +31,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from reslora_diffusers.frontends import UNET_CONV_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS  # noqa: E402
+from reslora_diffusers.frontends import (  # noqa: E402
+    UNET_CONV_TARGETS,
+    UNET_FEEDFORWARD_TARGETS,
+    UNET_TARGETS,
+    pipeline_family,
+)
 
 METHODS = {
     "peft-lora": ["--use_peft"],
@@ -42,6 +47,9 @@ METHODS = {
     # the default targets plus the resnet and sampler convolutions (LoCon-style)
     "bs+conv": ["--res_type", "bs", "--pre_num", "1", "--target_modules"]
     + [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS, *UNET_CONV_TARGETS],
+    # shortcuts from the 3 previous blocks: long unbroken chains (the DiT base) can feed more
+    "bs-m3": ["--res_type", "bs", "--pre_num", "3"],
+    "ms-m3": ["--res_type", "ms", "--pre_num", "3"],
 }
 BASELINE = "peft-lora"
 
@@ -57,6 +65,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each")
     p.add_argument("--num_validation_images", type=int, default=2)
     p.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "compare_methods")
+    p.add_argument(
+        "--base",
+        default="unet",
+        help="unet: the embedded UNet base; dit: the embedded DiT base (assets/tiny-sd3); or a pipeline folder",
+    )
     p.add_argument("train_args", nargs="*", help="more flags for train_text_to_image.py, after --")
     return p.parse_args()
 
@@ -82,6 +95,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     argv += ["--max_train_steps", str(args.max_train_steps), "--validation_steps", str(args.validation_steps)]
     argv += ["--num_validation_images", str(args.num_validation_images), "--checkpointing_steps", "1000000"]
     argv += ["--overwrite_output_dir"]  # a run folder without result.json is an interrupted run: redo it
+    argv += base_args(args.base)
     argv += args.train_args
     if (out / "result.json").is_file():
         result = _read_result(out / "result.json")
@@ -92,7 +106,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         result = {
             "loss": [r["loss"] for r in records if "loss" in r],
             "accuracy": {r["step"]: r["prompt_accuracy"] for r in records if "prompt_accuracy" in r},
-            "merge_error": (summary.get("merge_error") or {}).get("unet"),
+            "merge_error": (summary.get("merge_error") or {}).get(denoiser_of(summary)),
             "seconds": time.time() - start,
         }
     if "unmerged_accuracy" not in result:
@@ -112,12 +126,30 @@ def unmerged_accuracy(script, argv: list[str]) -> float:
     args = script.parse_args(argv)
     script.check_args(args)
     pipe = script.build_pipeline(args, torch.float32)
-    load_reslora_checkpoint({"unet": pipe.unet}, Path(args.output_dir) / script.RESLORA_CHECKPOINT)
-    pipe.unet.eval()
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    denoiser = getattr(pipe, pipeline_family(pipe).denoiser)
+    load_reslora_checkpoint(
+        {pipeline_family(pipe).denoiser: denoiser}, Path(args.output_dir) / script.RESLORA_CHECKPOINT
+    )
+    denoiser.eval()
+    resolution = denoiser.config.sample_size * pipe.vae_scale_factor
     return script.run_validation(args, pipe, args.max_train_steps, "final-unmerged", resolution)[
         "prompt_accuracy"
     ]
+
+
+def base_args(base: str) -> list[str]:
+    """``--pretrained_model_name_or_path`` for ``--base``: none for ``unet`` (the training script's
+    default), the embedded DiT base for ``dit``, else the folder given."""
+    from reslora_diffusers.data import default_dit_base_path
+
+    if base == "unet":
+        return []
+    return ["--pretrained_model_name_or_path", str(default_dit_base_path() if base == "dit" else base)]
+
+
+def denoiser_of(summary: dict) -> str | None:
+    """The denoiser among the components of a run's merge errors (``unet`` or ``transformer``)."""
+    return next((k for k in summary.get("merge_error") or {} if k in ("unet", "transformer")), None)
 
 
 def _read_result(path: Path) -> dict:
