@@ -194,6 +194,14 @@ def crisp(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
+def lora_scale_kwargs(pipe, scale: float) -> dict:
+    """The LoRA scale as the pipeline takes it: ``cross_attention_kwargs`` (UNet pipelines) or
+    ``joint_attention_kwargs`` (SD3 and Flux)."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    name = "cross_attention_kwargs" if "cross_attention_kwargs" in parameters else "joint_attention_kwargs"
+    return {name: {"scale": scale}}
+
+
 def render(
     prompt: str,
     negative_prompt: str,
@@ -225,7 +233,7 @@ def render(
                 num_inference_steps=int(steps),
                 guidance_scale=float(guidance),
                 negative_prompt=[negative_prompt] * n if negative_prompt else None,
-                cross_attention_kwargs={"scale": float(lora_scale)} if lora else None,
+                **(lora_scale_kwargs(pipe, float(lora_scale)) if lora else {}),
             )
         except Exception as err:  # each model fails alone: the others' images are still shown
             logger.warning("%s failed: %s", label, err)

@@ -41,7 +41,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from reslora_diffusers.data import finetune_prompts  # noqa: E402
-from reslora_diffusers.frontends import UNET_CONV_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS  # noqa: E402
+from reslora_diffusers.frontends import (  # noqa: E402
+    UNET_CONV_TARGETS,
+    UNET_FEEDFORWARD_TARGETS,
+    UNET_TARGETS,
+    pipeline_family,
+)
 
 METHODS = {
     "peft-lora": ["--use_peft"],
@@ -56,6 +61,9 @@ METHODS = {
     "is-cosine": ["--res_type", "is", "--shortcut_schedule", "cosine"],
     "bs-cosine": ["--res_type", "bs", "--pre_num", "1", "--shortcut_schedule", "cosine"],
     "ms-cosine": ["--res_type", "ms", "--pre_num", "1", "--shortcut_schedule", "cosine"],
+    # shortcuts from the 3 previous blocks: long unbroken chains (the DiT base) can feed more
+    "bs-m3": ["--res_type", "bs", "--pre_num", "3"],
+    "ms-m3": ["--res_type", "ms", "--pre_num", "3"],
 }
 DEFAULT_METHODS = ["peft-lora", "bs", "is", "ms", "bs-cosine", "is-cosine", "ms-cosine"]
 #: runs also exported with merge="distill" (the other merges of bs and of a decayed schedule are exact)
@@ -65,7 +73,7 @@ BASELINE = "peft-lora"
 logger = logging.getLogger("compare_methods")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -80,8 +88,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each")
     p.add_argument("--num_validation_images", type=int, default=2)
     p.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "compare_methods")
+    p.add_argument(
+        "--base",
+        default="unet",
+        help="unet: the embedded UNet base; dit: the embedded DiT base (assets/tiny-sd3); or a pipeline folder",
+    )
     p.add_argument("train_args", nargs="*", help="more flags for train_text_to_image.py, after --")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not 0 < args.compare_step < args.max_train_steps or args.compare_step % args.validation_steps:
         p.error(
             f"--compare_step {args.compare_step} must be below --max_train_steps and a multiple of "
@@ -113,6 +126,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     argv += ["--num_validation_images", str(args.num_validation_images)]
     argv += ["--checkpointing_steps", str(args.compare_step)]
     argv += ["--overwrite_output_dir"]  # a run folder without result.json is an interrupted run: redo it
+    argv += base_args(args.base)
     argv += args.train_args
     if (out / "result.json").is_file():
         result = _read_result(out / "result.json")
@@ -126,7 +140,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
             "accuracy_lenient": {
                 r["step"]: r["prompt_accuracy_lenient"] for r in records if "prompt_accuracy_lenient" in r
             },
-            "merge_error": (summary.get("merge_error") or {}).get("unet"),
+            "merge_error": (summary.get("merge_error") or {}).get(denoiser_of(summary)),
             "seconds": time.time() - start,
         }
         (out / "result.json").write_text(json.dumps(result))
@@ -181,7 +195,8 @@ def measure_run(
 
 def export_accuracy(script, argv: list[str], checkpoint: Path, merge: str, step: int) -> dict:
     """Export a saved ResLoRA checkpoint as the training script does (calibration batches from
-    the training data), load the file with ``load_lora_weights`` and score it."""
+    the training data, through the base family's objective), load the file with
+    ``load_lora_weights`` and score it."""
     import tempfile
 
     import torch
@@ -189,13 +204,16 @@ def export_accuracy(script, argv: list[str], checkpoint: Path, merge: str, step:
     from reslora_diffusers import load_reslora_checkpoint
     from reslora_diffusers.export import export_lora
     from reslora_diffusers.training.data import TextImageDataset, load_image_captions
+    from reslora_diffusers.training.objectives import real_inputs
 
     args = script.parse_args(argv)
     script.check_args(args)
-    noise_scheduler, tokenizer, text_encoder, vae, unet = script.load_models(args)
-    load_reslora_checkpoint({"unet": unet}, checkpoint)
-    unet.eval()
-    resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    objective = script.load_models(args)
+    models, name = objective.models, objective.denoiser
+    load_reslora_checkpoint({name: models[name]}, checkpoint)
+    for model in models.values():
+        model.eval()
+    resolution = args.resolution or objective.default_resolution()
     data = load_image_captions(
         args.dataset_name,
         args.train_data_dir,
@@ -205,22 +223,17 @@ def export_accuracy(script, argv: list[str], checkpoint: Path, merge: str, step:
         args.seed,
         args.revision,
     )
-    dataset = TextImageDataset(data, tokenizer, resolution, args.center_crop, args.random_flip)
-    batches = {}
-    for key, seed, num in (
-        ("calibration", args.seed + 1, args.calibration_batches),
-        ("held_out", args.seed + 2, 1),
-    ):
-        batches[key], _ = script.real_unet_inputs(
-            args, dataset, tokenizer, text_encoder, vae, noise_scheduler, seed, num
-        )
+    dataset = TextImageDataset(data, objective.tokenizer, resolution, args.center_crop, args.random_flip)
+    size = args.train_batch_size
+    calibration = real_inputs(objective, models, dataset, size, args.seed + 1, args.calibration_batches)
+    held_out = real_inputs(objective, models, dataset, size, args.seed + 2, num=1)
     with tempfile.TemporaryDirectory() as tmp:
         report = export_lora(
             tmp,
-            unet=unet,
+            **{name: models[name]},
             merge=merge,
-            calibration={"unet": batches["calibration"]},
-            eval_inputs={"unet": batches["held_out"]},
+            calibration={name: calibration[name]},
+            eval_inputs={name: held_out[name]},
             formats=["diffusers"],
             chain_report=False,
             distill_steps=args.distill_steps,
@@ -231,7 +244,7 @@ def export_accuracy(script, argv: list[str], checkpoint: Path, merge: str, step:
     return {
         "prompt_accuracy": record["prompt_accuracy"],
         "prompt_accuracy_lenient": record["prompt_accuracy_lenient"],
-        "merge_error": report["components"]["unet"]["output_error"],
+        "merge_error": report["components"][name]["output_error"],
     }
 
 
@@ -246,12 +259,30 @@ def unmerged_accuracy(script, argv: list[str]) -> float:
     args = script.parse_args(argv)
     script.check_args(args)
     pipe = script.build_pipeline(args, torch.float32)
-    load_reslora_checkpoint({"unet": pipe.unet}, Path(args.output_dir) / script.RESLORA_CHECKPOINT)
-    pipe.unet.eval()
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    denoiser = getattr(pipe, pipeline_family(pipe).denoiser)
+    load_reslora_checkpoint(
+        {pipeline_family(pipe).denoiser: denoiser}, Path(args.output_dir) / script.RESLORA_CHECKPOINT
+    )
+    denoiser.eval()
+    resolution = denoiser.config.sample_size * pipe.vae_scale_factor
     return script.run_validation(args, pipe, args.max_train_steps, "final-unmerged", resolution)[
         "prompt_accuracy"
     ]
+
+
+def base_args(base: str) -> list[str]:
+    """``--pretrained_model_name_or_path`` for ``--base``: none for ``unet`` (the training script's
+    default), the embedded DiT base for ``dit``, else the folder given."""
+    from reslora_diffusers.data import default_dit_base_path
+
+    if base == "unet":
+        return []
+    return ["--pretrained_model_name_or_path", str(default_dit_base_path() if base == "dit" else base)]
+
+
+def denoiser_of(summary: dict) -> str | None:
+    """The denoiser among the components of a run's merge errors (``unet`` or ``transformer``)."""
+    return next((k for k in summary.get("merge_error") or {} if k in ("unet", "transformer")), None)
 
 
 def _read_result(path: Path) -> dict:

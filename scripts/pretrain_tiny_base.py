@@ -12,6 +12,16 @@ The default output is the committed folder ``reslora_diffusers/assets/tiny-sd``.
 randomness of a training step is drawn from (seed, step), so the UNet stage resumes
 exactly from its last checkpoint: with ``--max-minutes`` it stops early and the same
 command continues it. ``--stage vae`` / ``--stage unet`` run one stage at a time.
+
+``--family sd3`` makes the diffusion-transformer sibling (``reslora_diffusers.data.tiny_sd3``,
+default output ``reslora_diffusers/assets/tiny-sd3``) through the same stages: the VAE stage
+takes the tiny base's trained VAE (``--init-from``) instead of training one, the latents get
+SD3's ``(z - shift_factor) * scaling_factor`` normalisation, and the denoiser stage trains the
+``SD3Transformer2DModel`` with its two CLIP encoders (the first starts from the tiny base's
+text encoder) and its T5 encoder by rectified flow, the objective of
+``reslora_diffusers.training.flow_matching`` (logit-normal sigmas, SD3's default), with the
+same caption dropout, EMA, checkpoints and resume. ``--device cuda`` trains on a GPU; the
+random draws stay on the CPU, so a run may continue on another device.
 """
 
 from __future__ import annotations
@@ -20,17 +30,23 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
+import tempfile
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import load_dataset
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel
 
 from reslora_diffusers.data import (
     BASE_GUIDANCE_SCALE,
@@ -38,9 +54,13 @@ from reslora_diffusers.data import (
     BASE_RESOLUTION,
     FINETUNE_SHAPE,
     HELDOUT_COMBOS,
+    SD3_NUM_LAYERS,
+    SD3_WIDTH,
     VOCAB_WORDS,
     build_pipeline,
+    build_sd3_pipeline,
     default_base_model_path,
+    default_dit_base_path,
     finetune_prompts,
     heldout_base_prompts,
     make_base_set,
@@ -49,30 +69,50 @@ from reslora_diffusers.data import (
     write_tokenizer,
 )
 from reslora_diffusers.eval import EVAL_SEEDS, evaluate_pipeline, parse_prompt, prompt_accuracy
+from reslora_diffusers.training.flow_matching import (
+    flow_matching_loss,
+    noisy_latents,
+    sample_sigmas,
+    sample_u,
+)
+from reslora_diffusers.utils.io import TEMP_SUFFIX
 
 logger = logging.getLogger("pretrain_tiny_base")
-_CHECKPOINT = "unet_checkpoint.pt"
-#: Arguments a resumed UNet run must share with the run that wrote the checkpoint.
-_RESUME_KEYS = (
+#: Arguments a resumed denoiser run of either family must share with the run that wrote the checkpoint.
+_COMMON_RESUME_KEYS = (
     "seed",
     "num_images",
     "batch_size",
-    "unet_steps",
-    "unet_lr",
-    "snr_gamma",
     "caption_dropout",
     "attribute_dropout",
     "ema_decay",
 )
+#: SD3's default density of the flow-matching sigmas (``train_text_to_image.py`` trains SD3 with it too).
+SD3_WEIGHTING = "logit_normal"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--output-dir", type=Path, default=default_base_model_path())
-    parser.add_argument("--work-dir", type=Path, default=Path("outputs/pretrain_tiny_base"))
-    parser.add_argument("--stage", choices=("all", "vae", "unet"), default="all")
+    parser.add_argument(
+        "--family",
+        choices=("unet", "sd3"),
+        default="unet",
+        help="unet: the StableDiffusionPipeline base; sd3: the StableDiffusion3Pipeline (DiT) base",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, help="default: reslora_diffusers/assets/tiny-sd (sd3: tiny-sd3)"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, help="default: outputs/pretrain_tiny_base (sd3: outputs/pretrain_tiny_sd3)"
+    )
+    parser.add_argument(
+        "--stage",
+        choices=("all", "vae", "denoiser", "unet"),
+        default="all",
+        help="one stage only; unet: the UNet family's name of the denoiser stage",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -91,13 +131,33 @@ def parse_args() -> argparse.Namespace:
         default=0.15,
         help="rate at which the colour word, and separately the background phrase, is left out of a caption",
     )
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--checkpoint-every", type=int, default=250, help="UNet steps between checkpoints")
+    parser.add_argument("--transformer-steps", type=int, default=4000, help="sd3: transformer training steps")
+    parser.add_argument("--transformer-lr", type=float, default=5e-4)
     parser.add_argument(
-        "--max-minutes", type=float, help="stop the UNet stage (checkpointed) after this long"
+        "--init-from",
+        type=Path,
+        default=default_base_model_path(),
+        help="sd3: the StableDiffusionPipeline folder whose VAE and text encoder it starts from",
+    )
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=250, help="denoiser steps between checkpoints"
+    )
+    parser.add_argument(
+        "--max-minutes", type=float, help="stop the denoiser stage (checkpointed) after this long"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    return parser.parse_args()
+    parser.add_argument(
+        "--device", default="cpu", help="where the denoiser stage trains (cpu, cuda, cuda:1...)"
+    )
+    # a short evaluation, for smoke tests of the whole script
+    parser.add_argument("--eval-seeds", type=int, default=len(EVAL_SEEDS), help=argparse.SUPPRESS)
+    parser.add_argument("--eval-steps", type=int, default=BASE_NUM_INFERENCE_STEPS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    family = FAMILIES[args.family]
+    args.output_dir = args.output_dir or family.default_output
+    args.work_dir = args.work_dir or family.default_work_dir
+    return args
 
 
 def load_images(data_dir: Path) -> tuple[torch.Tensor, list[str]]:
@@ -171,8 +231,8 @@ def reconstruction_accuracy(vae, data_dir: Path, limit: int | None = None) -> fl
     """Prompt accuracy of VAE reconstructions of (the first ``limit`` images of) a set: can the VAE draw it?"""
     images, captions = load_images(data_dir)
     images, captions = images[:limit], captions[:limit]
-    decoded = vae.decode(vae.encode(images).latent_dist.mean).sample
-    pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    decoded = vae.decode(vae.encode(images.to(vae.device)).latent_dist.mean).sample
+    pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return prompt_accuracy([Image.fromarray(p) for p in pixels], captions)
 
 
@@ -204,46 +264,53 @@ class EMA:
         self.shadow, self.updates = state["shadow"], state["updates"]
 
 
-class UNetTrainer:
-    """Joint UNet + text-encoder denoising training on pre-encoded latents, checkpointed and resumable.
+class DenoiserTrainer(ABC):
+    """Joint denoiser + text-encoder training on pre-encoded latents, checkpointed and resumable.
 
-    The loss is min-SNR weighted (Hang et al. 2023) for the scheduler's prediction type.
+    Subclasses name the trained components and write the loss of a step; every random draw of
+    step ``n`` comes from (seed, n) on the CPU, so a resumed run repeats an uninterrupted one.
     """
+
+    #: the denoiser component (also the checkpoint's and the progress bar's name)
+    denoiser = ""
+    #: the text encoders trained with it
+    text_encoders: tuple[str, ...] = ()
+    #: the flags of the step count and learning rate
+    steps_flag = lr_flag = ""
+    #: further flags that define the run (checked on resume)
+    resume_flags: tuple[str, ...] = ()
 
     def __init__(self, pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], args):
         self.pipe, self.captions, self.args = pipe, captions, args
+        self.device = torch.device(args.device)
+        pipe.to(self.device)
         self.means, self.stds = latents
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.parameters = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=args.unet_lr, weight_decay=0.0)
+        self.total_steps = getattr(args, self.steps_flag)
+        self.models = {name: getattr(pipe, name) for name in (self.denoiser, *self.text_encoders)}
+        self.parameters = [p for model in self.models.values() for p in model.parameters()]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=getattr(args, self.lr_flag), weight_decay=0.0)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: cosine_lr(s, args.unet_steps)
+            self.optimizer, lambda s: cosine_lr(s, self.total_steps)
         )
         self.ema = EMA(self.parameters, args.ema_decay)
         self.step, self.minutes, self.running_loss = 0, 0.0, None
-        self.checkpoint_path = args.work_dir / _CHECKPOINT
+        #: the devices that trained it, in order (a run may continue on another machine)
+        self.hardware: list[str] = []
+        self.checkpoint_path = args.work_dir / f"{self.denoiser}_checkpoint.pt"
+        self.resume_keys = (*_COMMON_RESUME_KEYS, self.steps_flag, self.lr_flag, *self.resume_flags)
 
+    @abstractmethod
     def loss(self, step: int) -> torch.Tensor:
-        args, pipe, scheduler = self.args, self.pipe, self.noise_scheduler
-        index = batch_indices(len(self.means), args.batch_size, args.seed, step)
-        generator = step_generator(args.seed + 1, step)
+        """The training loss of batch ``step``."""
+
+    def batch(self, step: int) -> tuple[list[str], torch.Tensor, torch.Generator]:
+        """Augmented captions and latent samples (unscaled) of batch ``step``, and the step's
+        generator for the further draws (in this order, as the UNet stage has always drawn them)."""
+        index = batch_indices(len(self.means), self.args.batch_size, self.args.seed, step)
+        generator = step_generator(self.args.seed + 1, step)
         texts = [self._augment(self.captions[i], torch.rand(3, generator=generator)) for i in index.tolist()]
-        ids = pipe.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids
-        context = pipe.text_encoder(ids)[0]
         posterior_noise = torch.randn(self.means[index].shape, generator=generator)
-        clean = (self.means[index] + self.stds[index] * posterior_noise) * pipe.vae.config.scaling_factor
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-        prediction = pipe.unet(scheduler.add_noise(clean, noise, timesteps), timesteps, context).sample
-        snr = scheduler.alphas_cumprod[timesteps] / (1 - scheduler.alphas_cumprod[timesteps])
-        if scheduler.config.prediction_type == "v_prediction":
-            target, weight = (
-                scheduler.get_velocity(clean, noise, timesteps),
-                snr.clamp(max=args.snr_gamma) / (snr + 1),
-            )
-        else:
-            target, weight = noise, snr.clamp(max=args.snr_gamma) / snr
-        return (weight * F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        return texts, self.means[index] + self.stds[index] * posterior_noise, generator
 
     def _augment(self, text: str, draws: torch.Tensor) -> str:
         """Caption dropout, then attribute dropout, so that each word is learnt on its own too."""
@@ -259,11 +326,13 @@ class UNetTrainer:
     def train(self) -> bool:
         """Train until done (True) or until ``--max-minutes`` (False, checkpointed)."""
         self._resume()
-        self.pipe.unet.train()
-        self.pipe.text_encoder.train()
+        if not self.hardware or self.hardware[-1] != describe_device(self.device):
+            self.hardware.append(describe_device(self.device))
+        for model in self.models.values():
+            model.train()
         start, started_at = time.time(), self.minutes
-        steps = range(self.step, self.args.unet_steps)
-        progress = tqdm(steps, initial=self.step, total=self.args.unet_steps, desc="unet")
+        steps = range(self.step, self.total_steps)
+        progress = tqdm(steps, initial=self.step, total=self.total_steps, desc=self.denoiser)
         for step in progress:
             loss = self.loss(step)
             loss.backward()
@@ -281,11 +350,11 @@ class UNetTrainer:
             )
             if self.step % self.args.checkpoint_every == 0 or out_of_time:
                 self._save()
-            if out_of_time and self.step < self.args.unet_steps:
+            if out_of_time and self.step < self.total_steps:
                 return False
         self.ema.copy_to_model()
-        self.pipe.unet.eval()
-        self.pipe.text_encoder.eval()
+        for model in self.models.values():
+            model.eval()
         return True
 
     def _save(self) -> None:
@@ -293,9 +362,9 @@ class UNetTrainer:
             "step": self.step,
             "minutes": self.minutes,
             "running_loss": self.running_loss,
-            "args": {key: getattr(self.args, key) for key in _RESUME_KEYS},
-            "unet": self.pipe.unet.state_dict(),
-            "text_encoder": self.pipe.text_encoder.state_dict(),
+            "hardware": self.hardware,
+            "args": {key: getattr(self.args, key) for key in self.resume_keys},
+            **{name: model.state_dict() for name, model in self.models.items()},
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "ema": self.ema.state_dict(),
@@ -307,28 +376,115 @@ class UNetTrainer:
     def _resume(self) -> None:
         if not self.checkpoint_path.exists():
             return
-        state = torch.load(self.checkpoint_path, weights_only=True)
-        wanted = {key: getattr(self.args, key) for key in _RESUME_KEYS}
+        state = torch.load(self.checkpoint_path, weights_only=True, map_location=self.device)
+        wanted = {key: getattr(self.args, key) for key in self.resume_keys}
         if state["args"] != wanted:
             raise SystemExit(
                 f"{self.checkpoint_path} was written with {state['args']}, not {wanted}; delete it"
             )
-        self.pipe.unet.load_state_dict(state["unet"])
-        self.pipe.text_encoder.load_state_dict(state["text_encoder"])
+        for name, model in self.models.items():
+            model.load_state_dict(state[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.ema.load_state_dict(state["ema"])
         self.step, self.minutes, self.running_loss = state["step"], state["minutes"], state["running_loss"]
-        logger.info("resumed the UNet stage at step %d", self.step)
+        self.hardware = state.get("hardware", [])
+        logger.info("resumed the %s stage at step %d", self.denoiser, self.step)
 
 
-def save_pipeline(pipe: StableDiffusionPipeline, output_dir: Path) -> None:
-    """Safetensors pipeline folder; the tokenizer folder holds our CLIP-format vocab/merges files."""
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    pipe.save_pretrained(output_dir, safe_serialization=True)
-    shutil.rmtree(output_dir / "tokenizer")
-    write_tokenizer(output_dir / "tokenizer")
+class UNetTrainer(DenoiserTrainer):
+    """The UNet and its text encoder; the loss is min-SNR weighted (Hang et al. 2023) for the
+    scheduler's prediction type."""
+
+    denoiser, text_encoders = "unet", ("text_encoder",)
+    steps_flag, lr_flag, resume_flags = "unet_steps", "unet_lr", ("snr_gamma",)
+
+    def __init__(self, pipe, latents, captions, args):
+        super().__init__(pipe, latents, captions, args)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def loss(self, step: int) -> torch.Tensor:
+        args, pipe, scheduler, device = self.args, self.pipe, self.noise_scheduler, self.device
+        texts, sampled, generator = self.batch(step)
+        ids = pipe.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        context = pipe.text_encoder(ids.to(device))[0]
+        clean = sampled * pipe.vae.config.scaling_factor
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(texts),), generator=generator)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        prediction = pipe.unet(noisy.to(device), timesteps.to(device), context).sample
+        snr = scheduler.alphas_cumprod[timesteps] / (1 - scheduler.alphas_cumprod[timesteps])
+        if scheduler.config.prediction_type == "v_prediction":
+            target, weight = (
+                scheduler.get_velocity(clean, noise, timesteps),
+                snr.clamp(max=args.snr_gamma) / (snr + 1),
+            )
+        else:
+            target, weight = noise, snr.clamp(max=args.snr_gamma) / snr
+        errors = F.mse_loss(prediction, target.to(device), reduction="none").mean(dim=(1, 2, 3))
+        return (weight.to(device) * errors).mean()
+
+
+class SD3Trainer(DenoiserTrainer):
+    """The SD3 transformer and its three text encoders, by rectified flow: ``x_sigma = (1 - sigma)
+    x0 + sigma eps``, target ``eps - x0``, ``sigma`` logit-normal through the scheduler's sigmas,
+    ``x0 = (z - shift_factor) * scaling_factor``, prompts through the pipeline's ``encode_prompt``
+    (exactly the states inference uses; the empty caption is the unconditional one)."""
+
+    denoiser, text_encoders = "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3")
+    steps_flag, lr_flag = "transformer_steps", "transformer_lr"
+
+    def __init__(self, pipe, latents, captions, args):
+        super().__init__(pipe, latents, captions, args)
+        self.noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+
+    def loss(self, step: int) -> torch.Tensor:
+        pipe, device, vae = self.pipe, self.device, self.pipe.vae
+        texts, sampled, generator = self.batch(step)
+        clean = (sampled - vae.config.shift_factor) * vae.config.scaling_factor
+        noise = torch.randn(clean.shape, generator=generator)
+        u = sample_u(SD3_WEIGHTING, len(texts), generator=generator)
+        timesteps, sigmas = sample_sigmas(self.noise_scheduler, u)
+        states, _, pooled, _ = pipe.encode_prompt(
+            texts, None, None, device=device, do_classifier_free_guidance=False
+        )
+        clean, noise, sigmas = clean.to(device), noise.to(device), sigmas.to(device)
+        prediction = pipe.transformer(
+            hidden_states=noisy_latents(clean, noise, sigmas),
+            timestep=timesteps.to(device),
+            encoder_hidden_states=states,
+            pooled_projections=pooled,
+        ).sample
+        return flow_matching_loss(prediction, clean, noise, sigmas, SD3_WEIGHTING)
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu (N threads)`` or the GPU's name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def save_pipeline(pipe, output_dir: Path) -> None:
+    """Safetensors pipeline folder; every tokenizer folder holds our CLIP-format vocab/merges files.
+
+    Written beside ``output_dir`` under a temporary name and renamed when complete, so an
+    interrupted save leaves the previous folder (or none), never a part of one.
+    """
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=TEMP_SUFFIX, dir=output_dir.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name in pipe.components:
+            if name.startswith("tokenizer") and (tmp / name).is_dir():
+                shutil.rmtree(tmp / name)
+                write_tokenizer(tmp / name)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep other users out of the asset folder
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
@@ -341,18 +497,25 @@ def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
-def evaluate(pipe, work_dir: Path) -> dict:
+def eval_sets(args: argparse.Namespace) -> list[tuple[str, list[str], tuple[int, ...]]]:
+    """(name, prompts, seeds) of the evaluation: held-out pairs with ``--eval-seeds`` seeds (all of
+    :data:`EVAL_SEEDS`), seen pairs and the fine-tuning concept with the first four of them."""
+    seeds = EVAL_SEEDS[: args.eval_seeds]
+    return [
+        ("heldout", heldout_base_prompts(), seeds),
+        ("seen", seen_base_prompts(), seeds[:4]),
+        ("finetune_concept", finetune_prompts(), seeds[:4]),
+    ]
+
+
+def evaluate(pipe, args: argparse.Namespace) -> dict:
     """Prompt accuracy on held-out, seen and fine-tuning-concept prompts at the documented settings."""
     numbers = {}
-    for name, prompts, seeds in [
-        ("heldout", heldout_base_prompts(), EVAL_SEEDS),
-        ("seen", seen_base_prompts(), EVAL_SEEDS[:4]),
-        ("finetune_concept", finetune_prompts(), EVAL_SEEDS[:4]),
-    ]:
-        result = evaluate_pipeline(pipe, prompts, seeds)
+    for name, prompts, seeds in eval_sets(args):
+        result = evaluate_pipeline(pipe, prompts, seeds, num_inference_steps=args.eval_steps)
         numbers[name] = {k: round(v, 4) for k, v in result.items() if k.endswith("accuracy")}
         numbers[name]["images"] = len(result["images"])
-        grid_path = work_dir / f"samples_{name}.png"
+        grid_path = args.work_dir / f"samples_{name}.png"
         make_grid(result["images"], columns=len(prompts)).save(grid_path)
         logger.info("%s: %s (grid: %s)", name, numbers[name], grid_path)
     return numbers
@@ -388,39 +551,79 @@ VAE reconstructions of the fine-tuning set ({concept}es) score {vae_finetune:.1%
 `StableDiffusionPipeline.from_pretrained(reslora_diffusers.data.default_base_model_path())`.
 """
 
+MODEL_CARD_SD3 = """# tiny-sd3: the embedded diffusion-transformer base of reslora-diffusers
+
+A tiny `StableDiffusion3Pipeline` trained by `scripts/pretrain_tiny_base.py --family sd3` on
+the procedurally generated images "a <colour> <shape> on a <background> background" that the
+UNet base `tiny-sd` learnt (`reslora_diffusers.data`; builders in `reslora_diffusers.data.tiny_sd3`).
+Its transformer is a chain of identical joint blocks, where ResLoRA's shortcuts never break.
+It is not a general text-to-image model.
+
+| | |
+|---|---|
+| resolution | {resolution} x {resolution} px (latents 4 x {latent} x {latent}, 2 x 2 patches) |
+| inference | flow-matching Euler (`scheduler/`, shift {shift}), {steps} steps, guidance scale {guidance} |
+| objective | rectified flow: target `eps - x0`, logit-normal sigmas (`reslora_diffusers.training.flow_matching`) |
+| vocabulary | {vocab} ({concept!r} is in the vocabulary but never trained) |
+| transformer | {layers} joint blocks of width {width}, {transformer:.2f} M parameters |
+| text encoders | two CLIP encoders, {text_encoder:.2f} M + {text_encoder_2:.2f} M (the first started from `tiny-sd`'s), and a one-layer T5, {text_encoder_3:.2f} M; all three read our vocabulary, the T5 `<bos> words <eos>` padded with `<eos>` to 256 tokens |
+| VAE | `tiny-sd`'s trained VAE ({vae:.2f} M, not retrained); latents `(z - shift_factor) * scaling_factor`, shift_factor {shift_factor}, scaling_factor {scaling_factor} |
+| held-out colour x shape pairs | {heldout_pairs} |
+| training | {num_images} images, seed {seed}; transformer + text encoders {transformer_steps} steps, batch {batch}, lr {transformer_lr} |
+| training time | {minutes:.0f} min on {hardware} |
+
+Prompt accuracy (colour, shape and background all read correctly by
+`reslora_diffusers.eval.analyse_image`), at the settings above:
+
+| prompts | images | accuracy | colour | shape | background |
+|---|---|---|---|---|---|
+{rows}
+
+VAE reconstructions of the fine-tuning set ({concept}es) score {vae_finetune:.1%}, of the base set
+{vae_base:.1%}. Load with
+`StableDiffusion3Pipeline.from_pretrained(reslora_diffusers.data.default_dit_base_path())`.
+"""
+
 
 def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: Path) -> None:
-    labels = {
-        "heldout": f"held-out pairs (seeds 0-{len(EVAL_SEEDS) - 1})",
-        "seen": "seen pairs (seeds 0-3)",
-        "finetune_concept": f"{FINETUNE_SHAPE} (seeds 0-3)",
-    }
+    family = FAMILIES[args.family]
+    titles = {"heldout": "held-out pairs", "seen": "seen pairs", "finetune_concept": FINETUNE_SHAPE}
+    labels = {name: f"{titles[name]} (seeds 0-{len(seeds) - 1})" for name, _, seeds in eval_sets(args)}
     rows = "\n".join(
         f"| {labels[name]} | {n['images']} | {n['accuracy']:.1%} | {n['color_accuracy']:.1%} "
         f"| {n['shape_accuracy']:.1%} | {n['background_accuracy']:.1%} |"
         for name, n in numbers["accuracy"].items()
     )
     millions = {
-        name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
-        for name in ("unet", "vae", "text_encoder")
+        name: sum(p.numel() for p in model.parameters()) / 1e6
+        for name, model in pipe.components.items()
+        if isinstance(model, torch.nn.Module)
     }
-    card = MODEL_CARD.format(
+    card = family.card.format(
         resolution=BASE_RESOLUTION,
         latent=BASE_RESOLUTION // 2,
-        steps=BASE_NUM_INFERENCE_STEPS,
+        steps=args.eval_steps,
         guidance=BASE_GUIDANCE_SCALE,
-        prediction_type=pipe.scheduler.config.prediction_type,
+        prediction_type=pipe.scheduler.config.get("prediction_type"),
+        shift=pipe.scheduler.config.get("shift"),
         vocab=", ".join(VOCAB_WORDS),
         concept=FINETUNE_SHAPE,
         **millions,
+        layers=SD3_NUM_LAYERS,
+        width=SD3_WIDTH,
+        shift_factor=pipe.vae.config.shift_factor,
+        scaling_factor=pipe.vae.config.scaling_factor,
         heldout_pairs=", ".join(f"{c} {s}" for c, s in HELDOUT_COMBOS),
         num_images=args.num_images,
         seed=args.seed,
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
+        transformer_steps=args.transformer_steps,
+        transformer_lr=args.transformer_lr,
         batch=args.batch_size,
-        minutes=numbers["vae_minutes"] + numbers["unet_minutes"],
+        minutes=numbers["vae_minutes"] + numbers[f"{family.trainer.denoiser}_minutes"],
         threads=torch.get_num_threads(),
+        hardware=", then ".join(numbers["hardware"]),
         rows=rows,
         vae_finetune=numbers["vae_reconstruction_accuracy"]["finetune_set"],
         vae_base=numbers["vae_reconstruction_accuracy"]["base_set"],
@@ -429,7 +632,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
 
 
 def vae_stage(pipe, images: torch.Tensor, args: argparse.Namespace) -> None:
-    """Train the VAE and keep it (and its numbers) in the work dir for the UNet stage."""
+    """Train the VAE and keep it (and its numbers) in the work dir for the denoiser stage."""
     start = time.time()
     numbers = train_vae(pipe.vae, images, args)
     numbers["vae_minutes"] = (time.time() - start) / 60
@@ -437,30 +640,111 @@ def vae_stage(pipe, images: torch.Tensor, args: argparse.Namespace) -> None:
     (args.work_dir / "vae" / "numbers.json").write_text(json.dumps(numbers, indent=2))
 
 
-def unet_stage(pipe, images: torch.Tensor, captions: list[str], args: argparse.Namespace) -> dict | None:
-    """Set the latent scaling factor, train UNet + text encoder and save the pipeline.
+def reused_vae_stage(pipe, images: torch.Tensor, args: argparse.Namespace) -> None:
+    """The VAE stage of the sd3 family: keep ``--init-from``'s trained VAE in the work dir."""
+    trained = type(pipe.vae).from_pretrained(args.init_from, subfolder="vae")
+    _load_weights(pipe.vae, trained.state_dict(), f"--init-from {args.init_from}: its VAE")
+    pipe.vae.save_pretrained(args.work_dir / "vae")
+    numbers = {"vae_minutes": 0.0, "vae_from": str(args.init_from)}
+    (args.work_dir / "vae" / "numbers.json").write_text(json.dumps(numbers, indent=2))
 
-    Returns the training numbers, or None when ``--max-minutes`` stopped the training.
+
+def _load_weights(model: torch.nn.Module, state: dict, what: str) -> None:
+    """Load ``state`` into ``model``; one line naming ``what`` when it does not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # keys or shapes that differ
+        raise SystemExit(f"{what} does not fit: {' '.join(str(err).split())[:300]}") from err
+
+
+def build_unet_base(args: argparse.Namespace) -> StableDiffusionPipeline:
+    """The untrained UNet base."""
+    return build_pipeline(args.work_dir / "tokenizer")
+
+
+def build_sd3_base(args: argparse.Namespace) -> StableDiffusion3Pipeline:
+    """The untrained SD3 base, its first CLIP encoder holding ``--init-from``'s text encoder
+    (its text tower; the projection, which a ``CLIPTextModel`` lacks, stays new)."""
+    pipe = build_sd3_pipeline(args.work_dir / "tokenizer")
+    base = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder").state_dict()
+    tower = {key.removeprefix("text_model."): value for key, value in base.items()}  # transformers 4 keys
+    _load_weights(pipe.text_encoder.text_model, tower, f"--init-from {args.init_from}: its text encoder")
+    return pipe
+
+
+def denoiser_stage(pipe, images: torch.Tensor, captions: list[str], args: argparse.Namespace) -> dict | None:
+    """Normalise the latents, train the denoiser with the text encoders and save the pipeline.
+
+    The latent scaling factor is ``1 / std`` of VAE samples of the set; the sd3 family also sets
+    ``shift_factor`` to their mean (SD3 trains on ``(z - shift) * scaling``). Returns the training
+    numbers, or None when ``--max-minutes`` stopped the training.
     """
+    family = FAMILIES[args.family]
     numbers = json.loads((args.work_dir / "vae" / "numbers.json").read_text())
     pipe.vae.load_state_dict(type(pipe.vae).from_pretrained(args.work_dir / "vae").state_dict())
     means, stds = encode(pipe.vae, images)
     sampled = means + stds * torch.randn(means.shape, generator=step_generator(args.seed, -1))
     pipe.vae.register_to_config(scaling_factor=round(1.0 / sampled.std().item(), 5))
-    logger.info("latent scaling factor %.5f", pipe.vae.config.scaling_factor)
-    trainer = UNetTrainer(pipe, (means, stds), captions, args)
+    if family.shifts_latents:
+        pipe.vae.register_to_config(shift_factor=round(sampled.mean().item(), 5))
+    logger.info(
+        "latent scaling factor %.5f, shift %s", pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
+    )
+    trainer = family.trainer(pipe, (means, stds), captions, args)
     if not trainer.train():
         logger.info(
-            "stopped at step %d of %d; run the same command to continue", trainer.step, args.unet_steps
+            "stopped at step %d of %d; run the same command to continue", trainer.step, trainer.total_steps
         )
         return None
-    numbers.update(unet_loss=trainer.running_loss, unet_minutes=trainer.minutes)
-    save_pipeline(pipe, args.output_dir)
+    numbers[f"{trainer.denoiser}_loss"] = trainer.running_loss
+    numbers[f"{trainer.denoiser}_minutes"] = trainer.minutes
+    numbers["hardware"] = trainer.hardware
+    save_pipeline(pipe.to("cpu"), args.output_dir)
     return numbers
 
 
-def main() -> None:
-    args = parse_args()
+@dataclass(frozen=True)
+class Family:
+    """What differs between the two bases; the stages are shared."""
+
+    pipeline_class: type
+    build: Callable[[argparse.Namespace], object]
+    vae_stage: Callable[[object, torch.Tensor, argparse.Namespace], None]
+    trainer: type[DenoiserTrainer]
+    #: whether the VAE gets a ``shift_factor`` (the latents' mean) besides its scaling factor
+    shifts_latents: bool
+    card: str
+    default_output: Path
+    default_work_dir: Path
+
+
+FAMILIES = {
+    "unet": Family(
+        StableDiffusionPipeline,
+        build_unet_base,
+        vae_stage,
+        UNetTrainer,
+        False,
+        MODEL_CARD,
+        default_base_model_path(),
+        Path("outputs/pretrain_tiny_base"),
+    ),
+    "sd3": Family(
+        StableDiffusion3Pipeline,
+        build_sd3_base,
+        reused_vae_stage,
+        SD3Trainer,
+        True,
+        MODEL_CARD_SD3,
+        default_dit_base_path(),
+        Path("outputs/pretrain_tiny_sd3"),
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    family = FAMILIES[args.family]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -468,22 +752,22 @@ def main() -> None:
     images, captions = load_images(data_dir)
     logger.info("base set: %d images in %s", len(images), data_dir)
     torch.manual_seed(args.seed)
-    pipe = build_pipeline(args.work_dir / "tokenizer")
+    pipe = family.build(args)
     if args.stage in ("all", "vae"):
-        vae_stage(pipe, images, args)
+        family.vae_stage(pipe, images, args)
     if args.stage == "vae":
         return
-    numbers = unet_stage(pipe, images, captions, args)
+    numbers = denoiser_stage(pipe, images, captions, args)
     if numbers is None:
         return
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.output_dir)
+    pipe = family.pipeline_class.from_pretrained(args.output_dir).to(args.device)
     finetune_dir = make_finetune_set(args.work_dir / "finetune-set")
     numbers["vae_reconstruction_accuracy"] = {
         "base_set": reconstruction_accuracy(pipe.vae, data_dir, limit=1000),
         "finetune_set": reconstruction_accuracy(pipe.vae, finetune_dir),
     }
-    numbers["accuracy"] = evaluate(pipe, args.work_dir)
+    numbers["accuracy"] = evaluate(pipe, args)
     write_model_card(pipe, numbers, args, args.output_dir)
     (args.work_dir / "numbers.json").write_text(json.dumps(numbers, indent=2))
     print(json.dumps(numbers, indent=2))

@@ -2,7 +2,8 @@
 
 Everything here is made locally (no hub): the base set and the fine-tuning set are
 written in the ``imagefolder`` layout, and the committed tiny ``StableDiffusionPipeline``
-was pretrained on the base set by ``scripts/pretrain_tiny_base.py``.
+was pretrained on the base set by ``scripts/pretrain_tiny_base.py``; :mod:`.tiny_sd3` builds
+its diffusion-transformer sibling (``--family sd3`` of that script).
 """
 
 from .sets import (
@@ -11,6 +12,7 @@ from .sets import (
     HELDOUT_COMBOS,
     base_combos,
     default_base_model_path,
+    default_dit_base_path,
     default_finetune_data_dir,
     finetune_prompts,
     heldout_base_prompts,
@@ -42,6 +44,16 @@ from .tiny_base import (
     build_unet,
     build_vae,
 )
+from .tiny_sd3 import (
+    SD3_NUM_LAYERS,
+    SD3_WIDTH,
+    build_clip_encoder,
+    build_flow_scheduler,
+    build_sd3_pipeline,
+    build_sd3_transformer,
+    build_sd3_vae,
+    build_t5_encoder,
+)
 from .tokenizer import MODEL_MAX_LENGTH, VOCAB_WORDS, write_tokenizer
 from .vocabulary import unseen_words, vocabulary_text
 
@@ -58,18 +70,27 @@ __all__ = [
     "HELDOUT_COMBOS",
     "MODEL_MAX_LENGTH",
     "RESOLUTION",
+    "SD3_NUM_LAYERS",
+    "SD3_WIDTH",
     "SHAPES",
     "VOCAB_WORDS",
     "ShapeSample",
     "base_combos",
+    "build_clip_encoder",
+    "build_flow_scheduler",
     "build_pipeline",
     "build_scheduler",
+    "build_sd3_pipeline",
+    "build_sd3_transformer",
+    "build_sd3_vae",
+    "build_t5_encoder",
     "build_text_encoder",
     "build_tokenizer",
     "build_unet",
     "build_vae",
     "caption",
     "default_base_model_path",
+    "default_dit_base_path",
     "default_finetune_data_dir",
     "finetune_prompts",
     "heldout_base_prompts",

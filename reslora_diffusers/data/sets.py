@@ -94,6 +94,12 @@ def default_base_model_path() -> Path:
     return _ASSETS / "tiny-sd"
 
 
+def default_dit_base_path() -> Path:
+    """The tiny diffusion-transformer base (``StableDiffusion3Pipeline`` layout), written by
+    ``scripts/pretrain_tiny_base.py --family sd3``; the folder exists once that base is shipped."""
+    return _ASSETS / "tiny-sd3"
+
+
 def default_finetune_data_dir() -> Path:
     """The committed fine-tuning set (``make_finetune_set`` with its defaults), imagefolder layout."""
     return _ASSETS / "finetune-set"

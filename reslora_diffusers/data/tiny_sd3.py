@@ -1,0 +1,120 @@
+"""Builders of the tiny diffusion-transformer base (a standard ``StableDiffusion3Pipeline``).
+
+The sibling of :mod:`.tiny_base` for SD3: the same 32 px images, VAE architecture and
+vocabulary, with SD3's parts around them. ``scripts/pretrain_tiny_base.py --family sd3``
+trains it (starting from the tiny base's trained VAE and text encoder); the tests check a
+shipped folder's configs against these functions.
+
+* transformer: :data:`SD3_NUM_LAYERS` joint blocks of width :data:`SD3_WIDTH` (2 heads x 32),
+  2 x 2 patches of the 4 x 16 x 16 latents (64 image tokens);
+* VAE: :func:`.tiny_base.build_vae` with a ``shift_factor`` (SD3 decodes ``z / scaling + shift``);
+* text: two CLIP encoders with projection (SD3's CLIP-L and CLIP-G roles) of the tiny base's
+  text-encoder config, and a one-layer T5 encoder. All three read the project's CLIP-format
+  vocabulary: the T5 tokenizer is that CLIP tokenizer, so the T5 sees ``<bos> words <eos>``
+  followed by ``<eos>`` padding up to the pipeline's ``max_sequence_length`` (256). The joint
+  text sequence is the two CLIPs' penultimate states side by side (2 x 64), zero-padded to the
+  T5 width (128), then the 256 T5 states;
+* scheduler: ``FlowMatchEulerDiscreteScheduler`` with ``shift`` 1 (SD3's 3.0 is for 128 x 128
+  latent grids; 16 x 16 latents need no shift toward noise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+from .tiny_base import BASE_RESOLUTION, build_text_encoder, build_tokenizer, build_vae
+
+#: Joint blocks of the transformer (the last one, as in SD3, updates the image tokens only).
+SD3_NUM_LAYERS = 8
+_HEADS, _HEAD_DIM = 2, 32
+#: Width of the transformer's residual stream (heads x head size).
+SD3_WIDTH = _HEADS * _HEAD_DIM
+#: Width of each CLIP encoder: the tiny base's text encoder (:func:`.tiny_base.build_text_encoder`).
+CLIP_WIDTH = 64
+#: Width of the T5 encoder and of the joint text sequence: both CLIP widths side by side.
+SD3_TEXT_WIDTH = 2 * CLIP_WIDTH
+#: Flow-matching ``shift`` of the scheduler (module doc).
+SD3_SHIFT = 1.0
+
+
+def build_sd3_transformer() -> SD3Transformer2DModel:
+    """The SD3 (medium) transformer at tiny size: no dual attention, no QK norm, 4 latent channels.
+
+    Positions go up to 16 x 16 patches, so images up to twice the base resolution can be drawn.
+    """
+    return SD3Transformer2DModel(
+        sample_size=BASE_RESOLUTION // 2,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=SD3_NUM_LAYERS,
+        attention_head_dim=_HEAD_DIM,
+        num_attention_heads=_HEADS,
+        joint_attention_dim=SD3_TEXT_WIDTH,
+        caption_projection_dim=SD3_WIDTH,
+        pooled_projection_dim=2 * CLIP_WIDTH,
+        pos_embed_max_size=BASE_RESOLUTION // 2,
+    )
+
+
+def build_sd3_vae(scaling_factor: float = 1.0, shift_factor: float = 0.0) -> AutoencoderKL:
+    """The tiny base's VAE architecture with SD3's latent normalisation ``(z - shift) * scaling``."""
+    vae = build_vae(scaling_factor)
+    vae.register_to_config(shift_factor=shift_factor)
+    return vae
+
+
+def build_clip_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    """A CLIP text encoder with projection (SD3 pools both CLIPs' projections) in the tiny base's
+    text-encoder config, so that the tiny base's trained weights load into it."""
+    return CLIPTextModelWithProjection(build_text_encoder(tokenizer).config)
+
+
+def build_t5_encoder(tokenizer: CLIPTokenizer) -> T5EncoderModel:
+    """One gated-GELU T5 v1.1 layer (as SD3's T5-XXL) of width :data:`SD3_TEXT_WIDTH` over our vocabulary."""
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=SD3_TEXT_WIDTH,
+            d_kv=32,
+            d_ff=SD3_TEXT_WIDTH,
+            num_layers=1,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def build_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """1000 training steps, ``shift`` :data:`SD3_SHIFT`, no dynamic shifting."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SHIFT)
+
+
+def build_sd3_pipeline(
+    tokenizer_dir: str | Path, vae_scaling_factor: float = 1.0, vae_shift_factor: float = 0.0
+) -> StableDiffusion3Pipeline:
+    """The untrained tiny SD3 pipeline; tokenizer files written to ``tokenizer_dir`` (one
+    tokenizer object serves all three encoders)."""
+    tokenizer = build_tokenizer(tokenizer_dir)
+    return StableDiffusion3Pipeline(
+        transformer=build_sd3_transformer(),
+        scheduler=build_flow_scheduler(),
+        vae=build_sd3_vae(vae_scaling_factor, vae_shift_factor),
+        text_encoder=build_clip_encoder(tokenizer),
+        tokenizer=tokenizer,
+        text_encoder_2=build_clip_encoder(tokenizer),
+        tokenizer_2=tokenizer,
+        text_encoder_3=build_t5_encoder(tokenizer),
+        tokenizer_3=tokenizer,
+    )

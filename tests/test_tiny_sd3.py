@@ -1,0 +1,228 @@
+"""The tiny DiT base: its builders, ``scripts/pretrain_tiny_base.py --family sd3`` at a toy size
+(end to end, and resumed after ``--max-minutes`` stops), fine-tuning it with
+``train_text_to_image.py``, the comparison's ``--base`` and the demo on it.
+
+No accuracy is asserted: a few toy steps train nothing. The shipped base (once trained) gets
+the accuracy checks of ``tests/test_tiny_base.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+from safetensors.torch import load_file
+
+from reslora_diffusers.data import (
+    BASE_RESOLUTION,
+    MODEL_MAX_LENGTH,
+    SD3_NUM_LAYERS,
+    build_clip_encoder,
+    build_flow_scheduler,
+    build_sd3_pipeline,
+    build_sd3_transformer,
+    build_t5_encoder,
+    build_tokenizer,
+    default_base_model_path,
+    default_dit_base_path,
+    write_tokenizer,
+)
+from reslora_diffusers.eval import evaluate_pipeline
+from tests.test_tiny_base import _TRANSFORMERS_BOOKKEEPING, _public
+from tests.test_train_dit import PROMPT, _run
+from tests.test_train_script import _subset, fresh_accelerate_state, one_thread  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+#: a toy run: 16 images, batches of 4, 4 transformer steps, one seed and 2 sampling steps to evaluate
+TOY = ["--family", "sd3", "--num-images", "16", "--batch-size", "4", "--transformer-steps", "4"]
+TOY += ["--checkpoint-every", "2", "--eval-seeds", "1", "--eval-steps", "2", "--threads", "1"]
+TRAINED = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain = _load(ROOT / "scripts" / "pretrain_tiny_base.py", "pretrain_tiny_base")
+
+
+def _pretrain(work: Path, out: Path, *extra: str) -> None:
+    pretrain.main([*TOY, "--work-dir", str(work), "--output-dir", str(out), *extra])
+
+
+def _weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    (file,) = (folder / name).glob("*.safetensors")
+    return load_file(file)
+
+
+@pytest.fixture(scope="module")
+def toy_base(tmp_path_factory) -> Path:
+    """The script's sd3 family run uninterrupted at the toy size."""
+    shipped_before = default_dit_base_path().exists()
+    root = tmp_path_factory.mktemp("toy-sd3")
+    _pretrain(root / "work", root / "base")
+    assert default_dit_base_path().exists() == shipped_before  # the asset folder is not touched
+    return root / "base"
+
+
+def test_builders_make_a_small_sd3_pipeline_of_identical_blocks(tmp_path):
+    torch.manual_seed(0)
+    pipe = build_sd3_pipeline(tmp_path / "tokenizer")
+    blocks = pipe.transformer.transformer_blocks
+    assert 6 <= len(blocks) == SD3_NUM_LAYERS <= 12
+    shapes = [{n: p.shape for n, p in b.named_parameters()} for b in blocks]
+    assert all(s == shapes[0] for s in shapes[:-1])  # the last block, as in SD3, has no text output
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == 1_192_848
+    pipe.save_pretrained(tmp_path / "pipe")
+    size = sum(f.stat().st_size for f in (tmp_path / "pipe").rglob("*") if f.is_file())
+    assert size <= 10_000_000  # float32 safetensors
+
+    loaded = StableDiffusion3Pipeline.from_pretrained(tmp_path / "pipe")
+    image = loaded(PROMPT, num_inference_steps=2, generator=torch.manual_seed(0)).images[0]
+    assert image.size == (BASE_RESOLUTION, BASE_RESOLUTION)
+    # what the transformer reads: both CLIPs' 16 tokens, then 256 T5 tokens, all 128 wide; the T5
+    # sees our CLIP-format ids, <bos> words <eos>, padded with <eos>
+    states, _, pooled, _ = loaded.encode_prompt(PROMPT, None, None, do_classifier_free_guidance=False)
+    assert states.shape == (1, MODEL_MAX_LENGTH + 256, 128) and pooled.shape == (1, 128)
+    tok = loaded.tokenizer_3
+    ids = tok(PROMPT, padding="max_length", max_length=256, truncation=True).input_ids
+    words = tok(PROMPT).input_ids
+    assert ids == words + [tok.eos_token_id] * (256 - len(words)) and words[0] == tok.bos_token_id
+
+
+def test_script_writes_a_pipeline_that_loads_matches_the_builders_and_draws(toy_base, tmp_path):
+    pipe = StableDiffusion3Pipeline.from_pretrained(toy_base)
+    assert _public(pipe.transformer.config) == _public(build_sd3_transformer().config)
+    assert _public(pipe.scheduler.config) == _public(build_flow_scheduler().config)
+    tok = build_tokenizer(tmp_path / "tok")
+    for name, build in [("text_encoder", build_clip_encoder), ("text_encoder_2", build_clip_encoder)]:
+        built, saved = build(tok).config.to_dict(), getattr(pipe, name).config.to_dict()
+        assert {k: v for k, v in saved.items() if k not in _TRANSFORMERS_BOOKKEEPING} == {
+            k: v for k, v in built.items() if k not in _TRANSFORMERS_BOOKKEEPING
+        }
+    assert pipe.text_encoder_3.config.d_model == build_t5_encoder(tok).config.d_model
+    written = write_tokenizer(tmp_path / "ours")
+    for folder in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        assert (toy_base / folder / "vocab.json").read_bytes() == (written / "vocab.json").read_bytes()
+
+    # the VAE is the UNet base's trained one, with SD3's latent shift set from the data
+    ours = AutoencoderKL.from_pretrained(default_base_model_path(), subfolder="vae")
+    for key, value in ours.state_dict().items():
+        assert torch.equal(pipe.vae.state_dict()[key], value), key
+    assert pipe.vae.config.shift_factor not in (None, 0.0) and pipe.vae.config.scaling_factor != 1.0
+
+    result = evaluate_pipeline(
+        pipe, [PROMPT, "a blue circle on a black background"], seeds=[0], num_inference_steps=2
+    )
+    assert [image.size for image in result["images"]] == [(BASE_RESOLUTION, BASE_RESOLUTION)] * 2
+    assert all(a["background"] is not None for a in result["analyses"])
+
+    card = (toy_base / "README.md").read_text()
+    assert "| training | 16 images, seed 0; transformer + text encoders 4 steps, batch 4" in card
+    assert "| training time | 0 min on cpu (1 threads) |" in card
+    assert "| held-out pairs (seeds 0-0) | 9 |" in card and "| cross (seeds 0-0) | 15 |" in card
+
+
+def test_stopped_run_resumes_to_the_weights_of_the_uninterrupted_one(toy_base, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "base"
+    _pretrain(work, out, "--max-minutes", "0")  # stops after its first step, checkpointed
+    assert not out.exists()
+    state = torch.load(work / "transformer_checkpoint.pt", weights_only=True)
+    assert state["step"] == 1
+    runs = 1
+    while not out.exists():  # the same command, a step at a time
+        _pretrain(work, out, "--max-minutes", "0")
+        runs += 1
+    assert runs == 4
+    for name in TRAINED:
+        want, got = _weights(toy_base, name), _weights(out, name)
+        assert want.keys() == got.keys()
+        for key in want:
+            assert torch.equal(want[key], got[key]), (name, key)
+
+
+def test_checkpoint_of_other_settings_is_refused(toy_base, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "base"
+    _pretrain(work, out, "--max-minutes", "0")
+    with pytest.raises(SystemExit, match="transformer_checkpoint.pt was written with"):
+        _pretrain(work, out, "--transformer-lr", "1e-3")
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def toy_lora(toy_base, tmp_path_factory) -> Path:
+    """train_text_to_image.py on the toy base: 2 steps of ResLoRA bs."""
+    root = tmp_path_factory.mktemp("toy-sd3-lora")
+    data = _subset(root / "set", 4)
+    _run(
+        toy_base, data, root / "run", "--max_train_steps", "2", "--res_type", "bs", "--learning_rate", "1e-2"
+    )
+    return root / "run"
+
+
+def test_training_script_fine_tunes_the_base_and_its_pipeline_loads_the_export(toy_base, toy_lora):
+    weights = load_file(toy_lora / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[0] for k in weights} == {"transformer"}
+    pipe = StableDiffusion3Pipeline.from_pretrained(toy_base)
+    plain = StableDiffusion3Pipeline.from_pretrained(toy_base)
+    pipe.load_lora_weights(toy_lora)
+    args = dict(prompt=PROMPT, num_inference_steps=2, output_type="pt")
+    with torch.no_grad():
+        tuned = pipe(**args, generator=torch.manual_seed(0)).images
+        base = plain(**args, generator=torch.manual_seed(0)).images
+    assert tuned.shape == (1, 3, BASE_RESOLUTION, BASE_RESOLUTION) and (tuned - base).abs().max() > 0
+
+
+compare = _load(ROOT / "benchmarks" / "compare_methods.py", "compare_methods")
+
+
+def test_comparison_runs_on_another_base(toy_base, tmp_path):
+    assert compare.base_args("unet") == []
+    assert compare.base_args("dit") == ["--pretrained_model_name_or_path", str(default_dit_base_path())]
+    data = _subset(tmp_path / "set", 4)
+    extra = ["--train_data_dir", str(data), "--train_batch_size", "2", "--resolution", "16"]
+    extra += ["--calibration_batches", "1", "--validation_prompt", PROMPT]
+    args = compare.parse_args(
+        ["--output_dir", str(tmp_path / "cmp"), "--max_train_steps", "2", "--validation_steps", "1"]
+        + ["--compare_step", "1", "--num_validation_images", "1", "--base", str(toy_base), "--", *extra]
+    )
+    result = compare.run_one("ms-m3", 0, args)
+    assert len(result["loss"]) == 2 and sorted(result["accuracy"]) == [0, 1, 2]
+    assert set(result["measurements"]) == {"1", "2"}  # the early step and the last, exported
+    assert 0 <= result["unmerged_accuracy"] <= 1 and result["merge_error"] > 0  # ms merges approximately
+    report = json.loads((tmp_path / "cmp" / "ms-m3-seed0" / "merge_report.json").read_text())
+    assert report["res_type"] == "ms" and report["pre_num"] == 3
+    assert report["components"]["transformer"]["output_error"] == result["merge_error"]
+
+
+def test_demo_renders_the_base_and_its_lora(toy_base, toy_lora):
+    import app.app as demo_app
+    from reslora_diffusers.export.loading import check_lora_file
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(toy_base)
+    assert check_lora_file(pipe, toy_lora).name == "pytorch_lora_weights.safetensors"
+    gallery, status = demo_app.render(PROMPT, "", 0, 2, 4.0, 1.0, 1, str(toy_base), str(toy_lora))
+    assert status == "Rendered 2 models with the same seeds." and len(gallery) == 2
+    assert gallery[1][1].startswith("ResLoRA bs m=") and "read:" in gallery[1][1]
+    # the embedded vocabulary: its notes on unseen words apply to this base
+    assert "cross" in demo_app.prompt_note(PROMPT, str(toy_base))
+    # a LoRA of the UNet base is named as such
+    with pytest.raises(ValueError, match="component 'unet', which this pipeline lacks"):
+        check_lora_file(pipe, _unet_lora_file(toy_lora.parent))
+
+
+def _unet_lora_file(folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = folder / "unet_lora.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32)}, path)
+    return path
