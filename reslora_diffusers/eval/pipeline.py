@@ -66,16 +66,10 @@ def generate(
 
 
 def evaluate_pipeline(
-    pipe,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    num_inference_steps: int = BASE_NUM_INFERENCE_STEPS,
-    guidance_scale: float = BASE_GUIDANCE_SCALE,
-    height: int | None = None,
-    width: int | None = None,
-    batch_size: int = 64,
+    pipe, prompts: Sequence[str], seeds: Sequence[int], batch_size: int = 64, **generate_kwargs
 ) -> dict:
-    """Generate every prompt with every seed and score the images.
+    """Generate every prompt with every seed (:func:`generate`, which ``generate_kwargs`` such as
+    ``num_inference_steps``, ``guidance_scale``, ``height`` go to) and score the images.
 
     Returns ``accuracy`` (all named attributes right, the shape by the open-set call),
     ``accuracy_lenient`` (the shape by the nearest template), ``<attribute>_accuracy`` for
@@ -86,9 +80,7 @@ def evaluate_pipeline(
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="evaluate", leave=False):
         batch_seeds, batch_prompts = zip(*jobs[start : start + batch_size], strict=True)
-        images += generate(
-            pipe, batch_prompts, batch_seeds, num_inference_steps, guidance_scale, height, width
-        )
+        images += generate(pipe, batch_prompts, batch_seeds, **generate_kwargs)
     analyses = [analyse_image(image) for image in images]
     parsed = [parse_prompt(p) for _, p in jobs]
     result = {}
