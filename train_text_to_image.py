@@ -334,6 +334,20 @@ def _metric_applies(prompts: list[str] | None) -> bool:
 # ----------------------------------------------------------------------------- models
 
 
+def load_training_data(args: argparse.Namespace, objective: Objective, resolution: int):
+    """``(data, dataset)``: the image-caption rows the flags name and the training dataset over them."""
+    data = load_image_captions(
+        args.dataset_name,
+        args.train_data_dir,
+        args.image_column,
+        args.caption_column,
+        args.max_train_samples,
+        args.seed,
+        args.revision,
+    )
+    return data, TextImageDataset(data, objective.tokenizer, resolution, args.center_crop, args.random_flip)
+
+
 def load_models(args: argparse.Namespace) -> Objective:
     """The base pipeline's components, all frozen, in the objective of its family (a UNet's DDPM
     denoising, SD3's or Flux's flow matching)."""
@@ -710,16 +724,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
                 model.gradient_checkpointing_enable()
 
     with accelerator.main_process_first():
-        data = load_image_captions(
-            args.dataset_name,
-            args.train_data_dir,
-            args.image_column,
-            args.caption_column,
-            args.max_train_samples,
-            args.seed,
-            args.revision,
-        )
-    dataset = TextImageDataset(data, objective.tokenizer, resolution, args.center_crop, args.random_flip)
+        data, dataset = load_training_data(args, objective, resolution)
     sampler = EpochSampler(len(dataset), args.seed)
     dataloader = torch.utils.data.DataLoader(
         dataset,

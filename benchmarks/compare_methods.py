@@ -203,7 +203,6 @@ def export_accuracy(script, argv: list[str], checkpoint: Path, merge: str, step:
 
     from reslora_diffusers import load_reslora_checkpoint
     from reslora_diffusers.export import export_lora
-    from reslora_diffusers.training.data import TextImageDataset, load_image_captions
     from reslora_diffusers.training.objectives import real_inputs
 
     args = script.parse_args(argv)
@@ -214,16 +213,7 @@ def export_accuracy(script, argv: list[str], checkpoint: Path, merge: str, step:
     for model in models.values():
         model.eval()
     resolution = args.resolution or objective.default_resolution()
-    data = load_image_captions(
-        args.dataset_name,
-        args.train_data_dir,
-        args.image_column,
-        args.caption_column,
-        args.max_train_samples,
-        args.seed,
-        args.revision,
-    )
-    dataset = TextImageDataset(data, objective.tokenizer, resolution, args.center_crop, args.random_flip)
+    _, dataset = script.load_training_data(args, objective, resolution)
     size = args.train_batch_size
     calibration = real_inputs(objective, models, dataset, size, args.seed + 1, args.calibration_batches)
     held_out = real_inputs(objective, models, dataset, size, args.seed + 2, num=1)
