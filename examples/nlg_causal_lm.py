@@ -30,6 +30,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer
 
 from reslora_diffusers import add_reslora, compare_merges, export_peft_adapter
+from reslora_diffusers.core import get_shortcut
 from reslora_diffusers.data.text_tasks import (
     arithmetic_examples,
     final_answer,
@@ -169,7 +170,7 @@ def run_method(args, res_type: str, tokenizer, splits: DatasetDict, train: Datas
     device = next(model.parameters()).device
     calibration = model_batches(train, collate, 64, 8, device)
     held_out = model_batches(encoded(splits["eval"], tokenizer, args), collate, 64, 2, device)
-    if args.compare_merges and res_type in ("is", "ms"):
+    if args.compare_merges and not get_shortcut(res_type, args.pre_num).exact_merge:
         print(f"{res_type}: merge errors", compare_merges(model, held_out, calibration=calibration))
     merged = export_peft_adapter(
         model,

@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from reslora_diffusers import add_reslora, compare_merges, export_peft_adapter
+from reslora_diffusers.core import get_shortcut
 from reslora_diffusers.data.text_tasks import sentiment_examples, tiny_roberta_config, word_tokenizer
 from reslora_diffusers.training.lm_examples import (
     add_method_arguments,
@@ -156,7 +157,7 @@ def run_method(args, res_type: str, tokenizer, data: DatasetDict, num_labels: in
     device = next(model.parameters()).device
     calibration = model_batches(data["train"], collate, 64, 8, device)
     held_out = model_batches(data["eval"], collate, 64, 4, device)
-    if args.compare_merges and res_type in ("is", "ms"):
+    if args.compare_merges and not get_shortcut(res_type, args.pre_num).exact_merge:
         print(f"{res_type}: merge errors", compare_merges(model, held_out, calibration=calibration))
     merged = export_peft_adapter(
         model,
