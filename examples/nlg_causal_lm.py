@@ -29,8 +29,7 @@ from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer
 
-from reslora_diffusers import add_reslora, compare_merges, export_peft_adapter
-from reslora_diffusers.core import get_shortcut
+from reslora_diffusers import add_reslora
 from reslora_diffusers.data.text_tasks import (
     arithmetic_examples,
     final_answer,
@@ -39,6 +38,7 @@ from reslora_diffusers.data.text_tasks import (
 )
 from reslora_diffusers.training.lm_examples import (
     add_method_arguments,
+    export_adapter,
     load_raw_dataset,
     method_config,
     model_batches,
@@ -170,16 +170,9 @@ def run_method(args, res_type: str, tokenizer, splits: DatasetDict, train: Datas
     device = next(model.parameters()).device
     calibration = model_batches(train, collate, 64, 8, device)
     held_out = model_batches(encoded(splits["eval"], tokenizer, args), collate, 64, 2, device)
-    if args.compare_merges and not get_shortcut(res_type, args.pre_num).exact_merge:
-        print(f"{res_type}: merge errors", compare_merges(model, held_out, calibration=calibration))
-    merged = export_peft_adapter(
-        model,
-        out_dir / "peft_adapter",
-        args.merge,
-        calibration=calibration,
-        eval_inputs=held_out,
-        distill_steps=args.distill_steps,
-    )
+    merged, errors = export_adapter(model, args, res_type, out_dir / "peft_adapter", calibration, held_out)
+    if errors is not None:
+        print(f"{res_type}: merge errors", errors)
     scores["merge_error"] = merged.report.output_error
     peft_model = PeftModel.from_pretrained(build_base(args, tokenizer), out_dir / "peft_adapter").to(device)
     scores["peft_exact_match"] = exact_match(peft_model, tokenizer, splits["eval"], args)

@@ -33,11 +33,11 @@ from transformers import (
     Trainer,
 )
 
-from reslora_diffusers import add_reslora, compare_merges, export_peft_adapter
-from reslora_diffusers.core import get_shortcut
+from reslora_diffusers import add_reslora
 from reslora_diffusers.data.text_tasks import sentiment_examples, tiny_roberta_config, word_tokenizer
 from reslora_diffusers.training.lm_examples import (
     add_method_arguments,
+    export_adapter,
     load_raw_dataset,
     method_config,
     model_batches,
@@ -157,16 +157,9 @@ def run_method(args, res_type: str, tokenizer, data: DatasetDict, num_labels: in
     device = next(model.parameters()).device
     calibration = model_batches(data["train"], collate, 64, 8, device)
     held_out = model_batches(data["eval"], collate, 64, 4, device)
-    if args.compare_merges and not get_shortcut(res_type, args.pre_num).exact_merge:
-        print(f"{res_type}: merge errors", compare_merges(model, held_out, calibration=calibration))
-    merged = export_peft_adapter(
-        model,
-        out_dir / "peft_adapter",
-        args.merge,
-        calibration=calibration,
-        eval_inputs=held_out,
-        distill_steps=args.distill_steps,
-    )
+    merged, errors = export_adapter(model, args, res_type, out_dir / "peft_adapter", calibration, held_out)
+    if errors is not None:
+        print(f"{res_type}: merge errors", errors)
     result["merge_error"] = merged.report.output_error
     peft_model = PeftModel.from_pretrained(build_base(args, tokenizer, num_labels), out_dir / "peft_adapter")
     result["peft_accuracy"] = accuracy(peft_model.to(device), data["eval"], collate)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from reslora_diffusers import load_reslora_checkpoint
 from reslora_diffusers.data import default_base_model_path
 from reslora_diffusers.frontends import frontend_for
+from tests.test_train_script import _run as sd_run
 from tests.test_train_script import _subset, fresh_accelerate_state, one_thread, script  # noqa: F401
 from tests.tiny_dits import tiny_flux_pipeline, tiny_sd3_pipeline
 
@@ -48,10 +49,10 @@ def data(tmp_path_factory) -> Path:
 
 
 def _run(base: Path, data: Path, out: Path, *extra: str) -> dict:
-    argv = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data)]
-    argv += ["--output_dir", str(out), "--train_batch_size", "2", "--resolution", "16"]
-    argv += ["--report_to", "none", "--calibration_batches", "1", *extra]
-    return script.train(script.parse_args(argv), argv)
+    """The SD run of test_train_script at the DiTs' size (later flags win)."""
+    return sd_run(
+        base, data, out, "--train_batch_size", "2", "--resolution", "16", "--calibration_batches", "1", *extra
+    )
 
 
 def _losses(out: Path) -> list[float]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..core import MERGE_METHODS, ResLoRAConfig
+from ..core import MERGE_METHODS, ResLoRAConfig, get_shortcut
 from ..core.shortcuts import res_types as registered_res_types
-from ..merge import DEFAULT_DISTILL_STEPS
+from ..merge import DEFAULT_DISTILL_STEPS, MergedLoRA, compare_merges
 from .schedule import SCHEDULES
 
 
@@ -141,6 +141,28 @@ def training_arguments(args: argparse.Namespace, output_dir: Path, **overrides):
         name = "activation_checkpointing"  # transformers >= 5; older: gradient_checkpointing
         kwargs[name if name in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"] = True
     return TrainingArguments(**{**kwargs, **overrides})
+
+
+def export_adapter(
+    model, args: argparse.Namespace, res_type: str, adapter_dir: Path, calibration: list, held_out: list
+) -> tuple[MergedLoRA, dict[str, float] | None]:
+    """Write the PEFT adapter of ``model`` (``--merge``, ``--distill_steps``) and return its merge,
+    with every merge method's output error when ``--compare_merges`` asks for it and the type
+    merges approximately (else None)."""
+    from ..export import export_peft_adapter
+
+    errors = None
+    if args.compare_merges and not get_shortcut(res_type, args.pre_num).exact_merge:
+        errors = compare_merges(model, held_out, calibration=calibration)
+    merged = export_peft_adapter(
+        model,
+        adapter_dir,
+        args.merge,
+        calibration=calibration,
+        eval_inputs=held_out,
+        distill_steps=args.distill_steps,
+    )
+    return merged, errors
 
 
 def model_batches(dataset, collate, batch_size: int, n_batches: int, device: torch.device) -> list[dict]:
