@@ -72,6 +72,12 @@ from reslora_diffusers.training.checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
+from reslora_diffusers.training.cpu_threads import (
+    CPU_THREADS_HELP,
+    FreeCpuThreads,
+    cpu_threads_for_run,
+    parse_cpu_threads,
+)
 from reslora_diffusers.training.data import (
     EpochSampler,
     TextImageDataset,
@@ -199,6 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES)
     # the tests compile with dynamo's "eager" backend (graph capture without code generation)
     p.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)
+    p.add_argument("--cpu_threads", type=parse_cpu_threads, default="auto", help=CPU_THREADS_HELP)
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     # LoRA / ResLoRA
@@ -500,6 +507,8 @@ class Run:
     lr_scheduler: object
     dataloader: object
     sampler: EpochSampler
+    #: follows the CPUs other processes leave free (``--cpu_threads auto`` on CPU), else None
+    cpu_threads: FreeCpuThreads | None = None
 
     def trained(self) -> list[torch.nn.Module]:
         return [self.models[name] for name in self.objective.trained_names(self.args.train_text_encoder)]
@@ -786,6 +795,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
         lr_scheduler,
         dataloader,
         sampler,
+        cpu_threads_for_run(args.cpu_threads, accelerator.device),
     )
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -885,6 +895,8 @@ def run_training(run: Run, global_step: int, steps_per_epoch: int) -> None:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            if run.cpu_threads is not None:
+                run.cpu_threads.update()
             lr = lr_scheduler.get_last_lr()[0]
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")

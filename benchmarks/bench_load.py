@@ -2,18 +2,23 @@
 
 Runs ``train_text_to_image.py`` (its default run, or with the flags after ``--``) for
 ``--steps`` steps in a fresh process per measurement, reads the step times from its
-``train_log.jsonl`` and stops it once the steps are done (the export is not timed). Two
-settings are compared:
+``train_log.jsonl`` and stops it once the steps are done (the export is not timed). The
+settings (``--settings``, default all):
 
 * ``old``: torch imported before the script runs, so OpenMP starts with its default wait
-  policy (idle threads spin for a while before they sleep), as before the script set one;
-* ``new``: the script as a user runs it (``OMP_WAIT_POLICY=PASSIVE`` set before torch loads).
+  policy (idle threads spin for a while before they sleep), and torch's thread count fixed
+  (``--cpu_threads torch``): the script before it cared about load;
+* ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` set before torch loads, the thread count fixed;
+* ``spin-auto``: OpenMP's default wait policy, threads following the free CPUs
+  (``--cpu_threads auto``);
+* ``new``: the script as a user runs it (its defaults: ``OMP_WAIT_POLICY=PASSIVE`` unless
+  set, ``--cpu_threads auto``).
 
 Each is measured idle and with one competing ``python -c "while True: pass"`` process that
 the benchmark starts and kills, interleaved over ``--rounds``. The table gives the median
-milliseconds per step of steps 11..N and the ratios (busy / idle, new / old).
+milliseconds per step of steps 11..N and the ratios (busy / idle, each setting / old).
 
-    python benchmarks/bench_load.py [--steps 60] [--rounds 1] [-- TRAINING FLAGS]
+    python benchmarks/bench_load.py [--steps 60] [--rounds 1] [--settings old new] [-- TRAINING FLAGS]
 
 Run it on an otherwise idle machine, without ``OMP_NUM_THREADS`` set (torch's default threads
 are what a user gets): other load changes every number.
@@ -35,13 +40,22 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_text_to_image.py"
 #: the first steps are warm-up (allocator, first validation's leftovers); steps after this are timed
 FIRST_TIMED_STEP = 11
-SETTINGS = ("old", "new")
+#: setting -> (torch loaded before the script sets a wait policy, ``--cpu_threads``; None: the default)
+SETTINGS = {
+    "old": (True, "torch"),
+    "passive": (False, "torch"),
+    "spin-auto": (True, "auto"),
+    "new": (False, None),
+}
 LOADS = ("idle", "busy")
 
 
 def command(setting: str, argv: list[str]) -> list[str]:
-    """The command line of one measurement: ``old`` loads torch (and so OpenMP) before the script."""
-    if setting == "new":
+    """The command line of one measurement; loading torch first keeps OpenMP's default wait policy."""
+    preload, threads = SETTINGS[setting]
+    if threads is not None:
+        argv = [*argv, "--cpu_threads", threads]
+    if not preload:
         return [sys.executable, str(SCRIPT), *argv]
     code = (
         "import sys, runpy, torch; "
@@ -57,15 +71,18 @@ def step_times(records: list[dict], first: int = FIRST_TIMED_STEP) -> list[float
     return [times[s] - times[s - 1] for s in sorted(times) if s >= first and s - 1 in times]
 
 
-def summarize(medians: dict[tuple[str, str], float]) -> str:
-    """A markdown table of the median ms per step per (setting, load), with the ratios."""
-    lines = ["| setting | idle ms/step | busy ms/step | busy / idle |", "|---|---|---|---|"]
-    for setting in SETTINGS:
+def summarize(medians: dict[tuple[str, str], float], settings: list[str]) -> str:
+    """A markdown table of the median ms per step per (setting, load), with the ratios to ``old``
+    (when it was measured) and busy / idle."""
+    ref = "old" if "old" in settings else None
+    lines = [
+        "| setting | idle ms/step | busy ms/step | busy / idle | idle / old | busy / old |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setting in settings:
         idle, busy = medians[(setting, "idle")], medians[(setting, "busy")]
-        lines.append(f"| {setting} | {idle:.0f} | {busy:.0f} | {busy / idle:.2f}x |")
-    lines.append("")
-    for load in LOADS:
-        lines.append(f"new / old, {load}: {medians[('new', load)] / medians[('old', load)]:.2f}x")
+        vs = [f"{medians[(setting, load)] / medians[(ref, load)]:.2f}x" if ref else "n/a" for load in LOADS]
+        lines.append(f"| {setting} | {idle:.0f} | {busy:.0f} | {busy / idle:.2f}x | {vs[0]} | {vs[1]} |")
     return "\n".join(lines)
 
 
@@ -110,16 +127,17 @@ def main(argv: list[str] | None = None) -> None:
     own = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60, help=f"steps per run (timed: {FIRST_TIMED_STEP}..N)")
-    p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the four runs")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of every run")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     args = p.parse_args(own)
     if args.steps < FIRST_TIMED_STEP + 1:
         p.error(
             f"--steps {args.steps}: at least {FIRST_TIMED_STEP + 1} (steps {FIRST_TIMED_STEP}..N are timed)"
         )
-    times: dict[tuple[str, str], list[float]] = {(s, load): [] for s in SETTINGS for load in LOADS}
+    times: dict[tuple[str, str], list[float]] = {(s, load): [] for s in args.settings for load in LOADS}
     for round_ in range(args.rounds):
         for load in LOADS:
-            for setting in SETTINGS:
+            for setting in args.settings:
                 got = measure(setting, load == "busy", args.steps, train_args)
                 times[(setting, load)] += got
                 print(
@@ -128,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
     medians = {key: 1000 * statistics.median(values) for key, values in times.items()}
     print(f"\npython benchmarks/bench_load.py {' '.join(argv)}  ({os.cpu_count()} CPUs)\n")
-    print(summarize(medians))
+    print(summarize(medians, args.settings))
 
 
 if __name__ == "__main__":

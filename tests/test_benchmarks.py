@@ -118,15 +118,19 @@ def test_bench_load_times_steps_from_the_log_and_reports_the_ratios():
         ("new", "idle"): 600.0,
         ("new", "busy"): 900.0,
     }
-    text = bench_load.summarize(medians)
-    assert "| old | 600 | 2400 | 4.00x |" in text and "| new | 600 | 900 | 1.50x |" in text
-    assert "new / old, idle: 1.00x" in text and "new / old, busy: 0.38x" in text
+    text = bench_load.summarize(medians, ["old", "new"])
+    assert "| old | 600 | 2400 | 4.00x | 1.00x | 1.00x |" in text
+    assert "| new | 600 | 900 | 1.50x | 1.00x | 0.38x |" in text
 
-    # the old setting loads torch (and OpenMP with it) before the script can set a wait policy
+    # old and spin-auto load torch (and OpenMP with it) before the script can set a wait policy;
+    # only the script's defaults leave --cpu_threads unset
     old, new = bench_load.command("old", ["--seed", "1"]), bench_load.command("new", ["--seed", "1"])
     assert new[1:] == [str(bench_load.SCRIPT), "--seed", "1"]
     assert old[1] == "-c" and old[2].index("import sys, runpy, torch") < old[2].index("run_path")
-    assert old[3:] == ["--seed", "1"]
+    assert old[3:] == ["--seed", "1", "--cpu_threads", "torch"]
+    passive, spin_auto = bench_load.command("passive", []), bench_load.command("spin-auto", [])
+    assert passive[1:] == [str(bench_load.SCRIPT), "--cpu_threads", "torch"]
+    assert spin_auto[1] == "-c" and spin_auto[3:] == ["--cpu_threads", "auto"]
 
 
 bench_gpu = _load("bench_gpu")
