@@ -248,3 +248,50 @@ def test_flags_of_the_other_objective_are_refused(bases, data, tmp_path):
     # and the flow-matching flags on a UNet (the embedded Stable Diffusion base)
     message = _error(default_base_model_path(), data, tmp_path / "c", "--weighting_scheme", "mode")
     assert "--weighting_scheme does not apply to stable_diffusion pipelines" in message, message
+
+
+@pytest.mark.parametrize("family", PIPES)
+def test_two_process_ddp_run_has_the_single_process_chains_and_resumes_exactly(bases, data, tmp_path, family):
+    """2 CPU processes (gloo DDP) on a DiT: finite trained weights, the chain structure of a
+    single-process trace, an exact ``bs`` export; Flux (packed latents, guidance) also resumes
+    from its step-2 checkpoint to the same weights."""
+    from safetensors import safe_open
+
+    from reslora_diffusers import ResLoRAConfig, add_reslora, chain_structure
+    from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS
+    from tests.test_train_script import _launch_two_processes
+
+    dit = ["--resolution", "16", "--calibration_batches", "1", "--res_type", "bs", "--pre_num", "2"]
+    dit += ["--merge", "calibrated", "--learning_rate", "1e-2", "--train_batch_size", "1"]
+    out = tmp_path / "ddp"
+    result = _launch_two_processes(bases[family], data, out, *dit)
+    assert "Num processes: 2" in result.stderr
+    assert len(list((out / "checkpoint-2").glob("random_states_*"))) == 2
+    assert all(math.isfinite(x) for x in _losses(out)) and len(_losses(out)) == 4
+    weights = load_file(out / "reslora_checkpoint.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith("lora_B"))
+    with safe_open(str(out / "reslora_checkpoint.safetensors"), framework="pt") as f:
+        ddp_chains = json.loads(f.metadata()["chains"])["transformer"]
+    transformer = DiffusionPipeline.from_pretrained(bases[family]).transformer
+    add_reslora(
+        transformer, ResLoRAConfig(rank=4, res_type="bs", pre_num=2, target_modules=DIT_ATTENTION_TARGETS)
+    )
+    with torch.no_grad():
+        transformer(**frontend_for(transformer).synthetic_inputs(transformer, num=1)[0])
+    single = {
+        k: {"modules": v["modules"], "links": v["links"]} for k, v in chain_structure(transformer).items()
+    }
+    assert ddp_chains == single
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["components"]["transformer"]["output_error"] < 1e-5  # bs merges exactly
+    if family != "flux":
+        return
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    _launch_two_processes(bases[family], data, resumed, *dit, "--resume_from_checkpoint", "latest")
+    again = load_file(resumed / "reslora_checkpoint.safetensors")
+    assert again.keys() == weights.keys()
+    for key in weights:
+        assert torch.equal(again[key], weights[key]), key

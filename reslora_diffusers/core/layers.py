@@ -167,19 +167,28 @@ class ResLoRALayer(nn.Module, ABC):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The branch ``s * B_stack(mid_n)`` for input ``x`` (base output excluded)."""
         step, a = self.start(x)
-        return self.finish(step, x, self.apply_a(self.dropout(x), a))
+        return self.finish(step, x, self.apply_a(self.branch_input(step, self.dropout(x)), a))
 
     def start(self, x: torch.Tensor) -> tuple[Step, torch.Tensor]:
-        """Begin this block's run: its chain step and the A rows to apply to ``dropout(x)``.
+        """Begin this block's run: its chain step and the A rows to apply to :meth:`branch_input`.
 
         Callers that fuse several blocks' A products (the attention processor) call this
-        for each block, compute ``ax = apply_a(dropout(x), a)`` once for all, and hand each
-        block its slice in :meth:`finish`.
+        for each block, compute ``ax = apply_a(input, a)`` once for the blocks whose
+        :meth:`branch_input` is the shared ``dropout(x)``, and hand each block its slice in
+        :meth:`finish`.
         """
         step = self.chain.begin(self, x)
         if self._factors is not None:
             return step, self._factors[0]
         return step, self.shortcut.a_weight(self, step.pred_blocks)
+
+    def branch_input(self, step: Step, xd: torch.Tensor) -> torch.Tensor:
+        """What this run's ``A`` product reads, from ``xd = dropout(x_n)``: ``xd`` itself, or
+        the shortcut type's fold of earlier inputs into it (``is``: ``xd + c dropout(x_{n-1})``,
+        one ``A`` product instead of two). A merged stand-in reads ``xd``."""
+        if self._factors is not None:
+            return xd
+        return self.shortcut.a_input(self, step, xd)
 
     def finish(self, step: Step, x: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:
         """Complete the branch from ``ax`` (see :meth:`start`): cache, record, observe, apply B."""

@@ -19,22 +19,31 @@ from ..core import ResLoRALayer
 def project(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """Apply several projections to the same input, fusing the A products of ResLoRA blocks.
 
-    For block ``i``: ``y_i = W_i x + s B_stack_i(mid_i)`` with every ``A_stack_i x`` taken from
-    one product ``x @ [A_stack_1; A_stack_2; ...]^T`` (through the blocks' public
-    :meth:`~reslora_diffusers.core.ResLoRALayer.start` / ``finish`` calls).
+    For block ``i``: ``y_i = W_i x + s B_stack_i(mid_i)``, where the ``A_stack_i`` products of
+    the blocks whose :meth:`~reslora_diffusers.core.ResLoRALayer.branch_input` is the shared
+    ``dropout(x)`` come from one product ``dropout(x) @ [A_stack_1; A_stack_2; ...]^T`` (through
+    the blocks' public ``start`` / ``branch_input`` / ``finish`` calls); a block whose type
+    folds earlier inputs into its own (``is``) applies its ``A`` alone.
     """
     blocks = [m for m in modules if isinstance(m, ResLoRALayer)]
     if len(blocks) < 2:
         return [m(x) for m in modules]
+    xd = blocks[0].dropout(x)
     started = {b: b.start(x) for b in blocks}
-    a_all = torch.cat([a for _, a in started.values()], dim=0)
-    ax_all = blocks[0].apply_a(blocks[0].dropout(x), a_all)
-    ax_parts = dict(zip(blocks, ax_all.split([a.shape[0] for _, a in started.values()], dim=-1)))
+    inputs = {b: b.branch_input(started[b][0], xd) for b in blocks}
+    shared = [b for b in blocks if inputs[b] is xd]
+    if len(shared) < 2:
+        shared = []
+    ax = {b: b.apply_a(inputs[b], started[b][1]) for b in blocks if b not in shared}
+    if shared:
+        rows = [started[b][1] for b in shared]
+        fused = shared[0].apply_a(xd, torch.cat(rows, dim=0))
+        ax.update(zip(shared, fused.split([a.shape[0] for a in rows], dim=-1)))
     outs = []
     for m in modules:
-        if m in ax_parts:
+        if m in ax:
             base = m.base_layer(x)
-            outs.append(base + m.finish(started[m][0], x, ax_parts[m]).to(base.dtype))
+            outs.append(base + m.finish(started[m][0], x, ax[m]).to(base.dtype))
         else:
             outs.append(m(x))
     return outs

@@ -9,7 +9,7 @@ and the merges see ``c`` in their terms (``coeff``) and scalars. A type says:
   stacks earlier blocks' factors, as ``bs`` does);
 * ``caches``: which activations of this pass later blocks read (``"x"``, ``"ax"``);
 * ``link_ok``: whether block ``n-1`` may feed block ``n`` (decided once, while tracing);
-* ``mid``: the forward term;
+* ``a_input`` and ``mid``: the forward terms, before and after the ``A`` product;
 * ``stat``: what its norm window records for the input merge (``"x"``, ``"ax"`` or None);
 * ``exact_merge`` and ``merged_factors``: how it becomes a plain LoRA;
 * ``calibration_terms``: what the calibrated merges fit.
@@ -103,6 +103,11 @@ class Shortcut:
 
     def b_weight(self, block: ResLoRALayer, preds: list[ResLoRALayer]) -> torch.Tensor:
         return block.lora_B
+
+    def a_input(self, block: ResLoRALayer, step: Step, xd: torch.Tensor) -> torch.Tensor:
+        """What ``A_stack`` applies to, from ``xd = dropout(x_n)`` (a type whose shortcut is
+        linear in ``A`` folds it in here, so that the product runs once)."""
+        return xd
 
     def mid(self, block: ResLoRALayer, step: Step, x: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:
         """The intermediate ``mid_n`` from ``ax = A_stack x`` and this pass's cache."""

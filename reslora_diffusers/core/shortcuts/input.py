@@ -25,11 +25,13 @@ class InputShortcut(ActivationShortcut):
         prev = step.chain.cached("x", step.pos - 1)
         return prev is not None and prev.shape == x.shape
 
-    def mid(self, block, step, x, ax):
+    def a_input(self, block, step, xd):
+        """``dropout(x_n) + c dropout(x_{n-1})``: ``A_n`` applies once to the sum (its two
+        products would cost a second ``A`` product forward and two backward)."""
         if not step.preds:
-            return ax
-        x_prev = check_cached(block, step.pred_blocks[0], step.chain.cached("x", step.preds[0]), x)
-        return ax + block.shortcut_scale * block.apply_a(block.dropout(x_prev), block.lora_A)
+            return xd
+        x_prev = check_cached(block, step.pred_blocks[0], step.chain.cached("x", step.preds[0]), xd)
+        return xd + block.shortcut_scale * block.dropout(x_prev)
 
     def calibration_terms(self, block, step):
         coeff = float(block.shortcut_scale)
