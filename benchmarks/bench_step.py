@@ -9,7 +9,11 @@ the step saves for backward (activation memory; CPU has no peak-memory counter).
 times an inference forward of the base UNet against the UNet with the merged LoRA fused in.
 
     python benchmarks/bench_step.py [--model unet|sd3|flux] [--sizes small mid] [--rounds 7]
-                                    [--targets attention|attention+ff]
+                                    [--targets attention|attention+ff] [--variants none:1 bs:5 ...]
+                                    [--compile]
+
+``--compile`` puts every variant (PEFT LoRA too) through ``torch.compile`` (inductor) first;
+the first step's time, which holds the compilation, is the table's "compile s" column.
 
 For SD3 and Flux the targets are the joint-attention projections of both streams, and
 ``attention+ff`` adds the feed-forward layers of both streams (Flux: and the single blocks'
@@ -37,6 +41,7 @@ from reslora_diffusers.frontends import (
     frontend_for,
 )
 from reslora_diffusers.merge.error import output_tensor
+from reslora_diffusers.training.speed import compile_model
 
 #: per model: diffusers' attention projections, or with the feed-forward layers
 TARGET_SETS = {
@@ -57,6 +62,12 @@ SIZES = {
     "flux": {"small": (2, 64, 16, 2), "mid": (4, 128, 32, 2)},
 }
 RESLORA = [("none", 1), ("is", 1), ("bs", 1), ("bs", 3), ("bs", 5), ("ms", 1), ("ms", 3), ("ms", 5)]
+
+
+def parse_variant(text: str) -> tuple[str, int]:
+    """``res_type:pre_num`` (``bs:5``) or ``res_type`` (pre_num 1)."""
+    res_type, _, pre_num = text.partition(":")
+    return res_type, int(pre_num or 1)
 
 
 def make_unet(channels: tuple[int, ...]) -> UNet2DConditionModel:
@@ -142,18 +153,20 @@ def reslora_variant(base, rank: int, res_type: str, pre_num: int, targets: list[
 
 
 class Step:
-    """One training step of a variant, with its optimizer."""
+    """One training step of a variant, with its optimizer (``compiled``: through ``torch.compile``;
+    the first call compiles)."""
 
-    def __init__(self, unet, params, inputs) -> None:
+    def __init__(self, unet, params, inputs, compiled: bool = False) -> None:
         self.unet, self.inputs = unet.train(), inputs
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         with torch.no_grad():
-            self.target = torch.randn_like(output_tensor(unet(**inputs)))
+            self.target = torch.randn_like(output_tensor(unet(**inputs)))  # also ResLoRA's traced pass
+        self.forward = compile_model(unet) if compiled else unet
 
     def __call__(self) -> tuple[float, float]:
         """(wall seconds, CPU seconds of this process) of one step."""
         start, cpu = time.perf_counter(), time.process_time()
-        loss = torch.nn.functional.mse_loss(output_tensor(self.unet(**self.inputs)), self.target)
+        loss = torch.nn.functional.mse_loss(output_tensor(self.forward(**self.inputs)), self.target)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -182,13 +195,22 @@ def forward_time(unet, inputs, rounds: int) -> list[float]:
     return times
 
 
-def bench_size(model: str, name: str, rounds: int, rank: int, targets: list[str]) -> None:
+def bench_size(
+    model: str,
+    name: str,
+    rounds: int,
+    rank: int,
+    targets: list[str],
+    variants: list[tuple[str, int]] = RESLORA,
+    compiled: bool = False,
+) -> None:
     base, inputs = make_model(model, SIZES[model][name])
-    steps = {"PEFT LoRA": Step(*peft_variant(base, rank, targets), inputs)}
-    for res_type, pre_num in RESLORA:
+    steps = {"PEFT LoRA": Step(*peft_variant(base, rank, targets), inputs, compiled)}
+    for res_type, pre_num in variants:
         label = f"ResLoRA {res_type}" + (f" m={pre_num}" if res_type in ("bs", "ms") else "")
-        steps[label] = Step(*reslora_variant(base, rank, res_type, pre_num, targets), inputs)
-    for step in steps.values():  # warm-up (and the traced pass of ResLoRA)
+        steps[label] = Step(*reslora_variant(base, rank, res_type, pre_num, targets), inputs, compiled)
+    first = {label: step()[0] for label, step in steps.items()}  # warm-up (compiles when compiled)
+    for step in steps.values():
         step()
     times = {k: [] for k in steps}
     for _ in range(rounds):
@@ -198,19 +220,24 @@ def bench_size(model: str, name: str, rounds: int, rank: int, targets: list[str]
     peft_cpu = statistics.median(t[1] for t in times["PEFT LoRA"])
     print(
         f"\n### {model} {name}: {SIZES[model][name]} (UNet: channels, latent side, batch; SD3/Flux: "
-        f"blocks, width, latent side, batch), rank {rank}, targets {' '.join(targets)}\n"
+        f"blocks, width, latent side, batch), rank {rank}, targets {' '.join(targets)}"
+        f"{', torch.compile (inductor)' if compiled else ''}\n"
     )
     print(
-        "| variant | median wall ms | ratio to PEFT | median CPU ms | CPU ratio to PEFT | saved for backward MiB |"
+        "| variant | median wall ms | ratio to PEFT | median CPU ms | CPU ratio to PEFT | saved for backward MiB"
+        + (" | compile s | compile ratio to PEFT |" if compiled else " |")
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|" + ("---|---|" if compiled else ""))
     for label, ts in times.items():
         wall = statistics.median(t[0] for t in ts)
         cpu = statistics.median(t[1] for t in ts)
-        print(
-            f"| {label} | {wall * 1e3:.1f} | {wall / peft_wall:.3f} | {cpu * 1e3:.1f} | {cpu / peft_cpu:.3f} "
-            f"| {steps[label].saved_mib():.1f} |"
-        )
+        saved = "n/a" if compiled else f"{steps[label].saved_mib():.1f}"  # hooks do not reach compiled graphs
+        row = f"| {label} | {wall * 1e3:.1f} | {wall / peft_wall:.3f} | {cpu * 1e3:.1f} | {cpu / peft_cpu:.3f} | {saved} |"
+        if compiled:
+            row += f" {first[label]:.1f} | {first[label] / first['PEFT LoRA']:.2f} |"
+        print(row)
+    if compiled:
+        return
 
     # inference: the base model vs the model with a merged (bs, m=5) ResLoRA fused into its weights
     trained = steps["ResLoRA bs m=5"].unet
@@ -235,10 +262,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", choices=["attention", "attention+ff"], default="attention")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        type=parse_variant,
+        default=RESLORA,
+        help="ResLoRA variants as res_type:pre_num (default: all types, pre_num 1, 3, 5)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="every variant through torch.compile (inductor)"
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for name in args.sizes:
-        bench_size(args.model, name, args.rounds, args.rank, TARGET_SETS[args.model][args.targets])
+        targets = TARGET_SETS[args.model][args.targets]
+        bench_size(args.model, name, args.rounds, args.rank, targets, args.variants, args.compile)
 
 
 if __name__ == "__main__":
