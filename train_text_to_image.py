@@ -19,13 +19,6 @@ At the end ``output_dir`` holds ``pytorch_lora_weights.safetensors`` (loads with
 
 from __future__ import annotations
 
-import os
-
-# Before torch starts its OpenMP threads: idle threads sleep instead of spinning, so that a
-# run shares a busy CPU gracefully (spinning threads of an oversubscribed CPU cost several
-# times the step time). A value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import contextlib
 import json

@@ -5,14 +5,12 @@ Runs ``train_text_to_image.py`` (its default run, or with the flags after ``--``
 ``train_log.jsonl`` and stops it once the steps are done (the export is not timed). The
 settings (``--settings``, default all):
 
-* ``old``: torch imported before the script runs, so OpenMP starts with its default wait
-  policy (idle threads spin for a while before they sleep), and torch's thread count fixed
-  (``--cpu_threads torch``): the script before it cared about load;
-* ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` set before torch loads, the thread count fixed;
-* ``spin-auto``: OpenMP's default wait policy, threads following the free CPUs
-  (``--cpu_threads auto``);
-* ``new``: the script as a user runs it (its defaults: ``OMP_WAIT_POLICY=PASSIVE`` unless
-  set, ``--cpu_threads auto``).
+* ``old``: OpenMP's default wait policy (idle threads spin for a while before they sleep) and
+  torch's thread count, fixed (``--cpu_threads torch``): the script before it cared about load;
+* ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep at once), the count fixed;
+* ``passive-auto``: ``OMP_WAIT_POLICY=PASSIVE`` and threads following the free CPUs;
+* ``new``: the script as a user runs it (its defaults: OpenMP's wait policy, ``--cpu_threads
+  auto``).
 
 Each is measured idle and with one competing ``python -c "while True: pass"`` process that
 the benchmark starts and kills, interleaved over ``--rounds``. The table gives the median
@@ -40,29 +38,24 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_text_to_image.py"
 #: the first steps are warm-up (allocator, first validation's leftovers); steps after this are timed
 FIRST_TIMED_STEP = 11
-#: setting -> (torch loaded before the script sets a wait policy, ``--cpu_threads``; None: the default)
+#: setting -> (``OMP_WAIT_POLICY``, ``--cpu_threads``); None: not set (OpenMP's, the script's default)
 SETTINGS = {
-    "old": (True, "torch"),
-    "passive": (False, "torch"),
-    "spin-auto": (True, "auto"),
-    "new": (False, None),
+    "old": (None, "torch"),
+    "passive": ("PASSIVE", "torch"),
+    "passive-auto": ("PASSIVE", "auto"),
+    "new": (None, None),
 }
 LOADS = ("idle", "busy")
 
 
-def command(setting: str, argv: list[str]) -> list[str]:
-    """The command line of one measurement; loading torch first keeps OpenMP's default wait policy."""
-    preload, threads = SETTINGS[setting]
-    if threads is not None:
-        argv = [*argv, "--cpu_threads", threads]
-    if not preload:
-        return [sys.executable, str(SCRIPT), *argv]
-    code = (
-        "import sys, runpy, torch; "
-        f"sys.argv = [{str(SCRIPT)!r}, *sys.argv[1:]]; "
-        f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
-    )
-    return [sys.executable, "-c", code, *argv]
+def command(setting: str, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of one measurement."""
+    policy, threads = SETTINGS[setting]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    extra = [] if threads is None else ["--cpu_threads", threads]
+    return [sys.executable, str(SCRIPT), *argv, *extra], env
 
 
 def step_times(records: list[dict], first: int = FIRST_TIMED_STEP) -> list[float]:
@@ -88,7 +81,6 @@ def summarize(medians: dict[tuple[str, str], float], settings: list[str]) -> str
 
 def measure(setting: str, busy: bool, steps: int, train_args: list[str]) -> list[float]:
     """Step times of one run of the script (in a temporary output folder)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
@@ -96,7 +88,8 @@ def measure(setting: str, busy: bool, steps: int, train_args: list[str]) -> list
         argv += ["--checkpointing_steps", str(10 * steps), *train_args]
         # stderr to a file: a pipe nobody reads would block the script once full
         stderr = (Path(tmp) / "stderr.txt").open("w+")
-        proc = subprocess.Popen(command(setting, argv), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        cmd, env = command(setting, argv)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             records = _wait_for_steps(proc, out / "train_log.jsonl", steps, stderr)
         finally:

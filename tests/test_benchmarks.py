@@ -122,15 +122,12 @@ def test_bench_load_times_steps_from_the_log_and_reports_the_ratios():
     assert "| old | 600 | 2400 | 4.00x | 1.00x | 1.00x |" in text
     assert "| new | 600 | 900 | 1.50x | 1.00x | 0.38x |" in text
 
-    # old and spin-auto load torch (and OpenMP with it) before the script can set a wait policy;
-    # only the script's defaults leave --cpu_threads unset
-    old, new = bench_load.command("old", ["--seed", "1"]), bench_load.command("new", ["--seed", "1"])
-    assert new[1:] == [str(bench_load.SCRIPT), "--seed", "1"]
-    assert old[1] == "-c" and old[2].index("import sys, runpy, torch") < old[2].index("run_path")
-    assert old[3:] == ["--seed", "1", "--cpu_threads", "torch"]
-    passive, spin_auto = bench_load.command("passive", []), bench_load.command("spin-auto", [])
-    assert passive[1:] == [str(bench_load.SCRIPT), "--cpu_threads", "torch"]
-    assert spin_auto[1] == "-c" and spin_auto[3:] == ["--cpu_threads", "auto"]
+    # the wait policy goes in the environment; only the script's defaults leave both unset
+    (old, old_env), (new, new_env) = bench_load.command("old", ["--seed", "1"]), bench_load.command("new", [])
+    assert old[1:] == [str(bench_load.SCRIPT), "--seed", "1", "--cpu_threads", "torch"]
+    assert new[1:] == [str(bench_load.SCRIPT)] and "OMP_WAIT_POLICY" not in {**old_env, **new_env}
+    passive, env = bench_load.command("passive-auto", [])
+    assert passive[2:] == ["--cpu_threads", "auto"] and env["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 bench_gpu = _load("bench_gpu")
@@ -175,3 +172,55 @@ def test_profile_step_prints_the_top_operators_of_an_eager_step(capsys):
     out = capsys.readouterr().out
     assert "### eager step, top 4 operators" in out and "Self CPU" in out
     assert "aten::" in out
+
+
+merge_error = _load("merge_error")
+
+
+def test_merge_error_study_measures_the_error_against_the_whole_output_and_the_adapters_change():
+    """Both ratios against a second path: the merged LoRA fused into a copy of the base's weights
+    (``W + B' A'``) and the untouched base itself."""
+    import copy
+
+    from reslora_diffusers import ResLoRAConfig, add_reslora, merge_to_lora
+    from tests.toys import ResidualStack
+
+    torch.manual_seed(0)
+    base = ResidualStack(d=8, n_layers=4)
+    model = add_reslora(copy.deepcopy(base), ResLoRAConfig(rank=2, res_type="is", target_modules=["proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.train()
+    batches = [{"x": torch.randn(5, 8)} for _ in range(3)]
+    for batch in batches:  # the traced pass and the input merge's norm windows
+        model(**batch)
+    merged = merge_to_lora(model, merge="input")
+
+    fused = copy.deepcopy(base)
+    with torch.no_grad():
+        for i, layer in enumerate(fused.layers):
+            a, b = merged[f"layers.{i}.proj.lora_A.weight"], merged[f"layers.{i}.proj.lora_B.weight"]
+            layer.proj.weight += b @ a
+    model.eval()
+    with torch.no_grad():
+        ref = torch.cat([model(**b) for b in batches]).double()
+        got = torch.cat([fused(**b) for b in batches]).double()
+        plain = torch.cat([base(**b) for b in batches]).double()
+    out_err, delta_err = merge_error.delta_error(model, merged, batches)
+    assert out_err == pytest.approx(float((got - ref).norm() / ref.norm()), rel=1e-6)
+    assert delta_err == pytest.approx(float((got - ref).norm() / (ref - plain).norm()), rel=1e-6)
+    assert 0 < out_err < delta_err  # an `is` merge is approximate; the adapters change less than the output
+
+    results = [
+        {
+            "base": "unet",
+            "method": "is",
+            "seed": s,
+            "merges": {"input": {"output_error": e, "delta_error": 2 * e}},
+        }
+        for s, e in ((0, 0.1), (1, 0.3))
+    ]
+    args = argparse.Namespace(bases=["unet"], methods=["is"], merges=["input"])
+    assert "| unet | is | 0.200 +- 0.141 / 0.400 +- 0.283 |" in merge_error.markdown(results, args)
