@@ -222,6 +222,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how the is/ms shortcuts are merged away at export (bs, none: exact)",
     )
     p.add_argument(
+        "--record_norms",
+        action="store_true",
+        help="record the norm windows of merge=input even when --merge is another (is/ms; "
+        "--merge input records them anyway): for reslora-merge --merge input later",
+    )
+    p.add_argument(
         "--distill_steps",
         type=int,
         default=DEFAULT_DISTILL_STEPS,
@@ -404,6 +410,7 @@ def add_adapters(args: argparse.Namespace, trained: dict, objective: Objective) 
             pre_num=args.pre_num,
             target_modules=args.target_modules,
             merge=args.merge,
+            record_norms=args.record_norms or None,
         )
         for model in models:
             add_reslora(model, config if model is denoiser else replace(config, target_modules=None))

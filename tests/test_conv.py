@@ -64,7 +64,7 @@ class ScaleConvStack(nn.Module):
 def make(model_cls=ConvStack, seed=0, **cfg):
     torch.manual_seed(seed)
     model = model_cls()
-    add_reslora(model, ResLoRAConfig(rank=2, alpha=4, target_modules=["conv"], **cfg))
+    add_reslora(model, ResLoRAConfig(rank=2, alpha=4, target_modules=["conv"], record_norms=True, **cfg))
     randomize_lora(model, seed)
     return model
 

@@ -38,6 +38,7 @@ TYPES = ["none", "is", "bs", "ms"]
 def make(model_cls=ResidualStack, seed=0, **cfg):
     torch.manual_seed(seed)
     model = model_cls()
+    cfg.setdefault("record_norms", True)  # the input merge is tested throughout
     config = ResLoRAConfig(rank=3, alpha=6, target_modules=["proj"], **cfg)
     add_reslora(model, config)
     randomize_lora(model, seed)
@@ -246,7 +247,7 @@ def test_remove_restores_bit_identical_outputs(res_type):
     model.layers[0].proj.weight.requires_grad_(False)
     x = torch.randn(4, 8)
     before = model(x)
-    add_reslora(model, ResLoRAConfig(res_type=res_type, target_modules=["proj"]))
+    add_reslora(model, ResLoRAConfig(res_type=res_type, target_modules=["proj"], record_norms=True))
     randomize_lora(model)
     assert not torch.equal(model(x), before)
     remove_reslora(model)
@@ -471,3 +472,32 @@ def test_checkpoint_is_written_atomically(tmp_path):
     with pytest.raises(TypeError):  # invalid metadata: safetensors refuses, nothing may be left behind
         save_reslora_checkpoint(model, target, metadata={"bad": 1})
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("res_type", ["is", "ms"])
+def test_norm_windows_are_recorded_only_for_the_input_merge_or_on_request(res_type):
+    """The windows cost a few small operations per block and step: recorded when the configured
+    merge reads them (``input``) or with ``record_norms=True``; otherwise ``merge="input"`` names
+    the missing statistics and ``compare_merges`` leaves that merge out."""
+    from reslora_diffusers.merge import has_norm_windows
+
+    x = torch.randn(4, 8)
+    counts = {}
+    for label, extra in {"default": {}, "input": {"merge": "input"}, "asked": {"record_norms": True}}.items():
+        model = make(res_type=res_type, **{"record_norms": None, **extra})
+        model.train()(x)
+        counts[label] = [int(layer.proj.norm_count) for layer in model.layers]
+        assert has_norm_windows(model) == (label != "default")
+    assert set(counts["default"]) == {0} and set(counts["input"]) == set(counts["asked"]) == {1}
+
+    model = make(res_type=res_type, record_norms=None)
+    model.train()(x)
+    with pytest.raises(
+        ValueError, match=r"merge='input' needs the norm window of layers\.\d\.proj.*record_norms=True"
+    ):
+        merge_to_lora(model, merge="input")
+    errors = compare_merges(model.eval(), [x], calibration=[x])
+    assert "input" not in errors and {"weight", "calibrated"} <= set(errors)
+    assert ResLoRAConfig(merge="input").records_norms and not ResLoRAConfig().records_norms
+    with pytest.raises(ValueError, match="record_norms"):
+        ResLoRAConfig(record_norms="yes")

@@ -91,7 +91,9 @@ def test_unet_chains_follow_down_mid_up_and_break_at_resolution_changes():
 def _export_trained_unet(out, res_type: str, pre_num: int, merge: str, **kwargs):
     """The report of a tiny UNet with random LoRA weights after training passes, exported with
     ``merge``: calibrated on two batches, measured on a third."""
-    unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type=res_type, pre_num=pre_num))
+    unet = add_reslora(
+        tiny_sd_unet(), ResLoRAConfig(rank=2, res_type=res_type, pre_num=pre_num, record_norms=True)
+    )
     randomize_lora(unet, scale=0.2)
     batches = [unet_inputs(unet, seed=s) for s in range(3)]
     train_forwards(unet, batches)
@@ -120,7 +122,9 @@ def test_cross_attention_kv_merges_are_exact(tmp_path, res_type, pre_num):
 
 def _pipe_with_reslora(make_pipe, tmp_path, res_type, pre_num=2, targets=None):
     pipe = make_pipe(tmp_path)
-    config = ResLoRAConfig(rank=2, alpha=4, res_type=res_type, pre_num=pre_num, target_modules=targets)
+    config = ResLoRAConfig(
+        rank=2, alpha=4, res_type=res_type, pre_num=pre_num, target_modules=targets, record_norms=True
+    )
     add_reslora(pipe, config, train_text_encoder=True)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)

@@ -263,7 +263,7 @@ def test_load_lora_weights_gives_the_merged_model(tmp_path, family, res_type):
 @pytest.mark.parametrize("family", MAKERS)
 def test_merge_report_on_synthetic_transformer_inputs(tmp_path, family):
     model = MAKERS[family]()
-    add_reslora(model, ResLoRAConfig(rank=2, res_type="ms", pre_num=2))
+    add_reslora(model, ResLoRAConfig(rank=2, res_type="ms", pre_num=2, record_norms=True))
     randomize_lora(model, scale=0.2)
     train_forwards(model, inputs(model, num=2))
     report = export_lora(tmp_path / "out", transformer=model)

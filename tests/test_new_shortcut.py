@@ -65,7 +65,8 @@ class LaggedInputShortcut(ActivationShortcut):
 def make(model_cls=ResidualStack, seed=0):
     torch.manual_seed(seed)
     model = add_reslora(
-        model_cls(), ResLoRAConfig(rank=3, alpha=6, res_type="ls", pre_num=2, target_modules=["proj"])
+        model_cls(),
+        ResLoRAConfig(rank=3, alpha=6, res_type="ls", pre_num=2, target_modules=["proj"], record_norms=True),
     )
     randomize_lora(model, seed)
     return model

@@ -27,7 +27,9 @@ def make(res_type, pre_num=1, model_cls=ResidualStack, seed=0):
     torch.manual_seed(seed)
     model = add_reslora(
         model_cls(),
-        ResLoRAConfig(rank=3, alpha=6, res_type=res_type, pre_num=pre_num, target_modules=["proj"]),
+        ResLoRAConfig(
+            rank=3, alpha=6, res_type=res_type, pre_num=pre_num, target_modules=["proj"], record_norms=True
+        ),
     )
     randomize_lora(model, seed)
     return model

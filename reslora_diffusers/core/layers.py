@@ -66,8 +66,10 @@ class ResLoRALayer(nn.Module, ABC):
         chain: the :class:`~.chain.Chain` of blocks with the same role.
         module_path: the adapted module's path in the model ResLoRA was attached to.
         norm_window, norm_count: sliding window of RMS norms of ``x`` (or ``A x``: the type's
-            ``stat``), recorded in training mode for the input merge. The write position is
-            ``norm_count`` itself, so loading a state dict resumes the window where it was.
+            ``stat``), recorded in training mode for the input merge when ``record_norms``.
+            The write position is ``norm_count`` itself, so loading a state dict resumes the
+            window where it was.
+        record_norms: the config's ``records_norms``: whether training passes record the window.
         shortcut_scale: the factor ``c`` on every shortcut term of this block (0-dim buffer,
             1 by default; :func:`~.inject.set_shortcut_scale`). A tensor, not a Python float,
             so that a schedule changing it every step does not make ``torch.compile`` recompile;
@@ -93,6 +95,7 @@ class ResLoRALayer(nn.Module, ABC):
         self.register_buffer("norm_window", torch.zeros(config.norm_window, device=weight.device))
         self.register_buffer("norm_count", torch.zeros((), dtype=torch.long, device=weight.device))
         self.register_buffer("shortcut_scale", torch.ones((), device=weight.device))
+        self.record_norms = config.records_norms
         self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self._observers: dict[int, Observer] = {}
         self._next_observer = 0
@@ -199,7 +202,7 @@ class ResLoRALayer(nn.Module, ABC):
             return self.apply_b(ax, self._factors[1])
         own_ax = sc.own_ax(self, ax)
         self.chain.record(step, x=x, ax=own_ax)
-        if self.training and sc.stat is not None:
+        if self.training and self.record_norms and sc.stat is not None:
             self._record_norm(x if sc.stat == "x" else own_ax)
         self._notify(x, step)
         mid = sc.mid(self, step, x, ax)

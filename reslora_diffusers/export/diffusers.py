@@ -24,7 +24,14 @@ import torch.nn as nn
 
 from ..core import get_state, traced_state
 from ..frontends import components_family, frontend_for
-from ..merge import DEFAULT_DISTILL_STEPS, MergedLoRA, merge_to_lora, reference_outputs, relative_error
+from ..merge import (
+    DEFAULT_DISTILL_STEPS,
+    MergedLoRA,
+    has_norm_windows,
+    merge_to_lora,
+    reference_outputs,
+    relative_error,
+)
 from ..utils.io import atomic_dir
 from ..utils.safety import save_safetensors
 from .keys import lora_factors, lora_key, lora_paths, prefixed
@@ -179,7 +186,7 @@ def component_report(
     methods = [method]
     if not (state.shortcut.exact_merge or state.shortcuts_off()):
         # the one-pass merges always, for comparison; the sequential one only when chosen (costly)
-        methods = [m for m in _COMPARED if m == method or _can_merge(state, m)]
+        methods = [m for m in _COMPARED if m == method or m != "input" or has_norm_windows(module)]
         methods += [method] if method not in _COMPARED else []
     per_method = {}
     ref = reference_outputs(module, evals)
@@ -198,12 +205,6 @@ def component_report(
         "ranks": sorted(set(merged.report.ranks.values())),
         "truncation_max": max(merged.report.truncation.values(), default=0.0),
     }
-
-
-def _can_merge(state, method: str) -> bool:
-    if method == "input":
-        return all(int(b.norm_count) > 0 for b in state.blocks.values())
-    return True
 
 
 def _subset(lora: dict, blocks) -> dict:

@@ -90,7 +90,8 @@ class _Context:
         if mean is None:
             raise ValueError(
                 f"merge='input' needs the norm window of {block.module_path}, but it recorded no "
-                "training forward pass; train first (model.train()) or use merge='calibrated' or 'weight'"
+                "training forward pass; train with ResLoRAConfig(record_norms=True) (or merge='input'), "
+                "or use merge='calibrated' or 'weight'"
             )
         return float(mean)
 
@@ -203,6 +204,15 @@ def _merge_factors(
     return factors
 
 
+def has_norm_windows(model: nn.Module) -> bool:
+    """Whether every block of ``model`` recorded the norm window that ``merge="input"`` reads
+    (``ResLoRAConfig.record_norms``; needless for types that merge exactly)."""
+    state = traced_state(model)
+    if state.shortcut.exact_merge:
+        return True
+    return all(int(b.norm_count) > 0 for b in state.blocks.values())
+
+
 def compare_merges(
     model: nn.Module,
     eval_inputs: list[Batch],
@@ -211,10 +221,13 @@ def compare_merges(
     **kwargs,
 ) -> dict[str, float]:
     """Relative output error of each merge method on ``eval_inputs`` (methods that cannot run
-    for lack of data, e.g. ``calibrated`` without batches, are left out)."""
+    for lack of data are left out: ``calibrated`` without batches, ``input`` without recorded
+    norm windows)."""
     out = {}
     for method in methods:
         if method in CALIBRATED_METHODS and calibration is None:
+            continue
+        if method == "input" and not has_norm_windows(model):
             continue
         merged = merge_to_lora(model, method, calibration=calibration, eval_inputs=eval_inputs, **kwargs)
         out[method] = merged.report.output_error

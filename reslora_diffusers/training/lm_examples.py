@@ -98,6 +98,8 @@ def method_config(args: argparse.Namespace, res_type: str) -> ResLoRAConfig:
         pre_num=args.pre_num,
         target_modules=args.target_modules,
         merge=args.merge,
+        # --compare_merges reports merge="input" too, which reads the training norm windows
+        record_norms=True if args.compare_merges else None,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from . import register_shortcut
 from .base import ActivationShortcut, CalibrationTerm, check_cached
 
@@ -31,7 +33,7 @@ class InputShortcut(ActivationShortcut):
         if not step.preds:
             return xd
         x_prev = check_cached(block, step.pred_blocks[0], step.chain.cached("x", step.preds[0]), xd)
-        return xd + block.shortcut_scale * block.dropout(x_prev)
+        return torch.addcmul(xd, block.shortcut_scale, block.dropout(x_prev))  # one operation
 
     def calibration_terms(self, block, step):
         coeff = float(block.shortcut_scale)

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import functools
+
+import torch
+
 from . import register_shortcut
 from .base import ActivationShortcut, CalibrationTerm, check_cached
 
@@ -31,11 +35,12 @@ class MiddleShortcut(ActivationShortcut):
     def mid(self, block, step, x, ax):
         if not step.preds:
             return ax
-        earlier = sum(
+        cached = [
             check_cached(block, pred, step.chain.cached("ax", pos), ax)
             for pred, pos in zip(step.pred_blocks, step.preds)
-        )
-        return ax + block.shortcut_scale * earlier
+        ]
+        earlier = functools.reduce(torch.add, cached)  # no 0 + t1 copy, as sum() would make
+        return torch.addcmul(ax, block.shortcut_scale, earlier)
 
     def calibration_terms(self, block, step):
         coeff = float(block.shortcut_scale)
