@@ -105,6 +105,7 @@ def run_one(base: str, method: str, seed: int, args: argparse.Namespace) -> dict
     ]
     argv += ["--validation_steps", str(args.max_train_steps), "--num_validation_images", "1"]
     argv += ["--overwrite_output_dir", *extra, *args.train_args]
+    argv += ["--record_norms"] if "input" in args.merges else []  # the input merge reads them
     if not (out / script.RESLORA_CHECKPOINT).is_file():
         script.train(script.parse_args(argv), argv)
 

@@ -187,7 +187,9 @@ def test_merge_error_study_measures_the_error_against_the_whole_output_and_the_a
 
     torch.manual_seed(0)
     base = ResidualStack(d=8, n_layers=4)
-    model = add_reslora(copy.deepcopy(base), ResLoRAConfig(rank=2, res_type="is", target_modules=["proj"]))
+    model = add_reslora(
+        copy.deepcopy(base), ResLoRAConfig(rank=2, res_type="is", target_modules=["proj"], record_norms=True)
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
