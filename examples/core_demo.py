@@ -52,7 +52,15 @@ def main() -> None:
         torch.manual_seed(1)
         model = Stack(d, n_layers)
         model.load_state_dict(base_state)
-        cfg = ResLoRAConfig(rank=4, alpha=8, res_type=res_type, pre_num=args.pre_num, target_modules=["proj"])
+        # record_norms: the comparison includes merge="input", which reads the training norm windows
+        cfg = ResLoRAConfig(
+            rank=4,
+            alpha=8,
+            res_type=res_type,
+            pre_num=args.pre_num,
+            target_modules=["proj"],
+            record_norms=True,
+        )
         add_reslora(model, cfg)
         opt = torch.optim.AdamW(trainable_parameters(model), lr=3e-3)
         for step in range(args.steps):
