@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,15 @@ from safetensors.torch import load_file
 from reslora_diffusers import load_reslora_checkpoint
 from reslora_diffusers.data import default_base_model_path
 from reslora_diffusers.frontends import frontend_for
+from tests.test_train_script import (  # noqa: F401
+    _assert_same_weights,
+    _from_checkpoint,
+    _subset,
+    fresh_accelerate_state,
+    one_thread,
+    script,
+)
 from tests.test_train_script import _run as sd_run
-from tests.test_train_script import _subset, fresh_accelerate_state, one_thread, script  # noqa: F401
 from tests.tiny_dits import tiny_flux_pipeline, tiny_sd3_pipeline
 
 PIPES = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
@@ -178,17 +184,11 @@ def test_flux_resume_matches_the_uninterrupted_run(bases, data, tmp_path):
     extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--res_type", "is", "--random_flip"]
     extra += ["--lora_dropout", "0.1", "--weighting_scheme", "logit_normal", "--learning_rate", "1e-2"]
     _run(bases["flux"], data, tmp_path / "full", *extra)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed / "checkpoint-2")
+    resumed = _from_checkpoint(tmp_path / "full", 2, tmp_path / "resumed")
     _run(bases["flux"], data, resumed, *extra, "--resume_from_checkpoint", "latest")
 
-    full = load_file(tmp_path / "full" / "reslora_checkpoint.safetensors")
-    again = load_file(resumed / "reslora_checkpoint.safetensors")
-    assert full.keys() == again.keys()
+    full = _assert_same_weights(tmp_path / "full", resumed)
     assert any(v.abs().sum() > 0 for k, v in full.items() if k.endswith("lora_B"))
-    for key in full:
-        assert torch.equal(full[key], again[key]), key
     assert _losses(resumed) == _losses(tmp_path / "full")[2:]  # the copied checkpoint has no log
 
 
@@ -287,11 +287,6 @@ def test_two_process_ddp_run_has_the_single_process_chains_and_resumes_exactly(b
     if family != "flux":
         return
 
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    resumed = _from_checkpoint(out, 2, tmp_path / "resumed")
     _launch_two_processes(bases[family], data, resumed, *dit, "--resume_from_checkpoint", "latest")
-    again = load_file(resumed / "reslora_checkpoint.safetensors")
-    assert again.keys() == weights.keys()
-    for key in weights:
-        assert torch.equal(again[key], weights[key]), key
+    _assert_same_weights(out, resumed)

@@ -90,6 +90,22 @@ def _run(base: Path, data: Path, out: Path, *extra: str) -> dict:
     return script.train(script.parse_args(argv), argv)
 
 
+def _from_checkpoint(run_dir: Path, step: int, resumed: Path) -> Path:
+    """A new output folder ``resumed`` holding only ``run_dir``'s ``checkpoint-<step>``."""
+    resumed.mkdir()
+    shutil.copytree(run_dir / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
+    return resumed
+
+
+def _assert_same_weights(expected: Path, got: Path, name: str = "reslora_checkpoint.safetensors") -> dict:
+    """Both runs' ``name`` files hold the same keys and bit-identical tensors; returns ``expected``'s."""
+    want, have = load_file(expected / name), load_file(got / name)
+    assert want.keys() == have.keys()
+    for key in want:
+        assert torch.equal(want[key], have[key]), key
+    return want
+
+
 def _unet_inputs(seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return {
@@ -161,17 +177,11 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(base, data, tmp_path):
         "2",
     ]
     _run(base, data, tmp_path / "full", *extra)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed / "checkpoint-2")
+    resumed = _from_checkpoint(tmp_path / "full", 2, tmp_path / "resumed")
     _run(base, data, resumed, *extra, "--resume_from_checkpoint", "latest")
 
-    full = load_file(tmp_path / "full" / "reslora_checkpoint.safetensors")
-    again = load_file(resumed / "reslora_checkpoint.safetensors")
-    assert full.keys() == again.keys()
+    full = _assert_same_weights(tmp_path / "full", resumed)
     assert any(v.abs().sum() > 0 for k, v in full.items() if k.endswith("lora_B"))
-    for key in full:
-        assert torch.equal(full[key], again[key]), key
     losses = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
     full_losses = [
         json.loads(line) for line in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()
@@ -190,16 +200,10 @@ def test_resume_mid_decay_of_the_shortcut_schedule_is_exact_and_exports_exactly(
     assert len(scales) == 1 and scales.pop() == pytest.approx(
         0.5
     )  # step 3: p = (3 - 1) / 4, (1 + cos(pi / 2)) / 2
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoint-3", resumed / "checkpoint-3")
+    resumed = _from_checkpoint(tmp_path / "full", 3, tmp_path / "resumed")
     _run(base, data, resumed, *extra, "--resume_from_checkpoint", "latest")
 
-    full = load_file(tmp_path / "full" / "reslora_checkpoint.safetensors")
-    again = load_file(resumed / "reslora_checkpoint.safetensors")
-    assert full.keys() == again.keys()
-    for key in full:
-        assert torch.equal(full[key], again[key]), key
+    full = _assert_same_weights(tmp_path / "full", resumed)
     assert {float(v) for k, v in full.items() if k.endswith("shortcut_scale")} == {0.0}
     losses = [json.loads(line)["loss"] for line in (resumed / "train_log.jsonl").read_text().splitlines()]
     full_log = (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()
@@ -404,14 +408,9 @@ def test_two_process_ddp_run_and_exact_resume(base, data, tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     assert report["components"]["unet"]["output_error"] < 0.05
 
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    resumed = _from_checkpoint(out, 2, tmp_path / "resumed")
     _launch_two_processes(base, data, resumed, "--resume_from_checkpoint", "latest")
-    again = load_file(resumed / "reslora_checkpoint.safetensors")
-    assert again.keys() == weights.keys()
-    for key in weights:
-        assert torch.equal(again[key], weights[key]), key
+    _assert_same_weights(out, resumed)
 
 
 def _as_hub_dataset(data: Path, root: Path) -> tuple[Path, Path]:
@@ -498,9 +497,7 @@ def test_peft_baseline_on_unet_and_text_encoder_from_a_hub_style_dataset(base, d
 
     # checkpoints hold the LoRA layers, not whole models, and resume to the same weights
     assert {p.name for p in (out / "checkpoint-2").glob("*.safetensors")} == {"peft_lora.safetensors"}
-    resumed = tmp_path / "peft-resumed"
-    resumed.mkdir()
-    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    resumed = _from_checkpoint(out, 2, tmp_path / "peft-resumed")
     again = [*argv, "--resume_from_checkpoint", "latest"]
     again[again.index(str(out))] = str(resumed)
     script.train(script.parse_args(again), again)
