@@ -35,6 +35,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -193,16 +194,20 @@ def measure_run(
             (out / "result.json").write_text(json.dumps(result))
 
 
-def export_accuracy(script, argv: list[str], checkpoint: Path, merge: str, step: int) -> dict:
-    """Export a saved ResLoRA checkpoint as the training script does (calibration batches from
-    the training data, through the base family's objective), load the file with
-    ``load_lora_weights`` and score it."""
-    import tempfile
+class TrainedDenoiser(NamedTuple):
+    args: argparse.Namespace
+    name: str
+    model: object
+    resolution: int
+    calibration: list
+    held_out: list
 
-    import torch
 
+def trained_denoiser(script, argv: list[str], checkpoint: Path, held_out_batches: int = 1) -> TrainedDenoiser:
+    """The run's denoiser with a saved ResLoRA checkpoint loaded (eval mode), its training
+    resolution, and the batches the training script's export uses: calibration and held-out
+    batches drawn from the training data through the family's objective."""
     from reslora_diffusers import load_reslora_checkpoint
-    from reslora_diffusers.export import export_lora
     from reslora_diffusers.training.objectives import real_inputs
 
     args = script.parse_args(argv)
@@ -216,14 +221,28 @@ def export_accuracy(script, argv: list[str], checkpoint: Path, merge: str, step:
     _, dataset = script.load_training_data(args, objective, resolution)
     size = args.train_batch_size
     calibration = real_inputs(objective, models, dataset, size, args.seed + 1, args.calibration_batches)
-    held_out = real_inputs(objective, models, dataset, size, args.seed + 2, num=1)
+    held_out = real_inputs(objective, models, dataset, size, args.seed + 2, held_out_batches)
+    return TrainedDenoiser(args, name, models[name], resolution, calibration[name], held_out[name])
+
+
+def export_accuracy(script, argv: list[str], checkpoint: Path, merge: str, step: int) -> dict:
+    """Export a saved ResLoRA checkpoint as the training script does (:func:`trained_denoiser`),
+    load the file with ``load_lora_weights`` and score it."""
+    import tempfile
+
+    import torch
+
+    from reslora_diffusers.export import export_lora
+
+    run = trained_denoiser(script, argv, checkpoint)
+    args, name, resolution = run.args, run.name, run.resolution
     with tempfile.TemporaryDirectory() as tmp:
         report = export_lora(
             tmp,
-            **{name: models[name]},
+            **{name: run.model},
             merge=merge,
-            calibration={name: calibration[name]},
-            eval_inputs={name: held_out[name]},
+            calibration={name: run.calibration},
+            eval_inputs={name: run.held_out},
             formats=["diffusers"],
             chain_report=False,
             distill_steps=args.distill_steps,

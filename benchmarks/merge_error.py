@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from compare_methods import METHODS, base_args, load_train_script  # noqa: E402
+from compare_methods import METHODS, base_args, load_train_script, trained_denoiser  # noqa: E402
 
 MERGES = ("input", "weight", "calibrated", "sequential")
 #: the types whose merge is approximate (bs and none merge exactly)
@@ -85,8 +85,7 @@ def run_one(base: str, method: str, seed: int, args: argparse.Namespace) -> dict
     """Train one run (cached) and measure every merge of its final checkpoint."""
     import torch
 
-    from reslora_diffusers import load_reslora_checkpoint, merge_to_lora
-    from reslora_diffusers.training.objectives import real_inputs
+    from reslora_diffusers import merge_to_lora
 
     torch.set_num_threads(1)
     name, extra = base_name_and_args(base)
@@ -109,22 +108,11 @@ def run_one(base: str, method: str, seed: int, args: argparse.Namespace) -> dict
     if not (out / script.RESLORA_CHECKPOINT).is_file():
         script.train(script.parse_args(argv), argv)
 
-    train_args = script.parse_args(argv)
-    script.check_args(train_args)
-    objective = script.load_models(train_args)
-    models, denoiser = objective.models, objective.denoiser
-    load_reslora_checkpoint({denoiser: models[denoiser]}, out / script.RESLORA_CHECKPOINT)
-    for model in models.values():
-        model.eval()
-    resolution = train_args.resolution or objective.default_resolution()
-    _, dataset = script.load_training_data(train_args, objective, resolution)
-    size = train_args.train_batch_size
-    calibration = real_inputs(objective, models, dataset, size, seed + 1, train_args.calibration_batches)
-    held_out = real_inputs(objective, models, dataset, size, seed + 2, args.held_out_batches)
+    run = trained_denoiser(script, argv, out / script.RESLORA_CHECKPOINT, args.held_out_batches)
     result = {"base": name, "method": method, "seed": seed, "merges": {}}
     for merge in args.merges:
-        merged = merge_to_lora(models[denoiser], merge=merge, calibration=calibration[denoiser])
-        out_err, delta_err = delta_error(models[denoiser], merged, held_out[denoiser])
+        merged = merge_to_lora(run.model, merge=merge, calibration=run.calibration)
+        out_err, delta_err = delta_error(run.model, merged, run.held_out)
         result["merges"][merge] = {"output_error": out_err, "delta_error": delta_err}
     (out / "result.json").write_text(json.dumps(result))
     return result
