@@ -5,10 +5,13 @@ Every variant trains the same model config (random weights, no download) on the 
 forward + backward + AdamW step, rank and targets equal. Variants run interleaved, one step
 each per round, and the table reports medians over rounds (wall time, and the process's CPU
 time, which other jobs on a shared machine disturb less), the ratios to PEFT, and the bytes
-the step saves for backward (activation memory; CPU has no peak-memory counter). It also
+the step saves for backward (activation memory; CPU has no peak-memory counter). The paired
+ratio is the median over rounds of ``variant step / PEFT step of the same round`` with its 95 %
+bootstrap interval: a slow stretch of the machine slows both steps of a round alike, so the
+pairing removes most of the drift that the ratio of two medians carries. It also
 times an inference forward of the base UNet against the UNet with the merged LoRA fused in.
 
-    python benchmarks/bench_step.py [--model unet|sd3|flux] [--sizes small mid] [--rounds 7]
+    python benchmarks/bench_step.py [--model unet|sd3|flux] [--sizes small mid wide] [--rounds 7]
                                     [--targets attention|attention+ff] [--variants none:1 bs:5 ...]
                                     [--compile]
 
@@ -18,6 +21,9 @@ the first step's time, which holds the compilation, is the table's "compile s" c
 For SD3 and Flux the targets are the joint-attention projections of both streams, and
 ``attention+ff`` adds the feed-forward layers of both streams (Flux: and the single blocks'
 ``proj_mlp``; not their ``proj_out``, which PEFT cannot name without the output layer).
+Their ``wide`` size (width 512, few blocks) puts rank 8 at 1.6 % of the width, near a real
+model's share (SD3 medium: width 1536, Flux: 3072, LoRA ranks 16-64), where the toy widths
+of ``small``/``mid`` (64, 128) give the adapters' products 6-12 % of each projection's work.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from peft import LoraConfig
@@ -43,6 +52,9 @@ from reslora_diffusers.frontends import (
 from reslora_diffusers.merge.error import output_tensor
 from reslora_diffusers.training.speed import compile_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_methods import bootstrap_interval  # noqa: E402
+
 #: per model: diffusers' attention projections, or with the feed-forward layers
 TARGET_SETS = {
     "unet": {"attention": UNET_TARGETS, "attention+ff": [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS]},
@@ -58,8 +70,8 @@ TARGET_SETS = {
 SIZES = {
     # UNet: (block_out_channels, latent side, batch); SD3/Flux: (blocks, width, latent side, batch)
     "unet": {"small": ((32, 64), 16, 4), "mid": ((64, 128, 256), 32, 2)},
-    "sd3": {"small": (4, 64, 16, 2), "mid": (8, 128, 32, 2)},
-    "flux": {"small": (2, 64, 16, 2), "mid": (4, 128, 32, 2)},
+    "sd3": {"small": (4, 64, 16, 2), "mid": (8, 128, 32, 2), "wide": (6, 512, 16, 2)},
+    "flux": {"small": (2, 64, 16, 2), "mid": (4, 128, 32, 2), "wide": (2, 512, 16, 2)},
 }
 RESLORA = [("none", 1), ("is", 1), ("bs", 1), ("bs", 3), ("bs", 5), ("ms", 1), ("ms", 3), ("ms", 5)]
 
@@ -185,6 +197,14 @@ class Step:
         return sum(seen.values()) / 2**20
 
 
+def paired_ratio(times: list[float], reference: list[float]) -> str:
+    """``median [low, high]`` of the per-round ratios ``times[i] / reference[i]`` (95 %
+    percentile bootstrap of the median over rounds)."""
+    ratios = [t / r for t, r in zip(times, reference, strict=True)]
+    median, low, high = bootstrap_interval(ratios, statistic=np.median)
+    return f"{median:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def forward_time(unet, inputs, rounds: int) -> list[float]:
     times = []
     with torch.no_grad():
@@ -218,21 +238,26 @@ def bench_size(
             times[label].append(step())
     peft_wall = statistics.median(t[0] for t in times["PEFT LoRA"])
     peft_cpu = statistics.median(t[1] for t in times["PEFT LoRA"])
+    peft_rounds = [t[0] for t in times["PEFT LoRA"]]
     print(
         f"\n### {model} {name}: {SIZES[model][name]} (UNet: channels, latent side, batch; SD3/Flux: "
         f"blocks, width, latent side, batch), rank {rank}, targets {' '.join(targets)}"
         f"{', torch.compile (inductor)' if compiled else ''}\n"
     )
     print(
-        "| variant | median wall ms | ratio to PEFT | median CPU ms | CPU ratio to PEFT | saved for backward MiB"
-        + (" | compile s | compile ratio to PEFT |" if compiled else " |")
+        "| variant | median wall ms | ratio to PEFT | paired ratio [95 % CI] | median CPU ms | CPU ratio to PEFT "
+        "| saved for backward MiB" + (" | compile s | compile ratio to PEFT |" if compiled else " |")
     )
-    print("|---|---|---|---|---|---|" + ("---|---|" if compiled else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if compiled else ""))
     for label, ts in times.items():
         wall = statistics.median(t[0] for t in ts)
         cpu = statistics.median(t[1] for t in ts)
         saved = "n/a" if compiled else f"{steps[label].saved_mib():.1f}"  # hooks do not reach compiled graphs
-        row = f"| {label} | {wall * 1e3:.1f} | {wall / peft_wall:.3f} | {cpu * 1e3:.1f} | {cpu / peft_cpu:.3f} | {saved} |"
+        paired = paired_ratio([t[0] for t in ts], peft_rounds)
+        row = (
+            f"| {label} | {wall * 1e3:.1f} | {wall / peft_wall:.3f} | {paired} | {cpu * 1e3:.1f} "
+            f"| {cpu / peft_cpu:.3f} | {saved} |"
+        )
         if compiled:
             row += f" {first[label]:.1f} | {first[label] / first['PEFT LoRA']:.2f} |"
         print(row)
@@ -258,7 +283,12 @@ def bench_size(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(SIZES), default="unet")
-    parser.add_argument("--sizes", nargs="+", choices=["small", "mid"], default=["small", "mid"])
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        choices=sorted({size for sizes in SIZES.values() for size in sizes}),
+        help="model sizes (default: every size of --model; wide: SD3 and Flux only)",
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", choices=["attention", "attention+ff"], default="attention")
@@ -274,7 +304,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for name in args.sizes:
+    sizes = args.sizes or list(SIZES[args.model])
+    unknown = [name for name in sizes if name not in SIZES[args.model]]
+    if unknown:
+        parser.error(
+            f"--model {args.model} has no size {unknown} (its sizes: {', '.join(SIZES[args.model])})"
+        )
+    for name in sizes:
         targets = TARGET_SETS[args.model][args.targets]
         bench_size(args.model, name, args.rounds, args.rank, targets, args.variants, args.compile)
 

@@ -302,20 +302,21 @@ def _read_result(path: Path) -> dict:
 
 
 def bootstrap_interval(
-    values, level: float = 0.95, resamples: int = 10000, seed: int = 0
+    values, level: float = 0.95, resamples: int = 10000, seed: int = 0, statistic=np.mean
 ) -> tuple[float, float, float]:
-    """``(mean, low, high)``: the mean of ``values`` and its percentile bootstrap interval.
+    """``(statistic, low, high)``: ``statistic(values)`` (the mean unless given, e.g. ``np.median``)
+    and its percentile bootstrap interval.
 
-    ``resamples`` times, draw ``n`` values with replacement and take their mean; the interval
-    is the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of those means.
+    ``resamples`` times, draw ``n`` values with replacement and take their statistic; the
+    interval is the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of those statistics.
     """
     values = np.asarray(values, dtype=float)
     if values.ndim != 1 or values.size == 0:
         raise ValueError("bootstrap_interval needs a non-empty list of numbers")
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(values.mean()), float(low), float(high)
+    stats = statistic(values[rng.integers(0, values.size, size=(resamples, values.size))], axis=1)
+    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(statistic(values)), float(low), float(high)
 
 
 def paired_differences(runs: list[dict], baseline: list[dict], step: str, kind: str) -> list[float]:

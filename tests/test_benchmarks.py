@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,3 +227,20 @@ def test_merge_error_study_measures_the_error_against_the_whole_output_and_the_a
     ]
     args = argparse.Namespace(bases=["unet"], methods=["is"], merges=["input"])
     assert "| unet | is | 0.200 +- 0.141 / 0.400 +- 0.283 |" in merge_error.markdown(results, args)
+
+
+def test_bench_step_pairs_each_round_with_peft_of_the_same_round():
+    bench_step = _load("bench_step")
+    # the machine halves its speed in the second round: both variants slow alike, the paired
+    # ratio stays 1.1 while the ratio of the two medians would mix the rounds
+    assert bench_step.paired_ratio([1.1, 2.2, 1.1], [1.0, 2.0, 1.0]) == "1.100 [1.100, 1.100]"
+    # ratios 1, 2, 3: the median is 2; resampled medians range over the three values
+    assert bench_step.paired_ratio([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]) == "2.000 [1.000, 3.000]"
+    with pytest.raises(ValueError):
+        bench_step.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_bootstrap_interval_of_the_median():
+    # values 0, 0, 1: a resample's median is 1 when it holds two or three 1s, P = 7/27 > 2.5 %
+    median, low, high = compare.bootstrap_interval([0.0, 0.0, 1.0], statistic=np.median)
+    assert (median, low, high) == (0.0, 0.0, 1.0)
