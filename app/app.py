@@ -1,11 +1,13 @@
-"""Gradio demo: the base model, LoRA and ResLoRA side by side, with training curves and merge reports.
+"""Gradio demo: each base model beside its LoRA and ResLoRA, with training curves and merge reports.
 
-    python app/app.py [--base DIR] [--lora PATH ...] [--host 127.0.0.1] [--port 7860]
+    python app/app.py [--base DIR ...] [--lora PATH ...] [--host 127.0.0.1] [--port 7860]
 
 LoRA outputs are training/export folders (holding ``pytorch_lora_weights.safetensors``) or
 ``.safetensors`` files; they are loaded with diffusers' ``load_lora_weights``, the way any
-user of the exported files loads them. Without ``--lora`` the demo uses the runs in
-``runs/`` and offers a button that trains the missing ones on the embedded data.
+user of the exported files loads them, on the first base whose pipeline has the modules their
+keys name. Without ``--base`` the demo shows the embedded UNet base and, once its folder
+exists, the embedded DiT base; without ``--lora`` it uses the runs in ``runs/`` and offers a
+button that trains the missing ones on the embedded data.
 """
 
 # ruff: noqa: E402 (the command line is parsed before the heavy imports, so --help is instant)
@@ -31,7 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The demo's command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--base", default=None, help="diffusers pipeline folder or hub name (default: the embedded tiny base)"
+        "--base",
+        nargs="*",
+        default=None,
+        help="diffusers pipeline folders or hub names (default: the embedded UNet base, and the "
+        "embedded DiT base once its folder exists)",
     )
     parser.add_argument("--lora", nargs="*", default=None, help="LoRA folders or files (default: runs/*)")
     parser.add_argument(
@@ -55,7 +61,12 @@ import matplotlib.pyplot as plt
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 
-from reslora_diffusers.data import default_base_model_path, unseen_words, vocabulary_text
+from reslora_diffusers.data import (
+    default_base_model_path,
+    default_dit_base_path,
+    unseen_words,
+    vocabulary_text,
+)
 from reslora_diffusers.data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS
 from reslora_diffusers.eval import analyse_image, generate, parse_prompt
 from reslora_diffusers.eval.analysis import attribute_matches
@@ -67,8 +78,15 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO / "runs"
-#: the runs the training button makes: label -> (output folder, res_type)
-DEFAULT_RUNS = {"LoRA": ("lora", "none"), "ResLoRA": ("reslora", "bs")}
+#: the embedded bases the training button trains on, by key; the DiT one exists once it is shipped
+DEFAULT_BASES: dict[str, Path] = {"unet": default_base_model_path(), "dit": default_dit_base_path()}
+#: the runs the training button makes: label -> (output folder, res_type, key in ``DEFAULT_BASES``)
+DEFAULT_RUNS = {
+    "LoRA": ("lora", "none", "unet"),
+    "ResLoRA": ("reslora", "bs", "unet"),
+    "DiT LoRA": ("dit-lora", "none", "dit"),
+    "DiT ResLoRA": ("dit-reslora", "bs", "dit"),
+}
 #: training steps of each run the button trains (the training script's default run)
 TRAIN_STEPS = 800
 #: further flags for those runs (a base or data other than the embedded ones, say)
@@ -85,11 +103,14 @@ IMAGES_PER_MODEL = 2
 
 
 class PipelineCache:
-    """Pipelines by (base, LoRA file), least recently used dropped beyond ``size``."""
+    """Pipelines by (base, LoRA file), least recently used dropped beyond ``size``, and whether a
+    base takes a LoRA file, by (base, LoRA file), least recently used dropped beyond ``decisions``."""
 
-    def __init__(self, size: int = 4) -> None:
+    def __init__(self, size: int = 4, decisions: int = 256) -> None:
         self.size = size
+        self.decisions = decisions
         self._pipes: OrderedDict[tuple[str, str | None], DiffusionPipeline] = OrderedDict()
+        self._rejections: OrderedDict[tuple[str, str], str | None] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, base: str, lora: str | None) -> DiffusionPipeline:
@@ -110,8 +131,31 @@ class PipelineCache:
                 self._pipes.popitem(last=False)
         return pipe
 
+    def rejection(self, base: str, lora: str) -> str | None:
+        """Why the pipeline ``base`` cannot take the LoRA file ``lora`` (``check_lora_file``'s
+        message: a component or module its keys name that the pipeline lacks, say), None when it
+        can. Decided once per pair: every render asks it of every LoRA and base, and a base
+        pipeline dropped from the cache would otherwise be loaded again just to answer."""
+        key = (base, lora)
+        with self._lock:
+            if key in self._rejections:
+                self._rejections.move_to_end(key)
+                return self._rejections[key]
+        try:
+            check_lora_file(self.get(base, None), lora)
+            reason = None
+        except ValueError as err:
+            reason = _one_line(err)
+        with self._lock:
+            self._rejections[key] = reason
+            while len(self._rejections) > self.decisions:
+                self._rejections.popitem(last=False)
+        return reason
 
-CACHE = PipelineCache()
+
+#: room for the two embedded bases with their LoRA and ResLoRA, and two more LoRA outputs: a
+#: smaller cache would reload pipelines on every render of the default page
+CACHE = PipelineCache(size=8)
 
 
 def run_label(path: str | Path) -> str:
@@ -129,8 +173,9 @@ def run_label(path: str | Path) -> str:
 
 
 def found_runs(runs_dir: Path = RUNS_DIR) -> list[str]:
-    """Run folders under ``runs_dir`` that hold an exported LoRA, LoRA first."""
-    order = [name for name, _ in DEFAULT_RUNS.values()]
+    """Run folders under ``runs_dir`` that hold an exported LoRA: the default runs in
+    ``DEFAULT_RUNS`` order (each base's LoRA before its ResLoRA), then the others by name."""
+    order = [name for name, *_ in DEFAULT_RUNS.values()]
     runs = [
         p
         for p in sorted(runs_dir.glob("*"))
@@ -142,12 +187,40 @@ def found_runs(runs_dir: Path = RUNS_DIR) -> list[str]:
 
 
 def missing_runs(runs_dir: Path = RUNS_DIR) -> list[str]:
-    """Labels of the default runs (``DEFAULT_RUNS``) that have no exported LoRA yet."""
+    """Labels of the default runs (``DEFAULT_RUNS``) that have no exported LoRA yet and whose base
+    folder exists (the DiT base is shipped after the rest: until then its runs cannot be trained)."""
     return [
         label
-        for label, (folder, _) in DEFAULT_RUNS.items()
-        if not (runs_dir / folder / "pytorch_lora_weights.safetensors").is_file()
+        for label, (folder, _, base) in DEFAULT_RUNS.items()
+        if Path(DEFAULT_BASES[base]).is_dir()
+        and not (runs_dir / folder / "pytorch_lora_weights.safetensors").is_file()
     ]
+
+
+def default_bases() -> list[str]:
+    """The embedded UNet base, and the embedded DiT base when its folder exists (it is pretrained
+    apart and shipped later)."""
+    return [str(path) for key, path in DEFAULT_BASES.items() if key == "unet" or Path(path).is_dir()]
+
+
+def parse_bases(base: str | list[str] | None) -> list[str]:
+    """The base models named one per line (the textbox) or as a list (the command line), each once,
+    in order; the default bases when none is named."""
+    named = base.splitlines() if isinstance(base, str) else base or []
+    return list(dict.fromkeys(b.strip() for b in named if b.strip())) or default_bases()
+
+
+def base_name(base: str) -> str:
+    """A base's label: its folder's name (``tiny-sd``), or the hub name's last part."""
+    return Path(base).name or base
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 @lru_cache(maxsize=16)
@@ -167,8 +240,9 @@ def _embedded_vocabulary(base: str) -> bool:
 
 
 def prompt_note(prompt: str, base: str) -> str:
-    """Markdown beside the images: the words of ``prompt`` the embedded base has never seen."""
-    if not _embedded_vocabulary(base.strip() or str(default_base_model_path())):
+    """Markdown beside the images: the words of ``prompt`` the embedded base has never seen, when
+    the first base reads prompts with its vocabulary."""
+    if not _embedded_vocabulary(parse_bases(base)[0]):
         return ""
     unseen = unseen_words(prompt)
     if not unseen:
@@ -202,6 +276,24 @@ def lora_scale_kwargs(pipe, scale: float) -> dict:
     return {name: {"scale": scale}}
 
 
+def lora_base(bases: list[str], lora: str) -> tuple[str, str]:
+    """The first of ``bases`` whose pipeline takes the LoRA ``lora`` (a folder or file), with the
+    LoRA's file: a DiT LoRA (``transformer.`` keys) goes to a DiT base, a UNet one (``unet.``
+    keys) to a UNet base. Raises ``FileNotFoundError`` or ``ValueError`` saying why none does."""
+    path = str(resolve_lora_file(lora))
+    reasons = {}
+    for base in bases:
+        reason = CACHE.rejection(base, path)
+        if reason is None:
+            return base, path
+        reasons[base_name(base)] = reason
+    if not reasons:
+        raise ValueError("no base model loaded")
+    if len(set(reasons.values())) == 1:  # the file itself is at fault (no LoRA keys, say)
+        raise ValueError(next(iter(reasons.values())))
+    raise ValueError("no base model takes it: " + "; ".join(f"{b}: {r}" for b, r in reasons.items()))
+
+
 def render(
     prompt: str,
     negative_prompt: str,
@@ -213,45 +305,67 @@ def render(
     base: str,
     loras: str,
 ):
-    """Images of the base model and of every LoRA, same seeds, labelled and scored."""
-    base = base.strip() or str(default_base_model_path())
-    methods = [("base", None)] + [(run_label(p.strip()), p.strip()) for p in loras.splitlines() if p.strip()]
-    gallery, problems = [], []
-    for label, lora in methods:
+    """Images of every base model, each followed by the LoRAs made for it, all with the same
+    seeds, labelled and scored; a model that fails is reported and the others still render."""
+    problems = []
+    pipes = {}
+    for name in parse_bases(base):
         try:
-            pipe = CACHE.get(base, str(resolve_lora_file(lora)) if lora else None)
-        except Exception as err:  # not loadable by diffusers either: this model fails alone
-            logger.warning("%s failed to load: %s", label, err)
-            problems.append(f"**{label}** (not a usable LoRA, not shown): {' '.join(str(err).split())}")
-            continue
-        n = int(num_images)
+            pipes[name] = CACHE.get(name, None)
+        except Exception as err:  # a base that does not load fails alone: the others still render
+            logger.warning("base %s failed to load: %s", name, err)
+            problems.append(f"**base {base_name(name)}** (not loadable, not shown): {_one_line(err)}")
+    owned: dict[str, list[tuple[str, str]]] = {name: [] for name in pipes}
+    for lora in _lines(loras):
+        label = run_label(lora)
         try:
-            images = generate(
-                pipe,
-                [prompt] * n,
-                [int(seed) + i for i in range(n)],
-                num_inference_steps=int(steps),
-                guidance_scale=float(guidance),
-                negative_prompt=[negative_prompt] * n if negative_prompt else None,
-                **(lora_scale_kwargs(pipe, float(lora_scale)) if lora else {}),
-            )
-        except Exception as err:  # each model fails alone: the others' images are still shown
-            logger.warning("%s failed: %s", label, err)
-            problems.append(f"**{label}**: {' '.join(str(err).split())}")
+            owner, path = lora_base(list(pipes), lora)
+        except Exception as err:  # not a LoRA, or one for none of these bases: it fails alone
+            logger.warning("%s fits no base: %s", label, err)
+            problems.append(f"**{label}** (not a usable LoRA, not shown): {_one_line(err)}")
             continue
-        for i, image in enumerate(images):
-            caption = f"{label} | seed {int(seed) + i} | {score_caption(image, prompt)}"
-            gallery.append((crisp(image), caption))
-    shown = len(methods) - len(problems)
+        owned[owner].append((label, path))
+    n = int(num_images)
+    seeds = [int(seed) + i for i in range(n)]
+    gallery, shown = [], 0
+    for name, models in owned.items():
+        where = base_name(name)
+        for label, lora in [(f"base {where}", None), *models]:
+            try:
+                pipe = CACHE.get(name, lora)
+            except Exception as err:  # not loadable by diffusers either: this model fails alone
+                logger.warning("%s failed to load on %s: %s", label, where, err)
+                problems.append(f"**{label}** (not a usable LoRA for {where}, not shown): {_one_line(err)}")
+                continue
+            model = f"{label} on {where}" if lora else label
+            try:
+                images = generate(
+                    pipe,
+                    [prompt] * n,
+                    seeds,
+                    num_inference_steps=int(steps),
+                    guidance_scale=float(guidance),
+                    negative_prompt=[negative_prompt] * n if negative_prompt else None,
+                    **(lora_scale_kwargs(pipe, float(lora_scale)) if lora else {}),
+                )
+            except Exception as err:  # each model fails alone: the others' images are still shown
+                logger.warning("%s failed: %s", model, err)
+                problems.append(f"**{model}**: {_one_line(err)}")
+                continue
+            for image, image_seed in zip(images, seeds):
+                caption = f"{model} | seed {image_seed} | {score_caption(image, prompt)}"
+                gallery.append((crisp(image), caption))
+            shown += 1
     status = f"Rendered {shown} models with the same seeds."
     if problems:
         status += "\n\n" + "\n\n".join(problems)
     return gallery, status
 
 
-def gallery_columns(num_images: float, loras: str) -> dict:
-    """All the models' images in one row when they fit, else one row per model."""
-    models = 1 + sum(1 for p in loras.splitlines() if p.strip())
+def gallery_columns(num_images: float, base: str, loras: str) -> dict:
+    """All the models' images (every base and every LoRA) in one row when they fit, else one row
+    per model."""
+    models = len(parse_bases(base)) + len(_lines(loras))
     per_model = int(num_images)
     return gr.update(columns=models * per_model if models * per_model <= GALLERY_COLUMNS else per_model)
 
@@ -284,7 +398,7 @@ def accuracy_points(rows: list[dict]) -> list[tuple[int, float]]:
 def curves(loras: str):
     """Loss and prompt accuracy against steps for every run, in one figure."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for path in [p.strip() for p in loras.splitlines() if p.strip()]:
+    for path in _lines(loras):
         run = _run_folder(path)
         rows = read_log(run)
         label = run_label(run)
@@ -306,7 +420,7 @@ def curves(loras: str):
 def accuracy_table(loras: str) -> list[list]:
     """One row per run and evaluation: the numbers behind the accuracy chart."""
     rows = []
-    for path in [p.strip() for p in loras.splitlines() if p.strip()]:
+    for path in _lines(loras):
         run = _run_folder(path)
         for step, acc in accuracy_points(read_log(run)):
             rows.append([run_label(run), step, f"{acc:.1%}"])
@@ -316,7 +430,7 @@ def accuracy_table(loras: str) -> list[list]:
 def merge_table(loras: str) -> list[list]:
     """One row per run, component and merge method: the relative output error of the merge."""
     rows = []
-    for path in [p.strip() for p in loras.splitlines() if p.strip()]:
+    for path in _lines(loras):
         run = _run_folder(path)
         report_file = run / "merge_report.json"
         if not report_file.is_file():
@@ -332,7 +446,7 @@ def merge_table(loras: str) -> list[list]:
 def comparison_table(loras: str) -> list[list]:
     """One row per run: steps, prompt accuracy before and after training, error of the exported merge."""
     rows = []
-    for path in [p.strip() for p in loras.splitlines() if p.strip()]:
+    for path in _lines(loras):
         run = _run_folder(path)
         log = read_log(run)
         points = dict(accuracy_points(log))
@@ -360,7 +474,7 @@ def final_grids(loras: str) -> Image.Image | None:
     """The runs' final validation grids (the same prompts and seeds for every run) stacked into
     one image, each under its run's label; None when no run has one."""
     parts = []
-    for path in [p.strip() for p in loras.splitlines() if p.strip()]:
+    for path in _lines(loras):
         grid = _run_folder(path) / "validation" / "final.png"
         if grid.is_file():
             parts.append((run_label(_run_folder(path)), Image.open(grid).convert("RGB")))
@@ -391,15 +505,16 @@ def reports(loras: str):
 
 
 def train_missing_runs(progress=gr.Progress()):  # noqa: B008 (how Gradio injects progress)
-    """Train the default runs that are missing on the embedded data, reporting progress from their
-    logs; a run that already exists is never retrained or overwritten."""
+    """Train the default runs that are missing on the embedded data, each on its embedded base,
+    reporting progress from their logs; a run that already exists is never retrained or overwritten."""
     RUNS_DIR.mkdir(exist_ok=True)
     script = REPO / "train_text_to_image.py"
     todo = missing_runs(RUNS_DIR)
     for i, label in enumerate(todo):
-        folder, res_type = DEFAULT_RUNS[label]
+        folder, res_type, base = DEFAULT_RUNS[label]
         out = RUNS_DIR / folder
         cmd = [sys.executable, str(script), "--res_type", res_type, "--output_dir", str(out)]
+        cmd += ["--pretrained_model_name_or_path", str(DEFAULT_BASES[base])]
         cmd += ["--overwrite_output_dir"]  # a missing run's folder may hold an interrupted attempt
         cmd += ["--max_train_steps", str(TRAIN_STEPS), "--report_to", "none", *TRAIN_EXTRA_ARGS]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -420,7 +535,8 @@ def train_missing_runs(progress=gr.Progress()):  # noqa: B008 (how Gradio inject
 
 
 def _train_button_text(missing: list[str]) -> str:
-    return f"Train {' and '.join(missing)} ({TRAIN_STEPS} steps each, minutes on a CPU)"
+    names = " and ".join(missing) if len(missing) < 3 else f"{', '.join(missing[:-1])} and {missing[-1]}"
+    return f"Train {names} ({TRAIN_STEPS} steps each, minutes on a CPU)"
 
 
 CSS = """
@@ -448,21 +564,23 @@ def launch(demo: gr.Blocks, host: str, port: int, **kwargs) -> None:
 
 
 def build_app(
-    base: str | None = None, loras: list[str] | None = None, allow_training: bool = True
+    base: str | list[str] | None = None, loras: list[str] | None = None, allow_training: bool = True
 ) -> gr.Blocks:
-    """The demo page; ``allow_training=False`` leaves out the Train button (and its API endpoint)."""
-    base = base or str(default_base_model_path())
+    """The demo page for the base models ``base`` (one per line, or a list; default: the embedded
+    ones); ``allow_training=False`` leaves out the Train button (and its API endpoint)."""
+    base = "\n".join(parse_bases(base))
     using_runs = loras is None
     loras = found_runs() if using_runs else loras
     missing = missing_runs() if using_runs and allow_training else []
     with gr.Blocks(title="ResLoRA vs LoRA") as demo:
         gr.Markdown(
-            "# ResLoRA vs LoRA\nSame prompt, same seeds: the base model, then every LoRA file. "
-            f"The embedded base model draws one shape on a plain background, 32 px: {vocabulary_text()}",
+            "# ResLoRA vs LoRA\nSame prompt, same seeds: each base model, then every LoRA file made "
+            "for it. The embedded base models draw one shape on a plain background, 32 px: "
+            f"{vocabulary_text()}",
             elem_id="vocabulary",
         )
         with gr.Row():
-            base_box = gr.Textbox(value=base, label="Base model (diffusers folder)")
+            base_box = gr.Textbox(value=base, label="Base models (one diffusers folder per line)", lines=2)
             lora_box = gr.Textbox(
                 value="\n".join(loras), label="LoRA outputs (one folder or .safetensors per line)", lines=2
             )
@@ -482,8 +600,8 @@ def build_app(
             note = gr.Markdown(prompt_note(DEFAULT_PROMPT, base), elem_id="prompt_note")
             # PNG: a lossy format would smear the enlarged pixels
             gallery = gr.Gallery(
-                label="base | LoRA | ResLoRA",
-                columns=gallery_columns(IMAGES_PER_MODEL, "\n".join(loras))["columns"],
+                label="each base, then its LoRA and ResLoRA",
+                columns=gallery_columns(IMAGES_PER_MODEL, base, "\n".join(loras))["columns"],
                 elem_id="gallery",
                 object_fit="contain",
                 format="png",
@@ -514,8 +632,8 @@ def build_app(
             [gallery, status],
             api_name="generate",
         )
-        for source in (num_images, lora_box):
-            source.change(gallery_columns, [num_images, lora_box], gallery, api_name=False)
+        for source in (num_images, base_box, lora_box):
+            source.change(gallery_columns, [num_images, base_box, lora_box], gallery, api_name=False)
         prompt.change(prompt_note, [prompt, base_box], note, api_name="prompt_note")
         base_box.change(prompt_note, [prompt, base_box], note, api_name=False)
         outputs = [plot, accuracy, table, comparison, grids]

@@ -13,10 +13,12 @@ import pytest
 import torch
 from gradio_client import Client
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import app.app as demo_app
 from app.app import build_app, merge_table, run_label
+from tests.tiny_dits import tiny_sd3_pipeline
 from tests.tiny_pipes import tiny_sd_pipeline
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -42,40 +44,48 @@ def _copy_rows(src: Path, dst: Path, count: int) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """The demo on a tiny base, with the LoRA and ResLoRA runs its Train button made (2 steps each,
-    a high learning rate so that the LoRAs visibly change the images) and a file that is no LoRA
-    inside the LoRA run's folder."""
+    """The demo on a tiny UNet base and a tiny SD3 base (as the embedded ones), with the four runs
+    its Train button made, LoRA and ResLoRA on each base (2 steps each, a high learning rate so
+    that the LoRAs visibly change the images), and a file that is no LoRA inside the LoRA run's
+    folder."""
     from reslora_diffusers.data import default_finetune_data_dir
 
     tmp = tmp_path_factory.mktemp("app")
-    base_dir = tmp / "base"
-    tiny_sd_pipeline(tmp).save_pretrained(str(base_dir))
+    base_dir, dit_dir = tmp / "tiny-sd", tmp / "tiny-sd3"
+    tiny_sd_pipeline(tmp / "sd-parts").save_pretrained(str(base_dir))
+    dit = tiny_sd3_pipeline(tmp / "sd3-parts")
+    dit.vae.register_to_config(shift_factor=0.0)  # SD3 shifts latents by it; AutoencoderKL's is None
+    dit.save_pretrained(str(dit_dir))
     data = _copy_rows(default_finetune_data_dir(), tmp / "data", 4)
     seen = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setattr(demo_app, "RUNS_DIR", tmp / "runs")
         mp.setattr(demo_app, "TRAIN_STEPS", 2)
+        mp.setattr(demo_app, "DEFAULT_BASES", {"unet": base_dir, "dit": dit_dir})
         mp.setattr(
             demo_app,
             "TRAIN_EXTRA_ARGS",
-            ["--pretrained_model_name_or_path", str(base_dir), "--train_data_dir", str(data)]
+            ["--train_data_dir", str(data)]
             + ["--train_batch_size", "2", "--learning_rate", "0.1", "--calibration_batches", "1"]
             + ["--validation_prompt", "a red cross on a white background"]
             + ["--num_validation_images", "1", "--validation_steps", "100"],
         )
         trained = demo_app.train_missing_runs(progress=lambda frac, desc=None: seen.append(frac))
         runs = [tmp / "runs" / "lora", tmp / "runs" / "reslora"]
+        dit_runs = [tmp / "runs" / "dit-lora", tmp / "runs" / "dit-reslora"]
         bad = runs[0] / "not_a_lora.safetensors"
         save_file({"weight": torch.zeros(3, 3)}, str(bad))
-        demo = build_app(str(base_dir), [str(r) for r in runs])
+        demo = build_app(None, [str(r) for r in runs + dit_runs])  # the default bases: both
         port = _free_port()
         demo_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
         try:
             yield {
                 "url": f"http://127.0.0.1:{port}/",
                 "base": base_dir,
+                "dit_base": dit_dir,
                 "runs": runs,
+                "dit_runs": dit_runs,
                 "bad": bad,
                 "tmp": tmp,
                 "trained": trained,
@@ -85,7 +95,10 @@ def served(tmp_path_factory):
             demo.close()
 
 
-def _generate(client, served, loras, seed=3, num_images=2, prompt="a red circle on a white background"):
+def _generate(
+    client, served, loras, seed=3, num_images=2, prompt="a red circle on a white background", bases=None
+):
+    """The /generate endpoint; on the UNet base alone unless ``bases`` says otherwise."""
     return client.predict(
         prompt,
         "",
@@ -94,10 +107,14 @@ def _generate(client, served, loras, seed=3, num_images=2, prompt="a red circle 
         3.0,
         1.0,
         num_images,
-        str(served["base"]),
+        "\n".join(str(b) for b in bases or [served["base"]]),
         loras,
         api_name="/generate",
     )
+
+
+def _pixels(item: dict) -> bytes:
+    return Image.open(item["image"]).convert("RGB").tobytes()
 
 
 def test_generate_endpoint_returns_labelled_crisp_images_repeatably(served):
@@ -111,14 +128,112 @@ def test_generate_endpoint_returns_labelled_crisp_images_repeatably(served):
         small = image.resize((16, 16), Image.Resampling.NEAREST)
         assert small.resize((192, 192), Image.Resampling.NEAREST).tobytes() == image.tobytes()
     captions = [item["caption"] for item in gallery]
-    assert captions[0].startswith("base | seed 3") and captions[1].startswith("base | seed 4")
-    assert captions[2].startswith("LoRA (lora)") and captions[4].startswith("ResLoRA bs m=1 (reslora)")
+    assert captions[0].startswith("base tiny-sd | seed 3") and captions[1].startswith("base tiny-sd | seed 4")
+    assert captions[2].startswith("LoRA (lora) on tiny-sd | seed 3")
+    assert captions[4].startswith("ResLoRA bs m=1 (reslora) on tiny-sd | seed 3")
     assert all("color" in c and "shape" in c and "(read: " in c for c in captions)
     assert status == "Rendered 3 models with the same seeds."
     again, _ = _generate(client, served, loras)
     pixels = [image.tobytes() for image in images]
     assert pixels == [Image.open(item["image"]).convert("RGB").tobytes() for item in again]
     assert pixels[0] != pixels[2]  # the LoRA changes the image
+
+
+def test_each_base_renders_followed_by_the_loras_made_for_it(served):
+    """Both bases and the four runs, listed out of order: each base's images, then those of the
+    runs whose keys fit it, every model with the same seeds; the DiT runs change the DiT base's
+    images. Listing the DiT base first moves the groups, not the images."""
+    client = Client(served["url"], verbose=False)
+    (lora, reslora), (dit_lora, dit_reslora) = served["runs"], served["dit_runs"]
+    loras = "\n".join(str(r) for r in (dit_lora, lora, dit_reslora, reslora))
+    gallery, status = _generate(
+        client, served, loras, num_images=1, bases=[served["base"], served["dit_base"]]
+    )
+    assert status == "Rendered 6 models with the same seeds."
+    models = [item["caption"].split(" | ")[0] for item in gallery]
+    assert models == [
+        "base tiny-sd",
+        "LoRA (lora) on tiny-sd",
+        "ResLoRA bs m=1 (reslora) on tiny-sd",
+        "base tiny-sd3",
+        "LoRA (dit-lora) on tiny-sd3",
+        "ResLoRA bs m=1 (dit-reslora) on tiny-sd3",
+    ]
+    assert {item["caption"].split(" | ")[1] for item in gallery} == {"seed 3"}
+    pixels = [_pixels(item) for item in gallery]
+    assert pixels[3] != pixels[0]  # the two bases draw differently
+    assert pixels[4] != pixels[3] and pixels[5] != pixels[3]  # the DiT runs change the DiT base's image
+    swapped, _ = _generate(client, served, loras, num_images=1, bases=[served["dit_base"], served["base"]])
+    assert [item["caption"].split(" | ")[0] for item in swapped] == models[3:] + models[:3]
+    assert [_pixels(item) for item in swapped] == pixels[3:] + pixels[:3]
+
+
+def test_a_lora_that_no_base_takes_is_reported_and_the_others_render(served):
+    client = Client(served["url"], verbose=False)
+    lora, dit_lora = served["runs"][0], served["dit_runs"][0]
+    # on the UNet base alone, the DiT LoRA is a LoRA for another base
+    gallery, status = _generate(client, served, f"{dit_lora}\n{lora}", num_images=1)
+    assert [item["caption"].split(" | ")[0] for item in gallery] == ["base tiny-sd", "LoRA (lora) on tiny-sd"]
+    assert "**LoRA (dit-lora)** (not a usable LoRA, not shown): " in status
+    assert "is for component 'transformer', which this pipeline lacks" in status
+    # the DiT LoRA's weights under UNet keys: a LoRA for neither base
+    tensors = load_file(dit_lora / "pytorch_lora_weights.safetensors")
+    foreign = served["tmp"] / "foreign.safetensors"
+    save_file({"unet." + k.removeprefix("transformer."): v for k, v in tensors.items()}, str(foreign))
+    loras = f"{foreign}\n{lora}\n{dit_lora}"
+    gallery, status = _generate(
+        client, served, loras, num_images=1, bases=[served["base"], served["dit_base"]]
+    )
+    assert [item["caption"].split(" | ")[0] for item in gallery] == [
+        "base tiny-sd",
+        "LoRA (lora) on tiny-sd",
+        "base tiny-sd3",
+        "LoRA (dit-lora) on tiny-sd3",
+    ]
+    assert status.startswith("Rendered 4 models with the same seeds.\n\n")
+    reason = "**foreign.safetensors** (not a usable LoRA, not shown): no base model takes it: tiny-sd: "
+    assert reason in status and "names no linear or convolution layer" in status
+    assert "; tiny-sd3: foreign.safetensors: key 'unet." in status and "component 'unet'" in status
+
+
+def test_whether_a_base_takes_a_lora_is_decided_once(served, monkeypatch):
+    """Per (base, LoRA file), even once the base's pipeline has left the cache: no reload to ask again."""
+    loads, checks = [], []
+    load, check = demo_app.DiffusionPipeline.from_pretrained, demo_app.check_lora_file
+    monkeypatch.setattr(
+        demo_app.DiffusionPipeline, "from_pretrained", lambda base: loads.append(base) or load(base)
+    )
+    monkeypatch.setattr(
+        demo_app, "check_lora_file", lambda pipe, path: checks.append(path) or check(pipe, path)
+    )
+    cache = demo_app.PipelineCache(size=1)
+    unet, dit = str(served["base"]), str(served["dit_base"])
+    lora = str(served["runs"][0] / "pytorch_lora_weights.safetensors")
+    for _ in range(2):
+        assert cache.rejection(unet, lora) is None
+        assert "component 'unet', which this pipeline lacks" in cache.rejection(dit, lora)
+    assert loads == [unet, dit] and checks == [lora, lora]
+
+
+def test_build_app_takes_the_bases_one_per_line(served, tmp_path):
+    def base_box(demo: demo_app.gr.Blocks) -> str:
+        label = "Base models (one diffusers folder per line)"
+        return next(
+            c["props"]["value"]
+            for c in demo.get_config_file()["components"]
+            if c["props"].get("label") == label
+        )
+
+    unet, dit = str(served["base"]), str(served["dit_base"])
+    assert base_box(build_app(f"{dit}\n\n  {unet}\n{dit}\n", [])) == f"{dit}\n{unet}"  # in order, each once
+    assert base_box(build_app([unet, dit], [])) == f"{unet}\n{dit}"
+    assert base_box(build_app(None, [])) == f"{unet}\n{dit}"  # the default: both embedded bases
+    assert demo_app.parse_args(["--base", unet, dit]).base == [unet, dit]
+    assert demo_app.missing_runs(tmp_path / "runs") == ["LoRA", "ResLoRA", "DiT LoRA", "DiT ResLoRA"]
+    with pytest.MonkeyPatch.context() as mp:  # before the DiT base is shipped
+        mp.setattr(demo_app, "DEFAULT_BASES", {"unet": served["base"], "dit": tmp_path / "tiny-sd3"})
+        assert base_box(build_app(None, [])) == unet
+        assert demo_app.missing_runs(tmp_path / "runs") == ["LoRA", "ResLoRA"]  # no DiT run to train
 
 
 def test_a_file_that_is_not_a_lora_is_labelled_as_such(served):
@@ -208,7 +323,7 @@ def test_train_endpoint_only_on_loopback(served):
         return {dep.get("api_name") for dep in demo.get_config_file()["dependencies"]}
 
     assert "train" in api_names(build_app(str(served["base"]), []))
-    remote = build_app(str(served["base"]), [], allow_training=False)
+    remote = build_app([str(served["base"]), str(served["dit_base"])], [], allow_training=False)
     assert "train" not in api_names(remote) and "generate" in api_names(remote)
 
 
@@ -231,6 +346,8 @@ def test_browser_shows_vocabulary_notes_full_captions_bad_file_and_accuracy(serv
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(served["url"], wait_until="networkidle")
             assert "circle, square, triangle" in page.locator("#vocabulary").inner_text()
+            bases = page.get_by_label("Base models (one diffusers folder per line)").input_value()
+            assert bases == f"{served['base']}\n{served['dit_base']}"
             page.locator("#prompt textarea").fill("a red cross on a blue background")
             note = page.locator("#prompt_note")
             note.get_by_text("never a background colour").wait_for(timeout=30_000)
@@ -238,13 +355,16 @@ def test_browser_shows_vocabulary_notes_full_captions_bad_file_and_accuracy(serv
             lora_box = page.get_by_label("LoRA outputs (one folder or .safetensors per line)")
             lora_box.fill(lora_box.input_value() + f"\n{served['bad']}")
             page.locator("#generate").click()
-            page.wait_for_function("document.querySelectorAll('#gallery img').length >= 6", timeout=120_000)
+            # both bases and the four runs, 2 images each
+            page.wait_for_function("document.querySelectorAll('#gallery img').length >= 12", timeout=120_000)
             status = page.locator("#status")
             status.get_by_text("not a usable LoRA").wait_for(timeout=30_000)
             assert "not_a_lora.safetensors (not a usable LoRA, not shown)" in status.inner_text()
             caption = page.locator("#gallery .caption-label").first
             caption.wait_for(timeout=30_000)
             assert "(read: " in caption.inner_text()
+            captions = page.locator("#gallery .caption-label").all_inner_texts()
+            assert sum(c.startswith("ResLoRA bs m=1 (dit-reslora) on tiny-sd3 |") for c in captions) == 2
             # nothing of the caption is cut off: its box holds all of its text
             clipped = caption.evaluate(
                 "e => e.scrollWidth > e.clientWidth || e.scrollHeight > e.clientHeight"
@@ -252,7 +372,7 @@ def test_browser_shows_vocabulary_notes_full_captions_bad_file_and_accuracy(serv
             assert not clipped
             page.screenshot(path=str(tmp_path / "generate.png"), full_page=True)
             page.get_by_role("tab", name="Training and merge").click()
-            labels = [run_label(run) for run in served["runs"]]
+            labels = [run_label(run) for run in served["runs"] + served["dit_runs"]]
             page.wait_for_function(
                 "labels => labels.every(l => document.querySelector('#accuracy').innerText.includes(l))",
                 arg=labels,
@@ -260,7 +380,7 @@ def test_browser_shows_vocabulary_notes_full_captions_bad_file_and_accuracy(serv
             )
             # one row per logged evaluation: step 0 and the final one, for each run
             shown = page.locator("#accuracy").inner_text()
-            assert [shown.count(label) for label in labels] == [2, 2]
+            assert [shown.count(label) for label in labels] == [2, 2, 2, 2]
             shot = tmp_path / "training.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
@@ -271,11 +391,18 @@ def test_browser_shows_vocabulary_notes_full_captions_bad_file_and_accuracy(serv
 def test_train_button_made_the_missing_runs_and_never_overwrites(served):
     update, visible, message = served["trained"]
     runs_dir = served["tmp"] / "runs"
-    assert message == f"Trained LoRA, ResLoRA into {runs_dir}.", message
+    assert message == f"Trained LoRA, ResLoRA, DiT LoRA, DiT ResLoRA into {runs_dir}.", message
     assert served["progress"] and max(served["progress"]) <= 1.0
-    assert update["value"].splitlines() == [str(runs_dir / f) for f in ("lora", "reslora")]
+    folders = ("lora", "reslora", "dit-lora", "dit-reslora")
+    assert update["value"].splitlines() == [str(runs_dir / f) for f in folders]
     assert visible["visible"] is False  # nothing left to train: the button goes away
-    assert json.loads((runs_dir / "lora" / "merge_report.json").read_text())["res_type"] == "none"
+    for folder, res_type, base in zip(folders, ("none", "bs") * 2, ["base"] * 2 + ["dit_base"] * 2):
+        assert json.loads((runs_dir / folder / "merge_report.json").read_text())["res_type"] == res_type
+        card = (runs_dir / folder / "README.md").read_text()  # the run's model card names its base
+        assert f'DiffusionPipeline.from_pretrained("{served[base]}")' in card, folder
+        with safe_open(str(runs_dir / folder / "pytorch_lora_weights.safetensors"), "pt") as f:
+            prefix = "transformer." if base == "dit_base" else "unet."
+            assert all(key.startswith(prefix) for key in f.keys()), folder
     lora_file = runs_dir / "reslora" / "pytorch_lora_weights.safetensors"
     before = lora_file.stat().st_mtime_ns
     with pytest.MonkeyPatch.context() as mp:
@@ -286,9 +413,13 @@ def test_train_button_made_the_missing_runs_and_never_overwrites(served):
 
 
 def test_gallery_puts_the_models_in_one_row_when_they_fit():
-    assert demo_app.gallery_columns(2, "runs/lora\nruns/reslora")["columns"] == 6  # base + 2 runs, 2 each
-    assert demo_app.gallery_columns(4, "runs/lora\nruns/reslora\n")["columns"] == 4  # one row per model
-    assert demo_app.gallery_columns(1, "")["columns"] == 1
+    runs = "runs/lora\nruns/reslora"
+    assert demo_app.gallery_columns(2, "base", runs)["columns"] == 6  # base + 2 runs, 2 each
+    assert demo_app.gallery_columns(4, "base", runs + "\n")["columns"] == 4  # one row per model
+    assert demo_app.gallery_columns(1, "base", "")["columns"] == 1
+    # every base counts: 2 bases + 4 runs, 1 each, fill one row; 2 each do not
+    assert demo_app.gallery_columns(1, "a\nb\n", runs + "\nruns/dit-lora\nruns/dit-reslora")["columns"] == 6
+    assert demo_app.gallery_columns(2, "a\nb", runs)["columns"] == 2
 
 
 def test_a_lora_that_fails_to_load_or_holds_nan_fails_alone(served):
@@ -315,6 +446,14 @@ def test_a_lora_that_fails_to_load_or_holds_nan_fails_alone(served):
     assert "**mismatched.safetensors** (not a usable LoRA" in status
     assert "**nan_weights.safetensors** (not a usable LoRA" in status
     assert f"tensor {key_b!r} holds NaN or infinite values" in status
+
+
+def test_runs_are_listed_default_runs_first_in_their_order(tmp_path):
+    for name in ("aaa", "dit-reslora", "reslora", "zzz", "dit-lora", "lora"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    expected = ["lora", "reslora", "dit-lora", "dit-reslora", "aaa", "zzz"]
+    assert demo_app.found_runs(tmp_path) == [str(tmp_path / name) for name in expected]
 
 
 def test_temporary_folders_of_interrupted_exports_are_not_runs(tmp_path):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusion3Pipeline
-from safetensors.torch import load_file
+from diffusers import AutoencoderKL, StableDiffusion3Pipeline, StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 
 from reslora_diffusers.data import (
     BASE_RESOLUTION,
@@ -218,11 +218,15 @@ def test_demo_renders_the_base_and_its_lora(toy_base, toy_lora):
     # a LoRA of the UNet base is named as such
     with pytest.raises(ValueError, match="component 'unet', which this pipeline lacks"):
         check_lora_file(pipe, _unet_lora_file(toy_lora.parent))
+    # and so is a kohya-format file of the UNet base (lora_unet_ keys), which a UNet pipeline takes
+    kohya = toy_lora.parent / "unet_kohya.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}, kohya)
+    with pytest.raises(ValueError, match="kohya key .* component 'unet', which this pipeline lacks"):
+        check_lora_file(pipe, kohya)
+    assert check_lora_file(StableDiffusionPipeline.from_pretrained(default_base_model_path()), kohya) == kohya
 
 
 def _unet_lora_file(folder: Path) -> Path:
-    from safetensors.torch import save_file
-
     path = folder / "unet_lora.safetensors"
     save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32)}, path)
     return path

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from ..frontends.sd_pipeline import KOHYA_PREFIXES
+from ..frontends.sd_pipeline import KOHYA_PREFIXES, kohya_component
 from .diffusers import DIFFUSERS_FILE
 
 
@@ -26,7 +26,8 @@ def check_lora_file(pipe, path: str | Path) -> Path:
     diffusers-format keys (``unet.<module>.lora_A.weight``...) are checked module by module
     (it must exist and ``A`` must be ``(r, in)``, ``B`` ``(out, r)``, with kernel dimensions for
     convolutions); kohya-format files are
-    accepted when they hold kohya LoRA keys (diffusers' converter checks them on load).
+    accepted when they hold kohya LoRA keys for components the pipeline has (diffusers'
+    converter checks their layers on load).
     """
     path = resolve_lora_file(path)
     try:
@@ -36,9 +37,18 @@ def check_lora_file(pipe, path: str | Path) -> Path:
         raise ValueError(f"{path.name} is not a safetensors file ({err})") from err
     lora_keys = [k for k in shapes if ".lora_A." in k or ".lora_B." in k]
     if not lora_keys:
-        if any(k.startswith(KOHYA_PREFIXES) and ".lora_down." in k for k in shapes):
-            return path
-        raise ValueError(f"{path.name} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys)")
+        kohya = sorted(k for k in shapes if k.startswith(KOHYA_PREFIXES) and ".lora_down." in k)
+        if not kohya:
+            raise ValueError(
+                f"{path.name} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys)"
+            )
+        for key in kohya:  # a kohya file's layers are checked by diffusers' converter on load
+            component = kohya_component(key)
+            if getattr(pipe, component, None) is None:
+                raise ValueError(
+                    f"{path.name}: kohya key {key!r} is for component {component!r}, which this pipeline lacks"
+                )
+        return path
     for key in sorted(lora_keys):
         _check_key(pipe, path.name, key, shapes[key])
     return path

@@ -27,6 +27,20 @@ _KOHYA_PREFIXES = {
 KOHYA_PREFIXES = tuple(sorted({f"{p}_" for layout in _KOHYA_PREFIXES.values() for p in layout.values()}))
 
 
+def kohya_component(key: str) -> str | None:
+    """The pipeline component a kohya-ss key is for (``lora_unet_...`` -> ``unet``,
+    ``lora_te2_...`` -> ``text_encoder_2``), or None for a key of no known prefix."""
+    return next(
+        (
+            component
+            for layout in _KOHYA_PREFIXES.values()
+            for component, prefix in layout.items()
+            if key.startswith(f"{prefix}_")
+        ),
+        None,
+    )
+
+
 def kohya_layout(components: dict[str, nn.Module]) -> str:
     """``sdxl`` when the components are SDXL's (second text encoder or text_time UNet), else ``sd``."""
     unet = components.get(DENOISER)
