@@ -23,9 +23,8 @@ from .merge import MergedLoRA, MergeReport, compare_merges, merge_to_lora
 
 __version__ = "0.1.0"
 
-# The writers and the attention processor import diffusers/peft (seconds); load them on first use.
+# The writers import diffusers/peft (seconds); load them on first use.
 _LAZY = {
-    "ResLoRAAttnProcessor": "reslora_diffusers.frontends",
     "export_lora": "reslora_diffusers.export",
     "export_peft_adapter": "reslora_diffusers.export",
 }
@@ -42,7 +41,6 @@ def __getattr__(name: str):
 __all__ = [
     "MergeReport",
     "MergedLoRA",
-    "ResLoRAAttnProcessor",
     "ResLoRAConfig",
     "ResLoRALayer",
     "ResLoRALinear",

@@ -28,7 +28,7 @@ def add_reslora(model, config: ResLoRAConfig, *, train_text_encoder: bool = Fals
 
 
 def remove_reslora(model):
-    """Undo :func:`add_reslora`: original modules (and attention processors) are put back."""
+    """Undo :func:`add_reslora`: the original modules are put back."""
     if is_pipeline(model):
         return remove_reslora_from_pipeline(model)
     return frontend_for(model).detach(model)

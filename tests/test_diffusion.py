@@ -1,18 +1,16 @@
-"""The diffusers front end: processor, chains in a UNet, export files loaded by diffusers."""
+"""The diffusers front end: attention under diffusers' processors, chains in a UNet, export files
+loaded by diffusers."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors import safe_open
 
 from reslora_diffusers import (
-    ResLoRAAttnProcessor,
     ResLoRAConfig,
     add_reslora,
     chain_structure,
@@ -52,21 +50,28 @@ def text_batches(n=2, seed=0):
 
 @pytest.mark.parametrize("make_unet", [tiny_sd_unet, tiny_sdxl_unet])
 @pytest.mark.parametrize("res_type", TYPES)
-def test_processor_matches_stock_attention_and_removal_is_exact(make_unet, res_type):
+def test_attention_keeps_diffusers_processors_shares_q_k_v_products_and_removal_is_exact(make_unet, res_type):
+    from reslora_diffusers.core.inject import get_state
+
     unet = make_unet()
     kwargs = unet_inputs(unet)
     before = run(unet, kwargs)
+    processors = {name: type(p) for name, p in unet.attn_processors.items()}
     add_reslora(unet, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2))
-    assert all(isinstance(p, ResLoRAAttnProcessor) for p in unet.attn_processors.values())
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == processors
     randomize_lora(unet, scale=0.2)
-    fused = run(unet, kwargs)
-    # second path: diffusers' stock processor calling each wrapped projection on its own
-    stock = copy.deepcopy(unet)
-    stock.set_attn_processor(AttnProcessor2_0())
-    torch.testing.assert_close(fused, run(stock, kwargs), rtol=1e-5, atol=1e-5)
-    assert (fused - before).abs().max() > 1e-3
+    traced = run(unet, kwargs)  # the tracing pass: every projection applies its own A
+    groups = get_state(unet).inputs.describe()
+    if res_type == "is":  # A reads x_n + c x_{n-1}: nothing to share
+        assert groups == []
+    else:  # self-attention's q, k, v read the hidden states; cross-attention's k, v the text
+        suffixes = sorted(
+            {tuple(p.rsplit(".", 2)[-2] + "." + p.rsplit(".", 1)[-1] for p in g) for g in groups}
+        )
+        assert suffixes == [("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn2.to_k", "attn2.to_v")]
+    torch.testing.assert_close(run(unet, kwargs), traced, rtol=1e-5, atol=1e-6)
+    assert (traced - before).abs().max() > 1e-3
     remove_reslora(unet)
-    assert not any(isinstance(p, ResLoRAAttnProcessor) for p in unet.attn_processors.values())
     assert torch.equal(run(unet, kwargs), before)
 
 

@@ -1,5 +1,5 @@
 """The ResLoRA checkpoint: one safetensors file with every block's A, B, norm window and
-shortcut scale, and the config and chain structure in its JSON metadata.
+shortcut scale, and the config, chain structure and shared-input groups in its JSON metadata.
 
 Keys are ``[<component>.]<module path>.<lora_A|lora_B|norm_window|norm_count|shortcut_scale>``; a
 checkpoint of several models (a pipeline's UNet and text encoders) prefixes each with its
@@ -40,7 +40,7 @@ def _prefix(name: str) -> str:
 
 def checkpoint_state(models: Models) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata that :func:`save_reslora_checkpoint` writes."""
-    tensors, configs, chains = {}, {}, {}
+    tensors, configs, chains, groups = {}, {}, {}, {}
     for name, model in _components(models).items():
         state = get_state(model)
         configs[name] = state.config.to_dict()
@@ -49,6 +49,8 @@ def checkpoint_state(models: Models) -> tuple[dict[str, torch.Tensor], dict[str,
             for key, c in state.chains.items()
             if c.frozen
         }
+        if state.inputs.traced:
+            groups[name] = state.inputs.describe()
         for path, block in state.blocks.items():
             for t in TENSORS:
                 tensors[f"{_prefix(name)}{path}.{t}"] = getattr(block, t).detach().contiguous().cpu()
@@ -57,6 +59,7 @@ def checkpoint_state(models: Models) -> tuple[dict[str, torch.Tensor], dict[str,
         "version": VERSION,
         "configs": json.dumps(configs),
         "chains": json.dumps(chains),
+        "input_groups": json.dumps(groups),
     }
     return tensors, meta
 
@@ -98,13 +101,15 @@ def load_checkpoint(
     ``attach(model, config)`` adds ResLoRA to a model that has none (the front end's
     ``add_reslora`` for models with presets and processors). Every tensor must match a block
     of the model in name and shape, and every block must be in the file; the first key that
-    does not fit raises ``ValueError`` naming it. The stored chain structure is installed, so
-    no traced forward is needed afterwards.
+    does not fit raises ``ValueError`` naming it. The stored chain structure and shared-input
+    groups are installed, so no traced forward is needed afterwards (a checkpoint without groups,
+    from before they existed, has them traced by the next forward).
     """
     path = Path(path)
     meta = read_checkpoint_metadata(path)
     configs = json_field(meta, "configs", path)
     chains = json_field(meta, "chains", path)
+    groups = json_field(meta, "input_groups", path) if "input_groups" in meta else {}
     comps = _components(models)
     missing = sorted(set(configs) - set(comps))
     if missing:
@@ -142,6 +147,8 @@ def load_checkpoint(
     for name, model in comps.items():
         if name in configs:
             _install_chains(model, chains.get(name, {}))
+            if name in groups:
+                _install_groups(model, groups[name])
     return models
 
 
@@ -150,3 +157,10 @@ def _install_chains(model: nn.Module, chains: dict[str, dict]) -> None:
     for key, info in chains.items():
         if key in state.chains and all(m in state.blocks for m in info["modules"]):
             state.chains[key].set_structure([state.blocks[m] for m in info["modules"]], info["links"])
+
+
+def _install_groups(model: nn.Module, groups: list[list[str]]) -> None:
+    state = get_state(model)
+    state.inputs.set_structure(
+        [[state.blocks[m] for m in members] for members in groups if all(m in state.blocks for m in members)]
+    )

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .chain import Chain, chain_key, log_structure
 from .config import ResLoRAConfig
+from .fusion import InputGroups
 from .layers import ResLoRALayer, layer_class_for
 from .shortcuts import Shortcut, get_shortcut
 
@@ -34,10 +35,10 @@ class ResLoRAState:
     chains: dict[str, Chain]
     blocks: dict[str, ResLoRALayer]
     requires_grad: dict[str, bool]
+    #: blocks that read the same input and apply ``A`` as one product (:mod:`.fusion`)
+    inputs: InputGroups = field(default_factory=InputGroups)
     hooks: list = field(default_factory=list)
     logged: bool = False
-    #: what a front end must restore on removal (e.g. a UNet's attention processors)
-    extras: dict = field(default_factory=dict)
 
     def traced(self) -> bool:
         return all(c.frozen for c in self.chains.values())
@@ -99,14 +100,15 @@ def attach_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     shortcut = get_shortcut(config.res_type, config.pre_num)
     chains: dict[str, Chain] = {}
     blocks: dict[str, ResLoRALayer] = {}
+    inputs = InputGroups()
     for name, target in targets:
         key = chain_key(name, target)
         chain = chains.setdefault(key, Chain(key, shortcut))
         base = model.get_submodule(name)
-        block = layer_class_for(base)(base, config, name, chain)
+        block = layer_class_for(base)(base, config, name, chain, inputs)
         _set_submodule(model, name, block)
         blocks[name] = block
-    state = ResLoRAState(config, shortcut, chains, blocks, requires_grad)
+    state = ResLoRAState(config, shortcut, chains, blocks, requires_grad, inputs)
     state.hooks = [
         model.register_forward_pre_hook(lambda m, args: _begin_pass(m)),
         model.register_forward_hook(lambda m, args, out: _end_pass(m)),
@@ -212,6 +214,11 @@ def _begin_pass(model: nn.Module) -> None:
         if not chain.frozen:
             chain.reset_trace()
         chain.new_pass()
+    if state.inputs.traced:
+        state.inputs.freeze()
+    else:
+        state.inputs.reset()
+    state.inputs.new_pass()
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -227,6 +234,10 @@ def _end_pass(model: nn.Module) -> None:
         if not chain.frozen:
             chain.freeze()
         chain.new_pass()
+    state.inputs.end_trace()
+    if not _checkpointing(model):
+        state.inputs.freeze()
+    state.inputs.new_pass()
     if not state.logged:
         state.logged = True
         log_structure(state.chains, [b.module_path for b in state.untraced_blocks()])

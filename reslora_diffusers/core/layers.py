@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .chain import Chain, Step
 from .config import ResLoRAConfig
+from .fusion import InputGroup, InputGroups
 
 Observer = Callable[["ResLoRALayer", torch.Tensor, Step], None]
 
@@ -70,6 +71,8 @@ class ResLoRALayer(nn.Module, ABC):
             The write position is ``norm_count`` itself, so loading a state dict resumes the
             window where it was.
         record_norms: the config's ``records_norms``: whether training passes record the window.
+        inputs: the model's :class:`~.fusion.InputGroups`; ``group`` is this block's group of
+            blocks reading the same input (None: it applies its ``A`` alone).
         shortcut_scale: the factor ``c`` on every shortcut term of this block (0-dim buffer,
             1 by default; :func:`~.inject.set_shortcut_scale`). A tensor, not a Python float,
             so that a schedule changing it every step does not make ``torch.compile`` recompile;
@@ -78,8 +81,19 @@ class ResLoRALayer(nn.Module, ABC):
 
     #: the dimension of ``x`` and ``A x`` that holds features (channels)
     feature_dim: int = -1
+    #: blocks of this kind may stack their ``A`` rows with others reading the same input
+    #: (a layer kind whose ``A`` product depends on more than its rows, a convolution's
+    #: geometry, says no)
+    stacks_rows: bool = True
 
-    def __init__(self, base_layer: nn.Module, config: ResLoRAConfig, module_path: str, chain: Chain) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        config: ResLoRAConfig,
+        module_path: str,
+        chain: Chain,
+        inputs: InputGroups | None = None,
+    ) -> None:
         super().__init__()
         weight = base_layer.weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -99,6 +113,9 @@ class ResLoRALayer(nn.Module, ABC):
         self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self._observers: dict[int, Observer] = {}
         self._next_observer = 0
+        self.inputs = inputs if inputs is not None else InputGroups()
+        self.group: InputGroup | None = None
+        self._group_index = 0
         self.reset_parameters(config.init)
 
     # -- what a layer kind defines ----------------------------------------------------
@@ -168,22 +185,50 @@ class ResLoRALayer(nn.Module, ABC):
         return out + self.delta(x).to(out.dtype)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The branch ``s * B_stack(mid_n)`` for input ``x`` (base output excluded)."""
+        """The branch ``s * B_stack(mid_n)`` for input ``x`` (base output excluded).
+
+        In a shared-input group (:mod:`.fusion`) the first block computes every member's
+        ``A x`` in one product and a later member takes its slice.
+        """
         step, a = self.start(x)
-        return self.finish(step, x, self.apply_a(self.branch_input(step, self.dropout(x)), a))
+        self.inputs.observe(self, x)
+        ax = self.group.take(self._group_index, x) if self._group_index else None
+        if ax is None:
+            xin = self.branch_input(step, self.dropout(x))
+            if self.group is not None and self._group_index == 0:
+                ax = self.group.apply_a(xin, a)
+            else:
+                ax = self.apply_a(xin, a)
+        return self.finish(step, x, ax)
 
     def start(self, x: torch.Tensor) -> tuple[Step, torch.Tensor]:
-        """Begin this block's run: its chain step and the A rows to apply to :meth:`branch_input`.
-
-        Callers that fuse several blocks' A products (the attention processor) call this
-        for each block, compute ``ax = apply_a(input, a)`` once for the blocks whose
-        :meth:`branch_input` is the shared ``dropout(x)``, and hand each block its slice in
-        :meth:`finish`.
-        """
+        """Begin this block's run: its chain step and the A rows to apply to :meth:`branch_input`
+        (``ax = apply_a(branch_input(step, dropout(x)), a)``, or this block's slice of its
+        shared-input group's product), then :meth:`finish` completes it."""
         step = self.chain.begin(self, x)
         if self._factors is not None:
             return step, self._factors[0]
         return step, self.shortcut.a_weight(self, step.pred_blocks)
+
+    def a_rows(self) -> torch.Tensor:
+        """The ``A`` rows this block applies in the current structure (what :meth:`start`
+        returns), without beginning a run: a shared-input group's first block stacks them."""
+        if self._factors is not None:
+            return self._factors[0]
+        pos = self.chain.position(self)
+        preds = [] if pos is None else [self.chain.blocks[p] for p in self.chain.preds(pos)]
+        return self.shortcut.a_weight(self, preds)
+
+    @property
+    def can_share_input(self) -> bool:
+        """Whether this block's ``A`` product reads its input ``x`` itself, so that it may be
+        stacked with other blocks reading the same ``x`` (no LoRA dropout, no folded shortcut)."""
+        return self.stacks_rows and isinstance(self.dropout, nn.Identity) and not self.shortcut.folds_input
+
+    def join_group(self, group: InputGroup | None, index: int) -> None:
+        """Become member ``index`` of a shared-input group (set when the groups are traced;
+        None: apply ``A`` alone)."""
+        self.group, self._group_index = group, index
 
     def branch_input(self, step: Step, xd: torch.Tensor) -> torch.Tensor:
         """What this run's ``A`` product reads, from ``xd = dropout(x_n)``: ``xd`` itself, or
@@ -329,6 +374,7 @@ class ResLoRAConv2d(ResLoRALayer):
     """
 
     feature_dim = 1
+    stacks_rows = False
 
     @classmethod
     def handles(cls, module):

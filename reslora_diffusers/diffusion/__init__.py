@@ -5,7 +5,6 @@ import warnings
 
 from ..export.diffusers import export_lora, fuse_lora
 from ..frontends import (
-    ResLoRAAttnProcessor,
     add_reslora_to_pipeline,
     pipeline_components,
     remove_reslora_from_pipeline,
@@ -19,7 +18,6 @@ warnings.warn(
 )
 
 __all__ = [
-    "ResLoRAAttnProcessor",
     "add_reslora_to_pipeline",
     "export_lora",
     "fuse_lora",

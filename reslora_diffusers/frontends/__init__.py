@@ -4,7 +4,7 @@
   (any ``nn.Module``, targets named by the user);
 * :mod:`.transformers_lm`: transformers language models, targets by ``model_type``;
 * :mod:`.clip_text`: CLIP text encoders; :mod:`.t5_text`: T5 encoders;
-* :mod:`.sd_unet`: Stable Diffusion UNets (attention processor, SGM names for SDXL);
+* :mod:`.sd_unet`: Stable Diffusion UNets (synthetic inputs, SGM names for SDXL);
 * :mod:`.dit`, :mod:`.sd3`, :mod:`.flux`: SD3's and Flux's diffusion transformers;
 * :mod:`.pipelines`: diffusers pipelines (the pipeline families and their components), with
   the families in :mod:`.sd_pipeline`, :mod:`.sd3` and :mod:`.flux`.
@@ -28,7 +28,6 @@ from .pipelines import (
 from .sd3 import SD3_PIPELINES, SD3_TRANSFORMER
 from .sd_pipeline import SD_PIPELINES
 from .sd_unet import SD_UNET, UNET_CONV_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
-from .sd_unet_processor import ResLoRAAttnProcessor
 from .t5_text import T5_TEXT
 from .transformers_lm import PRESETS, TRANSFORMERS_LM, preset_targets
 
@@ -52,7 +51,6 @@ __all__ = [
     "UNET_TARGETS",
     "FrontEnd",
     "PipelineFamily",
-    "ResLoRAAttnProcessor",
     "add_reslora_to_pipeline",
     "components_family",
     "frontend_for",

@@ -1,8 +1,8 @@
 """What a model family tells ResLoRA, and the registry that finds the family of a model.
 
 A family (one file in this package, like diffusers' per-pipeline LoRA loader mixins) says:
-how to recognise its models, its default targets, how ResLoRA goes on and comes off (e.g.
-an attention processor), synthetic inputs for merge reports when no data is given, and the
+how to recognise its models, its default targets, how ResLoRA goes on and comes off (when it
+changes more than the targets), synthetic inputs for merge reports when no data is given, and the
 module names its LoRA files use.
 """
 
@@ -36,7 +36,7 @@ def to_model(obj, model: nn.Module):
 
 
 class FrontEnd:
-    """A model family. The base behaviour is the generic one: explicit targets, no processor."""
+    """A model family. The base behaviour is the generic one: explicit targets, nothing else changed."""
 
     name = "generic"
     #: families are tried from the highest priority down: a family that is a special case of

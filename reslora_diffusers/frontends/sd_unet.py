@@ -1,8 +1,8 @@
 """Stable Diffusion UNets (SD 1.x, 2.x, SDXL): ``UNet2DConditionModel``.
 
-Attention projections go through :class:`~.sd_unet_processor.ResLoRAAttnProcessor`, which
-fuses the A products of q/k/v; every other target (feed-forward layers, resnet
-convolutions) is an ordinary ResLoRA layer. kohya names: diffusers paths for SD 1.x/2.x,
+Every target (attention projections, feed-forward layers, resnet convolutions) is an ordinary
+ResLoRA layer under diffusers' own attention processors; the q/k/v projections that read one
+tensor share one ``A`` product (:mod:`reslora_diffusers.core.fusion`). kohya names: diffusers paths for SD 1.x/2.x,
 the original (SGM) paths for SDXL, as kohya-ss sd-scripts write them.
 """
 
@@ -13,9 +13,7 @@ import re
 import torch
 import torch.nn as nn
 
-from ..core import ResLoRAConfig, attach_reslora, detach_reslora, get_state
 from .base import FrontEnd, is_instance, register_frontend, to_model
-from .sd_unet_processor import ResLoRAAttnProcessor
 
 #: The attention projections (diffusers' own default for UNet LoRA).
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -25,10 +23,6 @@ UNET_FEEDFORWARD_TARGETS = ["ff.net.0.proj", "ff.net.2"]
 #: The resnet convolutions and the down/up-sampler convolutions (LoCon, as kohya-ss and
 #: LyCORIS train them); ``conv`` matches ``downsamplers.0.conv`` and ``upsamplers.0.conv``.
 UNET_CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "conv"]
-
-#: diffusers processors whose maths :class:`ResLoRAAttnProcessor` reproduces
-_REPLACEABLE = ("AttnProcessor2_0", "AttnProcessor")
-_PROCESSORS = "attn_processors"
 
 _RESNET_SGM = {
     "conv1": "in_layers.2",
@@ -90,7 +84,7 @@ def is_sdxl_unet(unet: nn.Module) -> bool:
 
 
 class SDUNet(FrontEnd):
-    """``UNet2DConditionModel``: attention processor, synthetic latents, kohya names."""
+    """``UNet2DConditionModel``: synthetic latents, kohya names."""
 
     name = "sd_unet"
     priority = 20
@@ -100,25 +94,6 @@ class SDUNet(FrontEnd):
 
     def default_targets(self, model):
         return list(UNET_TARGETS)
-
-    def attach(self, model: nn.Module, config: ResLoRAConfig) -> nn.Module:
-        """Wrap the targets and install :class:`ResLoRAAttnProcessor` on every ``Attention``
-        whose processor is one it reproduces; other processors are left alone (their
-        projections still run their ResLoRA branches, unfused)."""
-        original = model.attn_processors
-        attach_reslora(model, self.resolve(model, config))
-        get_state(model).extras[_PROCESSORS] = original
-        ours = ResLoRAAttnProcessor()
-        model.set_attn_processor(
-            {name: ours if type(p).__name__ in _REPLACEABLE else p for name, p in original.items()}
-        )
-        return model
-
-    def detach(self, model):
-        original = get_state(model).extras[_PROCESSORS]
-        detach_reslora(model)
-        model.set_attn_processor(original)
-        return model
 
     def synthetic_inputs(self, model, num=2, seed=0, batch=2):
         """N(0, 1) latents (the noisy-latent distribution at large t), uniform timesteps,

@@ -79,6 +79,8 @@ class Shortcut:
     exact_merge: ClassVar[bool] = True
     #: ``pre_num`` changes what the type computes (shown in reports and model cards)
     uses_pre_num: ClassVar[bool] = False
+    #: ``a_input`` folds earlier inputs into the ``A`` product's input (it is not ``x_n`` alone)
+    folds_input: ClassVar[bool] = False
 
     def __init__(self, pre_num: int) -> None:
         self.pre_num = pre_num

@@ -18,6 +18,7 @@ class InputShortcut(ActivationShortcut):
     name = "is"
     stat = "x"
     caches = ("x",)
+    folds_input = True
 
     @property
     def max_preds(self) -> int:
