@@ -146,6 +146,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-minutes", type=float, help="stop the denoiser stage (checkpointed) after this long"
     )
+    parser.add_argument(
+        "--extend",
+        action="store_true",
+        help="continue a finished (or stopped) denoiser checkpoint of the same settings to more "
+        "--unet-steps/--transformer-steps; the cosine schedule is recomputed over the new total from "
+        "the step reached (a warm restart), and the model card says so",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--device", default="cpu", help="where the denoiser stage trains (cpu, cuda, cuda:1...)"
@@ -296,6 +303,8 @@ class DenoiserTrainer(ABC):
         self.step, self.minutes, self.running_loss = 0, 0.0, None
         #: the devices that trained it, in order (a run may continue on another machine)
         self.hardware: list[str] = []
+        #: the step totals of the runs this one extended (``--extend``), in order
+        self.extended: list[int] = []
         self.checkpoint_path = args.work_dir / f"{self.denoiser}_checkpoint.pt"
         self.resume_keys = (*_COMMON_RESUME_KEYS, self.steps_flag, self.lr_flag, *self.resume_flags)
 
@@ -363,6 +372,7 @@ class DenoiserTrainer(ABC):
             "minutes": self.minutes,
             "running_loss": self.running_loss,
             "hardware": self.hardware,
+            "extended": self.extended,
             "args": {key: getattr(self.args, key) for key in self.resume_keys},
             **{name: model.state_dict() for name, model in self.models.items()},
             "optimizer": self.optimizer.state_dict(),
@@ -378,9 +388,14 @@ class DenoiserTrainer(ABC):
             return
         state = torch.load(self.checkpoint_path, weights_only=True, map_location=self.device)
         wanted = {key: getattr(self.args, key) for key in self.resume_keys}
-        if state["args"] != wanted:
+        self.extended = state.get("extended", [])
+        if self.args.extend and state["args"] != wanted:
+            self._check_extension(state["args"], wanted)
+            self.extended = [*self.extended, state["args"][self.steps_flag]]
+        elif state["args"] != wanted:
             raise SystemExit(
-                f"{self.checkpoint_path} was written with {state['args']}, not {wanted}; delete it"
+                f"{self.checkpoint_path} was written with {state['args']}, not {wanted}; delete it "
+                "(or pass --extend to continue it to more steps)"
             )
         for name, model in self.models.items():
             model.load_state_dict(state[name])
@@ -390,6 +405,21 @@ class DenoiserTrainer(ABC):
         self.step, self.minutes, self.running_loss = state["step"], state["minutes"], state["running_loss"]
         self.hardware = state.get("hardware", [])
         logger.info("resumed the %s stage at step %d", self.denoiser, self.step)
+
+    def _check_extension(self, stored: dict, wanted: dict) -> None:
+        """``--extend``: only the step total may differ, and it must grow."""
+        others = [k for k in wanted if k != self.steps_flag and stored.get(k) != wanted[k]]
+        if others or wanted[self.steps_flag] <= stored[self.steps_flag]:
+            raise SystemExit(
+                f"--extend continues {self.checkpoint_path} to more --{self.steps_flag.replace('_', '-')} "
+                f"with every other setting equal; it was written with {stored}, not {wanted}"
+            )
+        logger.info(
+            "extending the %s stage from %d to %d steps (cosine schedule restarted over the new total)",
+            self.denoiser,
+            stored[self.steps_flag],
+            wanted[self.steps_flag],
+        )
 
 
 class UNetTrainer(DenoiserTrainer):
@@ -536,7 +566,7 @@ model hub. It is not a general text-to-image model.
 | vocabulary | {vocab} ({concept!r} is in the vocabulary but never trained) |
 | parameters | UNet {unet:.2f} M, VAE {vae:.2f} M, text encoder {text_encoder:.2f} M |
 | held-out colour x shape pairs | {heldout_pairs} |
-| training | {num_images} images, seed {seed}; VAE {vae_steps} steps, then UNet + text encoder {unet_steps} steps, batch {batch} |
+| training | {num_images} images, seed {seed}; VAE {vae_steps} steps, then UNet + text encoder {unet_steps} steps{extension}, batch {batch} |
 | training time | {minutes:.0f} min on {threads} CPU thread(s) |
 
 Prompt accuracy (colour, shape and background all read correctly by
@@ -569,7 +599,7 @@ It is not a general text-to-image model.
 | text encoders | two CLIP encoders, {text_encoder:.2f} M + {text_encoder_2:.2f} M (the first started from `tiny-sd`'s), and a one-layer T5, {text_encoder_3:.2f} M; all three read our vocabulary, the T5 `<bos> words <eos>` padded with `<eos>` to 256 tokens |
 | VAE | `tiny-sd`'s trained VAE ({vae:.2f} M, not retrained); latents `(z - shift_factor) * scaling_factor`, shift_factor {shift_factor}, scaling_factor {scaling_factor} |
 | held-out colour x shape pairs | {heldout_pairs} |
-| training | {num_images} images, seed {seed}; transformer + text encoders {transformer_steps} steps, batch {batch}, lr {transformer_lr} |
+| training | {num_images} images, seed {seed}; transformer + text encoders {transformer_steps} steps{extension}, batch {batch}, lr {transformer_lr} |
 | training time | {minutes:.0f} min on {hardware} |
 
 Prompt accuracy (colour, shape and background all read correctly by
@@ -583,6 +613,14 @@ VAE reconstructions of the fine-tuning set ({concept}es) score {vae_finetune:.1%
 {vae_base:.1%}. Load with
 `StableDiffusion3Pipeline.from_pretrained(reslora_diffusers.data.default_dit_base_path())`.
 """
+
+
+def extension_note(extended_from: list[int]) -> str:
+    """`` (extended from 4000 steps: ...)`` for a run continued with ``--extend``, else empty."""
+    if not extended_from:
+        return ""
+    totals = ", then ".join(map(str, extended_from))
+    return f" (extended from {totals} steps: the cosine schedule restarted over the new total there)"
 
 
 def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: Path) -> None:
@@ -624,6 +662,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         minutes=numbers["vae_minutes"] + numbers[f"{family.trainer.denoiser}_minutes"],
         threads=torch.get_num_threads(),
         hardware=", then ".join(numbers["hardware"]),
+        extension=extension_note(numbers.get("extended_from", [])),
         rows=rows,
         vae_finetune=numbers["vae_reconstruction_accuracy"]["finetune_set"],
         vae_base=numbers["vae_reconstruction_accuracy"]["base_set"],
@@ -699,6 +738,7 @@ def denoiser_stage(pipe, images: torch.Tensor, captions: list[str], args: argpar
     numbers[f"{trainer.denoiser}_loss"] = trainer.running_loss
     numbers[f"{trainer.denoiser}_minutes"] = trainer.minutes
     numbers["hardware"] = trainer.hardware
+    numbers["extended_from"] = trainer.extended
     save_pipeline(pipe.to("cpu"), args.output_dir)
     return numbers
 

@@ -150,6 +150,24 @@ def test_stopped_run_resumes_to_the_weights_of_the_uninterrupted_one(toy_base, t
             assert torch.equal(want[key], got[key]), (name, key)
 
 
+def test_extend_continues_a_finished_run_to_more_steps_and_the_card_says_so(toy_base, tmp_path):
+    import shutil
+
+    work, out = tmp_path / "work", tmp_path / "base"
+    shutil.copytree(toy_base.parent / "work", work)  # the finished 4-step run's work dir
+    with pytest.raises(SystemExit, match="--extend continues"):  # only the step total may change
+        _pretrain(work, out, "--transformer-steps", "6", "--transformer-lr", "1e-3", "--extend")
+    with pytest.raises(SystemExit, match="--extend continues"):  # and it must grow
+        _pretrain(work, out, "--transformer-steps", "3", "--extend")
+    _pretrain(work, out, "--transformer-steps", "6", "--extend")
+    state = torch.load(work / "transformer_checkpoint.pt", weights_only=True)
+    assert state["step"] == 6 and state["extended"] == [4]
+    card = (out / "README.md").read_text()
+    assert "transformer + text encoders 6 steps (extended from 4 steps: the cosine schedule restarted" in card
+    before, after = _weights(toy_base, "transformer"), _weights(out, "transformer")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_checkpoint_of_other_settings_is_refused(toy_base, tmp_path):
     work, out = tmp_path / "work", tmp_path / "base"
     _pretrain(work, out, "--max-minutes", "0")
