@@ -16,7 +16,8 @@ Configs ``MODEL-PIXELS-BATCH``: ``sd15-512-1``, ``sd15-512-8``, ``sdxl-1024-1`` 
 ``--scale`` shrinks the UNet (``make_random_pipeline.py``'s rule) and the image side alike
 (to a multiple of 64 px, at least 64). The table gives the median step time, its ratio to
 PEFT LoRA's and to the floor's in the same mode, the first compiled step's seconds (compile
-time), and the peak CUDA memory of a step (``torch.cuda.max_memory_allocated``; N/A on CPU).
+time, with inductor's on-disk caches off so that no variant loads kernels an earlier run
+compiled), and the peak CUDA memory of a step (``torch.cuda.max_memory_allocated``; N/A on CPU).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import sys
 import time
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
@@ -174,6 +176,7 @@ def bench_config(name: str, args, device, dtype) -> str:
         for _ in range(args.warmup):
             variant.step(False)
     if "compiled" in args.modes:
+        inductor_config.force_disable_caches = True
         for variant in variants:
             variant.compile(args.compile_backend, args.compile_mode)
             variant.compile_seconds = timed(variant, True, device)[0]

@@ -16,7 +16,9 @@ times an inference forward of the base UNet against the UNet with the merged LoR
                                     [--compile]
 
 ``--compile`` puts every variant (PEFT LoRA too) through ``torch.compile`` (inductor) first;
-the first step's time, which holds the compilation, is the table's "compile s" column.
+the first step's time, which holds the compilation, is the table's "compile s" column. Inductor's
+on-disk caches are switched off, so that every variant compiles from scratch (a variant compiled
+by an earlier run would otherwise load its kernels in seconds).
 
 For SD3 and Flux the targets are the joint-attention projections of both streams, and
 ``attention+ff`` adds the feed-forward layers of both streams (Flux: and the single blocks'
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._inductor.config as inductor_config
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from peft import LoraConfig
 
@@ -303,6 +306,8 @@ def main() -> None:
         "--compile", action="store_true", help="every variant through torch.compile (inductor)"
     )
     args = parser.parse_args()
+    if args.compile:
+        inductor_config.force_disable_caches = True
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     sizes = args.sizes or list(SIZES[args.model])
     unknown = [name for name in sizes if name not in SIZES[args.model]]
