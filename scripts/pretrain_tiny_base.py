@@ -27,6 +27,7 @@ random draws stay on the CPU, so a run may continue on another device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -147,6 +148,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-minutes", type=float, help="stop the denoiser stage (checkpointed) after this long"
     )
     parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="every this many denoiser steps, read the EMA model's held-out prompts (one seed) into "
+        "<work-dir>/eval_log.jsonl: does the run still learn? (0: off)",
+    )
+    parser.add_argument(
         "--extend",
         action="store_true",
         help="continue a finished (or stopped) denoiser checkpoint of the same settings to more "
@@ -264,6 +272,18 @@ class EMA:
         for shadow, param in zip(self.shadow, self.parameters, strict=True):
             param.copy_(shadow)
 
+    @contextlib.contextmanager
+    def applied(self):
+        """The averaged weights in the model for the ``with`` block, the trained ones after it."""
+        trained = [p.detach().clone() for p in self.parameters]
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, saved in zip(self.parameters, trained, strict=True):
+                    param.copy_(saved)
+
     def state_dict(self) -> dict:
         return {"shadow": self.shadow, "updates": self.updates}
 
@@ -357,6 +377,8 @@ class DenoiserTrainer(ABC):
             out_of_time = (
                 self.args.max_minutes is not None and self.minutes - started_at > self.args.max_minutes
             )
+            if self.args.eval_every and self.step % self.args.eval_every == 0:
+                self._probe()
             if self.step % self.args.checkpoint_every == 0 or out_of_time:
                 self._save()
             if out_of_time and self.step < self.total_steps:
@@ -365,6 +387,22 @@ class DenoiserTrainer(ABC):
         for model in self.models.values():
             model.eval()
         return True
+
+    def _probe(self) -> None:
+        """Held-out prompt accuracy of the EMA model (seed 0) into ``eval_log.jsonl``."""
+        for model in self.models.values():
+            model.eval()
+        with self.ema.applied():
+            result = evaluate_pipeline(
+                self.pipe, heldout_base_prompts(), [EVAL_SEEDS[0]], num_inference_steps=self.args.eval_steps
+            )
+        for model in self.models.values():
+            model.train()
+        record = {"step": self.step, "loss": round(self.running_loss, 4)}
+        record.update({k: round(v, 4) for k, v in result.items() if k.endswith("accuracy")})
+        with open(self.args.work_dir / "eval_log.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        logger.info("step %d: held-out %s", self.step, record)
 
     def _save(self) -> None:
         state = {

@@ -168,6 +168,17 @@ def test_extend_continues_a_finished_run_to_more_steps_and_the_card_says_so(toy_
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_eval_every_logs_the_ema_models_accuracy_and_leaves_training_as_it_was(toy_base, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "base"
+    _pretrain(work, out, "--eval-every", "2")
+    records = [json.loads(line) for line in (work / "eval_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["shape_accuracy"] <= 1 for r in records)
+    for name in TRAINED:  # the probe swaps the averaged weights in and out: same final weights
+        want, got = _weights(toy_base, name), _weights(out, name)
+        assert all(torch.equal(want[key], got[key]) for key in want), name
+
+
 def test_checkpoint_of_other_settings_is_refused(toy_base, tmp_path):
     work, out = tmp_path / "work", tmp_path / "base"
     _pretrain(work, out, "--max-minutes", "0")
