@@ -30,11 +30,21 @@ _LAZY = {
 }
 
 
+#: names that earlier releases had, and what replaced them. Asking for one raises ImportError
+#: with the reason (an AttributeError would reach ``from ... import`` as a bare "cannot import").
+REMOVED = {
+    "ResLoRAAttnProcessor": "add_reslora(unet, config) keeps diffusers' own attention processors "
+    "and applies the q/k/v A products as one (reslora_diffusers.core.fusion); no processor to install",
+}
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in REMOVED:
+        raise ImportError(f"reslora_diffusers.{name} was removed: {REMOVED[name]}", name=name)
     raise AttributeError(f"module 'reslora_diffusers' has no attribute {name!r}")
 
 

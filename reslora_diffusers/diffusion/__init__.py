@@ -17,6 +17,15 @@ warnings.warn(
     stacklevel=2,
 )
 
+
+def __getattr__(name: str):
+    from .. import REMOVED
+
+    if name in REMOVED:
+        raise ImportError(f"reslora_diffusers.diffusion.{name} was removed: {REMOVED[name]}", name=name)
+    raise AttributeError(f"module 'reslora_diffusers.diffusion' has no attribute {name!r}")
+
+
 __all__ = [
     "add_reslora_to_pipeline",
     "export_lora",
