@@ -404,7 +404,7 @@ class DenoiserTrainer(ABC):
         for model in self.models.values():
             model.train()
         record = {"step": self.step, "loss": round(self.running_loss, 4)}
-        record.update({k: round(v, 4) for k, v in result.items() if k.endswith("accuracy")})
+        record.update(accuracies(result))
         with open(self.args.work_dir / "eval_log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
         logger.info("step %d: held-out %s", self.step, record)
@@ -581,12 +581,17 @@ def eval_sets(args: argparse.Namespace) -> list[tuple[str, list[str], tuple[int,
     ]
 
 
+def accuracies(result: dict) -> dict[str, float]:
+    """The accuracy figures of an ``evaluate_pipeline`` result, rounded for logs and the card."""
+    return {k: round(v, 4) for k, v in result.items() if k.endswith("accuracy")}
+
+
 def evaluate(pipe, args: argparse.Namespace) -> dict:
     """Prompt accuracy on held-out, seen and fine-tuning-concept prompts at the documented settings."""
     numbers = {}
     for name, prompts, seeds in eval_sets(args):
         result = evaluate_pipeline(pipe, prompts, seeds, num_inference_steps=args.eval_steps)
-        numbers[name] = {k: round(v, 4) for k, v in result.items() if k.endswith("accuracy")}
+        numbers[name] = accuracies(result)
         numbers[name]["images"] = len(result["images"])
         grid_path = args.work_dir / f"samples_{name}.png"
         make_grid(result["images"], columns=len(prompts)).save(grid_path)

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from reslora_diffusers import ResLoRAConfig, add_reslora
 from reslora_diffusers.core import ResLoRALayer, trainable_parameters
 from reslora_diffusers.core.inject import get_state
-from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS
+from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS, frontend_for
 from reslora_diffusers.training.speed import compile_model
 from tests.tiny_dits import tiny_sd3_transformer
 
@@ -116,8 +116,6 @@ def test_sd3_groups_the_projections_of_each_stream():
     net = tiny_sd3_transformer()
     config = ResLoRAConfig(rank=4, res_type="bs", target_modules=list(DIT_ATTENTION_TARGETS))
     add_reslora(net, config)
-    from reslora_diffusers.frontends import frontend_for
-
     net(**frontend_for(net).synthetic_inputs(net, num=1, batch=1)[0])
     groups = get_state(net).inputs.describe()
     image = [[f"transformer_blocks.{i}.attn.{p}" for p in ("to_q", "to_k", "to_v")] for i in range(3)]
@@ -136,8 +134,7 @@ def test_compiled_groups_are_one_graph_without_breaks():
     x = torch.randn(5, 8)
     compiled = compile_model(model, backend="aot_eager", inputs={"x": x})
     assert len(get_state(model).inputs.groups) == 4
-    want = _output_and_grads(eager, x)
-    eager(x)  # the eager model's second pass is its first grouped one
+    eager(x)  # the tracing pass: the next one is grouped, as the compiled model's passes are
     want = _output_and_grads(eager, x)
     got = _output_and_grads(compiled, x)
     assert dict(counters["graph_break"]) == {}

@@ -68,6 +68,7 @@ class InputGroups:
         self.frozen = False
         self._trace: list[list[ResLoRALayer]] = []
         self._eligible: list[list[ResLoRALayer]] = []
+        self._seen: set[ResLoRALayer] = set()
         self._last: tuple[ResLoRALayer, torch.Tensor] | None = None
 
     def observe(self, block: ResLoRALayer, x: torch.Tensor) -> None:
@@ -75,14 +76,10 @@ class InputGroups:
         tensor that block read."""
         if self.traced:
             return
-        seen = any(block in members for members in self._trace)
-        if not seen:
-            if (
-                self._last is not None
-                and self._last[1] is x
-                and self._trace
-                and self._trace[-1][-1] is self._last[0]
-            ):
+        if block not in self._seen:  # a block that runs again stays in its first group
+            self._seen.add(block)
+            last = self._last
+            if last is not None and last[1] is x and self._trace[-1][-1] is last[0]:
                 self._trace[-1].append(block)
             else:
                 self._trace.append([block])
@@ -95,7 +92,7 @@ class InputGroups:
             return
         self.traced = True
         self._eligible = [m for m in self._trace if len(m) > 1 and all(b.can_share_input for b in m)]
-        self._trace, self._last = [], None
+        self._trace, self._seen, self._last = [], set(), None
 
     def freeze(self) -> None:
         """Activate the traced groups."""
@@ -129,7 +126,7 @@ class InputGroups:
     def reset(self) -> None:
         """Drop an unfinished trace (a traced forward that raised)."""
         if not self.traced:
-            self._trace, self._last = [], None
+            self._trace, self._seen, self._last = [], set(), None
 
     def describe(self) -> list[list[str]]:
         """The groups' module paths (once traced, active or not)."""

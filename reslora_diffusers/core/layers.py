@@ -191,7 +191,8 @@ class ResLoRALayer(nn.Module, ABC):
         ``A x`` in one product and a later member takes its slice.
         """
         step, a = self.start(x)
-        self.inputs.observe(self, x)
+        if not self.inputs.traced:  # only the first pass traces the groups
+            self.inputs.observe(self, x)
         ax = self.group.take(self._group_index, x) if self._group_index else None
         if ax is None:
             xin = self.branch_input(step, self.dropout(x))
