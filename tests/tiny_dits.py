@@ -75,6 +75,18 @@ def tiny_t5(seed: int = 0, vocab_size: int = 64) -> T5EncoderModel:
     )
 
 
+#: SD3's and Flux's VAE latent constants (Flux's values), so that the shift is exercised: the
+#: tiny VAE has none, and SD3/Flux pipelines subtract ``shift_factor`` from every latent
+DIT_VAE_SHIFT, DIT_VAE_SCALE = 0.1159, 0.3611
+
+
+def dit_vae(seed: int = 0):
+    """The tiny VAE with SD3/Flux's ``(z - shift_factor) * scaling_factor`` constants."""
+    vae = tiny_vae(seed)
+    vae.register_to_config(shift_factor=DIT_VAE_SHIFT, scaling_factor=DIT_VAE_SCALE)
+    return vae
+
+
 def tiny_sd3_pipeline(tmp: Path, seed: int = 0) -> StableDiffusion3Pipeline:
     """The transformer, VAE, two CLIP encoders and a tiny T5 (a T5 tokenizer needs a
     sentencepiece vocabulary, so the CLIP tokenizer stands in for it, with T5's vocabulary
@@ -86,7 +98,7 @@ def tiny_sd3_pipeline(tmp: Path, seed: int = 0) -> StableDiffusion3Pipeline:
     return StableDiffusion3Pipeline(
         transformer=tiny_sd3_transformer(seed),
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=tiny_vae(seed),
+        vae=dit_vae(seed),
         text_encoder=te1,
         tokenizer=tok,
         text_encoder_2=te2,
@@ -102,7 +114,7 @@ def tiny_flux_pipeline(tmp: Path, seed: int = 0) -> FluxPipeline:
     torch.manual_seed(seed)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=tiny_vae(seed),
+        vae=dit_vae(seed),
         text_encoder=CLIPTextModel(tiny_clip_config(len(tok))),
         tokenizer=tok,
         text_encoder_2=tiny_t5(seed, vocab_size=len(tok)),
