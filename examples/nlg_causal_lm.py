@@ -38,7 +38,7 @@ from reslora_diffusers.data.text_tasks import (
 )
 from reslora_diffusers.training.lm_examples import (
     add_method_arguments,
-    export_adapter,
+    export_adapters,
     load_raw_dataset,
     method_config,
     model_batches,
@@ -170,12 +170,17 @@ def run_method(args, res_type: str, tokenizer, splits: DatasetDict, train: Datas
     device = next(model.parameters()).device
     calibration = model_batches(train, collate, 64, 8, device)
     held_out = model_batches(encoded(splits["eval"], tokenizer, args), collate, 64, 2, device)
-    merged, errors = export_adapter(model, args, res_type, out_dir / "peft_adapter", calibration, held_out)
+    exports, errors = export_adapters(model, args, res_type, out_dir, calibration, held_out)
     if errors is not None:
         print(f"{res_type}: merge errors", errors)
-    scores["merge_error"] = merged.report.output_error
-    peft_model = PeftModel.from_pretrained(build_base(args, tokenizer), out_dir / "peft_adapter").to(device)
-    scores["peft_exact_match"] = exact_match(peft_model, tokenizer, splits["eval"], args)
+    scores["exports"] = {}
+    for merge, (folder, merged) in exports.items():
+        peft_model = PeftModel.from_pretrained(build_base(args, tokenizer), folder).to(device)
+        scores["exports"][merge] = {
+            "merge_error": merged.report.output_error,
+            "peft_exact_match": exact_match(peft_model, tokenizer, splits["eval"], args),
+        }
+    scores.update(scores["exports"][args.merge[0]])  # the first --merge: the adapter in peft_adapter
     return scores
 
 
@@ -192,11 +197,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     train = encoded(splits["train"], tokenizer, args)
 
     results = {rt: run_method(args, rt, tokenizer, splits, train) for rt in args.res_type}
-    print(f"\n{'method':10} {'exact match':>11} {'PEFT export':>12} {'merge error':>12}")
+    print(f"\n{'method':10} {'exact match':>11} {'merge':>10} {'PEFT export':>12} {'merge error':>12}")
     for rt, r in results.items():
         name = "LoRA" if rt == "none" else f"ResLoRA {rt}"
-        print(f"{name:10} {r['exact_match']:11.3f} {r['peft_exact_match']:12.3f} {r['merge_error']:12.2e}")
-    print(f"(adapters in {args.output_dir}/<method>/peft_adapter)")
+        for merge, e in r["exports"].items():
+            print(
+                f"{name:10} {r['exact_match']:11.3f} {merge:>10} {e['peft_exact_match']:12.3f} "
+                f"{e['merge_error']:12.2e}"
+            )
+    print(f"(adapters in {args.output_dir}/<method>/peft_adapter[_<merge>])")
     return results
 
 

@@ -37,7 +37,7 @@ from reslora_diffusers import add_reslora
 from reslora_diffusers.data.text_tasks import sentiment_examples, tiny_roberta_config, word_tokenizer
 from reslora_diffusers.training.lm_examples import (
     add_method_arguments,
-    export_adapter,
+    export_adapters,
     load_raw_dataset,
     method_config,
     model_batches,
@@ -157,12 +157,17 @@ def run_method(args, res_type: str, tokenizer, data: DatasetDict, num_labels: in
     device = next(model.parameters()).device
     calibration = model_batches(data["train"], collate, 64, 8, device)
     held_out = model_batches(data["eval"], collate, 64, 4, device)
-    merged, errors = export_adapter(model, args, res_type, out_dir / "peft_adapter", calibration, held_out)
+    exports, errors = export_adapters(model, args, res_type, out_dir, calibration, held_out)
     if errors is not None:
         print(f"{res_type}: merge errors", errors)
-    result["merge_error"] = merged.report.output_error
-    peft_model = PeftModel.from_pretrained(build_base(args, tokenizer, num_labels), out_dir / "peft_adapter")
-    result["peft_accuracy"] = accuracy(peft_model.to(device), data["eval"], collate)
+    result["exports"] = {}
+    for merge, (folder, merged) in exports.items():
+        peft_model = PeftModel.from_pretrained(build_base(args, tokenizer, num_labels), folder)
+        result["exports"][merge] = {
+            "merge_error": merged.report.output_error,
+            "peft_accuracy": accuracy(peft_model.to(device), data["eval"], collate),
+        }
+    result.update(result["exports"][args.merge[0]])  # the first --merge: the adapter in peft_adapter
     return result
 
 
@@ -180,12 +185,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     data = tokenize(splits, tokenizer, args)
 
     results = {rt: run_method(args, rt, tokenizer, data, num_labels) for rt in args.res_type}
-    print(f"\n{'method':10} {'accuracy':>9} {'PEFT export':>12} {'merge error':>12}")
+    print(f"\n{'method':10} {'accuracy':>9} {'merge':>10} {'PEFT export':>12} {'merge error':>12}")
     for rt, r in results.items():
         name = "LoRA" if rt == "none" else f"ResLoRA {rt}"
-        print(f"{name:10} {r['accuracy']:9.3f} {r['peft_accuracy']:12.3f} {r['merge_error']:12.2e}")
+        for merge, e in r["exports"].items():
+            print(
+                f"{name:10} {r['accuracy']:9.3f} {merge:>10} {e['peft_accuracy']:12.3f} {e['merge_error']:12.2e}"
+            )
     majority = max(Counter(data["eval"]["labels"]).values()) / len(data["eval"])
-    print(f"(majority class: {majority:.3f}; adapters in {args.output_dir}/<method>/peft_adapter)")
+    print(f"(majority class: {majority:.3f}; adapters in {args.output_dir}/<method>/peft_adapter[_<merge>])")
     return results
 
 

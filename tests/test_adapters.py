@@ -455,9 +455,17 @@ def _example(name: str):
 )
 def test_examples_run_end_to_end(tmp_path, name, metric):
     argv = ["--max_train_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "8"]
+    argv += ["--merge", "calibrated", "distill", "--distill_steps", "2"]
     results = _example(name).main([*argv, "--res_type", "none", "ms", "--output_dir", str(tmp_path)])
     assert results["none"][f"peft_{metric}"] == results["none"][metric]  # plain LoRA exports exactly
     assert results["ms"]["merge_error"] > 0
     for method in ("none", "ms"):
         assert (tmp_path / method / "reslora.safetensors").is_file()  # ResLoRACallback at train end
-        assert (tmp_path / method / "peft_adapter" / "merge_report.json").is_file()
+        # one adapter per --merge, the first in peft_adapter; the top-level scores are the first's
+        exports = results[method]["exports"]
+        assert list(exports) == ["calibrated", "distill"]
+        assert results[method]["merge_error"] == exports["calibrated"]["merge_error"]
+        for merge, folder in (("calibrated", "peft_adapter"), ("distill", "peft_adapter_distill")):
+            report = json.loads((tmp_path / method / folder / "merge_report.json").read_text())
+            assert report["method"] == merge
+            assert report["output_error"] == pytest.approx(exports[merge]["merge_error"])

@@ -1,9 +1,11 @@
-"""benchmarks/compare_methods.py: the summary maths on hand-made runs."""
+"""benchmarks/compare_methods.py and compare_lm.py: the summary maths on hand-made runs."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a worker process finds the module's functions by its name
     spec.loader.exec_module(module)
     return module
 
@@ -244,3 +247,54 @@ def test_bootstrap_interval_of_the_median():
     # values 0, 0, 1: a resample's median is 1 when it holds two or three 1s, P = 7/27 > 2.5 %
     median, low, high = compare.bootstrap_interval([0.0, 0.0, 1.0], statistic=np.median)
     assert (median, low, high) == (0.0, 0.0, 1.0)
+
+
+# -- benchmarks/compare_lm.py -----------------------------------------------------------
+compare_lm = _load("compare_lm")
+
+
+def _lm_run(trained, exports):
+    return {
+        "trained": trained,
+        "exports": {m: {"exported": e, "merge_error": err} for m, (e, err) in exports.items()},
+        "seconds": 1.0,
+    }
+
+
+def test_lm_intervals_pair_each_export_with_the_baseline_of_its_seed():
+    lora = [_lm_run(0.5, {"calibrated": (0.5, 0.0)}), _lm_run(0.7, {"calibrated": (0.7, 0.0)})]
+    is_runs = [
+        _lm_run(0.8, {"calibrated": (0.6, 0.3), "distill": (0.7, 0.1)}),
+        _lm_run(0.9, {"calibrated": (0.6, 0.5), "distill": (0.9, 0.2)}),
+    ]
+    rows = compare_lm.interval_rows({"lora": lora, "is": is_runs})
+    assert list(rows) == ["lora", "is", "is+distill"]
+    assert rows["is"]["trained"][0] == pytest.approx(0.85)
+    # paired: (0.6 - 0.5, 0.6 - 0.7) and (0.7 - 0.5, 0.9 - 0.7)
+    assert rows["is"]["vs_baseline"][0] == pytest.approx(0.0)
+    assert rows["is"]["vs_baseline"][1:] == pytest.approx((-0.1, 0.1))
+    assert rows["is+distill"]["vs_baseline"] == pytest.approx((0.2, 0.2, 0.2))
+    assert rows["is+distill"]["merge_error"][0] == pytest.approx(0.15)
+    assert rows["lora"]["vs_baseline"] == (0.0, 0.0, 0.0)
+    text = compare_lm.markdown({"nlg": rows}, [0, 1])
+    assert (
+        "| is+distill | 0.850 [0.800, 0.900] | 0.800 [0.700, 0.900] | +0.200 [+0.200, +0.200] | 1.50e-01 |"
+        in text
+    )
+
+
+def test_lm_comparison_runs_the_examples_and_resumes(tmp_path):
+    argv = ["--examples", "nlu", "--methods", "lora", "is", "--seeds", "0", "--output_dir", str(tmp_path)]
+    argv += ["--", "--max_train_steps", "2", "--max_train_samples", "32", "--max_eval_samples", "8"]
+    argv += ["--distill_steps", "1"]
+    tables = compare_lm.main(argv)
+    assert set(tables["nlu"]) == {"lora", "is", "is+distill"}
+    result = tmp_path / "nlu" / "is-seed0" / "result.json"
+    assert (tmp_path / "nlu" / "is-seed0" / "is" / "peft_adapter_distill" / "adapter_config.json").is_file()
+    # a finished run is read back, not run again: its folder's result is what the table shows
+    saved = json.loads(result.read_text())
+    saved["trained"] = 0.25
+    result.write_text(json.dumps(saved))
+    again = compare_lm.main(argv)
+    assert again["nlu"]["is"]["trained"][0] == 0.25
+    assert (tmp_path / "compare_lm.md").read_text().count("| is") == 2

@@ -48,9 +48,11 @@ def add_method_arguments(
     g.add_argument("--pre_num", type=int, default=1, help="earlier blocks in a bs/ms shortcut")
     g.add_argument(
         "--merge",
-        default="calibrated",
+        nargs="+",
+        default=["calibrated"],
         choices=MERGE_METHODS,
-        help="how is/ms shortcuts are merged away for the PEFT export (bs, none: exact)",
+        help="how is/ms shortcuts are merged away for the PEFT export (bs, none: exact); the first "
+        "writes <output_dir>/<method>/peft_adapter, each further one peft_adapter_<merge>",
     )
     g.add_argument(
         "--distill_steps",
@@ -97,7 +99,7 @@ def method_config(args: argparse.Namespace, res_type: str) -> ResLoRAConfig:
         res_type=res_type,
         pre_num=args.pre_num,
         target_modules=args.target_modules,
-        merge=args.merge,
+        merge=args.merge[0],
         # --compare_merges reports merge="input" too, which reads the training norm windows
         record_norms=True if args.compare_merges else None,
     )
@@ -145,26 +147,36 @@ def training_arguments(args: argparse.Namespace, output_dir: Path, **overrides):
     return TrainingArguments(**{**kwargs, **overrides})
 
 
-def export_adapter(
-    model, args: argparse.Namespace, res_type: str, adapter_dir: Path, calibration: list, held_out: list
-) -> tuple[MergedLoRA, dict[str, float] | None]:
-    """Write the PEFT adapter of ``model`` (``--merge``, ``--distill_steps``) and return its merge,
-    with every merge method's output error when ``--compare_merges`` asks for it and the type
-    merges approximately (else None)."""
+def adapter_dir(method_dir: Path, merge: str, first: bool) -> Path:
+    """Where one merge's PEFT adapter goes: ``peft_adapter`` for the first ``--merge``,
+    ``peft_adapter_<merge>`` for the others."""
+    return method_dir / ("peft_adapter" if first else f"peft_adapter_{merge}")
+
+
+def export_adapters(
+    model, args: argparse.Namespace, res_type: str, method_dir: Path, calibration: list, held_out: list
+) -> tuple[dict[str, tuple[Path, MergedLoRA]], dict[str, float] | None]:
+    """Write one PEFT adapter of ``model`` per ``--merge`` (with ``--distill_steps``; see
+    :func:`adapter_dir`) and return ``{merge: (folder, merge result)}``, with every merge method's
+    output error when ``--compare_merges`` asks for it and the type merges approximately (else None)."""
     from ..export import export_peft_adapter
 
     errors = None
     if args.compare_merges and not get_shortcut(res_type, args.pre_num).exact_merge:
         errors = compare_merges(model, held_out, calibration=calibration)
-    merged = export_peft_adapter(
-        model,
-        adapter_dir,
-        args.merge,
-        calibration=calibration,
-        eval_inputs=held_out,
-        distill_steps=args.distill_steps,
-    )
-    return merged, errors
+    exports = {}
+    for i, merge in enumerate(dict.fromkeys(args.merge)):  # a merge named twice exports once
+        folder = adapter_dir(method_dir, merge, first=i == 0)
+        merged = export_peft_adapter(
+            model,
+            folder,
+            merge,
+            calibration=calibration,
+            eval_inputs=held_out,
+            distill_steps=args.distill_steps,
+        )
+        exports[merge] = (folder, merged)
+    return exports, errors
 
 
 def model_batches(dataset, collate, batch_size: int, n_batches: int, device: torch.device) -> list[dict]:
