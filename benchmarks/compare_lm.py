@@ -25,7 +25,6 @@ import importlib.util
 import json
 import logging
 import multiprocessing
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_methods import bootstrap_interval  # noqa: E402
+
+from reslora_diffusers.utils.io import atomic_path  # noqa: E402
 
 
 class Example(NamedTuple):
@@ -101,9 +102,8 @@ def run_one(example: str, method: str, seed: int, args: argparse.Namespace) -> d
         },
         "seconds": time.time() - start,
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -113,7 +113,9 @@ def interval_rows(results: dict[str, list[dict]]) -> dict[str, dict]:
     exported metric, its paired difference to the baseline's export of the same seed (``runs``
     of every method in the same seed order) and the merge error."""
     rows = {}
-    baseline = results.get(BASELINE)
+    baseline = None
+    if BASELINE in results:  # the baseline's (only) export, per seed
+        baseline = [next(iter(b["exports"].values()))["exported"] for b in results[BASELINE]]
     for method, runs in results.items():
         merges = list(runs[0]["exports"])
         for i, merge in enumerate(merges):
@@ -124,8 +126,7 @@ def interval_rows(results: dict[str, list[dict]]) -> dict[str, dict]:
                 "merge_error": bootstrap_interval([r["exports"][merge]["merge_error"] for r in runs]),
             }
             if baseline is not None:
-                base = [next(iter(b["exports"].values()))["exported"] for b in baseline]
-                diffs = [e - b for e, b in zip(exported, base, strict=True)]
+                diffs = [e - b for e, b in zip(exported, baseline, strict=True)]
                 row["vs_baseline"] = bootstrap_interval(diffs)
     return rows
 

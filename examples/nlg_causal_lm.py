@@ -26,7 +26,6 @@ from pathlib import Path
 import datasets
 import torch
 from datasets import Dataset, DatasetDict
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer
 
 from reslora_diffusers import add_reslora
@@ -43,6 +42,7 @@ from reslora_diffusers.training.lm_examples import (
     method_config,
     model_batches,
     reslora_callback,
+    score_exports,
     set_threads,
     training_arguments,
 )
@@ -173,13 +173,12 @@ def run_method(args, res_type: str, tokenizer, splits: DatasetDict, train: Datas
     exports, errors = export_adapters(model, args, res_type, out_dir, calibration, held_out)
     if errors is not None:
         print(f"{res_type}: merge errors", errors)
-    scores["exports"] = {}
-    for merge, (folder, merged) in exports.items():
-        peft_model = PeftModel.from_pretrained(build_base(args, tokenizer), folder).to(device)
-        scores["exports"][merge] = {
-            "merge_error": merged.report.output_error,
-            "peft_exact_match": exact_match(peft_model, tokenizer, splits["eval"], args),
-        }
+    scores["exports"] = score_exports(
+        exports,
+        lambda: build_base(args, tokenizer),
+        lambda peft_model: exact_match(peft_model.to(device), tokenizer, splits["eval"], args),
+        "peft_exact_match",
+    )
     scores.update(scores["exports"][args.merge[0]])  # the first --merge: the adapter in peft_adapter
     return scores
 

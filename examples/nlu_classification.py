@@ -24,7 +24,6 @@ from pathlib import Path
 import datasets
 import torch
 from datasets import Dataset, DatasetDict
-from peft import PeftModel
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -42,6 +41,7 @@ from reslora_diffusers.training.lm_examples import (
     method_config,
     model_batches,
     reslora_callback,
+    score_exports,
     set_threads,
     training_arguments,
 )
@@ -160,13 +160,12 @@ def run_method(args, res_type: str, tokenizer, data: DatasetDict, num_labels: in
     exports, errors = export_adapters(model, args, res_type, out_dir, calibration, held_out)
     if errors is not None:
         print(f"{res_type}: merge errors", errors)
-    result["exports"] = {}
-    for merge, (folder, merged) in exports.items():
-        peft_model = PeftModel.from_pretrained(build_base(args, tokenizer, num_labels), folder)
-        result["exports"][merge] = {
-            "merge_error": merged.report.output_error,
-            "peft_accuracy": accuracy(peft_model.to(device), data["eval"], collate),
-        }
+    result["exports"] = score_exports(
+        exports,
+        lambda: build_base(args, tokenizer, num_labels),
+        lambda peft_model: accuracy(peft_model.to(device), data["eval"], collate),
+        "peft_accuracy",
+    )
     result.update(result["exports"][args.merge[0]])  # the first --merge: the adapter in peft_adapter
     return result
 

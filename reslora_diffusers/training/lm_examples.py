@@ -4,6 +4,7 @@ map to, and model-ready batches for the merge (calibration and held-out output e
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -147,18 +148,13 @@ def training_arguments(args: argparse.Namespace, output_dir: Path, **overrides):
     return TrainingArguments(**{**kwargs, **overrides})
 
 
-def adapter_dir(method_dir: Path, merge: str, first: bool) -> Path:
-    """Where one merge's PEFT adapter goes: ``peft_adapter`` for the first ``--merge``,
-    ``peft_adapter_<merge>`` for the others."""
-    return method_dir / ("peft_adapter" if first else f"peft_adapter_{merge}")
-
-
 def export_adapters(
     model, args: argparse.Namespace, res_type: str, method_dir: Path, calibration: list, held_out: list
 ) -> tuple[dict[str, tuple[Path, MergedLoRA]], dict[str, float] | None]:
-    """Write one PEFT adapter of ``model`` per ``--merge`` (with ``--distill_steps``; see
-    :func:`adapter_dir`) and return ``{merge: (folder, merge result)}``, with every merge method's
-    output error when ``--compare_merges`` asks for it and the type merges approximately (else None)."""
+    """Write one PEFT adapter of ``model`` per ``--merge`` (with ``--distill_steps``): the first
+    into ``<method_dir>/peft_adapter``, the others into ``peft_adapter_<merge>``. Returns
+    ``{merge: (folder, merge result)}``, with every merge method's output error when
+    ``--compare_merges`` asks for it and the type merges approximately (else None)."""
     from ..export import export_peft_adapter
 
     errors = None
@@ -166,7 +162,7 @@ def export_adapters(
         errors = compare_merges(model, held_out, calibration=calibration)
     exports = {}
     for i, merge in enumerate(dict.fromkeys(args.merge)):  # a merge named twice exports once
-        folder = adapter_dir(method_dir, merge, first=i == 0)
+        folder = method_dir / ("peft_adapter" if i == 0 else f"peft_adapter_{merge}")
         merged = export_peft_adapter(
             model,
             folder,
@@ -177,6 +173,20 @@ def export_adapters(
         )
         exports[merge] = (folder, merged)
     return exports, errors
+
+
+def score_exports(
+    exports: dict[str, tuple[Path, MergedLoRA]], build_base: Callable, score: Callable, metric: str
+) -> dict[str, dict[str, float]]:
+    """Per merge of :func:`export_adapters`: its merge error and ``metric`` = ``score(model)`` of
+    its adapter loaded with ``PeftModel.from_pretrained`` onto a fresh ``build_base()``."""
+    from peft import PeftModel
+
+    scores = {}
+    for merge, (folder, merged) in exports.items():
+        model = PeftModel.from_pretrained(build_base(), folder)
+        scores[merge] = {"merge_error": merged.report.output_error, metric: score(model)}
+    return scores
 
 
 def model_batches(dataset, collate, batch_size: int, n_batches: int, device: torch.device) -> list[dict]:
