@@ -25,7 +25,12 @@ For SD3 and Flux the targets are the joint-attention projections of both streams
 ``proj_mlp``; not their ``proj_out``, which PEFT cannot name without the output layer).
 Their ``wide`` size (width 512, few blocks) puts rank 8 at 1.6 % of the width, near a real
 model's share (SD3 medium: width 1536, Flux: 3072, LoRA ranks 16-64), where the toy widths
-of ``small``/``mid`` (64, 128) give the adapters' products 6-12 % of each projection's work.
+of ``small``/``mid`` (64, 128) give the adapters' products 6-12 % of each projection's work;
+``full-width`` has the released models' widths themselves, with two or three blocks (not in the
+default sizes: a Flux step there takes seconds).
+
+All variants share one copy of the frozen weights (``bench_gpu.shared_copy``), so the
+full-width models fit in memory once.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from reslora_diffusers.merge.error import output_tensor
 from reslora_diffusers.training.speed import compile_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import shared_copy  # noqa: E402
 from compare_methods import bootstrap_interval  # noqa: E402
 
 #: per model: diffusers' attention projections, or with the feed-forward layers
@@ -73,8 +79,20 @@ TARGET_SETS = {
 SIZES = {
     # UNet: (block_out_channels, latent side, batch); SD3/Flux: (blocks, width, latent side, batch)
     "unet": {"small": ((32, 64), 16, 4), "mid": ((64, 128, 256), 32, 2)},
-    "sd3": {"small": (4, 64, 16, 2), "mid": (8, 128, 32, 2), "wide": (6, 512, 16, 2)},
-    "flux": {"small": (2, 64, 16, 2), "mid": (4, 128, 32, 2), "wide": (2, 512, 16, 2)},
+    # full-width: the released models' widths (SD3 medium 1536, Flux 3072) with 2 joint blocks
+    # (SD3) or 1 double and 2 single blocks (Flux), to keep a step within a CPU's seconds
+    "sd3": {
+        "small": (4, 64, 16, 2),
+        "mid": (8, 128, 32, 2),
+        "wide": (6, 512, 16, 2),
+        "full-width": (2, 1536, 16, 2),
+    },
+    "flux": {
+        "small": (2, 64, 16, 2),
+        "mid": (4, 128, 32, 2),
+        "wide": (2, 512, 16, 2),
+        "full-width": (1, 3072, 16, 1),
+    },
 }
 RESLORA = [("none", 1), ("is", 1), ("bs", 1), ("bs", 3), ("bs", 5), ("ms", 1), ("ms", 3), ("ms", 5)]
 
@@ -153,7 +171,7 @@ def make_inputs(side: int, batch: int) -> dict:
 
 
 def peft_variant(base, rank: int, targets: list[str]):
-    unet = copy.deepcopy(base)
+    unet = shared_copy(base)
     unet.requires_grad_(False)
     unet.add_adapter(
         LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
@@ -163,7 +181,7 @@ def peft_variant(base, rank: int, targets: list[str]):
 
 def reslora_variant(base, rank: int, res_type: str, pre_num: int, targets: list[str]):
     config = ResLoRAConfig(rank=rank, res_type=res_type, pre_num=pre_num, target_modules=targets)
-    unet = add_reslora(copy.deepcopy(base), config)
+    unet = add_reslora(shared_copy(base), config)
     return unet, trainable_parameters(unet)
 
 
@@ -290,7 +308,7 @@ def main() -> None:
         "--sizes",
         nargs="+",
         choices=sorted({size for sizes in SIZES.values() for size in sizes}),
-        help="model sizes (default: every size of --model; wide: SD3 and Flux only)",
+        help="model sizes (default: every size of --model but full-width; wide, full-width: SD3 and Flux only)",
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rank", type=int, default=8)
@@ -309,7 +327,7 @@ def main() -> None:
     if args.compile:
         inductor_config.force_disable_caches = True
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    sizes = args.sizes or list(SIZES[args.model])
+    sizes = args.sizes or [name for name in SIZES[args.model] if name != "full-width"]
     unknown = [name for name in sizes if name not in SIZES[args.model]]
     if unknown:
         parser.error(

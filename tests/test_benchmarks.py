@@ -243,6 +243,21 @@ def test_bench_step_pairs_each_round_with_peft_of_the_same_round():
         bench_step.paired_ratio([1.0], [1.0, 2.0])
 
 
+def test_bench_step_variants_share_the_frozen_weights_and_train_their_own():
+    # the full-width sizes fit in memory only because every variant reads one copy of the base
+    bench_step = _load("bench_step")
+    base, _ = bench_step.make_model("sd3", (1, 64, 8, 1))
+    peft, peft_params = bench_step.peft_variant(base, 4, ["to_q"])
+    reslora, reslora_params = bench_step.reslora_variant(base, 4, "bs", 1, ["to_q"])
+    base_ptrs = {p.data_ptr() for p in base.parameters()}
+    for model, trained in ((peft, peft_params), (reslora, reslora_params)):
+        trained_ptrs = {p.data_ptr() for p in trained}
+        frozen_ptrs = {p.data_ptr() for p in model.parameters()} - trained_ptrs
+        assert frozen_ptrs == base_ptrs
+        assert not trained_ptrs & base_ptrs and trained_ptrs
+    assert not any(p.requires_grad for p in base.parameters())  # the shared base stays frozen
+
+
 def test_bootstrap_interval_of_the_median():
     # values 0, 0, 1: a resample's median is 1 when it holds two or three 1s, P = 7/27 > 2.5 %
     median, low, high = compare.bootstrap_interval([0.0, 0.0, 1.0], statistic=np.median)
