@@ -83,9 +83,9 @@ DEFAULT_BASES: dict[str, Path] = {"unet": default_base_model_path(), "dit": defa
 #: the runs the training button makes: label -> (output folder, res_type, key in ``DEFAULT_BASES``)
 DEFAULT_RUNS = {
     "LoRA": ("lora", "none", "unet"),
-    "ResLoRA": ("reslora", "bs", "unet"),
+    "ResLoRA": ("reslora", "ms", "unet"),
     "DiT LoRA": ("dit-lora", "none", "dit"),
-    "DiT ResLoRA": ("dit-reslora", "bs", "dit"),
+    "DiT ResLoRA": ("dit-reslora", "ms", "dit"),
 }
 #: training steps of each run the button trains (the training script's default run)
 TRAIN_STEPS = 800

@@ -49,22 +49,23 @@ from reslora_diffusers.frontends import (  # noqa: E402
     pipeline_family,
 )
 
+CONSTANT = ["--shortcut_schedule", "constant"]  # shortcuts at full scale to the end
 METHODS = {
     "peft-lora": ["--use_peft"],
     "none": ["--res_type", "none"],
-    "is": ["--res_type", "is"],
-    "bs": ["--res_type", "bs", "--pre_num", "1"],
-    "ms": ["--res_type", "ms", "--pre_num", "1"],
+    "is": ["--res_type", "is", *CONSTANT],
+    "bs": ["--res_type", "bs", "--pre_num", "1", *CONSTANT],
+    "ms": ["--res_type", "ms", "--pre_num", "1", *CONSTANT],
     # the default targets plus the resnet and sampler convolutions (LoCon-style)
-    "bs+conv": ["--res_type", "bs", "--pre_num", "1", "--target_modules"]
+    "bs+conv": ["--res_type", "bs", "--pre_num", "1", *CONSTANT, "--target_modules"]
     + [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS, *UNET_CONV_TARGETS],
     # shortcuts decaying to 0 over the second half: the trained model is a plain LoRA
     "is-cosine": ["--res_type", "is", "--shortcut_schedule", "cosine"],
     "bs-cosine": ["--res_type", "bs", "--pre_num", "1", "--shortcut_schedule", "cosine"],
     "ms-cosine": ["--res_type", "ms", "--pre_num", "1", "--shortcut_schedule", "cosine"],
     # shortcuts from the 3 previous blocks: long unbroken chains (the DiT base) can feed more
-    "bs-m3": ["--res_type", "bs", "--pre_num", "3"],
-    "ms-m3": ["--res_type", "ms", "--pre_num", "3"],
+    "bs-m3": ["--res_type", "bs", "--pre_num", "3", *CONSTANT],
+    "ms-m3": ["--res_type", "ms", "--pre_num", "3", *CONSTANT],
 }
 DEFAULT_METHODS = ["peft-lora", "bs", "is", "ms", "bs-cosine", "is-cosine", "ms-cosine"]
 #: runs also exported with merge="distill" (the other merges of bs and of a decayed schedule are exact)

@@ -128,7 +128,7 @@ def test_generate_endpoint_returns_labelled_crisp_images_repeatably(served):
     captions = [item["caption"] for item in gallery]
     assert captions[0].startswith("base tiny-sd | seed 3") and captions[1].startswith("base tiny-sd | seed 4")
     assert captions[2].startswith("LoRA (lora) on tiny-sd | seed 3")
-    assert captions[4].startswith("ResLoRA bs m=1 (reslora) on tiny-sd | seed 3")
+    assert captions[4].startswith("ResLoRA ms m=1 (reslora) on tiny-sd | seed 3")
     assert all("color" in c and "shape" in c and "(read: " in c for c in captions)
     assert status == "Rendered 3 models with the same seeds."
     again, _ = _generate(client, served, loras)
@@ -152,10 +152,10 @@ def test_each_base_renders_followed_by_the_loras_made_for_it(served):
     assert models == [
         "base tiny-sd",
         "LoRA (lora) on tiny-sd",
-        "ResLoRA bs m=1 (reslora) on tiny-sd",
+        "ResLoRA ms m=1 (reslora) on tiny-sd",
         "base tiny-sd3",
         "LoRA (dit-lora) on tiny-sd3",
-        "ResLoRA bs m=1 (dit-reslora) on tiny-sd3",
+        "ResLoRA ms m=1 (dit-reslora) on tiny-sd3",
     ]
     assert {item["caption"].split(" | ")[1] for item in gallery} == {"seed 3"}
     pixels = [_pixels(item) for item in gallery]
@@ -252,7 +252,7 @@ def test_reports_for_runs(served):
     assert {r[0] for r in rows} == {run_label(r) for r in served["runs"]}
     assert all(r[4] == "yes" for r in rows if r[2] == "calibrated") and any(r[4] for r in rows)
     comparison = demo_app.comparison_table(loras)
-    assert [row[0] for row in comparison] == ["LoRA (lora)", "ResLoRA bs m=1 (reslora)"]
+    assert [row[0] for row in comparison] == ["LoRA (lora)", "ResLoRA ms m=1 (reslora)"]
     for row, run in zip(comparison, served["runs"]):
         log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
         final = [r for r in log if r.get("kind") == "final"]
@@ -362,7 +362,7 @@ def test_browser_shows_vocabulary_notes_full_captions_bad_file_and_accuracy(serv
             caption.wait_for(timeout=30_000)
             assert "(read: " in caption.inner_text()
             captions = page.locator("#gallery .caption-label").all_inner_texts()
-            assert sum(c.startswith("ResLoRA bs m=1 (dit-reslora) on tiny-sd3 |") for c in captions) == 2
+            assert sum(c.startswith("ResLoRA ms m=1 (dit-reslora) on tiny-sd3 |") for c in captions) == 2
             # nothing of the caption is cut off: its box holds all of its text
             clipped = caption.evaluate(
                 "e => e.scrollWidth > e.clientWidth || e.scrollHeight > e.clientHeight"
@@ -394,7 +394,7 @@ def test_train_button_made_the_missing_runs_and_never_overwrites(served):
     folders = ("lora", "reslora", "dit-lora", "dit-reslora")
     assert update["value"].splitlines() == [str(runs_dir / f) for f in folders]
     assert visible["visible"] is False  # nothing left to train: the button goes away
-    for folder, res_type, base in zip(folders, ("none", "bs") * 2, ["base"] * 2 + ["dit_base"] * 2):
+    for folder, res_type, base in zip(folders, ("none", "ms") * 2, ["base"] * 2 + ["dit_base"] * 2):
         assert json.loads((runs_dir / folder / "merge_report.json").read_text())["res_type"] == res_type
         card = (runs_dir / folder / "README.md").read_text()  # the run's model card names its base
         assert f'DiffusionPipeline.from_pretrained("{served[base]}")' in card, folder

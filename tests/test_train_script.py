@@ -211,7 +211,17 @@ def test_resume_mid_decay_of_the_shortcut_schedule_is_exact_and_exports_exactly(
     report = json.loads((resumed / "merge_report.json").read_text())
     assert report["components"]["unet"]["output_error"] < 1e-5
     # a resume under another schedule is another run
-    message = _error(base, data, resumed, "--res_type", "is", "--resume_from_checkpoint", "latest")
+    message = _error(
+        base,
+        data,
+        resumed,
+        "--res_type",
+        "is",
+        "--shortcut_schedule",
+        "constant",
+        "--resume_from_checkpoint",
+        "latest",
+    )
     assert "--shortcut_schedule cosine" in message
 
 
@@ -241,10 +251,28 @@ def test_bad_inputs_give_one_line_naming_the_problem(base, data, tmp_path):
         (["--resume_from_checkpoint", str(missing)], f"{missing} does not exist"),
         (["--target_modules", "to_q", "to_qq"], "--target_modules: 'to_qq'"),
         (["--gradient_checkpointing", "--res_type", "ms"], "--gradient_checkpointing"),
-        (["--pre_num", "0"], "--pre_num 0 must be >= 1 for --res_type bs"),
+        (["--pre_num", "0"], "--pre_num 0 must be >= 1 for --res_type ms"),
+        (["--use_peft", "--shortcut_schedule", "cosine"], "PEFT LoRA (--use_peft) has no shortcuts"),
     ]
     for extra, expected in cases:
         assert expected in _error(base, data, tmp_path / "out", *extra), extra
+
+
+@pytest.mark.parametrize(
+    "extra, res_type, schedule",
+    [
+        ([], "ms", "cosine"),  # the default: ms whose shortcuts decay to an exact export
+        (["--res_type", "bs"], "bs", "cosine"),
+        (["--res_type", "is", "--shortcut_schedule", "constant"], "is", "constant"),
+        (["--res_type", "none"], "none", "constant"),  # no shortcut to decay
+        (["--use_peft"], "none", "constant"),
+    ],
+)
+def test_default_method_and_shortcut_schedule(data, extra, res_type, schedule):
+    args = script.parse_args(["--train_data_dir", str(data), *extra])
+    script.check_args(args)
+    assert (args.res_type, args.pre_num, args.merge) == (res_type, 1, "calibrated")
+    assert (args.shortcut_schedule, args.shortcut_decay_start) == (schedule, 0.5)
 
 
 def test_unusable_output_dir_is_refused_before_anything_loads(data, tmp_path):
@@ -278,7 +306,7 @@ def test_rerun_into_a_used_folder_is_refused_and_overwrite_replaces_only_the_run
 
     # a resume under flags that make another model is refused, naming the flag
     message = _error(base, data, out, "--res_type", "none", "--resume_from_checkpoint", "latest")
-    assert "checkpoint-2 belongs to a run with --res_type bs, this run has --res_type none" in message
+    assert "checkpoint-2 belongs to a run with --res_type ms, this run has --res_type none" in message
     message = _error(base, data, out, "--rank", "4", "--resume_from_checkpoint", str(out / "checkpoint-1"))
     assert "--rank 8, this run has --rank 4" in message
 
@@ -603,7 +631,11 @@ def _losses(out: Path) -> list[float]:
 @pytest.mark.slow  # about 50 s of dynamo tracing on an idle CPU
 def test_torch_compile_trains_like_eager_and_exports_the_uncompiled_unet(base, data, tmp_path):
     """--torch_compile with dynamo's graph capture (the ``eager`` backend: inductor's code
-    generation takes minutes on a CPU): the same losses and LoRA file as the eager run."""
+    generation takes minutes on a CPU): the same losses and LoRA file as the eager run, and one
+    graph although the default cosine schedule moves the shortcut scale from 1 to 0 between the
+    two steps. With that schedule the export is the trained factors themselves; the calibrated
+    merge of a constant schedule would add a least-squares solve whose solution amplifies the
+    round-off between the two runs."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -618,8 +650,12 @@ def test_torch_compile_trains_like_eager_and_exports_the_uncompiled_unet(base, d
     want = load_file(tmp_path / "eager" / "pytorch_lora_weights.safetensors")
     got = load_file(tmp_path / "compiled" / "pytorch_lora_weights.safetensors")
     assert set(got) == set(want) and not any("_orig_mod" in k for k in got)
+    report = json.loads((tmp_path / "compiled" / "merge_report.json").read_text())
+    assert report["components"]["unet"]["output_error"] < 1e-5  # the schedule ended at 0: exact
     for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+        # AdamW's first steps divide by sqrt(v): a near-zero gradient entry whose round-off differs
+        # between the graphs moves its weight by a few 1e-6
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
 
 

@@ -44,8 +44,10 @@ def test_grid_refuses_a_count_that_does_not_fill_it():
         labelled_grid([Image.new("RGB", (8, 8))] * 5, ["seed 0", "seed 1"], ["a", "b", "c"])
 
 
-def _card(tmp_path, base: str) -> str:
+def _card(tmp_path, base: str, schedule: str = "constant") -> str:
     args = argparse.Namespace(
+        shortcut_schedule=schedule,
+        shortcut_decay_start=0.5,
         pretrained_model_name_or_path=base,
         target_modules=["to_q"],
         train_text_encoder=False,
@@ -74,6 +76,15 @@ def test_card_names_a_local_base_by_its_folder_and_a_hub_base_by_its_id(tmp_path
     assert f'from_pretrained("{base}")' in card
     card = _card(tmp_path, "stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert "\nbase_model: stable-diffusion-v1-5/stable-diffusion-v1-5\n" in card
+
+
+def test_card_names_a_decaying_shortcut_schedule(tmp_path):
+    assert "schedule" not in _card(tmp_path, "some/base")
+    card = _card(tmp_path, "some/base", schedule="cosine")
+    assert (
+        "ResLoRA `bs` (pre_num 1), shortcuts decayed to 0 by the `cosine` schedule from 50% of training"
+        in card
+    )
 
 
 def test_dropped_log_messages_hides_only_the_named_lines(caplog):

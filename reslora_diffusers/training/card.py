@@ -73,6 +73,11 @@ def method_text(args: argparse.Namespace, denoiser: str = "UNet") -> str:
     text = f"ResLoRA `{args.res_type}`"
     if get_shortcut(args.res_type, args.pre_num).uses_pre_num:
         text += f" (pre_num {args.pre_num})"
+    if args.shortcut_schedule != "constant":  # the shipped file is then the trained model itself
+        text += (
+            f", shortcuts decayed to 0 by the `{args.shortcut_schedule}` schedule from "
+            f"{args.shortcut_decay_start:.0%} of training"
+        )
     return (
         text
         + f", rank {args.rank}, alpha {args.lora_alpha or args.rank}, merged with `{args.merge}`, {where}"
