@@ -50,6 +50,7 @@ from reslora_diffusers.frontends import (  # noqa: E402
 )
 
 CONSTANT = ["--shortcut_schedule", "constant"]  # shortcuts at full scale to the end
+COSINE = ["--shortcut_schedule", "cosine"]  # shortcuts decaying to 0 over the second half
 METHODS = {
     "peft-lora": ["--use_peft"],
     "none": ["--res_type", "none"],
@@ -59,10 +60,10 @@ METHODS = {
     # the default targets plus the resnet and sampler convolutions (LoCon-style)
     "bs+conv": ["--res_type", "bs", "--pre_num", "1", *CONSTANT, "--target_modules"]
     + [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS, *UNET_CONV_TARGETS],
-    # shortcuts decaying to 0 over the second half: the trained model is a plain LoRA
-    "is-cosine": ["--res_type", "is", "--shortcut_schedule", "cosine"],
-    "bs-cosine": ["--res_type", "bs", "--pre_num", "1", "--shortcut_schedule", "cosine"],
-    "ms-cosine": ["--res_type", "ms", "--pre_num", "1", "--shortcut_schedule", "cosine"],
+    # the trained model is a plain LoRA at the end: an exact export
+    "is-cosine": ["--res_type", "is", *COSINE],
+    "bs-cosine": ["--res_type", "bs", "--pre_num", "1", *COSINE],
+    "ms-cosine": ["--res_type", "ms", "--pre_num", "1", *COSINE],
     # shortcuts from the 3 previous blocks: long unbroken chains (the DiT base) can feed more
     "bs-m3": ["--res_type", "bs", "--pre_num", "3", *CONSTANT],
     "ms-m3": ["--res_type", "ms", "--pre_num", "3", *CONSTANT],
