@@ -3,8 +3,9 @@ transformer, measured side by side.
 
 Every variant trains the same model config (random weights, no download) on the same inputs:
 forward + backward + AdamW step, rank and targets equal. Variants run interleaved, one step
-each per round, and the table reports medians over rounds (wall time, and the process's CPU
-time, which other jobs on a shared machine disturb less), the ratios to PEFT, and the bytes
+each per round in an order that rotates every round (``bench_gpu.rotated``), and the table
+reports medians over rounds (wall time, and the process's CPU time, which other jobs on a
+shared machine disturb less), the ratios to PEFT, and the bytes
 the step saves for backward (activation memory; CPU has no peak-memory counter). The paired
 ratio is the median over rounds of ``variant step / PEFT step of the same round`` with its 95 %
 bootstrap interval: a slow stretch of the machine slows both steps of a round alike, so the
@@ -61,7 +62,7 @@ from reslora_diffusers.merge.error import output_tensor
 from reslora_diffusers.training.speed import compile_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import shared_copy  # noqa: E402
+from bench_gpu import rotated, shared_copy  # noqa: E402
 from compare_methods import bootstrap_interval  # noqa: E402
 
 #: per model: diffusers' attention projections, or with the feed-forward layers
@@ -254,9 +255,9 @@ def bench_size(
     for step in steps.values():
         step()
     times = {k: [] for k in steps}
-    for _ in range(rounds):
-        for label, step in steps.items():
-            times[label].append(step())
+    for i in range(rounds):
+        for label in rotated(list(steps), i):
+            times[label].append(steps[label]())
     peft_wall = statistics.median(t[0] for t in times["PEFT LoRA"])
     peft_cpu = statistics.median(t[1] for t in times["PEFT LoRA"])
     peft_rounds = [t[0] for t in times["PEFT LoRA"]]
@@ -294,8 +295,7 @@ def bench_size(
     plain = copy.deepcopy(base).eval()
     fwd = {"base": [], "fused": []}
     for i in range(rounds):
-        order = [("base", plain), ("fused", fused)]
-        for key, model in order if i % 2 == 0 else order[::-1]:
+        for key, model in rotated([("base", plain), ("fused", fused)], i):
             fwd[key] += forward_time(model, inputs, 1)
     b, f = statistics.median(fwd["base"]), statistics.median(fwd["fused"])
     print(f"\nInference forward: base {b * 1e3:.1f} ms, fused ResLoRA {f * 1e3:.1f} ms, ratio {f / b:.3f}")

@@ -243,6 +243,18 @@ def test_bench_step_pairs_each_round_with_peft_of_the_same_round():
         bench_step.paired_ratio([1.0], [1.0, 2.0])
 
 
+def test_rotated_order_puts_every_variant_in_every_slot_once_per_cycle():
+    rotated = _load("bench_gpu").rotated
+    variants = ["peft", "none", "bs5", "ms5"]
+    orders = [rotated(variants, i) for i in range(len(variants))]
+    for order in orders:
+        assert sorted(order) == sorted(variants)  # each round runs each variant once
+    for slot in range(len(variants)):
+        assert sorted(order[slot] for order in orders) == sorted(variants)
+    assert rotated(variants, 5) == ["none", "bs5", "ms5", "peft"]  # cycles on
+    assert variants == ["peft", "none", "bs5", "ms5"]  # the caller's list is not reordered
+
+
 def test_bench_step_variants_share_the_frozen_weights_and_train_their_own():
     # the full-width sizes fit in memory only because every variant reads one copy of the base
     bench_step = _load("bench_step")
