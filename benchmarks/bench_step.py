@@ -6,7 +6,11 @@ forward + backward + AdamW step, rank and targets equal. Variants run interleave
 each per round in an order that rotates every round (``bench_gpu.rotated``), and the table
 reports medians over rounds (wall time, and the process's CPU time, which other jobs on a
 shared machine disturb less), the ratios to PEFT, and the bytes
-the step saves for backward (activation memory; CPU has no peak-memory counter). The paired
+the step saves for backward (activation memory; CPU has no peak-memory counter), and the FLOP
+ratio to PEFT: the matrix products, convolutions and attention of one forward + backward as
+torch's FLOP counter counts them (elementwise work is not counted), the work that no
+implementation avoids, so a variant above 1.0 there cannot reach PEFT's step where the step
+is bound by that work (``bs`` at ``pre_num`` m multiplies the adapter products by m + 1). The paired
 ratio is the median over rounds of ``variant step / PEFT step of the same round`` with its 95 %
 bootstrap interval: a slow stretch of the machine slows both steps of a round alike, so the
 pairing removes most of the drift that the ratio of two medians carries. It also
@@ -48,6 +52,7 @@ import torch
 import torch._inductor.config as inductor_config
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from peft import LoraConfig
+from torch.utils.flop_counter import FlopCounterMode
 
 from reslora_diffusers import ResLoRAConfig, add_reslora, merge_to_lora, remove_reslora, trainable_parameters
 from reslora_diffusers.export import fuse_lora
@@ -206,6 +211,14 @@ class Step:
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - start, time.process_time() - cpu
 
+    def flops(self) -> int:
+        """FLOPs of one eager forward + backward: matrix products, convolutions, attention
+        (torch's FLOP counter; the gradients it leaves are cleared)."""
+        with FlopCounterMode(display=False) as counter:
+            output_tensor(self.unet(**self.inputs)).square().mean().backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
     def saved_mib(self) -> float:
         seen: dict[int, int] = {}
 
@@ -261,6 +274,7 @@ def bench_size(
     peft_wall = statistics.median(t[0] for t in times["PEFT LoRA"])
     peft_cpu = statistics.median(t[1] for t in times["PEFT LoRA"])
     peft_rounds = [t[0] for t in times["PEFT LoRA"]]
+    flops = {label: step.flops() for label, step in steps.items()}
     print(
         f"\n### {model} {name}: {SIZES[model][name]} (UNet: channels, latent side, batch; SD3/Flux: "
         f"blocks, width, latent side, batch), rank {rank}, targets {' '.join(targets)}"
@@ -268,9 +282,10 @@ def bench_size(
     )
     print(
         "| variant | median wall ms | ratio to PEFT | paired ratio [95 % CI] | median CPU ms | CPU ratio to PEFT "
-        "| saved for backward MiB" + (" | compile s | compile ratio to PEFT |" if compiled else " |")
+        "| FLOP ratio to PEFT | saved for backward MiB"
+        + (" | compile s | compile ratio to PEFT |" if compiled else " |")
     )
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if compiled else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if compiled else ""))
     for label, ts in times.items():
         wall = statistics.median(t[0] for t in ts)
         cpu = statistics.median(t[1] for t in ts)
@@ -278,7 +293,7 @@ def bench_size(
         paired = paired_ratio([t[0] for t in ts], peft_rounds)
         row = (
             f"| {label} | {wall * 1e3:.1f} | {wall / peft_wall:.3f} | {paired} | {cpu * 1e3:.1f} "
-            f"| {cpu / peft_cpu:.3f} | {saved} |"
+            f"| {cpu / peft_cpu:.3f} | {flops[label] / flops['PEFT LoRA']:.3f} | {saved} |"
         )
         if compiled:
             row += f" {first[label]:.1f} | {first[label] / first['PEFT LoRA']:.2f} |"

@@ -270,6 +270,20 @@ def test_bench_step_variants_share_the_frozen_weights_and_train_their_own():
     assert not any(p.requires_grad for p in base.parameters())  # the shared base stays frozen
 
 
+def test_bench_step_counts_the_extra_products_of_a_block_shortcut():
+    bench_step = _load("bench_step")
+    base, inputs = bench_step.make_model("sd3", (2, 64, 8, 1))  # 2 blocks: one bs link on to_q
+    rank, width, tokens = 4, 64, (8 // 2) ** 2  # 2 x 2 patches of an 8 x 8 latent
+    peft = bench_step.Step(*bench_step.peft_variant(base, rank, ["to_q"]), inputs)
+    none = bench_step.Step(*bench_step.reslora_variant(base, rank, "none", 1, ["to_q"]), inputs)
+    bs = bench_step.Step(*bench_step.reslora_variant(base, rank, "bs", 1, ["to_q"]), inputs)
+    assert none.flops() == peft.flops()
+    # the second block's branch has r more rows in A and columns in B: forward 2 T r (in + out),
+    # backward twice that (weight and input gradients of both products)
+    assert bs.flops() - peft.flops() == 3 * 2 * tokens * rank * (width + width)
+    assert all(p.grad is None for p in bs.opt.param_groups[0]["params"])
+
+
 def test_bootstrap_interval_of_the_median():
     # values 0, 0, 1: a resample's median is 1 when it holds two or three 1s, P = 7/27 > 2.5 %
     median, low, high = compare.bootstrap_interval([0.0, 0.0, 1.0], statistic=np.median)
