@@ -5,12 +5,12 @@ Every variant trains the same model config (random weights, no download) on the 
 forward + backward + AdamW step, rank and targets equal. Variants run interleaved, one step
 each per round in an order that rotates every round (``bench_gpu.rotated``), and the table
 reports medians over rounds (wall time, and the process's CPU time, which other jobs on a
-shared machine disturb less), the ratios to PEFT, and the bytes
-the step saves for backward (activation memory; CPU has no peak-memory counter), and the FLOP
-ratio to PEFT: the matrix products, convolutions and attention of one forward + backward as
-torch's FLOP counter counts them (elementwise work is not counted), the work that no
-implementation avoids, so a variant above 1.0 there cannot reach PEFT's step where the step
-is bound by that work (``bs`` at ``pre_num`` m multiplies the adapter products by m + 1). The paired
+shared machine disturb less), the ratios to PEFT, the FLOP ratio to PEFT and the bytes the
+step saves for backward (activation memory; CPU has no peak-memory counter). The FLOPs are
+the matrix products, convolutions and attention of one forward + backward as torch's FLOP
+counter counts them (elementwise work is not counted): work no implementation avoids, so a
+variant above 1.0 there cannot reach PEFT's step where the step is bound by that work (``bs``
+at ``pre_num`` m applies m + 1 adapters' products where PEFT applies one). The paired
 ratio is the median over rounds of ``variant step / PEFT step of the same round`` with its 95 %
 bootstrap interval: a slow stretch of the machine slows both steps of a round alike, so the
 pairing removes most of the drift that the ratio of two medians carries. It also
