@@ -21,7 +21,8 @@ SD3's ``(z - shift_factor) * scaling_factor`` normalisation, and the denoiser st
 text encoder) and its T5 encoder by rectified flow, the objective of
 ``reslora_diffusers.training.flow_matching`` (logit-normal sigmas, SD3's default), with the
 same caption dropout, EMA, checkpoints and resume. ``--device cuda`` trains on a GPU; the
-random draws stay on the CPU, so a run may continue on another device.
+random draws stay on the CPU, so a run may continue on another device. ``--compile`` runs the
+training steps through ``torch.compile`` (about 1.4x faster on CPU); it is not a resume key.
 """
 
 from __future__ import annotations
@@ -167,6 +168,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the step reached (a warm restart), and the model card says so",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the denoiser and its text encoders for the training steps (the sd3 "
+        "family's step on 2 CPU threads: 0.92 s eager, 0.65 s compiled, after about 75 s of compiling)",
+    )
     parser.add_argument(
         "--device", default="cpu", help="where the denoiser stage trains (cpu, cuda, cuda:1...)"
     )
@@ -364,6 +371,8 @@ class DenoiserTrainer(ABC):
             self.hardware.append(describe_device(self.device))
         for model in self.models.values():
             model.train()
+            if self.args.compile:
+                model.compile()  # in place: the state dict keeps its keys, the pipeline calls it as before
         start, started_at = time.time(), self.minutes
         steps = range(self.step, self.total_steps)
         progress = tqdm(steps, initial=self.step, total=self.total_steps, desc=self.denoiser)

@@ -1,5 +1,5 @@
 """The tiny DiT base: its builders, ``scripts/pretrain_tiny_base.py --family sd3`` at a toy size
-(end to end, and resumed after ``--max-minutes`` stops), fine-tuning it with
+(end to end, resumed after ``--max-minutes`` stops, and compiled), fine-tuning it with
 ``train_text_to_image.py``, the comparison's ``--base`` and the demo on it.
 
 No accuracy is asserted: a few toy steps train nothing. The shipped base (once trained) gets
@@ -177,6 +177,26 @@ def test_eval_every_logs_the_ema_models_accuracy_and_leaves_training_as_it_was(t
     for name in TRAINED:  # the probe swaps the averaged weights in and out: same final weights
         want, got = _weights(toy_base, name), _weights(out, name)
         assert all(torch.equal(want[key], got[key]) for key in want), name
+
+
+def test_compiled_training_repeats_the_eager_run(toy_base, tmp_path):
+    """``--compile``: the same losses (the running loss of the 4 steps, float32) and weights as the
+    eager run, and dynamo did compile graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    work, out = tmp_path / "work", tmp_path / "base"
+    _pretrain(work, out, "--compile")
+    assert counters["stats"]["unique_graphs"] > 0
+    eager = torch.load(toy_base.parent / "work" / "transformer_checkpoint.pt", weights_only=True)
+    compiled = torch.load(work / "transformer_checkpoint.pt", weights_only=True)
+    assert compiled["running_loss"] == pytest.approx(eager["running_loss"], rel=1e-5)
+    for name in TRAINED:
+        want, got = _weights(toy_base, name), _weights(out, name)
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+    torch._dynamo.reset()
 
 
 def test_checkpoint_of_other_settings_is_refused(toy_base, tmp_path):
