@@ -596,8 +596,9 @@ def eval_sets(args: argparse.Namespace) -> list[tuple[str, list[str], tuple[int,
 
 
 def accuracies(result: dict) -> dict[str, float]:
-    """The accuracy figures of an ``evaluate_pipeline`` result, rounded for logs and the card."""
-    return {k: round(v, 4) for k, v in result.items() if k.endswith("accuracy")}
+    """The accuracy figures of an ``evaluate_pipeline`` result (open-set and nearest-template
+    shape readings), rounded for logs and the card."""
+    return {k: round(v, 4) for k, v in result.items() if "accuracy" in k}
 
 
 def evaluate(pipe, args: argparse.Namespace) -> dict:
@@ -632,10 +633,12 @@ model hub. It is not a general text-to-image model.
 | training time | {minutes:.0f} min on {threads} CPU thread(s) |
 
 Prompt accuracy (colour, shape and background all read correctly by
-`reslora_diffusers.eval.analyse_image`), at the settings above:
+`reslora_diffusers.eval.analyse_image`), at the settings above. The shape is read twice: by
+the open-set call (the best template needs IoU >= 0.80 and a 0.05 lead, else "unknown") and
+by the nearest template, the reading the base's bar (held-out >= 90 %, seen >= 95 %) was set on:
 
-| prompts | images | accuracy | colour | shape | background |
-|---|---|---|---|---|---|
+| prompts | images | accuracy | accuracy (nearest template) | colour | shape | shape (nearest template) | background |
+|---|---|---|---|---|---|---|---|
 {rows}
 
 VAE reconstructions of the fine-tuning set ({concept}es) score {vae_finetune:.1%}, of the base set
@@ -665,10 +668,12 @@ It is not a general text-to-image model.
 | training time | {minutes:.0f} min on {hardware} |
 
 Prompt accuracy (colour, shape and background all read correctly by
-`reslora_diffusers.eval.analyse_image`), at the settings above:
+`reslora_diffusers.eval.analyse_image`), at the settings above. The shape is read twice: by
+the open-set call (the best template needs IoU >= 0.80 and a 0.05 lead, else "unknown") and
+by the nearest template, the reading the base's bar (held-out >= 90 %, seen >= 95 %) was set on:
 
-| prompts | images | accuracy | colour | shape | background |
-|---|---|---|---|---|---|
+| prompts | images | accuracy | accuracy (nearest template) | colour | shape | shape (nearest template) | background |
+|---|---|---|---|---|---|---|---|
 {rows}
 
 VAE reconstructions of the fine-tuning set ({concept}es) score {vae_finetune:.1%}, of the base set
@@ -690,8 +695,9 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
     titles = {"heldout": "held-out pairs", "seen": "seen pairs", "finetune_concept": FINETUNE_SHAPE}
     labels = {name: f"{titles[name]} (seeds 0-{len(seeds) - 1})" for name, _, seeds in eval_sets(args)}
     rows = "\n".join(
-        f"| {labels[name]} | {n['images']} | {n['accuracy']:.1%} | {n['color_accuracy']:.1%} "
-        f"| {n['shape_accuracy']:.1%} | {n['background_accuracy']:.1%} |"
+        f"| {labels[name]} | {n['images']} | {n['accuracy']:.1%} | {n['accuracy_lenient']:.1%} "
+        f"| {n['color_accuracy']:.1%} | {n['shape_accuracy']:.1%} | {n['shape_accuracy_lenient']:.1%} "
+        f"| {n['background_accuracy']:.1%} |"
         for name, n in numbers["accuracy"].items()
     )
     millions = {

@@ -130,6 +130,12 @@ def test_script_writes_a_pipeline_that_loads_matches_the_builders_and_draws(toy_
     assert "| training | 16 images, seed 0; transformer + text encoders 4 steps, batch 4" in card
     assert "| training time | 0 min on cpu (1 threads) |" in card
     assert "| held-out pairs (seeds 0-0) | 9 |" in card and "| cross (seeds 0-0) | 15 |" in card
+    # both shape readings: accuracy, nearest-template accuracy, colour, shape x 2, background
+    assert "| accuracy | accuracy (nearest template) |" in card
+    row = next(line for line in card.splitlines() if line.startswith("| held-out pairs"))
+    assert len(row.strip("|").split("|")) == 8 and all(
+        cell.strip().endswith("%") for cell in row.split("|")[3:-1]
+    )
 
 
 def test_stopped_run_resumes_to_the_weights_of_the_uninterrupted_one(toy_base, tmp_path):
