@@ -1,0 +1,94 @@
+"""The shipped tiny DiT base (``reslora_diffusers/assets/tiny-sd3``): what it is made of, that it
+loads, what it draws, and that the training script's default run fine-tunes it.
+
+``tests/test_tiny_sd3.py`` runs the script that made it at a toy size; this module checks the
+folder that the full run wrote.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+
+from reslora_diffusers.data import (
+    BASE_GUIDANCE_SCALE,
+    BASE_NUM_INFERENCE_STEPS,
+    BASE_RESOLUTION,
+    build_clip_encoder,
+    build_flow_scheduler,
+    build_sd3_transformer,
+    build_t5_encoder,
+    build_tokenizer,
+    default_base_model_path,
+    default_dit_base_path,
+    finetune_prompts,
+    heldout_base_prompts,
+    write_tokenizer,
+)
+from reslora_diffusers.eval import evaluate_pipeline
+from tests.test_tiny_base import _TRANSFORMERS_BOOKKEEPING, _public, one_thread  # noqa: F401
+from tests.test_tiny_sd3 import assert_export_loads_and_changes_the_image
+from tests.test_train_script import _run, _subset, fresh_accelerate_state  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def pipe() -> StableDiffusion3Pipeline:
+    return StableDiffusion3Pipeline.from_pretrained(default_dit_base_path())
+
+
+def _transformers_config(model) -> dict:
+    return {k: v for k, v in model.config.to_dict().items() if k not in _TRANSFORMERS_BOOKKEEPING}
+
+
+def test_shipped_configs_match_the_builders(pipe, tmp_path):
+    assert _public(pipe.transformer.config) == _public(build_sd3_transformer().config)
+    assert _public(pipe.scheduler.config) == _public(build_flow_scheduler().config)
+    tok = build_tokenizer(tmp_path / "tok")
+    for name, build in [
+        ("text_encoder", build_clip_encoder),
+        ("text_encoder_2", build_clip_encoder),
+        ("text_encoder_3", build_t5_encoder),
+    ]:
+        assert _transformers_config(getattr(pipe, name)) == _transformers_config(build(tok)), name
+    written = write_tokenizer(tmp_path / "ours")
+    for folder in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        for file in ("vocab.json", "merges.txt"):
+            assert (default_dit_base_path() / folder / file).read_bytes() == (written / file).read_bytes()
+
+
+def test_vae_is_the_unet_bases_with_sd3s_latent_normalisation(pipe):
+    ours = AutoencoderKL.from_pretrained(default_base_model_path(), subfolder="vae")
+    for key, value in ours.state_dict().items():
+        assert torch.equal(pipe.vae.state_dict()[key], value), key
+    assert pipe.vae.config.shift_factor not in (None, 0.0) and pipe.vae.config.scaling_factor != 1.0
+
+
+def test_shipped_folder_is_small_safetensors():
+    files = [path for path in default_dit_base_path().rglob("*") if path.is_file()]
+    assert sum(path.stat().st_size for path in files) <= 10_000_000
+    assert len([path for path in files if path.suffix == ".safetensors"]) == 5
+    assert not [path for path in files if path.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
+
+
+def test_model_card_documents_the_settings_and_both_readings():
+    card = (default_dit_base_path() / "README.md").read_text()
+    assert f"{BASE_RESOLUTION} x {BASE_RESOLUTION} px" in card
+    assert f"{BASE_NUM_INFERENCE_STEPS} steps, guidance scale {BASE_GUIDANCE_SCALE}" in card
+    assert "| accuracy | accuracy (nearest template) |" in card
+    assert "| training time |" in card
+
+
+def test_base_draws_heldout_pairs_but_not_the_new_concept(pipe):
+    """A few images through the analyser (the card holds the full evaluation)."""
+    heldout = evaluate_pipeline(pipe, heldout_base_prompts(), seeds=[0])
+    concept = evaluate_pipeline(pipe, finetune_prompts()[::3], seeds=[0])
+    assert heldout["color_accuracy"] >= 0.8 and heldout["background_accuracy"] >= 0.8
+    assert heldout["accuracy_lenient"] >= 0.7
+    assert concept["shape_accuracy"] == 0.0
+
+
+def test_training_scripts_default_run_fine_tunes_it_and_the_pipeline_loads_the_export(tmp_path):
+    data = _subset(tmp_path / "set", 4)
+    _run(default_dit_base_path(), data, tmp_path / "run", "--max_train_steps", "2", "--train_batch_size", "2")
+    assert_export_loads_and_changes_the_image(default_dit_base_path(), tmp_path / "run")
