@@ -71,6 +71,7 @@ from reslora_diffusers.data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFER
 from reslora_diffusers.eval import analyse_image, generate, parse_prompt
 from reslora_diffusers.eval.analysis import attribute_matches
 from reslora_diffusers.export.loading import check_lora_file, resolve_lora_file
+from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS
 from reslora_diffusers.training.grid import label_font
 from reslora_diffusers.utils.safety import check_finite_file
 
@@ -87,8 +88,14 @@ DEFAULT_RUNS = {
     "DiT LoRA": ("dit-lora", "none", "dit"),
     "DiT ResLoRA": ("dit-reslora", "ms", "dit"),
 }
-#: training steps of each run the button trains (the training script's default run)
-TRAIN_STEPS = 800
+#: training steps of the runs the button trains, by base: the UNet base learns the cross in the
+#: training script's default 800 steps, the DiT base in 2000 (README, fine-tuning the DiT base)
+TRAIN_STEPS: dict[str, int] = {"unet": 800, "dit": 2000}
+#: flags of those runs by base: the DiT base needs its image-stream feed-forward layers as targets
+BASE_TRAIN_ARGS: dict[str, list[str]] = {
+    "unet": [],
+    "dit": ["--target_modules", *DIT_ATTENTION_TARGETS, "ff.net.0.proj", "ff.net.2"],
+}
 #: further flags for those runs (a base or data other than the embedded ones, say)
 TRAIN_EXTRA_ARGS: list[str] = []
 DEFAULT_PROMPT = "a blue cross on a white background"
@@ -516,13 +523,21 @@ def train_missing_runs(progress=gr.Progress()):  # noqa: B008 (how Gradio inject
         cmd = [sys.executable, str(script), "--res_type", res_type, "--output_dir", str(out)]
         cmd += ["--pretrained_model_name_or_path", str(DEFAULT_BASES[base])]
         cmd += ["--overwrite_output_dir"]  # a missing run's folder may hold an interrupted attempt
-        cmd += ["--max_train_steps", str(TRAIN_STEPS), "--report_to", "none", *TRAIN_EXTRA_ARGS]
+        steps = TRAIN_STEPS[base]
+        cmd += [
+            "--max_train_steps",
+            str(steps),
+            "--report_to",
+            "none",
+            *BASE_TRAIN_ARGS[base],
+            *TRAIN_EXTRA_ARGS,
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while proc.poll() is None:
             rows = read_log(out)
             step = rows[-1]["step"] if rows else 0
             progress(
-                (i + min(step / TRAIN_STEPS, 1.0)) / len(todo),
+                (i + min(step / steps, 1.0)) / len(todo),
                 desc=f"training {label} ({res_type}): step {step}",
             )
             time.sleep(1.0)
@@ -536,7 +551,8 @@ def train_missing_runs(progress=gr.Progress()):  # noqa: B008 (how Gradio inject
 
 def _train_button_text(missing: list[str]) -> str:
     names = " and ".join(missing) if len(missing) < 3 else f"{', '.join(missing[:-1])} and {missing[-1]}"
-    return f"Train {names} ({TRAIN_STEPS} steps each, minutes on a CPU)"
+    steps = " or ".join(sorted({str(TRAIN_STEPS[DEFAULT_RUNS[label][2]]) for label in missing}, key=int))
+    return f"Train {names} ({steps} steps each, minutes on a CPU)"
 
 
 CSS = """

@@ -59,7 +59,7 @@ def served(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setattr(demo_app, "RUNS_DIR", tmp / "runs")
-        mp.setattr(demo_app, "TRAIN_STEPS", 2)
+        mp.setattr(demo_app, "TRAIN_STEPS", {"unet": 2, "dit": 2})
         mp.setattr(demo_app, "DEFAULT_BASES", {"unet": base_dir, "dit": dit_dir})
         mp.setattr(
             demo_app,
@@ -401,6 +401,10 @@ def test_train_button_made_the_missing_runs_and_never_overwrites(served):
         with safe_open(str(runs_dir / folder / "pytorch_lora_weights.safetensors"), "pt") as f:
             prefix = "transformer." if base == "dit_base" else "unet."
             assert all(key.startswith(prefix) for key in f.keys()), folder
+            # the DiT runs train the image stream's feed-forward layers too (its recipe), not the text's
+            dit_ff = {key for key in f.keys() if ".ff.net." in key and key.startswith("transformer.")}
+            assert bool(dit_ff) == (base == "dit_base"), folder
+            assert not [key for key in f.keys() if "ff_context" in key], folder
     lora_file = runs_dir / "reslora" / "pytorch_lora_weights.safetensors"
     before = lora_file.stat().st_mtime_ns
     with pytest.MonkeyPatch.context() as mp:
