@@ -614,7 +614,19 @@ def evaluate(pipe, args: argparse.Namespace) -> dict:
     return numbers
 
 
-MODEL_CARD = """# tiny-sd: the embedded coloured-shapes base of reslora-diffusers
+#: The accuracy part of both model cards (``{rows}``: one row per prompt set, from ``write_model_card``).
+ACCURACY_SECTION = """Prompt accuracy (colour, shape and background all read correctly by
+`reslora_diffusers.eval.analyse_image`), at the settings above. The shape is read twice: by
+the open-set call (the best template needs IoU >= 0.80 and a 0.05 lead, else "unknown") and
+by the nearest template, the reading the base's bar (held-out >= 90 %, seen >= 95 %) was set on:
+
+| prompts | images | accuracy | accuracy (nearest template) | colour | shape | shape (nearest template) | background |
+|---|---|---|---|---|---|---|---|
+{rows}
+"""
+
+MODEL_CARD = (
+    """# tiny-sd: the embedded coloured-shapes base of reslora-diffusers
 
 A tiny `StableDiffusionPipeline` trained from scratch by `scripts/pretrain_tiny_base.py`
 on procedurally generated images "a <colour> <shape> on a <background> background"
@@ -632,21 +644,17 @@ model hub. It is not a general text-to-image model.
 | training | {num_images} images, seed {seed}; VAE {vae_steps} steps, then UNet + text encoder {unet_steps} steps{extension}, batch {batch} |
 | training time | {minutes:.0f} min on {threads} CPU thread(s) |
 
-Prompt accuracy (colour, shape and background all read correctly by
-`reslora_diffusers.eval.analyse_image`), at the settings above. The shape is read twice: by
-the open-set call (the best template needs IoU >= 0.80 and a 0.05 lead, else "unknown") and
-by the nearest template, the reading the base's bar (held-out >= 90 %, seen >= 95 %) was set on:
-
-| prompts | images | accuracy | accuracy (nearest template) | colour | shape | shape (nearest template) | background |
-|---|---|---|---|---|---|---|---|
-{rows}
-
+"""
+    + ACCURACY_SECTION
+    + """
 VAE reconstructions of the fine-tuning set ({concept}es) score {vae_finetune:.1%}, of the base set
 {vae_base:.1%}: the VAE can draw the new concept; the UNet must learn it. Load with
 `StableDiffusionPipeline.from_pretrained(reslora_diffusers.data.default_base_model_path())`.
 """
+)
 
-MODEL_CARD_SD3 = """# tiny-sd3: the embedded diffusion-transformer base of reslora-diffusers
+MODEL_CARD_SD3 = (
+    """# tiny-sd3: the embedded diffusion-transformer base of reslora-diffusers
 
 A tiny `StableDiffusion3Pipeline` trained by `scripts/pretrain_tiny_base.py --family sd3` on
 the procedurally generated images "a <colour> <shape> on a <background> background" that the
@@ -667,19 +675,14 @@ It is not a general text-to-image model.
 | training | {num_images} images, seed {seed}; transformer + text encoders {transformer_steps} steps{extension}, batch {batch}, lr {transformer_lr} |
 | training time | {minutes:.0f} min on {hardware} |
 
-Prompt accuracy (colour, shape and background all read correctly by
-`reslora_diffusers.eval.analyse_image`), at the settings above. The shape is read twice: by
-the open-set call (the best template needs IoU >= 0.80 and a 0.05 lead, else "unknown") and
-by the nearest template, the reading the base's bar (held-out >= 90 %, seen >= 95 %) was set on:
-
-| prompts | images | accuracy | accuracy (nearest template) | colour | shape | shape (nearest template) | background |
-|---|---|---|---|---|---|---|---|
-{rows}
-
+"""
+    + ACCURACY_SECTION
+    + """
 VAE reconstructions of the fine-tuning set ({concept}es) score {vae_finetune:.1%}, of the base set
 {vae_base:.1%}. Load with
 `StableDiffusion3Pipeline.from_pretrained(reslora_diffusers.data.default_dit_base_path())`.
 """
+)
 
 
 def extension_note(extended_from: list[int]) -> str:
