@@ -5,8 +5,8 @@
 LoRA outputs are training/export folders (holding ``pytorch_lora_weights.safetensors``) or
 ``.safetensors`` files; they are loaded with diffusers' ``load_lora_weights``, the way any
 user of the exported files loads them, on the first base whose pipeline has the modules their
-keys name. Without ``--base`` the demo shows the embedded UNet base and, once its folder
-exists, the embedded DiT base; without ``--lora`` it uses the runs in ``runs/`` and offers a
+keys name. Without ``--base`` the demo shows the embedded UNet and DiT bases (each whose folder
+exists); without ``--lora`` it uses the runs in ``runs/`` and offers a
 button that trains the missing ones on the embedded data.
 """
 
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=None,
         help="diffusers pipeline folders or hub names (default: the embedded UNet base, and the "
-        "embedded DiT base once its folder exists)",
+        "embedded DiT base)",
     )
     parser.add_argument("--lora", nargs="*", default=None, help="LoRA folders or files (default: runs/*)")
     parser.add_argument(
@@ -79,7 +79,7 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO / "runs"
-#: the embedded bases the training button trains on, by key; the DiT one exists once it is shipped
+#: the embedded bases the training button trains on, by key
 DEFAULT_BASES: dict[str, Path] = {"unet": default_base_model_path(), "dit": default_dit_base_path()}
 #: the runs the training button makes: label -> (output folder, res_type, key in ``DEFAULT_BASES``)
 DEFAULT_RUNS = {
@@ -195,7 +195,7 @@ def found_runs(runs_dir: Path = RUNS_DIR) -> list[str]:
 
 def missing_runs(runs_dir: Path = RUNS_DIR) -> list[str]:
     """Labels of the default runs (``DEFAULT_RUNS``) that have no exported LoRA yet and whose base
-    folder exists (the DiT base is shipped after the rest: until then its runs cannot be trained)."""
+    folder exists (a base folder that is missing has no runs to train)."""
     return [
         label
         for label, (folder, _, base) in DEFAULT_RUNS.items()

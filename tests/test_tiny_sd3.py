@@ -2,8 +2,8 @@
 (end to end, resumed after ``--max-minutes`` stops, and compiled), fine-tuning it with
 ``train_text_to_image.py``, the comparison's ``--base`` and the demo on it.
 
-No accuracy is asserted: a few toy steps train nothing. The shipped base (once trained) gets
-the accuracy checks of ``tests/test_tiny_base.py``.
+No accuracy is asserted: a few toy steps train nothing. The shipped base gets its accuracy
+checks in ``tests/test_tiny_dit_base.py``.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def default_base_model_path() -> Path:
 
 def default_dit_base_path() -> Path:
     """The tiny diffusion-transformer base (``StableDiffusion3Pipeline`` layout), written by
-    ``scripts/pretrain_tiny_base.py --family sd3``; the folder exists once that base is shipped."""
+    ``scripts/pretrain_tiny_base.py --family sd3`` (model card: its ``README.md``)."""
     return _ASSETS / "tiny-sd3"
 
 
