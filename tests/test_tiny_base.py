@@ -40,6 +40,11 @@ def pipe() -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(default_base_model_path())
 
 
+def transformers_config(model) -> dict:
+    """A transformers model's config as a dict, without the bookkeeping keys that vary by version."""
+    return {k: v for k, v in model.config.to_dict().items() if k not in _TRANSFORMERS_BOOKKEEPING}
+
+
 def _public(config) -> dict:
     """A diffusers config as plain JSON values, without the private bookkeeping keys."""
     return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
@@ -50,11 +55,9 @@ def test_committed_configs_match_the_builders(pipe, tmp_path):
     assert _public(pipe.vae.config) == _public(build_vae(pipe.vae.config.scaling_factor).config)
     assert pipe.vae.config.scaling_factor != 1.0
     assert _public(pipe.scheduler.config) == _public(build_scheduler().config)
-    built = build_text_encoder(build_tokenizer(tmp_path)).config.to_dict()
-    committed = pipe.text_encoder.config.to_dict()
-    assert {k: v for k, v in committed.items() if k not in _TRANSFORMERS_BOOKKEEPING} == {
-        k: v for k, v in built.items() if k not in _TRANSFORMERS_BOOKKEEPING
-    }
+    assert transformers_config(pipe.text_encoder) == transformers_config(
+        build_text_encoder(build_tokenizer(tmp_path))
+    )
 
 
 def test_committed_tokenizer_is_our_vocabulary(pipe, tmp_path):

@@ -27,7 +27,7 @@ from reslora_diffusers.data import (
     write_tokenizer,
 )
 from reslora_diffusers.eval import evaluate_pipeline
-from tests.test_tiny_base import _TRANSFORMERS_BOOKKEEPING, _public, one_thread  # noqa: F401
+from tests.test_tiny_base import _public, one_thread, transformers_config  # noqa: F401
 from tests.test_tiny_sd3 import assert_export_loads_and_changes_the_image
 from tests.test_train_script import _run, _subset, fresh_accelerate_state  # noqa: F401
 
@@ -35,10 +35,6 @@ from tests.test_train_script import _run, _subset, fresh_accelerate_state  # noq
 @pytest.fixture(scope="module")
 def pipe() -> StableDiffusion3Pipeline:
     return StableDiffusion3Pipeline.from_pretrained(default_dit_base_path())
-
-
-def _transformers_config(model) -> dict:
-    return {k: v for k, v in model.config.to_dict().items() if k not in _TRANSFORMERS_BOOKKEEPING}
 
 
 def test_shipped_configs_match_the_builders(pipe, tmp_path):
@@ -50,7 +46,7 @@ def test_shipped_configs_match_the_builders(pipe, tmp_path):
         ("text_encoder_2", build_clip_encoder),
         ("text_encoder_3", build_t5_encoder),
     ]:
-        assert _transformers_config(getattr(pipe, name)) == _transformers_config(build(tok)), name
+        assert transformers_config(getattr(pipe, name)) == transformers_config(build(tok)), name
     written = write_tokenizer(tmp_path / "ours")
     for folder in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         for file in ("vocab.json", "merges.txt"):
