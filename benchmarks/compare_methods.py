@@ -13,8 +13,8 @@ trained model itself ("unmerged"), the exported LoRA loaded with ``load_lora_wei
 run exported with ``merge="distill"`` (a variant of the export, not another training run).
 ``compare_intervals.md`` gives per method the mean over seeds with a 95 % bootstrap
 interval of each, and of the exported accuracy's paired difference to PEFT LoRA's run of
-the same seed. Accuracy is the open-set prompt accuracy; the nearest-template reading is
-kept beside it in each ``result.json``.
+the same seed, once in each reading of the drawn shape: open-set and nearest-template (both
+are kept in each ``result.json``).
 
 Each run uses one torch thread; ``--jobs`` runs that many at once (one per core). A run whose
 folder already holds ``result.json`` is not trained again, so an interrupted comparison
@@ -148,7 +148,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         }
         (out / "result.json").write_text(json.dumps(result))
     if "unmerged_accuracy" not in result:
-        result["unmerged_accuracy"] = None if method == BASELINE else unmerged_accuracy(script, argv)
+        unmerged = {} if method == BASELINE else unmerged_accuracy(script, argv)
+        result["unmerged_accuracy"] = unmerged.get("prompt_accuracy")
+        result["unmerged_accuracy_lenient"] = unmerged.get("prompt_accuracy_lenient")
         (out / "result.json").write_text(json.dumps(result))
     measure_run(script, method, argv, result, args, out)
     return result
@@ -162,11 +164,11 @@ def measure_run(
     ``result.json`` after each so that an interrupted comparison resumes."""
     last, early = args.max_train_steps, args.compare_step
     measurements = result.setdefault("measurements", {})
-    final = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    final = next(r for r in final if r.get("kind") == "final")
 
     def logged(step: int) -> dict:
-        if step == last:
+        if step == last:  # read only when missing: a finished result.json resumes on its own
+            records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+            final = next(r for r in records if r.get("kind") == "final")
             return {k: final[k] for k in ("prompt_accuracy", "prompt_accuracy_lenient")}
         return {
             "prompt_accuracy": result["accuracy"][step],
@@ -187,7 +189,10 @@ def measure_run(
             elif kind == "unmerged" and int(step) == early:  # validated while training
                 done[kind] = logged(early)
             elif kind == "unmerged":
-                done[kind] = {"prompt_accuracy": result["unmerged_accuracy"]}
+                done[kind] = {
+                    "prompt_accuracy": result["unmerged_accuracy"],
+                    "prompt_accuracy_lenient": result.get("unmerged_accuracy_lenient"),
+                }
             elif kind == "calibrated" and int(step) == last:  # the script's own export
                 done[kind] = {**logged(last), "merge_error": result["merge_error"]}
             else:
@@ -259,10 +264,11 @@ def export_accuracy(script, argv: list[str], checkpoint: Path, merge: str, step:
     }
 
 
-def unmerged_accuracy(script, argv: list[str]) -> float:
-    """Prompt accuracy of the trained ResLoRA model itself (shortcuts in place, loaded from its
-    checkpoint), on the prompts and seeds of the final evaluation of the merged export: the
-    difference is what the merge costs."""
+def unmerged_accuracy(script, argv: list[str]) -> dict[str, float]:
+    """Prompt accuracy (``prompt_accuracy``, open-set, and ``prompt_accuracy_lenient``, the
+    nearest-template reading) of the trained ResLoRA model itself (shortcuts in place, loaded
+    from its checkpoint), on the prompts and seeds of the final evaluation of the merged export:
+    the difference is what the merge costs."""
     import torch
 
     from reslora_diffusers import load_reslora_checkpoint
@@ -276,9 +282,8 @@ def unmerged_accuracy(script, argv: list[str]) -> float:
     )
     denoiser.eval()
     resolution = denoiser.config.sample_size * pipe.vae_scale_factor
-    return script.run_validation(args, pipe, args.max_train_steps, "final-unmerged", resolution)[
-        "prompt_accuracy"
-    ]
+    record = script.run_validation(args, pipe, args.max_train_steps, "final-unmerged", resolution)
+    return {k: record[k] for k in ("prompt_accuracy", "prompt_accuracy_lenient")}
 
 
 def base_args(base: str) -> list[str]:
@@ -321,47 +326,53 @@ def bootstrap_interval(
     return float(statistic(values)), float(low), float(high)
 
 
-def paired_differences(runs: list[dict], baseline: list[dict], step: str, kind: str) -> list[float]:
+#: the two readings of a drawing's shape, as the measurements name them
+READINGS = {"open-set": "prompt_accuracy", "nearest-template": "prompt_accuracy_lenient"}
+
+
+def paired_differences(
+    runs: list[dict], baseline: list[dict], step: str, kind: str, reading: str = "prompt_accuracy"
+) -> list[float]:
     """Per seed, ``accuracy(run) - accuracy(baseline run of the same seed)`` of one measurement
-    (``runs`` and ``baseline`` in the same seed order); the baseline's measurement is its
-    exported (its only) one."""
+    (``runs`` and ``baseline`` in the same seed order) in one reading (a value of
+    :data:`READINGS`); the baseline's measurement is its exported (its only) one."""
     base_kind = "calibrated"
     return [
-        r["measurements"][step][kind]["prompt_accuracy"]
-        - b["measurements"][step][base_kind]["prompt_accuracy"]
+        r["measurements"][step][kind][reading] - b["measurements"][step][base_kind][reading]
         for r, b in zip(runs, baseline, strict=True)
     ]
 
 
-def interval_table(results: dict, steps: list[int]) -> dict:
+def interval_table(results: dict, steps: list[int], reading: str = "prompt_accuracy") -> dict:
     """Rows ``method`` (calibrated export) and ``method+distill``; per step the mean and 95 %
     bootstrap interval over seeds of the exported accuracy, the unmerged accuracy and the
-    exported accuracy's paired difference to the baseline."""
+    exported accuracy's paired difference to the baseline, in one reading (a value of
+    :data:`READINGS`; a run measured before the unmerged model kept both has no cell there)."""
     table = {}
     for method, runs in results.items():
         kinds = ["calibrated"] + (["distill"] if "distill" in runs[0]["measurements"][str(steps[-1])] else [])
         for kind in kinds:
             row = table[method if kind == "calibrated" else f"{method}+distill"] = {}
             for step in map(str, steps):
+                unmerged = [r["measurements"][step]["unmerged"].get(reading) for r in runs]
                 cells = {
-                    "exported": bootstrap_interval(
-                        [r["measurements"][step][kind]["prompt_accuracy"] for r in runs]
-                    ),
-                    "unmerged": bootstrap_interval(
-                        [r["measurements"][step]["unmerged"]["prompt_accuracy"] for r in runs]
-                    ),
+                    "exported": bootstrap_interval([r["measurements"][step][kind][reading] for r in runs]),
+                    "unmerged": None if None in unmerged else bootstrap_interval(unmerged),
                 }
                 if BASELINE in results:
                     cells["vs_baseline"] = bootstrap_interval(
-                        paired_differences(runs, results[BASELINE], step, kind)
+                        paired_differences(runs, results[BASELINE], step, kind, reading)
                     )
                 row[step] = cells
     return table
 
 
-def interval_markdown(table: dict, steps: list[int], seeds: list[int], images: int) -> str:
+def interval_markdown(
+    table: dict, steps: list[int], seeds: list[int], images: int, reading: str = "open-set"
+) -> str:
     head = (
-        f"Seeds {seeds}; {images} images per accuracy (prompts x generation seeds); mean over seeds "
+        f"{reading.capitalize()} reading. Seeds {seeds}; {images} images per accuracy (prompts x "
+        "generation seeds); mean over seeds "
         f"[95 % bootstrap interval]. Exported: the LoRA file loaded with `load_lora_weights`; unmerged: "
         f"the trained model itself; difference: exported minus {BASELINE}'s run of the same seed.\n\n"
     )
@@ -510,12 +521,13 @@ def main() -> None:
     text = markdown(table, args)
     (args.output_dir / "compare_methods.md").write_text(text)
     steps = [args.compare_step, args.max_train_steps]
-    intervals = interval_table(results, steps)
+    intervals = {name: interval_table(results, steps, key) for name, key in READINGS.items()}
     images = len(finetune_prompts()) * args.num_validation_images
-    text += "\n" + interval_markdown(intervals, steps, args.seeds, images)
-    (args.output_dir / "compare_intervals.md").write_text(
-        interval_markdown(intervals, steps, args.seeds, images)
+    tables = "\n".join(
+        interval_markdown(table, steps, args.seeds, images, name) for name, table in intervals.items()
     )
+    text += "\n" + tables
+    (args.output_dir / "compare_intervals.md").write_text(tables)
     (args.output_dir / "compare_methods.json").write_text(
         json.dumps({"table": table, "intervals": intervals, "runs": results}, indent=1)
     )

@@ -107,6 +107,39 @@ def test_intervals_pair_each_seed_with_the_baseline_run_of_the_same_seed():
     assert "60 images per accuracy" in text
 
 
+def test_intervals_in_the_nearest_template_reading_pair_that_reading():
+    def run(base_open, base_near, unmerged_near):
+        return {
+            "measurements": {
+                "8": {
+                    "calibrated": {"prompt_accuracy": base_open, "prompt_accuracy_lenient": base_near},
+                    "unmerged": {"prompt_accuracy": base_open, "prompt_accuracy_lenient": unmerged_near},
+                }
+            }
+        }
+
+    base = [run(0.0, 0.5, 0.5), run(0.1, 0.5, 0.5)]
+    ms = [run(0.0, 0.7, 0.8), run(0.1, 0.9, None)]  # the second measured before both were kept
+    near = compare.interval_table({"peft-lora": base, "ms": ms}, [8], "prompt_accuracy_lenient")
+    assert near["ms"]["8"]["vs_baseline"] == pytest.approx((0.3, 0.2, 0.4))
+    assert near["ms"]["8"]["exported"] == pytest.approx((0.8, 0.7, 0.9))
+    assert near["ms"]["8"]["unmerged"] is None
+    assert compare.interval_table({"peft-lora": base, "ms": ms}, [8])["ms"]["8"]["vs_baseline"] == (0, 0, 0)
+    text = compare.interval_markdown(near, [8], [0, 1], 80, "nearest-template")
+    assert text.startswith("Nearest-template reading.")
+    assert "| ms | 80.0 [70.0, 90.0] | n/a | +30.0 [+20.0, +40.0] |" in text
+
+
+def test_a_finished_result_json_resumes_without_its_run_folder(tmp_path):
+    # every measurement is there: nothing is trained, exported or read from train_log.jsonl
+    cell = {"prompt_accuracy": 0.5, "prompt_accuracy_lenient": 0.75}
+    result = {"measurements": {step: {"unmerged": cell, "calibrated": cell} for step in ("4", "8")}}
+    args = argparse.Namespace(max_train_steps=8, compare_step=4)
+    compare.measure_run(None, "bs", [], result, args, tmp_path)
+    assert result["measurements"]["8"]["calibrated"] == cell
+    assert list(tmp_path.iterdir()) == []
+
+
 bench_load = _load("bench_load")
 
 
