@@ -71,7 +71,7 @@ from reslora_diffusers.data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFER
 from reslora_diffusers.eval import analyse_image, generate, parse_prompt
 from reslora_diffusers.eval.analysis import attribute_matches
 from reslora_diffusers.export.loading import check_lora_file, resolve_lora_file
-from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS
+from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS, DIT_IMAGE_FEEDFORWARD_TARGETS
 from reslora_diffusers.training.grid import label_font
 from reslora_diffusers.utils.safety import check_finite_file
 
@@ -94,7 +94,7 @@ TRAIN_STEPS: dict[str, int] = {"unet": 800, "dit": 2000}
 #: flags of those runs by base: the DiT base needs its image-stream feed-forward layers as targets
 BASE_TRAIN_ARGS: dict[str, list[str]] = {
     "unet": [],
-    "dit": ["--target_modules", *DIT_ATTENTION_TARGETS, "ff.net.0.proj", "ff.net.2"],
+    "dit": ["--target_modules", *DIT_ATTENTION_TARGETS, *DIT_IMAGE_FEEDFORWARD_TARGETS],
 }
 #: further flags for those runs (a base or data other than the embedded ones, say)
 TRAIN_EXTRA_ARGS: list[str] = []

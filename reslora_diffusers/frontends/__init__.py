@@ -12,7 +12,7 @@
 
 from .base import GENERIC, FrontEnd, frontend_for, register_frontend
 from .clip_text import CLIP_TEXT
-from .dit import DIT_ATTENTION_TARGETS, DIT_FEEDFORWARD_TARGETS
+from .dit import DIT_ATTENTION_TARGETS, DIT_FEEDFORWARD_TARGETS, DIT_IMAGE_FEEDFORWARD_TARGETS
 from .flux import FLUX_FEEDFORWARD_TARGETS, FLUX_PIPELINES, FLUX_TRANSFORMER
 from .pipelines import (
     PipelineFamily,
@@ -35,6 +35,7 @@ __all__ = [
     "CLIP_TEXT",
     "DIT_ATTENTION_TARGETS",
     "DIT_FEEDFORWARD_TARGETS",
+    "DIT_IMAGE_FEEDFORWARD_TARGETS",
     "FLUX_FEEDFORWARD_TARGETS",
     "FLUX_PIPELINES",
     "FLUX_TRANSFORMER",

@@ -24,8 +24,11 @@ DIT_ATTENTION_TARGETS = (
     "add_v_proj",
     "to_add_out",
 )
+#: the feed-forward layers of a joint block's image stream: with the attention targets, what the
+#: embedded DiT base needs to learn a new shape (README, fine-tuning the DiT base)
+DIT_IMAGE_FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
 #: the feed-forward layers of both streams of a joint block
-DIT_FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+DIT_FEEDFORWARD_TARGETS = (*DIT_IMAGE_FEEDFORWARD_TARGETS, "ff_context.net.0.proj", "ff_context.net.2")
 
 
 class DiTFrontEnd(FrontEnd):
