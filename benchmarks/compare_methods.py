@@ -18,7 +18,9 @@ are kept in each ``result.json``).
 
 Each run uses one torch thread; ``--jobs`` runs that many at once (one per core). A run whose
 folder already holds ``result.json`` is not trained again, so an interrupted comparison
-continues where it stopped. Writes into ``--output_dir``: one run folder per method and
+continues where it stopped; with ``--results_dir DIR`` each finished run's ``result.json`` (every
+measurement, no weights) is also kept in ``DIR``, and a run found there counts as done, so a
+comparison too long for one machine continues on the next from that folder alone. Writes into ``--output_dir``: one run folder per method and
 seed, ``compare_methods.png``
 (loss and accuracy curves, mean over seeds, band = min..max), ``compare_methods.md`` (table:
 mean +- std over seeds, steps to reach the baseline's final accuracy) and ``compare_methods.json``.
@@ -48,6 +50,7 @@ from reslora_diffusers.frontends import (  # noqa: E402
     UNET_TARGETS,
     pipeline_family,
 )
+from reslora_diffusers.utils.io import atomic_path  # noqa: E402
 
 CONSTANT = ["--shortcut_schedule", "constant"]  # shortcuts at full scale to the end
 COSINE = ["--shortcut_schedule", "cosine"]  # shortcuts decaying to 0 over the second half
@@ -92,6 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_validation_images", type=int, default=2)
     p.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "compare_methods")
     p.add_argument(
+        "--results_dir",
+        type=Path,
+        default=None,
+        help="keep each finished run's result.json here too (METHOD-seedK/result.json, small enough "
+        "to commit), and take a run found here as done: a comparison continues on another machine",
+    )
+    p.add_argument(
         "--base",
         default="unet",
         help="unet: the embedded UNet base; dit: the embedded DiT base (assets/tiny-sd3); or a pipeline folder",
@@ -131,6 +141,10 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     argv += ["--overwrite_output_dir"]  # a run folder without result.json is an interrupted run: redo it
     argv += base_args(args.base)
     argv += args.train_args
+    kept = args.results_dir / out.name / "result.json" if args.results_dir else None
+    if kept is not None and kept.is_file() and not (out / "result.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(kept.read_text())
     if (out / "result.json").is_file():
         result = _read_result(out / "result.json")
     else:
@@ -153,6 +167,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         result["unmerged_accuracy_lenient"] = unmerged.get("prompt_accuracy_lenient")
         (out / "result.json").write_text(json.dumps(result))
     measure_run(script, method, argv, result, args, out)
+    if kept is not None:  # every measurement is in: the file alone resumes the run
+        with atomic_path(kept) as tmp:
+            tmp.write_text(json.dumps(result))
     return result
 
 

@@ -140,6 +140,32 @@ def test_a_finished_result_json_resumes_without_its_run_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_kept_in_the_results_dir_counts_as_done(tmp_path):
+    cell = {"prompt_accuracy": 0.25, "prompt_accuracy_lenient": 0.5}
+    kept = {
+        "loss": [1.0, 0.9],
+        "accuracy": {"4": 0.25},
+        "accuracy_lenient": {"4": 0.5},
+        "merge_error": 0.0,
+        "seconds": 1.0,
+        "unmerged_accuracy": 0.25,
+        "measurements": {step: {"unmerged": cell, "calibrated": cell} for step in ("4", "8")},
+    }
+    (tmp_path / "kept" / "bs-seed3").mkdir(parents=True)
+    (tmp_path / "kept" / "bs-seed3" / "result.json").write_text(json.dumps(kept))
+    args = compare.parse_args(
+        ["--max_train_steps", "8", "--validation_steps", "4", "--compare_step", "4"]
+        + ["--output_dir", str(tmp_path / "out"), "--results_dir", str(tmp_path / "kept")]
+    )
+    result = compare.run_one("bs", 3, args)  # a trained run would leave its log and weights in out/
+    assert result["accuracy"] == {4: 0.25} and result["measurements"]["8"]["calibrated"] == cell
+    assert [p.name for p in (tmp_path / "out" / "bs-seed3").iterdir()] == ["result.json"]
+    assert (
+        json.loads((tmp_path / "kept" / "bs-seed3" / "result.json").read_text())["measurements"]
+        == (kept["measurements"])
+    )
+
+
 bench_load = _load("bench_load")
 
 
