@@ -20,8 +20,10 @@ Each run uses one torch thread; ``--jobs`` runs that many at once (one per core)
 folder already holds ``result.json`` is not trained again, so an interrupted comparison
 continues where it stopped; with ``--results_dir DIR`` each finished run's ``result.json`` (every
 measurement, no weights) is also kept in ``DIR``, and a run found there counts as done, so a
-comparison too long for one machine continues on the next from that folder alone. Writes into ``--output_dir``: one run folder per method and
-seed, ``compare_methods.png``
+comparison too long for one machine continues on the next from that folder alone;
+``--report_only`` trains nothing and writes the tables of the runs finished so far (each method
+over the seeds it has finished, paired with the baseline's runs of those seeds). Writes into
+``--output_dir``: one run folder per method and seed, ``compare_methods.png``
 (loss and accuracy curves, mean over seeds, band = min..max), ``compare_methods.md`` (table:
 mean +- std over seeds, steps to reach the baseline's final accuracy) and ``compare_methods.json``.
 """
@@ -105,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--base",
         default="unet",
         help="unet: the embedded UNet base; dit: the embedded DiT base (assets/tiny-sd3); or a pipeline folder",
+    )
+    p.add_argument(
+        "--report_only",
+        action="store_true",
+        help="train nothing: write the tables and plot of the runs already finished (at least 2 seeds "
+        "per method), each method over its finished seeds",
     )
     p.add_argument("train_args", nargs="*", help="more flags for train_text_to_image.py, after --")
     args = p.parse_args(argv)
@@ -192,11 +200,7 @@ def measure_run(
             "prompt_accuracy_lenient": result["accuracy_lenient"][step],
         }
 
-    wanted = {str(early): ["unmerged", "calibrated"], str(last): ["unmerged", "calibrated"]}
-    if method in DISTILLED:
-        for step in wanted.values():
-            step.append("distill")
-    for step, kinds in wanted.items():
+    for step, kinds in wanted_measurements(method, args).items():
         done = measurements.setdefault(step, {})
         for kind in kinds:
             if kind in done:
@@ -216,6 +220,39 @@ def measure_run(
                 ckpt = out / (f"checkpoint-{early}" if int(step) == early else "") / script.RESLORA_CHECKPOINT
                 done[kind] = export_accuracy(script, argv, ckpt, kind, int(step))
             (out / "result.json").write_text(json.dumps(result))
+
+
+def wanted_measurements(method: str, args: argparse.Namespace) -> dict[str, list[str]]:
+    """Per measured step (``--compare_step`` and the last, as JSON keys), the kinds a finished
+    run of ``method`` holds: unmerged and calibrated, and distill for :data:`DISTILLED`."""
+    kinds = ["unmerged", "calibrated"] + (["distill"] if method in DISTILLED else [])
+    return {str(args.compare_step): kinds, str(args.max_train_steps): list(kinds)}
+
+
+def finished_runs(args: argparse.Namespace) -> dict[str, dict[int, dict]]:
+    """``{method: {seed: result}}`` of the runs of ``--methods`` x ``--seeds`` whose
+    ``result.json`` (in the run folder, else in ``--results_dir``) holds every wanted
+    measurement; a method with fewer than 2 such seeds is left out (no interval from one seed)."""
+    results = {}
+    for method in args.methods:
+        runs = {}
+        for seed in args.seeds:
+            name = f"{method}-seed{seed}"
+            paths = [args.output_dir / name / "result.json"]
+            paths += [args.results_dir / name / "result.json"] if args.results_dir else []
+            path = next((p for p in paths if p.is_file()), None)
+            result = _read_result(path) if path else None
+            if result and all(
+                kind in result.get("measurements", {}).get(step, {})
+                for step, kinds in wanted_measurements(method, args).items()
+                for kind in kinds
+            ):
+                runs[seed] = result
+        if len(runs) >= 2:
+            results[method] = runs
+        else:
+            logger.info("%s left out of the report: %d finished seed(s)", method, len(runs))
+    return results
 
 
 class TrainedDenoiser(NamedTuple):
@@ -347,29 +384,36 @@ def bootstrap_interval(
 READINGS = {"open-set": "prompt_accuracy", "nearest-template": "prompt_accuracy_lenient"}
 
 
+def paired_seeds(runs: dict[int, dict], baseline: dict[int, dict]) -> list[int]:
+    """The seeds of ``runs`` that ``baseline`` has too, in order: the ones a paired difference uses."""
+    return sorted(set(runs) & set(baseline))
+
+
 def paired_differences(
-    runs: list[dict], baseline: list[dict], step: str, kind: str, reading: str = "prompt_accuracy"
+    runs: dict[int, dict], baseline: dict[int, dict], step: str, kind: str, reading: str = "prompt_accuracy"
 ) -> list[float]:
-    """Per seed, ``accuracy(run) - accuracy(baseline run of the same seed)`` of one measurement
-    (``runs`` and ``baseline`` in the same seed order) in one reading (a value of
-    :data:`READINGS`); the baseline's measurement is its exported (its only) one."""
+    """Per seed both have (``{seed: result}``), ``accuracy(run) - accuracy(baseline run of the
+    same seed)`` of one measurement in one reading (a value of :data:`READINGS`); the
+    baseline's measurement is its exported (its only) one."""
     base_kind = "calibrated"
     return [
-        r["measurements"][step][kind][reading] - b["measurements"][step][base_kind][reading]
-        for r, b in zip(runs, baseline, strict=True)
+        runs[s]["measurements"][step][kind][reading] - baseline[s]["measurements"][step][base_kind][reading]
+        for s in paired_seeds(runs, baseline)
     ]
 
 
 def interval_table(results: dict, steps: list[int], reading: str = "prompt_accuracy") -> dict:
-    """Rows ``method`` (calibrated export) and ``method+distill``; per step the mean and 95 %
-    bootstrap interval over seeds of the exported accuracy, the unmerged accuracy and the
-    exported accuracy's paired difference to the baseline, in one reading (a value of
-    :data:`READINGS`; a run measured before the unmerged model kept both has no cell there)."""
+    """Rows ``method`` (calibrated export) and ``method+distill`` of ``{method: {seed: result}}``;
+    ``seeds`` and per step the mean and 95 % bootstrap interval over seeds of the exported
+    accuracy, the unmerged accuracy and the exported accuracy's paired difference to the
+    baseline's run of the same seed, in one reading (a value of :data:`READINGS`; a run measured
+    before the unmerged model kept both has no cell there)."""
     table = {}
-    for method, runs in results.items():
+    for method, by_seed in results.items():
+        runs = list(by_seed.values())
         kinds = ["calibrated"] + (["distill"] if "distill" in runs[0]["measurements"][str(steps[-1])] else [])
         for kind in kinds:
-            row = table[method if kind == "calibrated" else f"{method}+distill"] = {}
+            row = table[method if kind == "calibrated" else f"{method}+distill"] = {"seeds": sorted(by_seed)}
             for step in map(str, steps):
                 unmerged = [r["measurements"][step]["unmerged"].get(reading) for r in runs]
                 cells = {
@@ -378,25 +422,23 @@ def interval_table(results: dict, steps: list[int], reading: str = "prompt_accur
                 }
                 if BASELINE in results:
                     cells["vs_baseline"] = bootstrap_interval(
-                        paired_differences(runs, results[BASELINE], step, kind, reading)
+                        paired_differences(by_seed, results[BASELINE], step, kind, reading)
                     )
                 row[step] = cells
     return table
 
 
-def interval_markdown(
-    table: dict, steps: list[int], seeds: list[int], images: int, reading: str = "open-set"
-) -> str:
+def interval_markdown(table: dict, steps: list[int], images: int, reading: str = "open-set") -> str:
     head = (
-        f"{reading.capitalize()} reading. Seeds {seeds}; {images} images per accuracy (prompts x "
-        "generation seeds); mean over seeds "
+        f"{reading.capitalize()} reading. {images} images per accuracy (prompts x generation seeds); "
+        "mean over the row's seeds "
         f"[95 % bootstrap interval]. Exported: the LoRA file loaded with `load_lora_weights`; unmerged: "
         f"the trained model itself; difference: exported minus {BASELINE}'s run of the same seed.\n\n"
     )
     cols = [f"{what} @ {step}" for step in steps for what in ("exported", "unmerged", f"- {BASELINE}")]
-    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for name, row in table.items():
-        cells = []
+        cells = [", ".join(map(str, row["seeds"]))]
         for step in map(str, steps):
             for key, sign in (("exported", ""), ("unmerged", ""), ("vs_baseline", "+")):
                 value = row[step].get(key)
@@ -430,13 +472,15 @@ def summarise(results: dict) -> dict:
     noise, so the paired difference is far less noisy), of the unmerged and exported accuracy;
     the mean accuracy curve and the first step where it reaches the baseline's final mean."""
     table = {}
-    for method, runs in results.items():
+    for method, by_seed in results.items():
+        runs = list(by_seed.values())
         losses = np.array([r["loss"] for r in runs])
         tail = max(1, losses.shape[1] // 10)
         steps = sorted(runs[0]["accuracy"])
         acc = np.array([[r["accuracy"][s] for s in steps] for r in runs])
         unmerged = [r.get("unmerged_accuracy") for r in runs]
         table[method] = {
+            "seeds": sorted(by_seed),
             "final_loss": _mean_std(losses[:, -tail:].mean(1)),
             "final_accuracy": _mean_std(acc[:, -1]),
             "unmerged_accuracy": None if None in unmerged else _mean_std(unmerged),
@@ -446,26 +490,31 @@ def summarise(results: dict) -> dict:
             "minutes": float(np.mean([r["seconds"] for r in runs]) / 60),
         }
     if BASELINE in table:
-        base_losses = np.array([r["loss"] for r in results[BASELINE]])
         target = table[BASELINE]["final_accuracy"][0]
         for method, row in table.items():
-            diff = np.array([r["loss"] for r in results[method]]) - base_losses
+            diff = paired_loss_differences(results[method], results[BASELINE])
             row["loss_vs_baseline"] = _mean_std(diff[:, -max(1, diff.shape[1] // 10) :].mean(1))
             reached = [s for s, a in zip(row["steps"], row["accuracy_curve"]) if a >= target]
             row["steps_to_baseline"] = reached[0] if reached else None
     return table
 
 
+def paired_loss_differences(runs: dict[int, dict], baseline: dict[int, dict]) -> np.ndarray:
+    """``loss(run) - loss(baseline run of the same seed)`` per step, one row per paired seed."""
+    seeds = paired_seeds(runs, baseline)
+    return np.array([runs[s]["loss"] for s in seeds]) - np.array([baseline[s]["loss"] for s in seeds])
+
+
 def markdown(table: dict, args: argparse.Namespace) -> str:
     head = (
-        f"Seeds {args.seeds}, {args.max_train_steps} steps each, prompt accuracy on the validation prompts x "
+        f"{args.max_train_steps} steps each, prompt accuracy on the validation prompts x "
         f"{args.num_validation_images} images every {args.validation_steps} steps; the last point is the "
         "exported LoRA loaded with `load_lora_weights`, the column before it the trained ResLoRA model "
         "itself (shortcuts in place) on the same prompts and seeds. Mean +- std over seeds; the loss "
         f"difference is paired with {BASELINE}'s run of the same seed.\n\n"
-        f"| method | final loss | loss - {BASELINE} | accuracy before merge | final accuracy (exported) "
+        f"| method | seeds | final loss | loss - {BASELINE} | accuracy before merge | final accuracy (exported) "
         f"| steps to reach {BASELINE}'s final accuracy | merge error (unet) | minutes per run |\n"
-        "|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for method, row in table.items():
@@ -473,6 +522,7 @@ def markdown(table: dict, args: argparse.Namespace) -> str:
         reach = row.get("steps_to_baseline")
         cells = [
             method,
+            ", ".join(map(str, row["seeds"])),
             _pm(row["final_loss"], "{:.4f}"),
             _pm(row.get("loss_vs_baseline"), "{:+.5f}"),
             _pm(row["unmerged_accuracy"], "{:.1%}"),
@@ -503,14 +553,15 @@ def plot(results: dict, table: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_diff, ax_acc) = plt.subplots(1, 3, figsize=(16, 4))
-    base = np.array([r["loss"] for r in results[BASELINE]]) if BASELINE in results else None
-    for method, runs in results.items():
+    for method, by_seed in results.items():
+        runs = list(by_seed.values())
         losses = np.array([r["loss"] for r in runs])
         steps = np.arange(1, losses.shape[1] + 1)
         line = _band(ax_loss, steps, smooth(losses), label=method)
         color = line.get_color()
-        if base is not None:
-            _band(ax_diff, steps, smooth(losses - base), color=color, label=method)
+        if BASELINE in results:
+            diff = paired_loss_differences(by_seed, results[BASELINE])
+            _band(ax_diff, steps, smooth(diff), color=color, label=method)
         acc = np.array([[r["accuracy"][s] for s in table[method]["steps"]] for r in runs])
         _band(ax_acc, table[method]["steps"], acc, marker="o", color=color, label=method)
     ax_loss.set(xlabel="step", ylabel="training loss (EMA 0.9)", title="loss")
@@ -525,6 +576,14 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    results = finished_runs(args) if args.report_only else train_all(args)
+    if not results:
+        raise SystemExit(f"no method has 2 finished seeds in {args.output_dir} or {args.results_dir}")
+    report(results, args)
+
+
+def train_all(args: argparse.Namespace) -> dict[str, dict[int, dict]]:
+    """Every method x seed (``--jobs`` at once); ``{method: {seed: result}}``."""
     runs = [(method, seed) for method in args.methods for seed in args.seeds]
     # spawn: each run starts from a fresh interpreter, as a user's single run would
     context = multiprocessing.get_context("spawn")
@@ -533,16 +592,18 @@ def main() -> None:
         for (method, seed), future in futures.items():
             future.result()
             logger.info("%s seed %d done", method, seed)
-    results = {m: [futures[(m, s)].result() for s in args.seeds] for m in args.methods}
+    return {m: {s: futures[(m, s)].result() for s in args.seeds} for m in args.methods}
+
+
+def report(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> None:
+    """Write ``compare_methods.md``, ``compare_intervals.md`` (both readings), the JSON and the plot."""
     table = summarise(results)
     text = markdown(table, args)
     (args.output_dir / "compare_methods.md").write_text(text)
     steps = [args.compare_step, args.max_train_steps]
     intervals = {name: interval_table(results, steps, key) for name, key in READINGS.items()}
     images = len(finetune_prompts()) * args.num_validation_images
-    tables = "\n".join(
-        interval_markdown(table, steps, args.seeds, images, name) for name, table in intervals.items()
-    )
+    tables = "\n".join(interval_markdown(table, steps, images, name) for name, table in intervals.items())
     text += "\n" + tables
     (args.output_dir / "compare_intervals.md").write_text(tables)
     (args.output_dir / "compare_methods.json").write_text(

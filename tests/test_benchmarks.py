@@ -44,7 +44,7 @@ def test_summary_pairs_losses_by_seed_and_finds_steps_to_the_baseline():
         _run([1.0] * 10 + [0.9] * 10, [0.0, 0.5, 0.5], 0.7, 1e-3),
         _run([3.0] * 10 + [2.7] * 10, [0.0, 0.6, 0.7], 0.5, 2e-3),
     ]
-    table = compare.summarise({"peft-lora": base, "ms": other})
+    table = compare.summarise({"peft-lora": dict(enumerate(base)), "ms": dict(enumerate(other))})
     ms = table["ms"]
     assert ms["final_loss"] == pytest.approx((1.8, 0.9))
     assert ms["loss_vs_baseline"] == pytest.approx((-0.2, 0.1))
@@ -57,7 +57,7 @@ def test_summary_pairs_losses_by_seed_and_finds_steps_to_the_baseline():
     args = argparse.Namespace(seeds=[0, 1], max_train_steps=20, num_validation_images=1, validation_steps=10)
     text = compare.markdown(table, args)
     assert (
-        "| ms | 1.8000 +- 0.9000 | -0.20000 +- 0.10000 | 60.0% +- 10.0% | 60.0% +- 10.0% | 10 | 2.0e-03 (max) |"
+        "| ms | 0, 1 | 1.8000 +- 0.9000 | -0.20000 +- 0.10000 | 60.0% +- 10.0% | 60.0% +- 10.0% | 10 | 2.0e-03 (max) |"
         in text
     )
 
@@ -86,11 +86,15 @@ def _measured(step_accuracies: dict[str, dict[str, float]]) -> dict:
 
 def test_intervals_pair_each_seed_with_the_baseline_run_of_the_same_seed():
     # three seeds; the baseline's exported accuracy spreads 0.5..0.6 between seeds
-    base = [_measured({s: {"calibrated": a, "unmerged": a} for s in ("4", "8")}) for a in (0.5, 0.5, 0.6)]
-    runs = [
-        _measured({s: {"calibrated": e, "distill": d, "unmerged": u} for s in ("4", "8")})
-        for e, d, u in ((0.6, 0.6, 0.7), (0.5, 0.6, 0.7), (0.7, 0.7, 0.7))
-    ]
+    base = {
+        seed: _measured({s: {"calibrated": a, "unmerged": a} for s in ("4", "8")})
+        for seed, a in zip((0, 1, 2), (0.5, 0.5, 0.6))
+    }
+    # given in another order than the baseline's: pairs go by seed
+    runs = {
+        seed: _measured({s: {"calibrated": e, "distill": d, "unmerged": u} for s in ("4", "8")})
+        for seed, (e, d, u) in zip((2, 0, 1), ((0.7, 0.7, 0.7), (0.6, 0.6, 0.7), (0.5, 0.6, 0.7)))
+    }
     assert compare.paired_differences(runs, base, "8", "calibrated") == pytest.approx([0.1, 0.0, 0.1])
     assert compare.paired_differences(runs, base, "8", "distill") == pytest.approx([0.1, 0.1, 0.1])
     table = compare.interval_table({"peft-lora": base, "is": runs}, [4, 8])
@@ -102,8 +106,8 @@ def test_intervals_pair_each_seed_with_the_baseline_run_of_the_same_seed():
     assert cells["unmerged"] == pytest.approx((0.7, 0.7, 0.7))
     assert table["is+distill"]["4"]["vs_baseline"] == pytest.approx((0.1, 0.1, 0.1))
     assert table["peft-lora"]["8"]["vs_baseline"] == (0.0, 0.0, 0.0)
-    text = compare.interval_markdown(table, [4, 8], [0, 1, 2], 60)
-    assert "| is+distill | 63.3 [60.0, 70.0] | 70.0 [70.0, 70.0] | +10.0 [+10.0, +10.0] |" in text
+    text = compare.interval_markdown(table, [4, 8], 60)
+    assert "| is+distill | 0, 1, 2 | 63.3 [60.0, 70.0] | 70.0 [70.0, 70.0] | +10.0 [+10.0, +10.0] |" in text
     assert "60 images per accuracy" in text
 
 
@@ -118,16 +122,16 @@ def test_intervals_in_the_nearest_template_reading_pair_that_reading():
             }
         }
 
-    base = [run(0.0, 0.5, 0.5), run(0.1, 0.5, 0.5)]
-    ms = [run(0.0, 0.7, 0.8), run(0.1, 0.9, None)]  # the second measured before both were kept
+    base = {0: run(0.0, 0.5, 0.5), 1: run(0.1, 0.5, 0.5)}
+    ms = {0: run(0.0, 0.7, 0.8), 1: run(0.1, 0.9, None)}  # the second measured before both were kept
     near = compare.interval_table({"peft-lora": base, "ms": ms}, [8], "prompt_accuracy_lenient")
     assert near["ms"]["8"]["vs_baseline"] == pytest.approx((0.3, 0.2, 0.4))
     assert near["ms"]["8"]["exported"] == pytest.approx((0.8, 0.7, 0.9))
     assert near["ms"]["8"]["unmerged"] is None
     assert compare.interval_table({"peft-lora": base, "ms": ms}, [8])["ms"]["8"]["vs_baseline"] == (0, 0, 0)
-    text = compare.interval_markdown(near, [8], [0, 1], 80, "nearest-template")
+    text = compare.interval_markdown(near, [8], 80, "nearest-template")
     assert text.startswith("Nearest-template reading.")
-    assert "| ms | 80.0 [70.0, 90.0] | n/a | +30.0 [+20.0, +40.0] |" in text
+    assert "| ms | 0, 1 | 80.0 [70.0, 90.0] | n/a | +30.0 [+20.0, +40.0] |" in text
 
 
 def test_a_finished_result_json_resumes_without_its_run_folder(tmp_path):
@@ -164,6 +168,52 @@ def test_a_run_kept_in_the_results_dir_counts_as_done(tmp_path):
         json.loads((tmp_path / "kept" / "bs-seed3" / "result.json").read_text())["measurements"]
         == (kept["measurements"])
     )
+
+
+def test_report_only_pairs_each_method_over_the_seeds_it_has_finished(tmp_path, capsys):
+    def result(loss: float, open_set: float, distill: bool = False) -> dict:
+        cell = {"prompt_accuracy": open_set, "prompt_accuracy_lenient": 2 * open_set}
+        kinds = ["unmerged", "calibrated"] + (["distill"] if distill else [])
+        return {
+            "loss": [loss, loss],
+            "accuracy": {"0": 0.0, "4": open_set, "8": open_set},
+            "accuracy_lenient": {"0": 0.0, "4": 2 * open_set, "8": 2 * open_set},
+            "merge_error": 0.0,
+            "seconds": 60.0,
+            "unmerged_accuracy": open_set,
+            "unmerged_accuracy_lenient": 2 * open_set,
+            "measurements": {step: {kind: cell for kind in kinds} for step in ("4", "8")},
+        }
+
+    def keep(folder: Path, name: str, value: dict) -> None:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "result.json").write_text(json.dumps(value))
+
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    for seed, acc in enumerate((0.1, 0.2, 0.3)):  # the baseline has seeds 0-2, in the results folder
+        keep(kept, f"peft-lora-seed{seed}", result(1.0, acc))
+    keep(out, "ms-seed2", result(0.5, 0.6, distill=True))  # ms: seeds 0 and 2, in the run folders
+    keep(out, "ms-seed0", result(0.7, 0.2, distill=True))
+    keep(out, "ms-seed1", {**result(0.7, 0.2), "measurements": {}})  # an unfinished run: left out
+    keep(out, "is-seed0", result(0.7, 0.2, distill=True))  # one seed: no interval, left out
+    args = compare.parse_args(
+        ["--methods", "peft-lora", "ms", "is", "--seeds", "0", "1", "2", "--max_train_steps", "8"]
+        + ["--validation_steps", "4", "--compare_step", "4", "--num_validation_images", "1"]
+        + ["--output_dir", str(out), "--results_dir", str(kept), "--report_only"]
+    )
+    results = compare.finished_runs(args)
+    assert {m: sorted(runs) for m, runs in results.items()} == {"peft-lora": [0, 1, 2], "ms": [0, 2]}
+    compare.report(results, args)
+    intervals = (out / "compare_intervals.md").read_text()
+    # ms - peft-lora by seed: 0.2 - 0.1 and 0.6 - 0.3; the nearest-template reading doubles them
+    assert "| ms | 0, 2 | 40.0 [20.0, 60.0] | 40.0 [20.0, 60.0] | +20.0 [+10.0, +30.0] |" in intervals
+    assert "| ms | 0, 2 | 80.0 [40.0, 120.0] | 80.0 [40.0, 120.0] | +40.0 [+20.0, +60.0] |" in intervals
+    assert "| peft-lora | 0, 1, 2 | 20.0 [10.0, 30.0] |" in intervals
+    summary = json.loads((out / "compare_methods.json").read_text())["table"]
+    # losses paired by seed: (0.7 - 1.0) and (0.5 - 1.0)
+    assert summary["ms"]["loss_vs_baseline"] == pytest.approx([-0.4, 0.1])
+    assert (out / "compare_methods.png").is_file()
+    assert not (out / "ms-seed1" / "train_log.jsonl").exists()  # nothing was trained
 
 
 bench_load = _load("bench_load")
