@@ -513,7 +513,7 @@ def markdown(table: dict, args: argparse.Namespace) -> str:
         "itself (shortcuts in place) on the same prompts and seeds. Mean +- std over seeds; the loss "
         f"difference is paired with {BASELINE}'s run of the same seed.\n\n"
         f"| method | seeds | final loss | loss - {BASELINE} | accuracy before merge | final accuracy (exported) "
-        f"| steps to reach {BASELINE}'s final accuracy | merge error (unet) | minutes per run |\n"
+        f"| steps to reach {BASELINE}'s final accuracy | merge error (denoiser) | minutes per run |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
