@@ -552,7 +552,7 @@ def plot(results: dict, table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_diff, ax_acc) = plt.subplots(1, 3, figsize=(16, 4))
+    fig, (ax_loss, ax_diff, ax_acc, ax_near) = plt.subplots(1, 4, figsize=(21, 4))
     for method, by_seed in results.items():
         runs = list(by_seed.values())
         losses = np.array([r["loss"] for r in runs])
@@ -562,11 +562,15 @@ def plot(results: dict, table: dict, path: Path) -> None:
         if BASELINE in results:
             diff = paired_loss_differences(by_seed, results[BASELINE])
             _band(ax_diff, steps, smooth(diff), color=color, label=method)
-        acc = np.array([[r["accuracy"][s] for s in table[method]["steps"]] for r in runs])
-        _band(ax_acc, table[method]["steps"], acc, marker="o", color=color, label=method)
+        steps = table[method]["steps"]
+        for ax, key in ((ax_acc, "accuracy"), (ax_near, "accuracy_lenient")):
+            if all(s in r.get(key, {}) for r in runs for s in steps):  # older runs kept one reading
+                acc = np.array([[r[key][s] for s in steps] for r in runs])
+                _band(ax, steps, acc, marker="o", color=color, label=method)
     ax_loss.set(xlabel="step", ylabel="training loss (EMA 0.9)", title="loss")
     ax_diff.set(xlabel="step", ylabel="loss difference (EMA 0.9)", title=f"loss - {BASELINE}'s (same seed)")
-    ax_acc.set(xlabel="step", ylabel="prompt accuracy", title="prompt accuracy on the concept prompts")
+    ax_acc.set(xlabel="step", ylabel="prompt accuracy", title="prompt accuracy, open-set reading")
+    ax_near.set(xlabel="step", ylabel="prompt accuracy", title="prompt accuracy, nearest-template reading")
     ax_acc.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
