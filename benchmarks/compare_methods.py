@@ -562,11 +562,11 @@ def plot(results: dict, table: dict, path: Path) -> None:
         if BASELINE in results:
             diff = paired_loss_differences(by_seed, results[BASELINE])
             _band(ax_diff, steps, smooth(diff), color=color, label=method)
-        steps = table[method]["steps"]
+        measured = table[method]["steps"]
         for ax, key in ((ax_acc, "accuracy"), (ax_near, "accuracy_lenient")):
-            if all(s in r.get(key, {}) for r in runs for s in steps):  # older runs kept one reading
-                acc = np.array([[r[key][s] for s in steps] for r in runs])
-                _band(ax, steps, acc, marker="o", color=color, label=method)
+            if all(s in r.get(key, {}) for r in runs for s in measured):  # older runs kept one reading
+                acc = np.array([[r[key][s] for s in measured] for r in runs])
+                _band(ax, measured, acc, marker="o", color=color, label=method)
     ax_loss.set(xlabel="step", ylabel="training loss (EMA 0.9)", title="loss")
     ax_diff.set(xlabel="step", ylabel="loss difference (EMA 0.9)", title=f"loss - {BASELINE}'s (same seed)")
     ax_acc.set(xlabel="step", ylabel="prompt accuracy", title="prompt accuracy, open-set reading")
