@@ -139,7 +139,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    out = args.output_dir / f"{method}-seed{seed}"
+    out = args.output_dir / run_name(method, seed)
     script = load_train_script()
     argv = [*METHODS[method], "--seed", str(seed), "--output_dir", str(out), "--report_to", "none"]
     argv += ["--max_train_steps", str(args.max_train_steps), "--validation_steps", str(args.validation_steps)]
@@ -152,7 +152,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     kept = args.results_dir / out.name / "result.json" if args.results_dir else None
     if kept is not None and kept.is_file() and not (out / "result.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(kept.read_text())
+        write_atomic(out / "result.json", kept.read_text())
     if (out / "result.json").is_file():
         result = _read_result(out / "result.json")
     else:
@@ -168,16 +168,15 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
             "merge_error": (summary.get("merge_error") or {}).get(denoiser_of(summary)),
             "seconds": time.time() - start,
         }
-        (out / "result.json").write_text(json.dumps(result))
+        write_atomic(out / "result.json", json.dumps(result))
     if "unmerged_accuracy" not in result:
         unmerged = {} if method == BASELINE else unmerged_accuracy(script, argv)
         result["unmerged_accuracy"] = unmerged.get("prompt_accuracy")
         result["unmerged_accuracy_lenient"] = unmerged.get("prompt_accuracy_lenient")
-        (out / "result.json").write_text(json.dumps(result))
+        write_atomic(out / "result.json", json.dumps(result))
     measure_run(script, method, argv, result, args, out)
     if kept is not None:  # every measurement is in: the file alone resumes the run
-        with atomic_path(kept) as tmp:
-            tmp.write_text(json.dumps(result))
+        write_atomic(kept, json.dumps(result))
     return result
 
 
@@ -219,7 +218,7 @@ def measure_run(
             else:
                 ckpt = out / (f"checkpoint-{early}" if int(step) == early else "") / script.RESLORA_CHECKPOINT
                 done[kind] = export_accuracy(script, argv, ckpt, kind, int(step))
-            (out / "result.json").write_text(json.dumps(result))
+            write_atomic(out / "result.json", json.dumps(result))
 
 
 def wanted_measurements(method: str, args: argparse.Namespace) -> dict[str, list[str]]:
@@ -237,7 +236,7 @@ def finished_runs(args: argparse.Namespace) -> dict[str, dict[int, dict]]:
     for method in args.methods:
         runs = {}
         for seed in args.seeds:
-            name = f"{method}-seed{seed}"
+            name = run_name(method, seed)
             paths = [args.output_dir / name / "result.json"]
             paths += [args.results_dir / name / "result.json"] if args.results_dir else []
             path = next((p for p in paths if p.is_file()), None)
@@ -353,6 +352,18 @@ def base_args(base: str) -> list[str]:
 def denoiser_of(summary: dict) -> str | None:
     """The denoiser among the components of a run's merge errors (``unet`` or ``transformer``)."""
     return next((k for k in summary.get("merge_error") or {} if k in ("unet", "transformer")), None)
+
+
+def run_name(method: str, seed: int) -> str:
+    """The run folder of ``method`` with ``seed``, under ``--output_dir`` and ``--results_dir``."""
+    return f"{method}-seed{seed}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` under a temporary name first: an interrupted comparison never
+    leaves a half-written result or table."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _read_result(path: Path) -> dict:
@@ -573,7 +584,8 @@ def plot(results: dict, table: dict, path: Path) -> None:
     ax_near.set(xlabel="step", ylabel="prompt accuracy", title="prompt accuracy, nearest-template reading")
     ax_acc.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip("."))
 
 
 def main() -> None:
@@ -603,15 +615,16 @@ def report(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> Non
     """Write ``compare_methods.md``, ``compare_intervals.md`` (both readings), the JSON and the plot."""
     table = summarise(results)
     text = markdown(table, args)
-    (args.output_dir / "compare_methods.md").write_text(text)
+    write_atomic(args.output_dir / "compare_methods.md", text)
     steps = [args.compare_step, args.max_train_steps]
     intervals = {name: interval_table(results, steps, key) for name, key in READINGS.items()}
     images = len(finetune_prompts()) * args.num_validation_images
     tables = "\n".join(interval_markdown(table, steps, images, name) for name, table in intervals.items())
     text += "\n" + tables
-    (args.output_dir / "compare_intervals.md").write_text(tables)
-    (args.output_dir / "compare_methods.json").write_text(
-        json.dumps({"table": table, "intervals": intervals, "runs": results}, indent=1)
+    write_atomic(args.output_dir / "compare_intervals.md", tables)
+    write_atomic(
+        args.output_dir / "compare_methods.json",
+        json.dumps({"table": table, "intervals": intervals, "runs": results}, indent=1),
     )
     plot(results, table, args.output_dir / "compare_methods.png")
     print(text)

@@ -212,7 +212,8 @@ def test_report_only_pairs_each_method_over_the_seeds_it_has_finished(tmp_path, 
     summary = json.loads((out / "compare_methods.json").read_text())["table"]
     # losses paired by seed: (0.7 - 1.0) and (0.5 - 1.0)
     assert summary["ms"]["loss_vs_baseline"] == pytest.approx([-0.4, 0.1])
-    assert (out / "compare_methods.png").is_file()
+    assert (out / "compare_methods.png").read_bytes().startswith(b"\x89PNG")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # written through temporary names
     assert not (out / "ms-seed1" / "train_log.jsonl").exists()  # nothing was trained
 
 
