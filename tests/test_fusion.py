@@ -127,6 +127,35 @@ def test_sd3_groups_the_projections_of_each_stream():
     assert sorted(groups) == sorted(image + text + dual)
 
 
+def _output_counter(counts: list[int]):
+    """A dynamo backend that records how many outputs each captured graph returns."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+        counts.append(len(output.args[0]))
+        return gm.forward
+
+    return backend
+
+
+@pytest.mark.parametrize("res_type", ["none", "is", "bs", "ms"])
+def test_no_cached_activation_leaves_the_compiled_graph_as_an_extra_output(res_type):
+    """The root model's hooks, which empty a pass's caches, run outside a compiled graph, so
+    the chain caches and the groups' slices and input are emptied inside the forward (after
+    each chain's last block, each group's last member): else every activation still held when
+    the graph returns becomes one more graph output, kept alive through the step."""
+    x = torch.randn(3, 8)
+    model = _model(res_type)
+    counts: list[int] = []
+    compile_model(model, backend=_output_counter(counts), inputs={"x": x})(x).sum().backward()
+    assert counts == [1]
+    state = get_state(model)
+    assert state.inputs.groups or res_type == "is"  # is folds x_{n-1} into A's input: no groups
+    for chain in state.chains.values():
+        for kind in chain.shortcut.caches:
+            assert all(chain.cached(kind, pos) is None for pos in range(len(chain.blocks)))
+
+
 def test_compiled_groups_are_one_graph_without_breaks():
     torch._dynamo.reset()
     counters.clear()

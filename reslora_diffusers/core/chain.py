@@ -7,9 +7,13 @@ forward pass the chain caches what later blocks read (``x_n``, ``A_n x_n``: the 
 ``caches``); the cache is emptied at the start and end of every pass of the root model, so
 nothing from one step or one ``train()``/``eval()`` pass reaches the next.
 
-A block talks to its chain through two calls per pass: :meth:`Chain.begin` (this block runs
-now; returns the :class:`Step` with its linked predecessors) and :meth:`Chain.record` (what
-it computed, for the blocks after it).
+A block talks to its chain through three calls per pass: :meth:`Chain.begin` (this block runs
+now; returns the :class:`Step` with its linked predecessors), :meth:`Chain.record` (what it
+computed, for the blocks after it) and :meth:`Chain.done` (its branch is computed). Once the
+chain's last block is done, no block reads the cache again in this pass, and it is emptied in
+place there, inside the forward: under ``torch.compile`` the root model's hooks run outside
+the graph, and an activation still cached when the graph returned would have to be returned
+as an extra graph output (kept alive through the step, a zero gradient made for it).
 """
 
 from __future__ import annotations
@@ -114,6 +118,16 @@ class Chain:
             return
         for kind, cache in self._cache.items():
             cache[step.pos] = activations[kind]
+
+    def done(self, step: Step) -> None:
+        """``step``'s block has computed its branch; after the chain's last block the cache is
+        emptied in place (rebinding it would leave the old lists, still holding this pass's
+        tensors, to a compiled graph's outputs)."""
+        if step.pos is None or not self.frozen or step.pos != len(self.blocks) - 1:
+            return
+        for cache in self._cache.values():
+            for pos in range(len(cache)):
+                cache[pos] = None
 
     # -- structure --------------------------------------------------------------------
     def position(self, block: ResLoRALayer) -> int | None:

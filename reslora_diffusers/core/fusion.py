@@ -49,7 +49,11 @@ class InputGroup:
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member ``index``'s ``A x`` when the first member computed it for this very ``x``."""
         ax, self._pending[index] = self._pending[index], None
-        return ax if ax is not None and x is self._input else None
+        shared = ax is not None and x is self._input
+        if index == len(self.members) - 1:
+            # the last slice is taken: forget the input here, in the forward (see Chain.done)
+            self._input = None
+        return ax if shared else None
 
     def clear(self) -> None:
         self._input, self._pending = None, [None] * len(self.members)

@@ -245,6 +245,7 @@ class ResLoRALayer(nn.Module, ABC):
         if self._factors is not None:  # a merged plain LoRA stands in for the branch
             self.chain.record(step, x=x, ax=ax)
             self._notify(x, step)
+            self.chain.done(step)
             return self.apply_b(ax, self._factors[1])
         own_ax = sc.own_ax(self, ax)
         self.chain.record(step, x=x, ax=own_ax)
@@ -252,6 +253,7 @@ class ResLoRALayer(nn.Module, ABC):
             self._record_norm(x if sc.stat == "x" else own_ax)
         self._notify(x, step)
         mid = sc.mid(self, step, x, ax)
+        self.chain.done(step)
         if self.scaling != 1.0:
             mid = mid * self.scaling
         return self.apply_b(mid, sc.b_weight(self, step.pred_blocks))
