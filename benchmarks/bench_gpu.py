@@ -89,6 +89,15 @@ def shared_copy(base: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(base, memo)
 
 
+def fresh_compile_cache(models: int) -> None:
+    """Start one size's compiled models afresh: drop the graphs of the size before and let
+    dynamo keep ``models`` graphs. Dynamo caches graphs per code object, which every model of
+    one class shares (``UNet2DConditionModel.forward``); past ``recompile_limit`` (8 by default)
+    a further model would run eagerly, with a warning and no error."""
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, models)
+
+
 def rotated(items: list, round_index: int) -> list:
     """``items`` in the order of round ``round_index``: started at position ``round_index mod n``,
     so that over ``n`` rounds every variant runs once in every slot of the order. Measured on a
@@ -187,6 +196,7 @@ def bench_config(name: str, args, device, dtype) -> str:
             variant.step(False)
     if "compiled" in args.modes:
         inductor_config.force_disable_caches = True
+        fresh_compile_cache(len(variants))
         for variant in variants:
             variant.compile(args.compile_backend, args.compile_mode)
             variant.compile_seconds = timed(variant, True, device)[0]

@@ -67,7 +67,7 @@ from reslora_diffusers.merge.error import output_tensor
 from reslora_diffusers.training.speed import compile_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import rotated, shared_copy  # noqa: E402
+from bench_gpu import fresh_compile_cache, rotated, shared_copy  # noqa: E402
 from compare_methods import bootstrap_interval  # noqa: E402
 
 #: per model: diffusers' attention projections, or with the feed-forward layers
@@ -260,6 +260,8 @@ def bench_size(
     compiled: bool = False,
 ) -> None:
     base, inputs = make_model(model, SIZES[model][name])
+    if compiled:
+        fresh_compile_cache(len(variants) + 1)
     steps = {"PEFT LoRA": Step(*peft_variant(base, rank, targets), inputs, compiled)}
     for res_type, pre_num in variants:
         label = f"ResLoRA {res_type}" + (f" m={pre_num}" if res_type in ("bs", "ms") else "")

@@ -268,6 +268,31 @@ def test_bench_gpu_runs_every_variant_at_toy_size_on_cpu(capsys):
     assert all(r[-1].strip(" |") == "N/A" for r in rows.values())
 
 
+def test_fresh_compile_cache_compiles_every_model_of_one_class_past_dynamos_default_limit():
+    """bench_gpu compiles ten UNets per size (floor, PEFT, eight ResLoRA variants): dynamo
+    caches their graphs on the one code object of the class, and past its default limit of 8
+    the later models would run eagerly; after ``fresh_compile_cache`` each gets its graph."""
+    graphs: list[int] = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(1)
+        return gm.forward
+
+    def compile_models(n: int) -> int:
+        graphs.clear()
+        for i in range(n):
+            model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(i + 1)])
+            torch.compile(model, backend=counting_backend)(torch.randn(2, 4))
+        return len(graphs)
+
+    with torch._dynamo.config.patch(recompile_limit=8):
+        torch._dynamo.reset()
+        assert compile_models(10) == 8  # the limit this helper lifts
+        bench_gpu.fresh_compile_cache(10)
+        assert compile_models(10) == 10
+    torch._dynamo.reset()
+
+
 def test_bench_gpu_variants_share_one_copy_of_the_frozen_weights():
     base = bench_gpu.UNet2DConditionModel(**bench_gpu.denoiser_config("sd15", 0.05)).requires_grad_(False)
     inputs = bench_gpu.make_inputs(base, 64, 1, torch.device("cpu"), torch.float32, 0.05)
