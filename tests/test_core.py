@@ -218,15 +218,28 @@ class _Res(nn.Module):
         return x + torch.tanh(self.layer.proj(x))
 
 
-@pytest.mark.parametrize("attr", ["is_activation_checkpointing", "is_gradient_checkpointing"])
+class _CheckpointableStack(ResidualStack):
+    """Carries ``gradient_checkpointing`` flags where diffusers and transformers put them: on the
+    model and on its repeated blocks, from construction (their ``enable`` functions set them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+        for layer in self.layers:
+            layer.gradient_checkpointing = False
+
+
+@pytest.mark.parametrize("flagged", ["model", "block"])
 @pytest.mark.parametrize("res_type", ["is", "ms"])
-def test_is_ms_refuse_gradient_checkpointing(attr, res_type):
-    model = make(res_type=res_type)
-    setattr(model, attr, True)  # transformers >= 5 name, and the name before it
+def test_is_ms_refuse_gradient_checkpointing(flagged, res_type):
+    model = make(_CheckpointableStack, res_type=res_type)
+    x = torch.randn(2, 8)
+    model.train()(x)  # flags off: trains
+    (model if flagged == "model" else model.layers[3]).gradient_checkpointing = True
     with pytest.raises(ValueError, match="gradient checkpointing"):
-        model.train()(torch.randn(2, 8))
+        model.train()(x)
     with torch.no_grad():  # nothing is recomputed without a backward pass
-        model(torch.randn(2, 8))
+        model(x)
 
 
 def test_norm_windows_record_training_passes_only():
