@@ -272,6 +272,25 @@ def test_gradient_checkpointing_bs_equal_and_is_refused():
         unet.train()(**kwargs)
 
 
+def test_a_pass_does_not_walk_the_unet_modules(monkeypatch):
+    """The checkpointing check reads the flags found at attach: diffusers' own
+    ``is_gradient_checkpointing`` walks every module, about 1 ms a pass on a small UNet (under
+    torch.compile the root hooks run outside the graph, so that was the compiled gap to PEFT)."""
+    unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type="is"))
+    kwargs = unet_inputs(unet)
+    unet.train()(**kwargs)  # the tracing pass
+    walks = []
+    real = torch.nn.Module.modules
+    monkeypatch.setattr(
+        torch.nn.Module, "modules", lambda self: walks.append(type(self).__name__) or real(self)
+    )
+    unet(**kwargs)
+    assert walks == []
+    unet.enable_gradient_checkpointing()  # still seen
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        unet(**kwargs)
+
+
 def test_pipeline_removal_restores_text_encoder_and_unet(tmp_path):
     pipe = tiny_sd_pipeline(tmp_path)
     kwargs, ids = unet_inputs(pipe.unet), text_batches(1)[0]
