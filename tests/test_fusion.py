@@ -75,7 +75,7 @@ class CountProducts:
         monkeypatch.setattr(ResLoRALayer, "apply_a", counted)
 
 
-@pytest.mark.parametrize("res_type", ["none", "bs", "ms"])
+@pytest.mark.parametrize("res_type", ["none", "is", "bs", "ms"])
 def test_q_k_v_reading_one_tensor_share_one_product_with_the_separate_products_numbers(res_type, monkeypatch):
     model = _model(res_type)
     x = torch.randn(5, 8)
@@ -91,11 +91,52 @@ def test_q_k_v_reading_one_tensor_share_one_product_with_the_separate_products_n
         torch.testing.assert_close(got, want)
 
 
-def test_blocks_whose_product_reads_more_than_x_apply_their_own():
-    """``is`` applies A to x_n + c x_{n-1}; with LoRA dropout each block draws its own mask."""
-    for model in (_model("is", 1), _model("none", dropout=0.1)):
-        model(torch.randn(5, 8))
-        assert get_state(model).inputs.groups == []
+def test_blocks_with_lora_dropout_apply_their_own():
+    """With LoRA dropout each block draws its own mask: A reads a different input per block."""
+    model = _model("none", dropout=0.1)
+    model(torch.randn(5, 8))
+    assert get_state(model).inputs.groups == []
+
+
+def test_is_blocks_with_different_scales_apply_their_own():
+    """``is`` folds x_n + c x_{n-1} once per group, with the first member's c."""
+    model = _model("is")
+    get_state(model).blocks["layers.2.k"].shortcut_scale.fill_(0.5)
+    model(torch.randn(5, 8))
+    assert get_state(model).inputs.describe() == [[f"layers.{i}.{p}" for p in "qkv"] for i in (0, 1, 3)]
+
+
+class SideInput(Stack):
+    """Layer ``side``'s k reads ``other``; every other projection reads the running ``x``."""
+
+    def __init__(self, side: int) -> None:
+        super().__init__()
+        self.side = side
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = x + torch.tanh(layer(x, other if i == self.side else None))
+        return x
+
+
+def test_an_is_member_whose_predecessor_read_another_tensor_folds_its_own():
+    """Layer 1's q, k, v read one x_1, but k's predecessor (layer 0's k) read ``other``: k's fold
+    x_1 + c other is not q's x_1 + c x_0, so k must not take q's slice. The reference is the
+    traced pass, which applies every A alone (``_output_and_grads`` of the same model)."""
+    torch.manual_seed(0)
+    model = SideInput(side=0)
+    add_reslora(model, ResLoRAConfig(rank=4, res_type="is", target_modules=["q", "k", "v", "o"]))
+    with torch.no_grad():
+        for p in trainable_parameters(model):
+            p.add_(0.1 * torch.randn(p.shape))
+    x, other = torch.randn(5, 8), torch.randn(5, 8)
+    traced = _output_and_grads(model, x, other)
+    groups = get_state(model).inputs.describe()
+    assert [f"layers.1.{p}" for p in "qkv"] in groups and ["layers.0.q"] not in groups
+    fused = _output_and_grads(model, x, other)
+    torch.testing.assert_close(fused[0], traced[0])
+    for got, want in zip(fused[1], traced[1]):
+        torch.testing.assert_close(got, want)
 
 
 def test_a_member_run_on_another_tensor_computes_its_own_product():
@@ -150,7 +191,7 @@ def test_no_cached_activation_leaves_the_compiled_graph_as_an_extra_output(res_t
     compile_model(model, backend=_output_counter(counts), inputs={"x": x})(x).sum().backward()
     assert counts == [1]
     state = get_state(model)
-    assert state.inputs.groups or res_type == "is"  # is folds x_{n-1} into A's input: no groups
+    assert state.inputs.groups
     for chain in state.chains.values():
         for kind in chain.shortcut.caches:
             assert all(chain.cached(kind, pos) is None for pos in range(len(chain.blocks)))

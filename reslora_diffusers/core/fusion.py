@@ -11,9 +11,16 @@ block whose input is the tensor object the previous block read joins that block'
 the group's first block computes ``x @ [A_stack_1; A_stack_2; ...]^T`` (each member's rows as its
 shortcut type stacks them) and keeps each later member's slice, which the member takes when it
 runs on the same tensor; a member that runs on another tensor computes its own product, so a
-caller that breaks the pattern costs time, never correctness. Groups form only where the
-product reads ``x`` itself: without LoRA dropout (each block draws its own mask, as PEFT does)
-and for shortcut types that do not fold earlier inputs into ``A``'s input (``is``).
+caller that breaks the pattern costs time, never correctness. Groups form only without LoRA
+dropout (each block draws its own mask, as PEFT does).
+
+A shortcut type that folds earlier inputs into ``A``'s input (``is``: ``A_n (x_n + c x_{n-1})``)
+shares too: q, k and v of one attention read one ``x_n``, and their predecessors read one
+``x_{n-1}``, so the first member folds once and applies the stacked rows to the sum. A later
+member takes its slice only when its own folded tensors are the very ones the first member
+folded (a chain link that differs, or another predecessor, computes its own), and the group
+forms only when its members' scales ``c`` are equal then (:func:`~.inject.set_shortcut_scale`
+sets every block alike; blocks of one group set apart later fold with the first member's ``c``).
 """
 
 from __future__ import annotations
@@ -34,29 +41,32 @@ class InputGroup:
 
     def __init__(self, members: list[ResLoRALayer]) -> None:
         self.members = members
-        self._input: torch.Tensor | None = None
+        self._reads: tuple[torch.Tensor | None, ...] = ()
         self._pending: list[torch.Tensor | None] = [None] * len(members)
 
-    def apply_a(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """The first member's ``A x`` (its rows ``a``), computing the later members' in the same
-        product and keeping them for :meth:`take`."""
+    def apply_a(self, xin: torch.Tensor, a: torch.Tensor, reads: tuple) -> torch.Tensor:
+        """The first member's ``A xin`` (its rows ``a``), computing the later members' in the
+        same product and keeping them for :meth:`take`; ``reads`` is ``(x, *folded inputs)``,
+        what ``xin`` was computed from."""
         rows = [a] + [m.a_rows() for m in self.members[1:]]
-        ax = self.members[0].apply_a(x, torch.cat(rows, dim=0))
+        ax = self.members[0].apply_a(xin, torch.cat(rows, dim=0))
         parts = ax.split([r.shape[0] for r in rows], dim=self.members[0].feature_dim)
-        self._input, self._pending = x, [None, *parts[1:]]
+        self._reads, self._pending = reads, [None, *parts[1:]]
         return parts[0]
 
-    def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Member ``index``'s ``A x`` when the first member computed it for this very ``x``."""
+    def take(self, index: int, reads: tuple) -> torch.Tensor | None:
+        """Member ``index``'s ``A`` product when the first member computed it from these very
+        tensors (``reads``: the member's ``x`` and folded inputs)."""
         ax, self._pending[index] = self._pending[index], None
-        shared = ax is not None and x is self._input
+        mine = self._reads
+        shared = ax is not None and len(reads) == len(mine) and all(r is m for r, m in zip(reads, mine))
         if index == len(self.members) - 1:
-            # the last slice is taken: forget the input here, in the forward (see Chain.done)
-            self._input = None
+            # the last slice is taken: forget the inputs here, in the forward (see Chain.done)
+            self._reads = ()
         return ax if shared else None
 
     def clear(self) -> None:
-        self._input, self._pending = None, [None] * len(self.members)
+        self._reads, self._pending = (), [None] * len(self.members)
 
 
 class InputGroups:
@@ -95,7 +105,7 @@ class InputGroups:
         if self.traced:
             return
         self.traced = True
-        self._eligible = [m for m in self._trace if len(m) > 1 and all(b.can_share_input for b in m)]
+        self._eligible = [m for m in self._trace if _can_share(m)]
         self._trace, self._seen, self._last = [], set(), None
 
     def freeze(self) -> None:
@@ -135,3 +145,11 @@ class InputGroups:
     def describe(self) -> list[list[str]]:
         """The groups' module paths (once traced, active or not)."""
         return [[m.module_path for m in members] for members in self._eligible]
+
+
+def _can_share(members: list[ResLoRALayer]) -> bool:
+    """Two or more blocks that may stack their rows: each reads only ``x`` and its folded inputs,
+    and a folding type's members agree on ``c`` (the first member folds with its own)."""
+    if len(members) < 2 or not all(b.can_share_input for b in members):
+        return False
+    return not members[0].shortcut.folds_input or len({float(b.shortcut_scale) for b in members}) == 1

@@ -76,7 +76,8 @@ class ResLoRALayer(nn.Module, ABC):
         shortcut_scale: the factor ``c`` on every shortcut term of this block (0-dim buffer,
             1 by default; :func:`~.inject.set_shortcut_scale`). A tensor, not a Python float,
             so that a schedule changing it every step does not make ``torch.compile`` recompile;
-            at ``c = 0`` the block is a plain LoRA.
+            at ``c = 0`` the block is a plain LoRA. ``is`` blocks of one shared-input group fold
+            with the first member's ``c`` (the group forms only where they are equal).
     """
 
     #: the dimension of ``x`` and ``A x`` that holds features (channels)
@@ -193,11 +194,12 @@ class ResLoRALayer(nn.Module, ABC):
         step, a = self.start(x)
         if not self.inputs.traced:  # only the first pass traces the groups
             self.inputs.observe(self, x)
-        ax = self.group.take(self._group_index, x) if self._group_index else None
+        reads = (x, *self.folded_inputs(step)) if self.group is not None else ()
+        ax = self.group.take(self._group_index, reads) if self._group_index else None
         if ax is None:
             xin = self.branch_input(step, self.dropout(x))
             if self.group is not None and self._group_index == 0:
-                ax = self.group.apply_a(xin, a)
+                ax = self.group.apply_a(xin, a, reads)
             else:
                 ax = self.apply_a(xin, a)
         return self.finish(step, x, ax)
@@ -222,14 +224,22 @@ class ResLoRALayer(nn.Module, ABC):
 
     @property
     def can_share_input(self) -> bool:
-        """Whether this block's ``A`` product reads its input ``x`` itself, so that it may be
-        stacked with other blocks reading the same ``x`` (no LoRA dropout, no folded shortcut)."""
-        return self.stacks_rows and isinstance(self.dropout, nn.Identity) and not self.shortcut.folds_input
+        """Whether this block's ``A`` product reads only ``x`` and the activations its shortcut
+        folds in (:meth:`folded_inputs`), so that it may be stacked with other blocks reading
+        the same ones (no LoRA dropout, which draws a mask per block)."""
+        return self.stacks_rows and isinstance(self.dropout, nn.Identity)
 
     def join_group(self, group: InputGroup | None, index: int) -> None:
         """Become member ``index`` of a shared-input group (set when the groups are traced;
         None: apply ``A`` alone)."""
         self.group, self._group_index = group, index
+
+    def folded_inputs(self, step: Step) -> tuple[torch.Tensor | None, ...]:
+        """The earlier activations :meth:`branch_input` folds in this run (none for a merged
+        stand-in, which reads ``xd`` alone)."""
+        if self._factors is not None:
+            return ()
+        return self.shortcut.folded_inputs(self, step)
 
     def branch_input(self, step: Step, xd: torch.Tensor) -> torch.Tensor:
         """What this run's ``A`` product reads, from ``xd = dropout(x_n)``: ``xd`` itself, or

@@ -79,7 +79,8 @@ class Shortcut:
     exact_merge: ClassVar[bool] = True
     #: ``pre_num`` changes what the type computes (shown in reports and model cards)
     uses_pre_num: ClassVar[bool] = False
-    #: ``a_input`` folds earlier inputs into the ``A`` product's input (it is not ``x_n`` alone)
+    #: ``a_input`` folds earlier inputs into the ``A`` product's input (it is not ``x_n`` alone),
+    #: scaled by each block's ``c``
     folds_input: ClassVar[bool] = False
 
     def __init__(self, pre_num: int) -> None:
@@ -110,6 +111,12 @@ class Shortcut:
         """What ``A_stack`` applies to, from ``xd = dropout(x_n)`` (a type whose shortcut is
         linear in ``A`` folds it in here, so that the product runs once)."""
         return xd
+
+    def folded_inputs(self, block: ResLoRALayer, step: Step) -> tuple[torch.Tensor | None, ...]:
+        """The earlier activations :meth:`a_input` folds into ``xd`` in this run (none: it reads
+        ``xd`` alone). Blocks with the same ``x``, the same folded tensors and equal scale ``c``
+        give ``A`` the same input, so a shared-input group may stack their rows (:mod:`..fusion`)."""
+        return ()
 
     def mid(self, block: ResLoRALayer, step: Step, x: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:
         """The intermediate ``mid_n`` from ``ax = A_stack x`` and this pass's cache."""

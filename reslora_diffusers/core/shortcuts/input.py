@@ -36,6 +36,9 @@ class InputShortcut(ActivationShortcut):
         x_prev = check_cached(block, step.pred_blocks[0], step.chain.cached("x", step.preds[0]), xd)
         return torch.addcmul(xd, block.shortcut_scale, block.dropout(x_prev))  # one operation
 
+    def folded_inputs(self, block, step):
+        return (step.chain.cached("x", step.preds[0]),) if step.preds else ()
+
     def calibration_terms(self, block, step):
         coeff = float(block.shortcut_scale)
         return [CalibrationTerm(block, step.chain.cached("x", p), coeff) for p in step.preds]
