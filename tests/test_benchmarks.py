@@ -405,6 +405,22 @@ def test_bench_step_variants_share_the_frozen_weights_and_train_their_own():
     assert not any(p.requires_grad for p in base.parameters())  # the shared base stays frozen
 
 
+def test_bench_is_groups_builds_is_with_its_q_k_v_groups_and_without_them():
+    from reslora_diffusers.core.inject import get_state
+
+    bench_step = _load("bench_step")  # bench_is_groups imports it by name
+    groups = _load("bench_is_groups")
+    base, inputs = bench_step.make_model("unet", ((32, 64), 8, 1))
+    targets = bench_step.TARGET_SETS["unet"]["attention"]
+    built = {name: groups.variant(base, 4, name, 1, targets)[0] for name in ("is", groups.UNGROUPED)}
+    for unet in built.values():
+        unet(**inputs)  # the tracing pass forms the groups
+    grouped, ungrouped = (get_state(built[name]).inputs.describe() for name in ("is", groups.UNGROUPED))
+    assert grouped and all(len(g) in (2, 3) for g in grouped)
+    assert all(any(p.endswith("to_k") for p in g) for g in grouped)  # every group holds a to_k
+    assert ungrouped == []
+
+
 def test_bench_step_counts_the_extra_products_of_a_block_shortcut():
     bench_step = _load("bench_step")
     base, inputs = bench_step.make_model("sd3", (2, 64, 8, 1))  # 2 blocks: one bs link on to_q
