@@ -11,6 +11,7 @@ later pass is the same Python path, one graph with no break and no recompilation
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -41,9 +42,15 @@ def trace_chains(model: nn.Module, inputs: dict | None = None) -> None:
 
 
 def compile_model(
-    model: nn.Module, mode: str = "default", backend: str = "inductor", inputs: dict | None = None
+    model: nn.Module,
+    mode: str = "default",
+    backend: str | Callable = "inductor",
+    inputs: dict | None = None,
 ) -> nn.Module:
     """``torch.compile(model)`` after ResLoRA's tracing pass (see the module doc).
+
+    ``backend``: a dynamo backend's name or the backend itself (a callable taking the captured
+    graph and its example inputs, as ``torch.compile`` accepts); ``mode`` applies to inductor.
 
     The returned module shares its parameters with ``model``; merges, exports and checkpoints
     take ``model`` itself (the compiled wrapper's module paths carry a ``_orig_mod.`` prefix).
