@@ -327,11 +327,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--pre_num {args.pre_num} must be >= 1 for --res_type {args.res_type} (--res_type none is plain LoRA)"
         )
-    if args.gradient_checkpointing and shortcut.reads_activations:
-        raise ValueError(
-            f"--gradient_checkpointing cannot be used with --res_type {args.res_type}: its shortcut caches "
-            "activations of the current forward pass, which checkpointing recomputes; use bs or none"
-        )
     if args.validation_prompt is None and _embedded_data(args):
         args.validation_prompt = finetune_prompts()
 
@@ -737,8 +732,8 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
         for name, model in trained.items():
             if name == objective.denoiser:
                 model.enable_gradient_checkpointing()
-            else:
-                model.gradient_checkpointing_enable()
+            else:  # transformers 5 renamed it (the old name warns)
+                getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
 
     with accelerator.main_process_first():
         data, dataset = load_training_data(args, objective, resolution)
@@ -776,6 +771,10 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
     register_checkpoint_hooks(accelerator, trained, args.use_peft)
     prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
     trained = dict(zip(trained, prepared[: len(trained)]))
+    if args.gradient_checkpointing:
+        # a checkpointed tracing pass would keep is's inputs for its step: trace without gradients
+        for model in trained.values():
+            trace_chains(accelerator.unwrap_model(model))
     if args.torch_compile:  # validation, checkpoints and the export use the uncompiled module
         denoiser = objective.denoiser
         trace_chains(accelerator.unwrap_model(trained[denoiser]))

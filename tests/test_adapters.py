@@ -256,29 +256,20 @@ def _lora_grads(model, x):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("res_type", ["none", "bs"])
-def test_gradient_checkpointing_gives_the_same_gradients(res_type):
+@pytest.mark.parametrize("res_type", ["none", "is", "bs", "ms"])
+def test_gradient_checkpointing_gives_the_same_gradients_without_deprecation_noise(res_type):
     model = with_reslora("llama", res_type)
     x = ids()
     out(model, x)  # trace
     checkpointed = copy.deepcopy(model)
     _enable_checkpointing(checkpointed)
-    want, got = _lora_grads(model, x), _lora_grads(checkpointed, x)
-    assert want.keys() == got.keys() and len(want) == 2 * 21
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("res_type", ["is", "ms"])
-def test_gradient_checkpointing_refused_for_is_ms_without_deprecation_noise(res_type):
-    model = with_reslora("llama", res_type)
-    x = ids()
+    want = _lora_grads(model, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # transformers 5 deprecates is_gradient_checkpointing
-        _lora_grads(model, x)
-    _enable_checkpointing(model)
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        _lora_grads(model, x)
+        got = _lora_grads(checkpointed, x)
+    assert want.keys() == got.keys() and len(want) == 2 * 21
+    for name in want:  # is: A_n x_n + c A_n x_{n-1} under checkpointing, A_n (x_n + c x_{n-1}) without
+        assert float((got[name] - want[name]).norm() / want[name].norm()) < 1e-5, name
 
 
 # -- Trainer --------------------------------------------------------------------------

@@ -100,6 +100,34 @@ def test_forward_matches_written_out_formula_and_gradients_reach_earlier_blocks(
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable_parameters(model))
 
 
+class _CheckpointedStack(ResidualStack):
+    """``ResidualStack`` with each layer a non-reentrant checkpointed region."""
+
+    gradient_checkpointing = True
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.utils.checkpoint.checkpoint(
+                lambda h, layer=layer: h + torch.tanh(layer.proj(h)), x, use_reentrant=False
+            )
+        return x
+
+
+def test_gradient_checkpointing_needs_nothing_of_the_type():
+    """A pass under checkpointing keeps the type's ``caches`` for the recomputation (all of them,
+    as the type names no ``kept_caches``): the same gradients as without."""
+    plain, checked = make(), make(_CheckpointedStack)
+    x = torch.randn(5, 8)
+    for _ in range(2):
+        grads = []
+        for model in (plain, checked):
+            model.zero_grad(set_to_none=True)
+            model.train()(x).square().sum().backward()
+            grads.append([p.grad for p in trainable_parameters(model)])
+        for want, got in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_train_merge_checkpoint_and_export(tmp_path):
     from peft import PeftModel
 

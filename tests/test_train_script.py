@@ -250,7 +250,6 @@ def test_bad_inputs_give_one_line_naming_the_problem(base, data, tmp_path):
         (["--pretrained_model_name_or_path", str(missing)], f"{missing} does not exist"),
         (["--resume_from_checkpoint", str(missing)], f"{missing} does not exist"),
         (["--target_modules", "to_q", "to_qq"], "--target_modules: 'to_qq'"),
-        (["--gradient_checkpointing", "--res_type", "ms"], "--gradient_checkpointing"),
         (["--pre_num", "0"], "--pre_num 0 must be >= 1 for --res_type ms"),
         (["--use_peft", "--shortcut_schedule", "cosine"], "PEFT LoRA (--use_peft) has no shortcuts"),
     ]

@@ -41,6 +41,9 @@ class ResLoRAState:
     logged: bool = False
     #: the modules of the model (itself included) that carry a ``gradient_checkpointing`` flag
     checkpoint_flags: list[nn.Module] = field(default_factory=list)
+    #: the current pass is a training pass under gradient checkpointing, run eagerly: backward
+    #: recomputes its checkpointed regions
+    recomputed: bool = False
 
     def checkpointing(self) -> bool:
         """Whether the model recomputes blocks in backward (gradient checkpointing is on).
@@ -213,21 +216,16 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def _begin_pass(model: nn.Module) -> None:
     state = getattr(model, STATE_ATTR)
-    if (
-        model.training
-        and torch.is_grad_enabled()
-        and state.shortcut.reads_activations
-        and state.checkpointing()
-    ):
-        raise ValueError(
-            f"ResLoRA res_type {state.config.res_type!r} caches activations of the current forward pass, "
-            "which gradient checkpointing recomputes out of order; use res_type 'bs' or 'none', "
-            "or disable gradient checkpointing"
-        )
+    # Under gradient checkpointing an eager pass is recomputed in backward, which reads what the
+    # forward cached (Chain's module doc); compiled, the recomputation is part of the graph.
+    checkpointed = model.training and torch.is_grad_enabled() and state.checkpointing()
+    compiled = torch.compiler.is_compiling()
+    state.recomputed = checkpointed and not compiled
+    reads = checkpointed and state.shortcut.reads_activations
     for chain in state.chains.values():
         if not chain.frozen:
             chain.reset_trace()
-        chain.new_pass()
+        chain.new_pass(reads, compiled, ahead_ok=state.config.dropout == 0)
     if state.inputs.traced:
         state.inputs.freeze()
     else:
@@ -240,9 +238,12 @@ def _end_pass(model: nn.Module) -> None:
     for chain in state.chains.values():
         if not chain.frozen:
             chain.freeze()
-        chain.new_pass()
+        if not chain.keep:  # a kept pass's cache serves backward's recomputation
+            chain.new_pass()
     state.inputs.end_trace()
-    if not state.inputs.frozen and not state.checkpointing():
+    if not state.inputs.frozen and not state.recomputed:
+        # a traced pass recomputed in backward must save there what its forward saved: its
+        # groups start with the next pass
         state.inputs.freeze()
     state.inputs.new_pass()
     if not state.logged:

@@ -258,10 +258,11 @@ class ResLoRALayer(nn.Module, ABC):
             self.chain.done(step)
             return self.apply_b(ax, self._factors[1])
         own_ax = sc.own_ax(self, ax)
-        self.chain.record(step, x=x, ax=own_ax)
-        if self.training and self.record_norms and sc.stat is not None:
+        self.chain.record(step, x=x, ax=own_ax, ahead=sc.ahead_ax(self, ax))
+        if self.training and self.record_norms and sc.stat is not None and not step.replay:
             self._record_norm(x if sc.stat == "x" else own_ax)
-        self._notify(x, step)
+        if not step.replay:
+            self._notify(x, step)
         mid = sc.mid(self, step, x, ax)
         self.chain.done(step)
         if self.scaling != 1.0:

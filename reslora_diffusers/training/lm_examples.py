@@ -84,7 +84,7 @@ def add_method_arguments(
         "--max_train_steps", type=int, default=max_train_steps, help="overrides --num_train_epochs; -1: off"
     )
     t.add_argument("--per_device_train_batch_size", type=int, default=32)
-    t.add_argument("--gradient_checkpointing", action="store_true", help="res_type none and bs only")
+    t.add_argument("--gradient_checkpointing", action="store_true")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--output_dir", type=Path, default=None, help="default: outputs/<example name>")
     t.add_argument(

@@ -6,6 +6,14 @@ trace the tracing itself: a graph break at the log call and a second graph once 
 are frozen. :func:`compile_model` therefore runs that pass eagerly first (eval mode, no
 gradients, so no norm statistics are recorded and dropout is off), then compiles; every
 later pass is the same Python path, one graph with no break and no recompilation.
+
+Under gradient checkpointing dynamo traces each checkpointed region as a subgraph, which it
+refuses when the region mutates Python state (ResLoRA's chains record the pass in lists) unless
+``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`` is set: then the
+forward's bookkeeping is done once and the recomputation in backward, part of the compiled
+graph, is the tensor work alone, which is what ResLoRA needs (a recomputed block must read
+what its first run read). :func:`compile_model` sets it; without it every checkpointed region
+ran eagerly.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ def compile_model(
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}: allowed {' | '.join(COMPILE_MODES)}")
     trace_chains(model, inputs)
+    if has_reslora(model):  # see the module doc: checkpointed regions compile only with it
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     # inductor takes ``mode``; the debugging backends (eager, aot_eager) accept none
     kwargs = {"mode": mode} if backend == "inductor" and mode != "default" else {}
     logger.info("torch.compile(%s, backend=%s, mode=%s)", type(model).__name__, backend, mode)

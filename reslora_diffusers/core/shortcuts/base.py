@@ -7,7 +7,9 @@ and the merges see ``c`` in their terms (``coeff``) and scalars. A type says:
 
 * ``a_weight`` / ``b_weight``: the stacked factors it applies (``A_n``/``B_n`` unless it
   stacks earlier blocks' factors, as ``bs`` does);
-* ``caches``: which activations of this pass later blocks read (``"x"``, ``"ax"``);
+* ``caches``: which activations of this pass later blocks read (``"x"``, ``"ax"``), and
+  ``kept_caches``/``looks_ahead``: what a pass under gradient checkpointing keeps for the
+  recomputation in backward (:mod:`..chain`);
 * ``link_ok``: whether block ``n-1`` may feed block ``n`` (decided once, while tracing);
 * ``a_input`` and ``mid``: the forward terms, before and after the ``A`` product;
 * ``stat``: what its norm window records for the input merge (``"x"``, ``"ax"`` or None);
@@ -75,6 +77,13 @@ class Shortcut:
     stat: ClassVar[str | None] = None
     #: activations of the current pass that later blocks read
     caches: ClassVar[tuple[str, ...]] = ()
+    #: what a pass under gradient checkpointing keeps until backward has recomputed its blocks:
+    #: the caches the forward terms read (the rest serve merges, which never checkpoint);
+    #: None: all of ``caches``
+    kept_caches: ClassVar[tuple[str, ...] | None] = None
+    #: under gradient checkpointing, on a traced chain, block ``n-1`` computes block ``n``'s
+    #: shortcut product from its own input (cached as ``"ahead"``; :meth:`ahead_ax`)
+    looks_ahead: ClassVar[bool] = False
     #: the type merges into a plain LoRA exactly (no calibration, no approximation)
     exact_merge: ClassVar[bool] = True
     #: ``pre_num`` changes what the type computes (shown in reports and model cards)
@@ -93,9 +102,14 @@ class Shortcut:
 
     @property
     def reads_activations(self) -> bool:
-        """Blocks read activations cached earlier in the same pass, which gradient
-        checkpointing would recompute out of order."""
+        """Blocks read activations cached earlier in the same pass (which a pass under
+        gradient checkpointing keeps for the recomputation in backward)."""
         return bool(self.caches)
+
+    def pass_caches(self, kept: bool) -> tuple[str, ...]:
+        """What a pass caches: ``caches``, or ``kept_caches`` in a pass kept for gradient
+        checkpointing's recomputation."""
+        return self.kept_caches if kept and self.kept_caches is not None else self.caches
 
     def link_ok(self, step: Step, block: ResLoRALayer, x: torch.Tensor) -> bool:
         """May the block before ``block`` in the chain feed it? (``step.chain`` has its cache.)"""
@@ -125,6 +139,10 @@ class Shortcut:
     def own_ax(self, block: ResLoRALayer, ax: torch.Tensor) -> torch.Tensor:
         """``A_n x_n`` out of ``ax = A_stack x_n`` (what later blocks and the norm window read)."""
         return ax
+
+    def ahead_ax(self, block: ResLoRALayer, ax: torch.Tensor) -> torch.Tensor | None:
+        """The successors' products out of ``ax`` in a lookahead pass (None: there are none)."""
+        return None
 
     def merged_factors(self, block: ResLoRALayer, preds: list[ResLoRALayer], ctx: MergeContext) -> Factors:
         """``(A', B')`` of the plain LoRA, scaling baked into ``B'`` (``dW = B' A'``)."""
@@ -171,9 +189,8 @@ def check_cached(block: ResLoRALayer, pred: ResLoRALayer, cached, current: torch
     if cached is None:
         raise RuntimeError(
             f"ResLoRA: {block.module_path} needs {pred.module_path} from the same forward pass, "
-            "but that block has not run in this pass. Gradient checkpointing recomputes blocks "
-            "out of order and is supported only for shortcut types that read no activations "
-            "(res_type 'none' and 'bs')."
+            "but that block has not run in this pass (a block called on its own, outside the "
+            "model's forward, with the model in training mode under gradient checkpointing?)"
         )
     if cached.shape != current.shape:
         raise ValueError(

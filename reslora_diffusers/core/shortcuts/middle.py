@@ -22,6 +22,7 @@ class MiddleShortcut(ActivationShortcut):
     name = "ms"
     stat = "ax"
     caches = ("x", "ax")
+    kept_caches = ("ax",)  # rank r: what crosses a checkpointed region's boundary
     uses_pre_num = True
 
     @property
