@@ -490,3 +490,72 @@ def test_lm_comparison_runs_the_examples_and_resumes(tmp_path):
     again = compare_lm.main(argv)
     assert again["nlu"]["is"]["trained"][0] == 0.25
     assert (tmp_path / "compare_lm.md").read_text().count("| is") == 2
+
+
+bench_memory = _load("bench_memory")
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sdxl", "sd3", "flux"])
+def test_bench_memory_feeds_each_denoiser_what_the_training_script_does(preset):
+    """Latents at pixels / 8 (Flux: packed 2 x 2), 77 CLIP tokens (SD3 + 256 T5, Flux 512 T5),
+    SDXL's time ids of a square crop at the full size; built directly in bf16."""
+    model = bench_memory.build_denoiser(preset, 0.05, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    inputs = bench_memory.make_inputs(model, preset, 128, 2)
+    latent, want_tokens = 16, {"sd15": 77, "sdxl": 77, "sd3": 77 + 256, "flux": 512}[preset]
+    assert inputs["encoder_hidden_states"].shape[:2] == (2, want_tokens)
+    if preset == "flux":
+        assert inputs["hidden_states"].shape[:2] == (2, (latent // 2) ** 2)
+        assert inputs["img_ids"].shape[0] == (latent // 2) ** 2
+    else:
+        key = "hidden_states" if preset == "sd3" else "sample"
+        assert inputs[key].shape[-2:] == (latent, latent)
+    if preset == "sdxl":
+        assert inputs["added_cond_kwargs"]["time_ids"].tolist() == [[128, 128, 0, 0, 128, 128]] * 2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**inputs)
+
+
+@pytest.mark.slow
+def test_bench_memory_measures_each_variant_in_its_own_process_and_resumes(tmp_path, capsys, monkeypatch):
+    """A toy run (PEFT and is, plain and checkpointed): one row each with ratios to PEFT in the
+    same mode and checkpointing's effect; the stored rows are reused, not measured again; a
+    variant over the memory limit is reported as such."""
+    argv = ["--scale", "0.05", "--configs", "sd3-64-1", "--variants", "peft", "is", "--warmup", "0"]
+    argv += ["--steps", "1", "--results_dir", str(tmp_path)]
+    bench_memory.main(argv)
+    out = capsys.readouterr().out
+    rows = {
+        tuple(c.strip() for c in line.split("|")[1:3]): line
+        for line in out.splitlines()
+        if "| Res" in line or "| PEFT" in line
+    }
+    assert set(rows) == {
+        (label, mode) for label in ("PEFT LoRA", "ResLoRA is") for mode in ("plain", "checkpointed")
+    }
+    assert rows[("PEFT LoRA", "plain")].split("|")[4].strip() == "1.000"
+    assert rows[("ResLoRA is", "checkpointed")].split("|")[7].strip() != "-"
+    stored = sorted(tmp_path.rglob("*.json"))
+    assert len(stored) == 4 and all(json.loads(p.read_text())["peak_rss_gib"] > 0.1 for p in stored)
+
+    def no_new_process(*args, **kwargs):
+        raise AssertionError("a stored measurement was made again")
+
+    monkeypatch.setattr(bench_memory.subprocess, "run", no_new_process)
+    bench_memory.main(argv)
+    assert capsys.readouterr().out.count("| 1.000 |") >= 2
+    monkeypatch.undo()
+    args = argparse.Namespace(
+        scale=0.05,
+        rank=8,
+        dtype="bf16",
+        device="cpu",
+        warmup=0,
+        steps=1,
+        memory_limit_gib=0.05,
+        targets=None,
+        results_dir=str(tmp_path / "tight"),
+    )
+    row = bench_memory.run_one(args, "sd15-64-1", "floor", "plain")
+    assert row["over_limit_gib"] == 0.05
+    assert "over 0.1" in bench_memory.table("sd15-64-1", {("floor", "plain"): row})
