@@ -96,6 +96,7 @@ from reslora_diffusers.training.quiet import dropped_log_messages
 from reslora_diffusers.training.schedule import SCHEDULES, check_schedule, shortcut_scale_at
 from reslora_diffusers.training.speed import (
     COMPILE_MODES,
+    adamw_8bit_class,
     allow_tf32,
     compile_model,
     make_adamw,
@@ -196,6 +197,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="torch's fused AdamW kernel (default: on CUDA only)",
+    )
+    p.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="bitsandbytes' 8-bit AdamW (optimizer state in 8 bits; pip install bitsandbytes)",
     )
     p.add_argument("--torch_compile", action="store_true", help="train the denoiser through torch.compile")
     p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES)
@@ -317,6 +323,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--shortcut_schedule applies to ResLoRA; PEFT LoRA (--use_peft) has no shortcuts")
     if args.distill_steps < 0:
         raise ValueError(f"--distill_steps {args.distill_steps} must be >= 0")
+    if args.use_8bit_adam:  # before the model loads: a missing package is named at once
+        if args.use_fused_adam:
+            raise ValueError("--use_8bit_adam and --use_fused_adam are two optimizers; choose one")
+        adamw_8bit_class()
     if args.use_peft:
         args.res_type = "none"
     shortcut = get_shortcut(args.res_type, max(args.pre_num, 0))
@@ -755,6 +765,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
         params,
         args.use_fused_adam,
         accelerator.device,
+        use_8bit=args.use_8bit_adam,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,

@@ -80,10 +80,34 @@ def fused_adam_supported(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def make_adamw(params, use_fused: bool | None, device: torch.device, **hparams) -> torch.optim.AdamW:
-    """AdamW over ``params``; ``use_fused`` None picks the fused kernel where it is supported."""
+def make_adamw(
+    params, use_fused: bool | None, device: torch.device, use_8bit: bool = False, **hparams
+) -> torch.optim.Optimizer:
+    """AdamW over ``params``; ``use_fused`` None picks the fused kernel where it is supported.
+
+    ``use_8bit``: bitsandbytes' ``AdamW8bit``, which keeps both moments of every tensor of 4096
+    elements or more in 8 bits with blockwise scales (a quarter of float32 AdamW's state; LoRA
+    factors smaller than that keep 32-bit state). ``ValueError`` naming the package when it is
+    not installed or has no build for this machine, and with ``use_fused=True``.
+    """
+    if use_8bit:
+        if use_fused:
+            raise ValueError("--use_8bit_adam and --use_fused_adam are two optimizers; choose one")
+        return adamw_8bit_class()(params, **hparams)
     fused = fused_adam_supported(device) if use_fused is None else use_fused
     return torch.optim.AdamW(params, fused=True, **hparams) if fused else torch.optim.AdamW(params, **hparams)
+
+
+def adamw_8bit_class() -> type[torch.optim.Optimizer]:
+    """bitsandbytes' ``AdamW8bit``; ``ValueError`` naming the package where it does not load."""
+    try:
+        import bitsandbytes
+    except Exception as err:  # ImportError, or a build that fails to load its native library
+        raise ValueError(
+            "--use_8bit_adam needs bitsandbytes (pip install bitsandbytes), which does not load here: "
+            + " ".join(str(err).split())
+        ) from err
+    return bitsandbytes.optim.AdamW8bit
 
 
 def allow_tf32() -> None:
