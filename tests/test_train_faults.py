@@ -83,6 +83,7 @@ def test_training_resume_and_merge_on_tmpfs_mount_points(base, data, tmp_path, c
         assert [r["step"] for r in _records(vol)] == [1, 2, 3]
         assert (vol / "checkpoint-3").is_dir()
         ckpt = vol / "reslora_checkpoint.safetensors"
+        (merged / "lost+found").mkdir()  # the root of an ext4 volume has one: not an earlier output
         assert merge_main([str(ckpt), "--base", str(base), "--output", str(merged), "--fuse"]) == 0
         assert (merged / "pytorch_lora_weights.safetensors").is_file()
         assert (merged / "fused_pipeline" / "model_index.json").is_file()

@@ -38,10 +38,14 @@ class FolderInUseError(ValueError):
 
 
 def user_entries(folder: str | Path) -> list[str]:
-    """Names in ``folder`` other than the temporaries of writes in progress and the lock: what
+    """Names in ``folder`` other than the temporaries of writes in progress, the lock and, at a
+    mount point, the ``lost+found`` folder that ext2/3/4 file systems have at their root: what
     tells whether the folder already holds outputs."""
+    system = {"lost+found"} if os.path.ismount(folder) else set()
     return sorted(
-        p.name for p in Path(folder).iterdir() if not (is_temporary(p) or p.name.startswith(LOCK_FILE))
+        p.name
+        for p in Path(folder).iterdir()
+        if not (is_temporary(p) or p.name.startswith(LOCK_FILE) or p.name in system)
     )
 
 
