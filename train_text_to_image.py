@@ -608,8 +608,8 @@ def run_validation(args, pipe, step: int, name: str, resolution: int) -> dict:
                 progress=bar,
             )
     grid_path = Path(args.output_dir) / "validation" / f"{name}.png"
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    labelled_grid(images, [f"seed {seed}" for seed in seeds], prompts).save(grid_path)
+    with atomic_path(grid_path) as tmp:  # a full disk is one line naming the grid
+        labelled_grid(images, [f"seed {seed}" for seed in seeds], prompts).save(tmp, format="PNG")
     record = {"step": step, "validation_grid": grid_path.relative_to(args.output_dir).as_posix()}
     if _metric_applies(prompts):
         # the open-set shape call, and the nearest-template reading for comparison
@@ -671,11 +671,8 @@ class TrainLog:
         try:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise DiskFullError(
-                    f"{self.path}: the disk is full: appending a line needs a few bytes"
-                ) from err
+        except OSError as err:  # a full disk, say: main's one line names the log
+            err.filename = err.filename or str(self.path)
             raise
 
     def accuracy_at(self, step: int) -> float | None:
@@ -1084,6 +1081,10 @@ def main(argv: list[str] | None = None) -> None:
         summary = train(args, argv)
     except (ValueError, FileNotFoundError, DiskFullError) as err:
         sys.exit(f"train_text_to_image.py: error: {_one_line(err)}")
+    except OSError as err:  # a full disk in a write that has no check of its own (a few bytes)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sys.exit(f"train_text_to_image.py: error: {err.filename or args.output_dir}: {err.strerror}")
     if summary:
         if summary.get("prompt_accuracy_after") is not None:
             before = summary["prompt_accuracy_before"]

@@ -281,6 +281,20 @@ def test_a_write_failing_for_space_midway_is_one_line_and_leaves_no_partial_chec
     _no_temporaries(out)
 
 
+def test_a_full_disk_in_a_small_write_is_one_line_naming_it(base, data, tmp_path, monkeypatch):
+    real_open = Path.open
+
+    def full_disk_open(self, mode="r", *args, **kwargs):
+        if self.name == "train_log.jsonl" and mode == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full_disk_open)
+    out = tmp_path / "run"
+    message = _error(base, data, out, *STEPS)
+    assert message.endswith(f"error: {out / 'train_log.jsonl'}: No space left on device"), message
+
+
 # -- 9. messages ---------------------------------------------------------------------------
 
 

@@ -102,13 +102,13 @@ def save_checkpoint(
     try:
         with disk_space(final, tmp, needed if accelerator.is_main_process else None):
             accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process and identity is not None:
+                write_run_identity(tmp, identity)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if identity is not None:
-            write_run_identity(tmp, identity)
         if final.exists():
             shutil.rmtree(final)
         replace(tmp, final)
