@@ -116,7 +116,7 @@ def _script_cmd(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return cmd + ["--report_to", "none", "--calibration_batches", "1", *extra]
 
 
-@pytest.mark.slow  # two training processes side by side: about 20 s on 2 cores
+@pytest.mark.slow  # two training processes side by side: 30 s on a busy 2-core machine
 def test_two_runs_started_at_once_into_one_folder(base, data, tmp_path):
     out = tmp_path / "shared"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
