@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,6 +61,7 @@ from reslora_diffusers.merge import DEFAULT_DISTILL_STEPS
 from reslora_diffusers.training.card import write_model_card
 from reslora_diffusers.training.checkpoints import (
     check_checkpoint_files,
+    check_resume_step,
     list_checkpoints,
     resolve_resume,
     save_checkpoint,
@@ -87,9 +88,11 @@ from reslora_diffusers.training.objectives import (
     real_inputs,
 )
 from reslora_diffusers.training.outputs import (
+    TRAIN_LOG,
     check_output_dir,
     check_resume_identity,
-    prepare_output_dir,
+    hold_output_dir,
+    read_train_log,
     run_identity,
 )
 from reslora_diffusers.training.quiet import dropped_log_messages
@@ -102,6 +105,7 @@ from reslora_diffusers.training.speed import (
     make_adamw,
     trace_chains,
 )
+from reslora_diffusers.utils.io import DiskFullError, atomic_dir, atomic_path
 from reslora_diffusers.utils.safety import check_finite
 
 logger = get_logger("train_text_to_image")
@@ -110,7 +114,6 @@ logger = get_logger("train_text_to_image")
 DEFAULT_SCHEDULE = "cosine"
 
 RESLORA_CHECKPOINT = "reslora_checkpoint.safetensors"
-TRAIN_LOG = "train_log.jsonl"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PEFT_CHECKPOINT = "peft_lora.safetensors"
 
@@ -118,7 +121,7 @@ PEFT_CHECKPOINT = "peft_lora.safetensors"
 # ----------------------------------------------------------------------------- arguments
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The command line (diffusers' LoRA script flags plus ResLoRA's)."""
     p = argparse.ArgumentParser(description="Fine-tune a text-to-image model with ResLoRA.")
     # model and data
@@ -290,7 +293,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validation_steps", type=int, default=400)
     p.add_argument("--checkpointing_steps", type=int, default=400)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    p.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest' or a checkpoint-<step> folder (a bare name, as diffusers' scripts take it, is "
+        "looked up in --output_dir first)",
+    )
     p.add_argument(
         "--overwrite_output_dir",
         action="store_true",
@@ -302,7 +310,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="resume even if the checkpoint's random states cannot be restored (the run will not "
         "repeat an uninterrupted one)",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line parsed (:func:`build_parser`)."""
+    return build_parser().parse_args(argv)
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The flags (their ``args`` names) that ``argv`` names, whatever their values: a flag set
+    to its default value is given all the same."""
+    unset: list = []  # a list: an append flag extends a copy, so given flags never hold this object
+    start = argparse.Namespace(**dict.fromkeys(vars(parse_args([])), unset))
+    return {
+        flag for flag, value in vars(build_parser().parse_args(argv, start)).items() if value is not unset
+    }
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -367,13 +390,27 @@ def load_training_data(args: argparse.Namespace, objective: Objective, resolutio
     return data, TextImageDataset(data, objective.tokenizer, resolution, args.center_crop, args.random_flip)
 
 
-def load_models(args: argparse.Namespace) -> Objective:
+#: stands for the default of a flag the command line gave: no value equals it
+_GIVEN = object()
+
+
+def load_models(args: argparse.Namespace, given: set[str] | None = None) -> Objective:
     """The base pipeline's components, all frozen, in the objective of its family (a UNet's DDPM
-    denoising, SD3's or Flux's flow matching)."""
-    path = args.pretrained_model_name_or_path
-    if (path.startswith((".", "/")) or Path(path).exists()) and not Path(path).is_dir():
+    denoising, SD3's or Flux's flow matching). ``given`` (:func:`given_flags`): the flags the
+    command line named; a flag of another family is refused when given, even at its default
+    value (without ``given``: when it differs from its default)."""
+    path = Path(args.pretrained_model_name_or_path)
+    if path.is_file():
+        raise ValueError(
+            f"--pretrained_model_name_or_path: {path} is a file; give the diffusers pipeline folder "
+            "(the one holding model_index.json) or a hub name"
+        )
+    if (args.pretrained_model_name_or_path.startswith((".", "/")) or path.exists()) and not path.is_dir():
         raise ValueError(f"--pretrained_model_name_or_path: {path} does not exist")
-    return load_objective(args, vars(parse_args([])))
+    defaults = vars(parse_args([]))
+    if given is not None:
+        defaults = {flag: _GIVEN if flag in given else value for flag, value in defaults.items()}
+    return load_objective(args, defaults)
 
 
 def _one_line(err: BaseException) -> str:
@@ -576,8 +613,8 @@ def run_validation(args, pipe, step: int, name: str, resolution: int) -> dict:
                 progress=bar,
             )
     grid_path = Path(args.output_dir) / "validation" / f"{name}.png"
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    labelled_grid(images, [f"seed {seed}" for seed in seeds], prompts).save(grid_path)
+    with atomic_path(grid_path) as tmp:  # a full disk is one line naming the grid
+        labelled_grid(images, [f"seed {seed}" for seed in seeds], prompts).save(tmp, format="PNG")
     record = {"step": step, "validation_grid": grid_path.relative_to(args.output_dir).as_posix()}
     if _metric_applies(prompts):
         # the open-set shape call, and the nearest-template reading for comparison
@@ -619,20 +656,29 @@ def _log_validation(accelerator, record: dict, images: list[Image.Image], step: 
 
 
 class TrainLog:
-    """``train_log.jsonl``: one JSON line per step (step, loss, lr, time) and per validation."""
+    """``train_log.jsonl``: one JSON line per step (step, loss, lr, time) and per validation.
+
+    A resume keeps the records up to its step (:func:`read_train_log`, which drops a line torn
+    by a crash mid-write), rewritten atomically; a new run starts it empty.
+    """
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
         kept = []
         if path.exists() and resume_step > 0:
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.records = [json.loads(line) for line in kept]
+            kept = [r for r in read_train_log(path) if r["step"] <= resume_step]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.records = kept
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk, say: main's one line names the log
+            err.filename = err.filename or str(self.path)
+            raise
 
     def accuracy_at(self, step: int) -> float | None:
         found = [
@@ -660,9 +706,8 @@ def export(args, components: dict, inputs: dict, pipeline_class) -> dict | None:
             layers[f"{name}_lora_layers"] = get_peft_model_state_dict(model)
             layers[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
             check_finite(layers[f"{name}_lora_layers"], f"{output_dir / LORA_FILE} ({name})")
-        with tempfile.TemporaryDirectory(dir=output_dir) as tmp:  # no half-written file on failure
-            pipeline_class.save_lora_weights(tmp, **layers, safe_serialization=True)
-            (Path(tmp) / LORA_FILE).replace(output_dir / LORA_FILE)
+        with atomic_dir(output_dir) as tmp:  # no half-written file on failure
+            pipeline_class.save_lora_weights(str(tmp), **layers, safe_serialization=True)
         return None
     from reslora_diffusers.export import export_lora
 
@@ -704,6 +749,14 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
     """Train, checkpoint, validate and export; returns the summary printed at the end."""
     check_args(args)
     check_output_dir(args)  # before anything slow is loaded
+    accelerator = make_accelerator(args)
+    # one run per folder: a second run started into it is refused while this one writes there
+    with hold_output_dir(args, accelerator.is_main_process):
+        return train_in_output_dir(args, argv, accelerator)
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """accelerate's state for the run (its processes, device and mixed precision) and the logging."""
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -720,13 +773,17 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
         )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_main_process:
-        prepare_output_dir(args)
+    return accelerator
+
+
+def train_in_output_dir(args: argparse.Namespace, argv: list[str], accelerator: Accelerator) -> dict:
+    """:func:`train` once the main process holds ``--output_dir`` (prepared for the run)."""
+    output_dir = Path(args.output_dir)
     if args.allow_tf32:
         allow_tf32()
     set_seed(args.seed)  # the same adapter initialisation on every process
 
-    objective = load_models(args)
+    objective = load_models(args, given_flags(argv))
     resolution = args.resolution or objective.default_resolution()
     objective.check_resolution(resolution)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -795,7 +852,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
 
     if accelerator.is_main_process:
         accelerator.init_trackers("text2image-reslora", config=_hparams(args))
-    global_step = resume(args, accelerator)
+    global_step = resume(args, accelerator, objective.denoiser)
     if global_step == 0:
         set_seed(args.seed, device_specific=True)  # noise differs per process; a resume restores RNG states
     log = TrainLog(output_dir / TRAIN_LOG, global_step) if accelerator.is_main_process else None
@@ -829,7 +886,8 @@ def train(args: argparse.Namespace, argv: list[str]) -> dict:
     if validating and global_step == 0:
         validate_during_training(run, 0)
 
-    run_training(run, global_step, steps_per_epoch)
+    if global_step < args.max_train_steps:  # a checkpoint of the last step is exported as it is
+        run_training(run, global_step, steps_per_epoch)
 
     accelerator.wait_for_everyone()
     summary = {}
@@ -859,19 +917,19 @@ def _hparams(args: argparse.Namespace) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
 
 
-def resume(args, accelerator: Accelerator) -> int:
-    """Load ``--resume_from_checkpoint`` if given; the global step to continue from."""
-    from reslora_diffusers.training.checkpoints import checkpoint_step
-
+def resume(args, accelerator: Accelerator, denoiser: str) -> int:
+    """Load ``--resume_from_checkpoint`` if given; the global step to continue from (refused
+    past ``--max_train_steps``)."""
     path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if path is None:
         return 0
-    check_resume_identity(path, run_identity(args))
     weights = PEFT_CHECKPOINT if args.use_peft else RESLORA_CHECKPOINT
+    check_resume_identity(path, run_identity(args), None if args.use_peft else path / weights, denoiser)
+    step = check_resume_step(path, args.max_train_steps)
     check_checkpoint_files(path, weights, accelerator.process_index, args.allow_partial_resume)
     logger.info("resuming from %s", path)
     accelerator.load_state(str(path))
-    return checkpoint_step(path)
+    return step
 
 
 def run_training(run: Run, global_step: int, steps_per_epoch: int) -> None:
@@ -933,6 +991,7 @@ def run_training(run: Run, global_step: int, steps_per_epoch: int) -> None:
                     global_step,
                     args.checkpoints_total_limit,
                     run_identity(args),
+                    checkpoint_bytes(run.params),
                 )
             if (
                 log
@@ -947,6 +1006,13 @@ def run_training(run: Run, global_step: int, steps_per_epoch: int) -> None:
         if global_step >= args.max_train_steps:
             break
     progress.close()
+
+
+def checkpoint_bytes(params: list[torch.nn.Parameter]) -> int:
+    """A little more than a checkpoint folder takes: the adapter weights (with their norm
+    windows, measured at 1.2x the weights) and AdamW's two moments (2x), all float32, and
+    256 KiB for the scheduler, the RNG states and the file headers."""
+    return 4 * sum(p.numel() * p.element_size() for p in params) + (1 << 18)
 
 
 def apply_shortcut_schedule(run: Run, step: int) -> None:
@@ -1023,8 +1089,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         summary = train(args, argv)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, DiskFullError) as err:
         sys.exit(f"train_text_to_image.py: error: {_one_line(err)}")
+    except OSError as err:  # a full disk in a write that has no check of its own (a few bytes)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sys.exit(f"train_text_to_image.py: error: {err.filename or args.output_dir}: {err.strerror}")
     if summary:
         if summary.get("prompt_accuracy_after") is not None:
             before = summary["prompt_accuracy_before"]

@@ -1,22 +1,27 @@
 """Gradio demo: each base model beside its LoRA and ResLoRA, with training curves and merge reports.
 
-    python app/app.py [--base DIR ...] [--lora PATH ...] [--host 127.0.0.1] [--port 7860]
+    python app/app.py [--base DIR ...] [--lora PATH ...] [--runs_dir DIR] [--host 127.0.0.1] [--port 7860]
 
 LoRA outputs are training/export folders (holding ``pytorch_lora_weights.safetensors``) or
 ``.safetensors`` files; they are loaded with diffusers' ``load_lora_weights``, the way any
 user of the exported files loads them, on the first base whose pipeline has the modules their
 keys name. Without ``--base`` the demo shows the embedded UNet and DiT bases (each whose folder
-exists); without ``--lora`` it uses the runs in ``runs/`` and offers a
-button that trains the missing ones on the embedded data.
+exists); without ``--lora`` it uses the runs in ``--runs_dir`` (``runs/``) and offers a
+button that trains the missing ones on the embedded data. Bound to an address other machines
+reach, it reads LoRA outputs only from ``--runs_dir`` and those named at start, and bases only
+from those listed at start (:class:`AllowedPaths`).
 """
 
 # ruff: noqa: E402 (the command line is parsed before the heavy imports, so --help is instant)
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import logging
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +30,8 @@ from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
-#: Addresses that only this machine reaches; the Train button is offered on these only.
+#: Addresses that only this machine reaches; the Train button is offered on these only, and
+#: on any other the paths a client may name are restricted (:class:`AllowedPaths`).
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -44,14 +50,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--host",
         default="127.0.0.1",
         help="bind address (default: loopback only); on any other address the Train button, which "
-        "starts training processes on this machine, is left out of the page and the API",
+        "starts training processes on this machine, is left out of the page and the API, and "
+        "clients may name only the runs in --runs_dir and the bases and LoRA outputs named at start",
     )
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    parser.add_argument(
+        "--runs_dir",
+        default=None,
+        help="folder of training runs, listed when --lora is not given (default: runs/ of the checkout)",
+    )
     return parser.parse_args(argv)
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why the demo cannot serve on ``host:port`` (another server holds it), or None.
+
+    Tried with a socket of our own, before the heavy imports, so that a port in use is one line
+    instead of a traceback from the web server after a long start.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        return f"--host {host}: not an address of this machine ({err.strerror})"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            return f"--port {port}: {host}:{port} is in use ({err.strerror}); stop the other server or choose another --port"
+    return None
 
 
 if __name__ == "__main__":
     ARGS = parse_args()
+    if (TAKEN := port_taken(ARGS.host, ARGS.port)) is not None:
+        sys.exit(f"app.py: error: {TAKEN}")
 
 import gradio as gr
 import matplotlib
@@ -579,15 +612,104 @@ def launch(demo: gr.Blocks, host: str, port: int, **kwargs) -> None:
     demo.launch(server_name=host, server_port=port, **kwargs)
 
 
+class AllowedPaths:
+    """The paths a client of a demo that other machines reach may name: LoRA outputs inside
+    ``runs_dir`` or inside those named at start, and the bases listed at start (folders, or hub
+    names as given).
+
+    Paths are compared resolved (``..`` and symlinks followed), so ``runs/../..`` is outside. A
+    path outside is refused before anything reads it, with a note that does not name it: whether
+    it exists, or is a file or a folder, never shows in an answer.
+    """
+
+    def __init__(self, runs_dir: str | Path, bases: list[str], loras: list[str] | None = None) -> None:
+        self.bases = list(bases)
+        self.base_keys = {_base_key(b) for b in self.bases}
+        self.lora_roots = [Path(runs_dir).resolve(), *(Path(lora).resolve() for lora in loras or [])]
+
+    def allows_base(self, base: str) -> bool:
+        return _base_key(base) in self.base_keys
+
+    def allows_lora(self, lora: str) -> bool:
+        path = Path(lora).resolve()
+        return any(path.is_relative_to(root) for root in self.lora_roots)
+
+    def keep_bases(self, text: str) -> tuple[str, list[str]]:
+        """The bases of ``text`` (one per line) this demo may load, with a note for those left
+        out; no base named means the listed ones."""
+        named = _lines(text)
+        kept = [b for b in named if self.allows_base(b)]
+        notes = []
+        if len(kept) < len(named):
+            notes.append(
+                f"**{len(named) - len(kept)} base model(s) not shown**: a demo reachable from other "
+                "machines uses only the base models it was started with."
+            )
+        return "\n".join(kept if named else self.bases), notes
+
+    def keep_loras(self, text: str) -> tuple[str, list[str]]:
+        """The LoRA outputs of ``text`` (one per line) this demo may read, with a note for those left out."""
+        named = _lines(text)
+        kept = [lora for lora in named if self.allows_lora(lora)]
+        notes = []
+        if len(kept) < len(named):
+            notes.append(
+                f"**{len(named) - len(kept)} LoRA output(s) not shown**: a demo reachable from other "
+                "machines reads LoRA outputs only from its runs folder and those named when it started."
+            )
+        return "\n".join(kept), notes
+
+
+def _base_key(base: str) -> str:
+    """A base as :class:`AllowedPaths` compares it: a path resolved, a hub name as it is."""
+    local = base.startswith((".", "/", "~")) or os.path.exists(base)
+    return str(Path(base).resolve()) if local else base
+
+
+def restricted(allowed: AllowedPaths) -> dict:
+    """The endpoints that read paths (``render``, ``reports``, ``prompt_note``), taking out the
+    bases and LoRA outputs ``allowed`` refuses; ``render`` says what it left out, without paths."""
+    render_args, note_args = inspect.signature(render), inspect.signature(prompt_note)
+
+    @functools.wraps(render)
+    def render_allowed(*args, **kwargs):
+        bound = render_args.bind(*args, **kwargs)
+        bound.arguments["base"], base_notes = allowed.keep_bases(bound.arguments["base"])
+        bound.arguments["loras"], lora_notes = allowed.keep_loras(bound.arguments["loras"])
+        if not bound.arguments["base"]:
+            return [], "\n\n".join(["Nothing rendered.", *base_notes, *lora_notes])
+        gallery, status = render(*bound.args, **bound.kwargs)
+        return gallery, "\n\n".join([status, *base_notes, *lora_notes])
+
+    @functools.wraps(reports)
+    def reports_allowed(loras: str):
+        return reports(allowed.keep_loras(loras)[0])
+
+    @functools.wraps(prompt_note)
+    def note_allowed(*args, **kwargs):
+        bound = note_args.bind(*args, **kwargs)
+        bound.arguments["base"], _ = allowed.keep_bases(bound.arguments["base"])
+        return prompt_note(*bound.args, **bound.kwargs) if bound.arguments["base"] else ""
+
+    return {"render": render_allowed, "reports": reports_allowed, "prompt_note": note_allowed}
+
+
 def build_app(
-    base: str | list[str] | None = None, loras: list[str] | None = None, allow_training: bool = True
+    base: str | list[str] | None = None,
+    loras: list[str] | None = None,
+    allow_training: bool = True,
+    allowed: AllowedPaths | None = None,
 ) -> gr.Blocks:
     """The demo page for the base models ``base`` (one per line, or a list; default: the embedded
-    ones); ``allow_training=False`` leaves out the Train button (and its API endpoint)."""
+    ones); ``allow_training=False`` leaves out the Train button (and its API endpoint);
+    ``allowed`` restricts the paths a client may name (a demo other machines reach)."""
     base = "\n".join(parse_bases(base))
     using_runs = loras is None
-    loras = found_runs() if using_runs else loras
-    missing = missing_runs() if using_runs and allow_training else []
+    loras = found_runs(RUNS_DIR) if using_runs else loras
+    missing = missing_runs(RUNS_DIR) if using_runs and allow_training else []
+    endpoints = {"render": render, "reports": reports, "prompt_note": prompt_note}
+    if allowed is not None:
+        endpoints = restricted(allowed)
     with gr.Blocks(title="ResLoRA vs LoRA") as demo:
         gr.Markdown(
             "# ResLoRA vs LoRA\nSame prompt, same seeds: each base model, then every LoRA file made "
@@ -643,29 +765,45 @@ def build_app(
             gr.Markdown("Final validation grids: the same prompts (columns) and seeds (rows) for every run.")
             grids = gr.Image(label="final validation grids", show_label=False, format="png", elem_id="grids")
         generate.click(
-            render,
+            endpoints["render"],
             [prompt, negative, seed, steps, guidance, lora_scale, num_images, base_box, lora_box],
             [gallery, status],
             api_name="generate",
         )
         for source in (num_images, base_box, lora_box):
             source.change(gallery_columns, [num_images, base_box, lora_box], gallery, api_name=False)
-        prompt.change(prompt_note, [prompt, base_box], note, api_name="prompt_note")
-        base_box.change(prompt_note, [prompt, base_box], note, api_name=False)
+        prompt.change(endpoints["prompt_note"], [prompt, base_box], note, api_name="prompt_note")
+        base_box.change(endpoints["prompt_note"], [prompt, base_box], note, api_name=False)
         outputs = [plot, accuracy, table, comparison, grids]
-        refresh.click(reports, [lora_box], outputs, api_name="reports")
+        refresh.click(endpoints["reports"], [lora_box], outputs, api_name="reports")
         if allow_training:
             train_btn.click(train_missing_runs, None, [lora_box, train_btn, status], api_name="train").then(
                 reports, [lora_box], outputs, api_name=False
             )
-        demo.load(reports, [lora_box], outputs)
+        demo.load(endpoints["reports"], [lora_box], outputs)
     return demo.queue(default_concurrency_limit=1)
 
 
+def allowed_paths(args: argparse.Namespace) -> AllowedPaths | None:
+    """None on a loopback address (only this machine's users reach the demo, and they can read
+    any file anyway); elsewhere the runs folder and the bases and LoRA outputs of the command line."""
+    if args.host in LOOPBACK_HOSTS:
+        return None
+    return AllowedPaths(RUNS_DIR, parse_bases(args.base), args.lora)
+
+
 def main(args: argparse.Namespace) -> None:
+    global RUNS_DIR
     logging.basicConfig(level=logging.INFO)
-    demo = build_app(args.base, args.lora, allow_training=args.host in LOOPBACK_HOSTS)
-    launch(demo, args.host, args.port)
+    if args.runs_dir is not None:
+        RUNS_DIR = Path(args.runs_dir)
+    demo = build_app(
+        args.base, args.lora, allow_training=args.host in LOOPBACK_HOSTS, allowed=allowed_paths(args)
+    )
+    try:
+        launch(demo, args.host, args.port)
+    except OSError as err:  # the port was taken between port_taken's check and the start
+        sys.exit(f"app.py: error: --port {args.port}: {_one_line(err)}")
 
 
 if __name__ == "__main__":

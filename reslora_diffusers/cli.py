@@ -19,7 +19,8 @@ from .api import load_reslora_checkpoint
 from .core.checkpoint import checkpoint_configs
 from .core.config import MERGE_METHODS
 from .merge.distill import DEFAULT_DISTILL_STEPS
-from .utils.io import atomic_dir, is_temporary, remove_stale_temporaries
+from .utils.io import atomic_dir, remove_stale_temporaries
+from .utils.lock import folder_lock, user_entries
 from .utils.safety import check_finite_file
 
 FORMAT_CHOICES = {"diffusers": ("diffusers",), "kohya": ("kohya",), "both": ("diffusers", "kohya")}
@@ -78,6 +79,21 @@ def merge_main(argv: list[str] | None = None) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> dict:
+    ckpt = Path(args.checkpoint)
+    if args.rank is not None and args.rank <= 0:
+        raise ValueError(f"--rank {args.rank} must be > 0")
+    if args.distill_steps < 0:
+        raise ValueError(f"--distill_steps {args.distill_steps} must be >= 0")
+    output = Path(args.output)
+    check_output(output, args.overwrite)
+    # one writer per folder: a second merge (or a training run) into it is refused meanwhile
+    with folder_lock(output, "--output", "reslora-merge"):
+        check_output(output, args.overwrite)  # again: a merge that ended meanwhile may have filled it
+        return merge_into(args, ckpt, output)
+
+
+def merge_into(args: argparse.Namespace, ckpt: Path, output: Path) -> dict:
+    """:func:`run_merge` once it holds ``output``'s lock."""
     from diffusers import DiffusionPipeline
 
     from .export.diffusers import (
@@ -90,13 +106,6 @@ def run_merge(args: argparse.Namespace) -> dict:
     from .export.kohya import KOHYA_FILE
     from .frontends import remove_reslora_from_pipeline
 
-    ckpt = Path(args.checkpoint)
-    if args.rank is not None and args.rank <= 0:
-        raise ValueError(f"--rank {args.rank} must be > 0")
-    if args.distill_steps < 0:
-        raise ValueError(f"--distill_steps {args.distill_steps} must be >= 0")
-    output = Path(args.output)
-    check_output(output, args.overwrite)
     configs = checkpoint_configs(ckpt)
     check_finite_file(ckpt)
     if "" in configs:
@@ -123,7 +132,8 @@ def run_merge(args: argparse.Namespace) -> dict:
         distill_steps=args.distill_steps,
     )
     remove_stale_temporaries(output)
-    with atomic_dir(output) as tmp:
+    # --fuse writes the whole pipeline: check the room for it before merging into the disk
+    with atomic_dir(output, needed=pipeline_bytes(pipe) if args.fuse else None) as tmp:
         write_lora_files(tmp, merged, report, comps, formats, {"reslora_checkpoint": ckpt.name})
         if args.fuse:
             remove_reslora_from_pipeline(pipe)
@@ -136,12 +146,26 @@ def run_merge(args: argparse.Namespace) -> dict:
     return report
 
 
+def pipeline_bytes(pipe) -> int:
+    """About the size of ``pipe.save_pretrained``: every model's parameters and buffers, plus
+    1 MiB for configs, tokenizers and file headers."""
+    import torch.nn as nn
+
+    tensors = [
+        t
+        for module in pipe.components.values()
+        if isinstance(module, nn.Module)
+        for t in (*module.parameters(), *module.buffers())
+    ]
+    return sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+
+
 def check_output(output: Path, overwrite: bool) -> None:
     """Refuse an ``--output`` that is a file, or a folder holding files without ``--overwrite``."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file, not a folder")
     if output.is_dir() and not overwrite:
-        entries = sorted(p.name for p in output.iterdir() if not is_temporary(p))
+        entries = user_entries(output)
         if entries:
             raise ValueError(
                 f"--output {output} already holds files ({', '.join(entries[:3])}"

@@ -463,3 +463,70 @@ def test_temporary_folders_of_interrupted_exports_are_not_runs(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "pytorch_lora_weights.safetensors").write_bytes(b"")
     assert demo_app.found_runs(tmp_path) == [str(tmp_path / "reslora")]
+
+
+def test_a_demo_other_machines_reach_reads_only_its_runs_and_bases(served, tmp_path):
+    """--host 0.0.0.0: LoRA outputs only from the runs folder (and those named at start), bases
+    only those listed; a path outside is refused without a word on whether it exists or what it is."""
+    import shutil
+
+    assert demo_app.allowed_paths(demo_app.parse_args([])) is None  # loopback: no restriction
+    allowed = demo_app.allowed_paths(
+        demo_app.parse_args(["--host", "0.0.0.0", "--base", str(served["base"])])
+    )
+    outside_run = tmp_path / "outside-run"
+    shutil.copytree(served["runs"][0], outside_run)  # a real LoRA, outside the runs folder
+    outside_base = tmp_path / "outside-base"
+    shutil.copytree(served["base"], outside_base)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a LoRA")
+    runs_dir = served["tmp"] / "runs"
+    demo = build_app(str(served["base"]), None, allow_training=False, allowed=allowed)
+    port = _free_port()
+    demo_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        refused = [outside_run, "/root/no-such-file", secret, runs_dir / ".." / "outside-run-x"]
+        gallery, status = _generate(client, served, "\n".join(map(str, [served["runs"][0], *refused])))
+        assert len(gallery) == 4  # the base and the run inside runs/, 2 images each
+        assert "**4 LoRA output(s) not shown**" in status
+        for text in ("outside", "no-such-file", "secret", str(tmp_path), "does not exist", "not a"):
+            assert text not in status, text
+
+        gallery, status = _generate(client, served, "", bases=[outside_base])
+        assert gallery == [] and "**1 base model(s) not shown**" in status and str(outside_base) not in status
+        gallery, status = _generate(client, served, "", bases=[served["dit_base"]])  # not listed
+        assert gallery == [] and "**1 base model(s) not shown**" in status
+
+        plot, accuracy, merges, comparison, grids = client.predict(str(outside_run), api_name="/reports")
+        assert accuracy["data"] == [] and merges["data"] == [] and comparison["data"] == [] and grids is None
+        inside = client.predict(str(served["runs"][0]), api_name="/reports")
+        assert inside[3]["data"][0][0] == "LoRA (lora)"
+
+        prompt = "a red cross on a blue background"
+        assert demo_app.prompt_note(prompt, str(outside_base))  # the same tokenizer: a note, locally
+        assert client.predict(prompt, str(outside_base), api_name="/prompt_note") == ""
+        assert client.predict(prompt, str(served["base"]), api_name="/prompt_note") == demo_app.prompt_note(
+            prompt, str(served["base"])
+        )
+    finally:
+        demo.close()
+
+
+def test_a_used_port_is_one_line_before_the_heavy_imports():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "app/app.py", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"app.py: error: --port {port}: 127.0.0.1:{port} is in use (Address already in use); "
+        "stop the other server or choose another --port"
+    )

@@ -460,6 +460,84 @@ def _continue_windows(trained, fresh):
             assert torch.equal(a.norm_window, b.norm_window)
 
 
+class _Reversed(ResidualStack):
+    """ResidualStack with its layers run last to first: the same modules, another chain order."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in reversed(self.layers):
+            x = x + torch.tanh(layer.proj(x))
+        return x
+
+
+def _stack(model_cls=ResidualStack, **cfg) -> nn.Module:
+    torch.manual_seed(0)
+    model = model_cls()
+    config = {"rank": 3, "alpha": 4.0, "res_type": "ms", "pre_num": 1, "target_modules": ["proj"], **cfg}
+    return add_reslora(model, ResLoRAConfig(**config))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("res_type", "bs"),
+        ("res_type", "is"),
+        ("alpha", 16.0),
+        ("pre_num", 2),
+        ("rank", 4),
+        ("target_modules", [f"layers.{i}.proj" for i in range(6)]),
+    ],
+)
+def test_a_checkpoint_is_refused_by_a_model_of_another_config_naming_the_field(tmp_path, field, value):
+    """An ms checkpoint with alpha 4 in a same-shape model of another config would compute
+    another model from the same tensors: refused before anything is loaded."""
+    saved = _stack()
+    randomize_lora(saved)
+    x = torch.randn(5, 8)
+    expected = saved.eval()(x)
+    path = save_reslora_checkpoint(saved, tmp_path / "ms.safetensors")
+
+    other = _stack(**{field: value})
+    other(x)  # traced
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=f"saved with {field}=.*the model's ResLoRA has {field}="):
+        load_reslora_checkpoint(other, path)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+    same = _stack()
+    same(x)
+    load_reslora_checkpoint(same, path)  # the same config loads, and computes the saved model
+    assert torch.equal(same.eval()(x), expected)
+    torch.manual_seed(0)
+    fresh = ResidualStack()  # no ResLoRA: the checkpoint's own config is attached
+    load_reslora_checkpoint(fresh, path)
+    assert torch.equal(fresh.eval()(x), expected)
+
+
+def test_pre_num_of_a_type_that_ignores_it_does_not_matter_but_chains_do(tmp_path):
+    saved = _stack(res_type="is", pre_num=1)
+    randomize_lora(saved)
+    x = torch.randn(5, 8)
+    saved(x)
+    expected = saved.eval()(x)
+    path = save_reslora_checkpoint(saved, tmp_path / "is.safetensors")
+    other = _stack(res_type="is", pre_num=3)  # is always reads one predecessor
+    load_reslora_checkpoint(other, path)
+    assert torch.equal(other.eval()(x), expected)
+
+    reordered = _stack(_Reversed, res_type="is")
+    reordered(x)  # traced in the other order: the same module names, other shortcuts
+    with pytest.raises(
+        ValueError,
+        match=r"chain 'proj' differs from the model's traced chain at block 0: saved 'layers.0.proj'",
+    ):
+        load_reslora_checkpoint(reordered, path)
+    untraced = _stack(_Reversed, res_type="is")  # not traced yet: the stored order is installed
+    load_reslora_checkpoint(untraced, path)
+    assert [b["modules"] for b in chain_structure(untraced).values()] == [
+        [f"layers.{i}.proj" for i in range(6)]
+    ]
+
+
 @pytest.mark.parametrize("res_type", ["is", "ms"])
 def test_norm_window_continues_after_load_state_dict(res_type):
     """A Trainer resume restores the buffers with load_state_dict: the window position must

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from reslora_diffusers.training.cpu_threads import (
     FreeCpuThreads,
+    allowed_cpus,
     busy_seconds,
     cpu_threads_for_run,
     parse_cpu_threads,
@@ -138,3 +140,11 @@ def test_the_cpu_threads_flag(two_threads, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     expected = FreeCpuThreads if os.path.exists("/proc/stat") else type(None)
     assert isinstance(cpu_threads_for_run("auto", cpu), expected)
+
+
+def test_a_thread_count_above_the_cpus_is_lowered_to_them(two_threads, caplog):
+    cpus = len(allowed_cpus())
+    with caplog.at_level(logging.WARNING):
+        assert cpu_threads_for_run(999, torch.device("cpu")) is None
+    assert torch.get_num_threads() == cpus
+    assert f"--cpu_threads 999: this process may run on {cpus} CPUs; using {cpus} threads" in caplog.text

@@ -240,6 +240,9 @@ def test_flags_of_the_other_objective_are_refused(bases, data, tmp_path):
     assert "--noise_offset does not apply to flux pipelines" in message, message
     message = _error(bases["sd3"], data, tmp_path / "b", "--guidance_scale", "2")
     assert "--guidance_scale does not apply to stable_diffusion_3 pipelines" in message, message
+    for gamma in ("3", "5"):  # 5 is the UNet's default: given, it is refused all the same
+        message = _error(bases["sd3"], data, tmp_path / "b", "--snr_gamma", gamma)
+        assert "--snr_gamma does not apply to stable_diffusion_3 pipelines" in message, message
     assert not (tmp_path / "a" / "train_log.jsonl").exists()
     # and the flow-matching flags on a UNet (the embedded Stable Diffusion base)
     message = _error(default_base_model_path(), data, tmp_path / "c", "--weighting_scheme", "mode")

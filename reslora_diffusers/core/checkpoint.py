@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..utils.io import atomic_path
-from ..utils.safety import json_field, open_safetensors
+from ..utils.safety import json_field, open_safetensors, safetensors_size
 from .config import ResLoRAConfig
 from .inject import attach_reslora, get_state, has_reslora
 
@@ -26,6 +26,9 @@ VERSION = "1"
 TENSORS = ("lora_A", "lora_B", "norm_window", "norm_count", "shortcut_scale")
 #: tensors that older checkpoints lack, and the value they load as (the paper's full shortcut)
 OPTIONAL = {"shortcut_scale": 1.0}
+#: config fields that decide what the stored tensors compute: a model whose ResLoRA has other
+#: values gives other outputs from the same tensors (``pre_num`` only for types that read it)
+MODEL_FIELDS = ("res_type", "pre_num", "rank", "alpha", "target_modules")
 
 Models = nn.Module | dict[str, nn.Module]
 
@@ -69,7 +72,7 @@ def save_reslora_checkpoint(models: Models, path: str | Path, metadata: dict[str
     tensors, meta = checkpoint_state(models)
     meta.update(metadata or {})
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=safetensors_size(tensors, meta)) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
 
@@ -99,7 +102,11 @@ def load_checkpoint(
     """Load a checkpoint into ``models``, attaching ResLoRA with the stored config where missing.
 
     ``attach(model, config)`` adds ResLoRA to a model that has none (the front end's
-    ``add_reslora`` for models with presets and processors). Every tensor must match a block
+    ``add_reslora`` for models with presets and processors). A model that already has ResLoRA
+    must have the stored ``res_type``, ``pre_num``, ``rank``, ``alpha`` and targets
+    (:data:`MODEL_FIELDS`) and, where it has traced its chains, the stored chain structure: the
+    same tensors under another config compute another model, so a mismatch raises ``ValueError``
+    naming the field or chain before anything is loaded. Every tensor must match a block
     of the model in name and shape, and every block must be in the file; the first key that
     does not fit raises ``ValueError`` naming it. The stored chain structure and shared-input
     groups are installed, so no traced forward is needed afterwards (a checkpoint without groups,
@@ -120,7 +127,10 @@ def load_checkpoint(
         for name, model in comps.items():
             if name not in configs:
                 continue
-            if not has_reslora(model):
+            if has_reslora(model):
+                where = f"{path}: " + (f"component {name!r} " if name else "")
+                check_model_config(model, configs[name], chains.get(name, {}), where)
+            else:
                 attach(model, ResLoRAConfig.from_dict(configs[name]))
             for bpath, block in get_state(model).blocks.items():
                 for t in TENSORS:
@@ -150,6 +160,47 @@ def load_checkpoint(
             if name in groups:
                 _install_groups(model, groups[name])
     return models
+
+
+def check_model_config(model: nn.Module, stored: dict, chains: dict[str, dict], where: str = "") -> None:
+    """Refuse (``ValueError`` naming the field or chain) a model whose ResLoRA differs from the
+    stored config ``stored`` in a :data:`MODEL_FIELDS` field, or whose traced chains differ from
+    the stored structure ``chains`` (``{chain: {"modules": [...], "links": [...]}}``)."""
+    state = get_state(model)
+    saved = ResLoRAConfig.from_dict(stored)
+    for field in MODEL_FIELDS:
+        if field == "pre_num" and not state.shortcut.uses_pre_num:
+            continue  # reached only with equal res_type: a type without pre_num ignores it
+        mine, theirs = getattr(state.config, field), getattr(saved, field)
+        if field == "target_modules":
+            mine, theirs = sorted(mine or []), sorted(theirs or [])
+        if mine != theirs:
+            raise ValueError(
+                f"{where}saved with {field}={getattr(saved, field)!r}, the model's ResLoRA has "
+                f"{field}={getattr(state.config, field)!r} (load it into a model without ResLoRA to "
+                "use the checkpoint's own config)"
+            )
+    for key, info in chains.items():
+        chain = state.chains.get(key)
+        if chain is None or not chain.frozen:
+            continue
+        saved_blocks = list(zip(info["modules"], map(bool, info["links"])))
+        traced = [(b.module_path, bool(link)) for b, link in zip(chain.blocks, chain.links)]
+        if saved_blocks != traced:
+            pos = next((i for i, (x, y) in enumerate(zip(saved_blocks, traced)) if x != y), None)
+            if pos is None:
+                pos = min(len(saved_blocks), len(traced))
+            raise ValueError(
+                f"{where}chain {key!r} differs from the model's traced chain at block {pos}: saved "
+                f"{_block_text(saved_blocks, pos)}, traced {_block_text(traced, pos)}"
+            )
+
+
+def _block_text(blocks: list[tuple[str, bool]], pos: int) -> str:
+    if pos >= len(blocks):
+        return f"no block {pos} ({len(blocks)} blocks)"
+    module, link = blocks[pos]
+    return f"{module!r} ({'linked to' if link else 'not linked to'} the block before)"
 
 
 def _install_chains(model: nn.Module, chains: dict[str, dict]) -> None:

@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 from ..core import get_shortcut
+from ..utils.io import atomic_path
 
 CARD = """---
 library_name: diffusers
@@ -150,7 +151,6 @@ def write_model_card(
         command=shlex.join(["python", "train_text_to_image.py", *argv]),
     )
     path = Path(output_dir) / "README.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(card)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(card)
     return path

@@ -9,11 +9,11 @@ temporary name and renamed when complete, so a crash never leaves a partial chec
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 
+from ..utils.io import disk_space, replace
 from ..utils.safety import load_safetensors
 from .outputs import write_run_identity
 
@@ -39,7 +39,11 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """The folder to resume from: ``latest`` in ``output_dir`` (None if there is none) or a path."""
+    """The folder to resume from: ``latest`` in ``output_dir`` (None if there is none) or a path.
+
+    A bare folder name (``checkpoint-4``, as diffusers' scripts take it) is looked up in
+    ``output_dir`` first, then in the working folder.
+    """
     if resume is None:
         return None
     if resume == "latest":
@@ -48,20 +52,46 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
             logger.info("no checkpoint in %s to resume from; starting a new run", output_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not path.is_dir():
-        raise ValueError(f"--resume_from_checkpoint: {path} does not exist")
-    checkpoint_step(path)
-    return path
+    tried = [path]
+    if len(path.parts) == 1:
+        tried.insert(0, Path(output_dir) / path)
+    found = next((p for p in tried if p.is_dir()), None)
+    if found is None:
+        where = " nor ".join(str(p) for p in tried)
+        raise ValueError(f"--resume_from_checkpoint: {where} does not exist")
+    checkpoint_step(found)
+    return found
+
+
+def check_resume_step(checkpoint: Path, max_train_steps: int) -> int:
+    """The step of ``checkpoint``, refused when it is past ``--max_train_steps``: the run would
+    train on past its end (and label its export with the smaller count). A checkpoint at
+    exactly ``--max_train_steps`` has nothing left to train and is exported as it is."""
+    step = checkpoint_step(checkpoint)
+    if step > max_train_steps:
+        raise ValueError(
+            f"--resume_from_checkpoint: {checkpoint} is at step {step}, past --max_train_steps "
+            f"{max_train_steps}; give --max_train_steps {step} to export it as it is, or more to "
+            "continue training"
+        )
+    return step
 
 
 def save_checkpoint(
-    accelerator, output_dir: str | Path, step: int, total_limit: int | None, identity: dict | None = None
+    accelerator,
+    output_dir: str | Path,
+    step: int,
+    total_limit: int | None,
+    identity: dict | None = None,
+    needed: int | None = None,
 ) -> Path:
     """``accelerator.save_state`` into ``checkpoint-<step>`` atomically; keep the newest ``total_limit``.
 
     ``identity`` (the run's model-defining flags) is written beside the states, so that a
-    resume can check it continues the same run. Every process must call this (each one
-    writes its own RNG state).
+    resume can check it continues the same run. ``needed`` (bytes, where known) is checked
+    against the free space first; a full disk is one ``DiskFullError`` naming the file, and
+    the partial folder is removed. Every process must call this (each one writes its own RNG
+    state).
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -69,14 +99,19 @@ def save_checkpoint(
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        with disk_space(final, tmp, needed if accelerator.is_main_process else None):
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process and identity is not None:
+                write_run_identity(tmp, identity)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        if identity is not None:
-            write_run_identity(tmp, identity)
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace(tmp, final)
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)

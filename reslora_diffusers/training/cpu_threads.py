@@ -155,9 +155,16 @@ def cpu_threads_for_run(setting: str | int, device: torch.device) -> FreeCpuThre
     :meth:`~FreeCpuThreads.update` every step, or ``None`` when the count stays fixed.
 
     ``auto`` follows the free CPUs only on a CPU device and when the user has not fixed the count
-    with ``OMP_NUM_THREADS``.
+    with ``OMP_NUM_THREADS``. A number above the CPUs this process may run on is lowered to them
+    with a warning: more threads than CPUs only wait for each other.
     """
     if isinstance(setting, int):
+        cpus = len(allowed_cpus())
+        if setting > cpus:
+            logger.warning(
+                "--cpu_threads %d: this process may run on %d CPUs; using %d threads", setting, cpus, cpus
+            )
+            setting = cpus
         torch.set_num_threads(setting)
         return None
     if setting == "torch" or device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):

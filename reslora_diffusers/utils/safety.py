@@ -35,16 +35,25 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
         )
 
 
+def safetensors_size(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
+    """Bytes of the safetensors file of ``tensors``: their data plus the JSON header (its
+    exact length varies with the offsets' digits; 128 bytes per tensor is more than enough)."""
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    header = sum(128 + len(k) for k in tensors) + len(json.dumps(dict(metadata or {})))
+    return data + header
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
     """Write a safetensors file after checking every tensor is finite; atomic (a temporary name,
-    renamed when complete) and with the permissions the user's umask gives new files."""
+    renamed when complete), with the permissions the user's umask gives new files, and refused
+    in one line (``DiskFullError``) where the disk lacks the room."""
     from safetensors.torch import save_file
 
     path = Path(path)
     check_finite(tensors, str(path))
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=safetensors_size(tensors, metadata)) as tmp:
         save_file(dict(tensors), str(tmp), metadata=metadata)
     return path
 
