@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from torch._dynamo import config as dynamo_config
 
 from ..core import get_state, has_reslora
 from ..frontends import frontend_for
@@ -67,7 +68,7 @@ def compile_model(
         raise ValueError(f"compile mode {mode!r}: allowed {' | '.join(COMPILE_MODES)}")
     trace_chains(model, inputs)
     if has_reslora(model):  # see the module doc: checkpointed regions compile only with it
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     # inductor takes ``mode``; the debugging backends (eager, aot_eager) accept none
     kwargs = {"mode": mode} if backend == "inductor" and mode != "default" else {}
     logger.info("torch.compile(%s, backend=%s, mode=%s)", type(model).__name__, backend, mode)
