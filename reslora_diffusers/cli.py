@@ -89,6 +89,7 @@ def run_merge(args: argparse.Namespace) -> dict:
     )
     from .export.kohya import KOHYA_FILE
     from .frontends import remove_reslora_from_pipeline
+    from .utils.quiet import loading_pipeline
 
     ckpt = Path(args.checkpoint)
     if args.rank is not None and args.rank <= 0:
@@ -102,7 +103,8 @@ def run_merge(args: argparse.Namespace) -> dict:
     if "" in configs:
         raise ValueError(f"{ckpt}: a single-model checkpoint; reslora-merge needs a pipeline checkpoint")
     try:
-        pipe = DiffusionPipeline.from_pretrained(args.base)
+        with loading_pipeline():
+            pipe = DiffusionPipeline.from_pretrained(args.base)
     except OSError as err:
         raise FileNotFoundError(
             f"--base {args.base}: not a pipeline folder, nor loadable by name ({err})"
