@@ -634,6 +634,7 @@ NOISE = {
     "accelerate.": "accelerate's INFO lines for every file of every checkpoint",
     "Distributed environment": "accelerate's state, over six lines",
     "ResLoRA calibrated merge (none)": "plain LoRA called a ResLoRA merge",
+    "ResLoRA none": "plain LoRA called ResLoRA when attached",
 }
 
 
@@ -662,6 +663,7 @@ def test_console_shows_progress_results_and_problems_and_no_noise(base, data, tm
     assert "saved " in console and "checkpoint-2" in console and "checkpoint-4" in console
     assert "WARNING" in console and "skipped 1 unreadable or corrupt image(s)" in console
     assert "INFO reslora_diffusers.export.diffusers: LoRA exported (nothing to merge): " in console
+    assert "INFO reslora_diffusers.core.inject: LoRA, rank 8, on " in console
     assert "prompt accuracy before: " in done.stdout and '"steps": 4' in done.stdout
     card = (out / "README.md").read_text()
     assert "| method | LoRA (`--res_type none`), rank" in card and "ResLoRA" not in card.split("## Use")[0]
