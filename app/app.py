@@ -65,6 +65,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
+from reslora_diffusers.core import get_shortcut
 from reslora_diffusers.data import (
     default_base_model_path,
     default_dit_base_path,
@@ -99,10 +100,10 @@ QUICK_START_RUNS = ("LoRA", "ResLoRA")
 #: training steps of the runs the buttons train, by base: the UNet base learns the cross in the
 #: training script's default 800 steps, the DiT base in 2000 (README, fine-tuning the DiT base)
 TRAIN_STEPS: dict[str, int] = {"unet": 800, "dit": 2000}
-#: minutes one such run takes on a 2-core CPU, by base, for the buttons' labels: the UNet run
-#: took 5 min 20 s on an idle machine (2026-12-01, README quick start); the DiT run's time is
-#: extrapolated from a 200-step run of its recipe on one thread (2026-12-05, README demo app)
-TRAIN_MINUTES: dict[str, int] = {"unet": 5, "dit": 20}
+#: minutes one such run takes on an idle 2-core CPU, by base, for the buttons' labels: the UNet
+#: run took 5 min 20 s (2026-12-01, README quick start); the DiT run's figure is extrapolated from
+#: 200 steps of its recipe timed beside the UNet runs on a busy machine (2026-12-05, README Demo app)
+TRAIN_MINUTES: dict[str, int] = {"unet": 5, "dit": 15}
 #: flags of those runs by base: the DiT base needs its image-stream feed-forward layers as targets
 BASE_TRAIN_ARGS: dict[str, list[str]] = {
     "unet": [],
@@ -186,10 +187,19 @@ def run_label(path: str | Path) -> str:
     report = folder / "merge_report.json"
     if report.is_file() and (path.is_dir() or path.name in EXPORTED_FILES):
         info = json.loads(report.read_text())
-        if info.get("res_type") == "none":
+        if trained_plain_lora(info):
             return f"LoRA ({folder.name})"
         return f"ResLoRA {info.get('res_type')} m={info.get('pre_num')} ({folder.name})"
     return path.name
+
+
+def trained_plain_lora(report: dict) -> bool:
+    """Whether the run of merge report ``report`` trained a plain LoRA (``--res_type none``):
+    nothing was merged, as its shortcut type says (a type this process does not know: no)."""
+    try:
+        return get_shortcut(report.get("res_type", ""), int(report.get("pre_num", 0))).plain
+    except ValueError:
+        return False
 
 
 def found_runs(runs_dir: Path | None = None) -> list[str]:
@@ -546,6 +556,9 @@ def merge_table(loras: str) -> list[list]:
             continue
         report = json.loads(report_file.read_text())
         for comp, info in report.get("components", {}).items():
+            if trained_plain_lora(report):  # every merge method gives the trained LoRA itself
+                rows.append([run_label(run), comp, "none (plain LoRA)", f"{info['output_error']:.2e}", "yes"])
+                continue
             for method, result in info.get("methods", {}).items():
                 exported = "yes" if method == report.get("merge") else ""
                 rows.append([run_label(run), comp, method, f"{result['total']:.2e}", exported])
@@ -665,15 +678,15 @@ def train_extras(box: str, known: list[str] | None, progress=gr.Progress()):  # 
 
 
 def _train_button_text(labels: list[str]) -> str:
-    """``Train LoRA and ResLoRA (800 steps each, about 10 min on a 2-core CPU)``."""
+    """``Train LoRA and ResLoRA (800 steps each, about 10 min in all on an idle 2-core CPU)``."""
     if not labels:
         return "Train"
     names = " and ".join(labels) if len(labels) < 3 else f"{', '.join(labels[:-1])} and {labels[-1]}"
     bases = [DEFAULT_RUNS[label][2] for label in labels]
     steps = " or ".join(sorted({str(TRAIN_STEPS[base]) for base in bases}, key=int))
-    each = " each" if len(labels) > 1 else ""
+    each, total = (" each", " in all") if len(labels) > 1 else ("", "")
     minutes = sum(TRAIN_MINUTES[base] for base in bases)
-    return f"Train {names} ({steps} steps{each}, about {minutes} min on a 2-core CPU)"
+    return f"Train {names} ({steps} steps{each}, about {minutes} min{total} on an idle 2-core CPU)"
 
 
 def missing_note(missing: list[str]) -> str:
@@ -848,8 +861,8 @@ def run_controls(offering: bool) -> dict:
                 f"The embedded DiT base (`{base_name(str(DEFAULT_BASES['dit']))}`, an SD3 pipeline) takes "
                 "LoRAs too. Its runs are not part of the quick start: train them here to fill its row "
                 f"of the comparison, with its recipe (the image stream's feed-forward layers added to "
-                f"the targets, {TRAIN_STEPS['dit']} steps; README, Demo app). The time is measured on "
-                "one thread of a 2-core CPU; a busy machine takes longer."
+                f"the targets, {TRAIN_STEPS['dit']} steps; README, Demo app). A machine busy with other "
+                "work takes two to three times as long."
             )
             controls["train_extras"] = gr.Button(
                 extras_button["value"], visible=extras_button["visible"], elem_id="train_extras"

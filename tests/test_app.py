@@ -257,7 +257,14 @@ def test_reports_for_runs(served):
     loras = "\n".join(str(r) for r in served["runs"])
     rows = merge_table(loras)
     assert {r[0] for r in rows} == {run_label(r) for r in served["runs"]}
-    assert all(r[4] == "yes" for r in rows if r[2] == "calibrated") and any(r[4] for r in rows)
+    lora_report = json.loads((served["runs"][0] / "merge_report.json").read_text())
+    error = lora_report["components"]["unet"]["output_error"]
+    # plain LoRA: nothing was merged, so no merge method is named
+    assert [r for r in rows if r[0] == "LoRA (lora)"] == [
+        ["LoRA (lora)", "unet", "none (plain LoRA)", f"{error:.2e}", "yes"]
+    ]
+    reslora = [r for r in rows if r[0] != "LoRA (lora)"]
+    assert [(r[2], r[4]) for r in reslora] == [("calibrated", "yes")]  # the merge that was exported
     comparison = demo_app.comparison_table(loras)
     assert [row[0] for row in comparison] == ["LoRA (lora)", "ResLoRA ms m=1 (reslora)"]
     for row, run in zip(comparison, served["runs"]):
@@ -519,7 +526,7 @@ def test_browser_after_the_quick_start_calls_nothing_missing_and_refresh_finds_n
         extras_button = page.locator("#train_extras")
         extras_button.wait_for(timeout=10_000)
         assert extras_button.inner_text() == (
-            f"Train DiT LoRA and DiT ResLoRA (2 steps each, about {minutes} min on a 2-core CPU)"
+            f"Train DiT LoRA and DiT ResLoRA (2 steps each, about {minutes} min in all on an idle 2-core CPU)"
         )
     finally:
         for run in served["dit_runs"]:  # made while the page is open (as by a terminal)
@@ -551,10 +558,10 @@ def test_train_buttons_made_the_missing_runs_and_never_overwrite(served):
     assert button["visible"] is False  # the quick start is complete: the button goes away
     assert extras["visible"] is True and extras_button["visible"] is True  # still offered, as extras
     minutes = 2 * demo_app.TRAIN_MINUTES["dit"]
-    assert (
-        extras_button["value"]
-        == f"Train DiT LoRA and DiT ResLoRA (2 steps each, about {minutes} min on a 2-core CPU)"
+    expected = (
+        f"Train DiT LoRA and DiT ResLoRA (2 steps each, about {minutes} min in all on an idle 2-core CPU)"
     )
+    assert extras_button["value"] == expected
     assert "missing" not in note
     box, known, button, extras, extras_button, note = served["trained_extras"]
     assert note == f"Trained DiT LoRA, DiT ResLoRA into {runs_dir}."
@@ -586,11 +593,10 @@ def test_train_button_labels_give_steps_and_measured_minutes(monkeypatch):
     monkeypatch.setattr(demo_app, "TRAIN_STEPS", {"unet": 800, "dit": 2000})
     monkeypatch.setattr(demo_app, "TRAIN_MINUTES", {"unet": 5, "dit": 20})
     text = demo_app._train_button_text
-    assert text(["LoRA"]) == "Train LoRA (800 steps, about 5 min on a 2-core CPU)"
-    assert (
-        text(["LoRA", "ResLoRA"]) == "Train LoRA and ResLoRA (800 steps each, about 10 min on a 2-core CPU)"
-    )
-    assert text(["DiT ResLoRA"]) == "Train DiT ResLoRA (2000 steps, about 20 min on a 2-core CPU)"
+    assert text(["LoRA"]) == "Train LoRA (800 steps, about 5 min on an idle 2-core CPU)"
+    both = "Train LoRA and ResLoRA (800 steps each, about 10 min in all on an idle 2-core CPU)"
+    assert text(["LoRA", "ResLoRA"]) == both
+    assert text(["DiT ResLoRA"]) == "Train DiT ResLoRA (2000 steps, about 20 min on an idle 2-core CPU)"
 
 
 def test_the_note_names_only_missing_quick_start_runs(served, tmp_path, monkeypatch):
