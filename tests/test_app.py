@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -678,6 +679,36 @@ def test_a_lora_that_fails_to_load_or_holds_nan_fails_alone(served):
     assert "**mismatched.safetensors** (not a usable LoRA" in status
     assert "**nan_weights.safetensors** (not a usable LoRA" in status
     assert f"tensor {key_b!r} holds NaN or infinite values" in status
+
+
+def test_a_unet_lora_loads_without_diffusers_warning_for_each_text_encoder(served):
+    """diffusers' own load_lora_weights warns that the UNet-only file has no text-encoder keys
+    (the control); load_lora_file, which every render uses, loads the same weights without it,
+    and the logger's other warnings still pass."""
+    from diffusers import DiffusionPipeline
+
+    from reslora_diffusers.export.loading import load_lora_file
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("diffusers.loaders.lora_base")
+    log.addHandler(handler)
+    try:
+        plain = DiffusionPipeline.from_pretrained(str(served["base"]))
+        plain.load_lora_weights(str(served["runs"][0]))
+        assert any("No LoRA keys associated to CLIPTextModel" in r.getMessage() for r in records)
+        records.clear()
+        quiet = DiffusionPipeline.from_pretrained(str(served["base"]))
+        load_lora_file(quiet, served["runs"][0])
+        log.warning("a real problem")
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["a real problem"]
+    weights = dict(plain.unet.named_parameters())
+    assert any(".lora_A." in name for name in weights)
+    for name, value in quiet.unet.named_parameters():
+        assert torch.equal(value, weights[name]), name
 
 
 def test_runs_are_listed_default_runs_first_in_their_order(tmp_path):
