@@ -697,7 +697,7 @@ def missing_note(missing: list[str]) -> str:
     verb = "is" if len(missing) == 1 else "are"
     return (
         f"The quick start's {names} run{'s' if len(missing) > 1 else ''} {verb} missing from `{RUNS_DIR}`: "
-        "press the Train button, or run the quick start's command and press Refresh."
+        "press the Train button, or run the quick start's commands and press Refresh."
     )
 
 
@@ -879,7 +879,8 @@ def wire_run_controls(demo: gr.Blocks, controls: dict, lora_box, known, outputs:
 
     def rescan(box: str, known_runs: list[str] | None):
         box, known_runs, *rest = refresh_runs(box, known_runs)
-        return (box, known_runs, *rest) if offering else (box, known_runs, rest[-1])
+        # without Train buttons (a remote demo) there is nothing to offer or press
+        return (box, known_runs, *rest) if offering else (box, known_runs, "")
 
     controls["refresh"].click(rescan, [lora_box, known], targets, api_name="refresh").then(
         reports, [lora_box], outputs, api_name="reports"

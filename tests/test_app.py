@@ -634,6 +634,20 @@ def test_a_rescan_adds_new_runs_drops_deleted_ones_and_keeps_typed_lines(tmp_pat
     assert demo_app.updated_run_list("a\nb", None, tmp_path) == ("a\nb", None)  # LoRAs named at start
 
 
+def test_refresh_offers_training_only_where_the_page_has_train_buttons(served, tmp_path, monkeypatch):
+    """With no run trained yet: the local page names the missing quick-start runs and shows the
+    Train button; a page without Train buttons (a remote demo) asks nobody to press one."""
+    monkeypatch.setattr(demo_app, "RUNS_DIR", tmp_path / "runs")
+
+    def rescan(demo):
+        return next(f for f in demo.fns.values() if f.api_name == "refresh").fn("", [])
+
+    assert rescan(build_app(allow_training=False)) == ("", [], "")
+    box, known, button, extras, extras_button, note = rescan(build_app())
+    assert (box, known) == ("", []) and button["visible"] and extras["visible"]
+    assert note.startswith("The quick start's LoRA and ResLoRA runs are missing from ")
+
+
 def test_api_names_each_endpoint_once_and_every_value_by_its_label(served):
     info = build_app().get_api_info()["named_endpoints"]
     assert set(info) == {"/generate", "/prompt_note", "/refresh", "/reports", "/train", "/train_extras"}
