@@ -95,7 +95,6 @@ from reslora_diffusers.training.outputs import (
     read_train_log,
     run_identity,
 )
-from reslora_diffusers.training.quiet import dropped_log_messages
 from reslora_diffusers.training.schedule import SCHEDULES, check_schedule, shortcut_scale_at
 from reslora_diffusers.training.speed import (
     COMPILE_MODES,
@@ -106,6 +105,7 @@ from reslora_diffusers.training.speed import (
     trace_chains,
 )
 from reslora_diffusers.utils.io import DiskFullError, atomic_dir, atomic_path
+from reslora_diffusers.utils.quiet import loading_pipeline
 from reslora_diffusers.utils.safety import check_finite
 
 logger = get_logger("train_text_to_image")
@@ -579,14 +579,15 @@ def build_pipeline(args, weight_dtype, **components):
 
     # float32 is the default: naming it anyway makes diffusers warn that torch_dtype is deprecated
     dtype = {} if weight_dtype == torch.float32 else {"torch_dtype": weight_dtype}
-    pipe = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
-        **pipeline_kwargs(args.pretrained_model_name_or_path, args.revision),
-        **dtype,
-        **components,
-    )
+    with loading_pipeline():
+        pipe = DiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path,
+            revision=args.revision,
+            variant=args.variant,
+            **pipeline_kwargs(args.pretrained_model_name_or_path, args.revision),
+            **dtype,
+            **components,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -727,15 +728,10 @@ def export(args, components: dict, inputs: dict, pipeline_class) -> dict | None:
 def final_evaluation(args, weight_dtype, resolution: int, log: TrainLog, step: int) -> dict:
     """The base pipeline with the exported LoRA loaded by ``load_lora_weights``: the final grid
     and metric are what a user of the files gets."""
+    from reslora_diffusers.export.loading import load_lora_file
+
     pipe = build_pipeline(args, weight_dtype)
-    # a UNet-only LoRA has no text-encoder keys, which diffusers reports as a warning
-    quiet = (
-        contextlib.nullcontext()
-        if args.train_text_encoder
-        else dropped_log_messages("diffusers.loaders.lora_base", "No LoRA keys associated to")
-    )
-    with quiet:
-        pipe.load_lora_weights(args.output_dir)
+    load_lora_file(pipe, args.output_dir)
     record = run_validation(args, pipe, step, "final", resolution)
     record.pop("images")
     log.write({"kind": "final", **record})
@@ -771,8 +767,15 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
             f"--mixed_precision fp16 needs loss scaling, which accelerate offers on CUDA, not on "
             f"{accelerator.device.type}; use --mixed_precision bf16"
         )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
+    configure_logging()
+    logger.info(
+        "process %d of %d on %s, mixed precision %s",
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.device,
+        accelerator.mixed_precision,
+        main_process_only=False,
+    )
     return accelerator
 
 
@@ -783,7 +786,8 @@ def train_in_output_dir(args: argparse.Namespace, argv: list[str], accelerator: 
         allow_tf32()
     set_seed(args.seed)  # the same adapter initialisation on every process
 
-    objective = load_models(args, given_flags(argv))
+    with loading_pipeline():
+        objective = load_models(args, given_flags(argv))
     resolution = args.resolution or objective.default_resolution()
     objective.check_resolution(resolution)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -895,6 +899,14 @@ def train_in_output_dir(args: argparse.Namespace, argv: list[str], accelerator: 
         summary = finish(run, argv, dataset, data, validating)
     accelerator.end_training()
     return summary
+
+
+def configure_logging() -> None:
+    """The console shows progress, results and problems: INFO of this script and the package,
+    accelerate's from WARNING up (it logs every file of every checkpoint at INFO; the script
+    logs the checkpoint once)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
 def make_lr_scheduler(args, optimizer, num_processes: int):
@@ -1066,7 +1078,8 @@ def finish(run: Run, argv: list[str], dataset, data, validating: bool) -> dict:
         before, after = log.accuracy_at(0), final.get("prompt_accuracy")
         images = len(args.validation_prompt) * args.num_validation_images
     summary.update(prompt_accuracy_before=before, prompt_accuracy_after=after)
-    data_text = f"{data.origin}, {len(dataset)} images" + (
+    origin = "the embedded fine-tuning set" if _embedded_data(args) else data.origin
+    data_text = f"{origin}, {len(dataset)} images" + (
         f" ({data.skipped} corrupt skipped)" if data.skipped else ""
     )
     write_model_card(

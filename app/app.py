@@ -16,8 +16,11 @@ from those listed at start (:class:`AllowedPaths`).
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
+import html
 import inspect
+import io
 import json
 import logging
 import os
@@ -93,7 +96,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
+from safetensors import safe_open
 
+from reslora_diffusers.core import get_shortcut
 from reslora_diffusers.data import (
     default_base_model_path,
     default_dit_base_path,
@@ -103,10 +108,11 @@ from reslora_diffusers.data import (
 from reslora_diffusers.data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS
 from reslora_diffusers.eval import analyse_image, generate, parse_prompt
 from reslora_diffusers.eval.analysis import attribute_matches
-from reslora_diffusers.export.loading import check_lora_file, resolve_lora_file
+from reslora_diffusers.export.loading import check_lora_file, load_lora_file, resolve_lora_file
 from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS, DIT_IMAGE_FEEDFORWARD_TARGETS
+from reslora_diffusers.frontends.sd_pipeline import kohya_component
 from reslora_diffusers.training.grid import label_font
-from reslora_diffusers.utils.safety import check_finite_file
+from reslora_diffusers.utils.quiet import loading_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -114,16 +120,23 @@ REPO = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO / "runs"
 #: the embedded bases the training button trains on, by key
 DEFAULT_BASES: dict[str, Path] = {"unet": default_base_model_path(), "dit": default_dit_base_path()}
-#: the runs the training button makes: label -> (output folder, res_type, key in ``DEFAULT_BASES``)
+#: the runs the Train buttons make: label -> (output folder, res_type, key in ``DEFAULT_BASES``)
 DEFAULT_RUNS = {
     "LoRA": ("lora", "none", "unet"),
     "ResLoRA": ("reslora", "ms", "unet"),
     "DiT LoRA": ("dit-lora", "none", "dit"),
     "DiT ResLoRA": ("dit-reslora", "ms", "dit"),
 }
-#: training steps of the runs the button trains, by base: the UNet base learns the cross in the
+#: the runs of the README's quick start (its two training commands); the other default runs are
+#: optional extras, offered under their own heading and never called missing
+QUICK_START_RUNS = ("LoRA", "ResLoRA")
+#: training steps of the runs the buttons train, by base: the UNet base learns the cross in the
 #: training script's default 800 steps, the DiT base in 2000 (README, fine-tuning the DiT base)
 TRAIN_STEPS: dict[str, int] = {"unet": 800, "dit": 2000}
+#: minutes one such run takes on an idle 2-core CPU, by base, for the buttons' labels: the UNet
+#: run took 5 min 20 s (2026-12-01, README quick start); the DiT run's figure is extrapolated from
+#: 200 steps of its recipe timed beside the UNet runs on a busy machine (2026-12-05, README Demo app)
+TRAIN_MINUTES: dict[str, int] = {"unet": 5, "dit": 15}
 #: flags of those runs by base: the DiT base needs its image-stream feed-forward layers as targets
 BASE_TRAIN_ARGS: dict[str, list[str]] = {
     "unet": [],
@@ -138,6 +151,8 @@ EXPORTED_FILES = ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors")
 DISPLAY_SIDE = 192
 #: at most this many images side by side
 GALLERY_COLUMNS = 6
+#: side in px of each image in the Generate tab's comparison grid
+GRID_SIDE = 128
 #: images per model the page starts with
 IMAGES_PER_MODEL = 2
 
@@ -159,12 +174,11 @@ class PipelineCache:
             if key in self._pipes:
                 self._pipes.move_to_end(key)
                 return self._pipes[key]
-        pipe = DiffusionPipeline.from_pretrained(base)
+        with loading_pipeline():
+            pipe = DiffusionPipeline.from_pretrained(base)
         pipe.set_progress_bar_config(disable=True)
         if lora is not None:
-            path = check_lora_file(pipe, lora)
-            check_finite_file(path)  # NaN weights would render black images
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+            load_lora_file(pipe, lora)  # checked against the pipeline, NaN refused, loaded quietly
         with self._lock:
             self._pipes[key] = pipe
             while len(self._pipes) > self.size:
@@ -206,15 +220,26 @@ def run_label(path: str | Path) -> str:
     report = folder / "merge_report.json"
     if report.is_file() and (path.is_dir() or path.name in EXPORTED_FILES):
         info = json.loads(report.read_text())
-        if info.get("res_type") == "none":
+        if trained_plain_lora(info):
             return f"LoRA ({folder.name})"
         return f"ResLoRA {info.get('res_type')} m={info.get('pre_num')} ({folder.name})"
     return path.name
 
 
-def found_runs(runs_dir: Path = RUNS_DIR) -> list[str]:
-    """Run folders under ``runs_dir`` that hold an exported LoRA: the default runs in
-    ``DEFAULT_RUNS`` order (each base's LoRA before its ResLoRA), then the others by name."""
+def trained_plain_lora(report: dict) -> bool:
+    """Whether the run of merge report ``report`` trained a plain LoRA (``--res_type none``):
+    nothing was merged, as its shortcut type says (a type this process does not know: no)."""
+    try:
+        return get_shortcut(report.get("res_type", ""), int(report.get("pre_num", 0))).plain
+    except ValueError:
+        return False
+
+
+def found_runs(runs_dir: Path | None = None) -> list[str]:
+    """Run folders under ``runs_dir`` (default ``RUNS_DIR``) that hold an exported LoRA: the
+    default runs in ``DEFAULT_RUNS`` order (each base's LoRA before its ResLoRA), then the others
+    by name."""
+    runs_dir = RUNS_DIR if runs_dir is None else runs_dir
     order = [name for name, *_ in DEFAULT_RUNS.values()]
     runs = [
         p
@@ -226,15 +251,37 @@ def found_runs(runs_dir: Path = RUNS_DIR) -> list[str]:
     return [str(p) for p in runs]
 
 
-def missing_runs(runs_dir: Path = RUNS_DIR) -> list[str]:
-    """Labels of the default runs (``DEFAULT_RUNS``) that have no exported LoRA yet and whose base
-    folder exists (a base folder that is missing has no runs to train)."""
+def missing_runs(runs_dir: Path | None = None, labels: tuple[str, ...] | None = None) -> list[str]:
+    """Labels of the default runs ``labels`` (default: all of ``DEFAULT_RUNS``) that have no
+    exported LoRA in ``runs_dir`` (default ``RUNS_DIR``) yet and whose base folder exists (a base
+    folder that is missing has no runs to train)."""
+    runs_dir = RUNS_DIR if runs_dir is None else runs_dir
     return [
         label
         for label, (folder, _, base) in DEFAULT_RUNS.items()
-        if Path(DEFAULT_BASES[base]).is_dir()
+        if (labels is None or label in labels)
+        and Path(DEFAULT_BASES[base]).is_dir()
         and not (runs_dir / folder / "pytorch_lora_weights.safetensors").is_file()
     ]
+
+
+def extra_runs() -> tuple[str, ...]:
+    """The default runs that are not the quick start's: optional extras."""
+    return tuple(label for label in DEFAULT_RUNS if label not in QUICK_START_RUNS)
+
+
+def updated_run_list(
+    box: str, known: list[str] | None, runs_dir: Path | None = None
+) -> tuple[str, list[str]]:
+    """The LoRA box after a rescan of ``runs_dir``, and the runs found there (the next ``known``):
+    runs that appeared since the last scan (``known``) are added, runs of that scan whose folders
+    are gone are dropped, and every line the user typed stays. ``known`` None: the box lists
+    what the command line named, and no folder is scanned."""
+    if known is None:
+        return box, None
+    found = found_runs(runs_dir)
+    kept = [line for line in _lines(box) if line in found or line not in known]
+    return "\n".join(kept + [run for run in found if run not in kept and run not in known]), found
 
 
 def default_bases() -> list[str]:
@@ -368,8 +415,10 @@ def render(
     n = int(num_images)
     seeds = [int(seed) + i for i in range(n)]
     gallery, shown = [], 0
+    rows: list[tuple[str, list[tuple[str, list[tuple[Image.Image, str]]]]]] = []
     for name, models in owned.items():
         where = base_name(name)
+        rows.append((where, []))
         for label, lora in [(f"base {where}", None), *models]:
             try:
                 pipe = CACHE.get(name, lora)
@@ -392,14 +441,55 @@ def render(
                 logger.warning("%s failed: %s", model, err)
                 problems.append(f"**{model}**: {_one_line(err)}")
                 continue
-            for image, image_seed in zip(images, seeds):
-                caption = f"{model} | seed {image_seed} | {score_caption(image, prompt)}"
-                gallery.append((crisp(image), caption))
+            cells = [
+                (image, f"seed {image_seed} | {score_caption(image, prompt)}")
+                for image, image_seed in zip(images, seeds)
+            ]
+            gallery += [(crisp(image), f"{model} | {caption}") for image, caption in cells]
+            rows[-1][1].append((label if lora else "base", cells))
             shown += 1
     status = f"Rendered {shown} models with the same seeds."
     if problems:
         status += "\n\n" + "\n\n".join(problems)
-    return gallery, status
+    return gallery, status, rows
+
+
+def comparison_grid(rows) -> str:
+    """The Generate tab's comparison: one row per base, its models side by side (the base, then
+    its LoRAs), each model's seeds as columns, every image over what the analyser read. The
+    images are inline PNGs (no lazy loading: a full-page screenshot has them all), shown at
+    ``GRID_SIDE`` px with square pixels."""
+    if not rows:
+        return ""
+    parts = ['<div class="compare">']
+    for where, models in rows:
+        parts.append(f'<div class="base-row"><div class="base-name">{html.escape(where)}</div>')
+        for label, cells in models:
+            parts.append(
+                f'<div class="model"><div class="model-name">{html.escape(label)}</div><div class="seeds">'
+            )
+            for image, caption in cells:
+                seed_text, _, reading = caption.partition(" | ")
+                parts.append(
+                    f'<figure><img src="{_data_url(image)}" width="{GRID_SIDE}" height="{GRID_SIDE}" '
+                    f'alt="{html.escape(label)}, {html.escape(seed_text)}">'
+                    f"<figcaption><b>{html.escape(seed_text)}</b> {html.escape(reading)}</figcaption></figure>"
+                )
+            parts.append("</div></div>")
+        parts.append("</div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _data_url(image: Image.Image) -> str:
+    """``image`` as an inline PNG, shrunk to at most ``2 * GRID_SIDE`` px (a 512 px sample would
+    make the page megabytes long for a 128 px cell); small samples stay as they are."""
+    if max(image.size) > 2 * GRID_SIDE:
+        image = image.copy()
+        image.thumbnail((2 * GRID_SIDE, 2 * GRID_SIDE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def gallery_columns(num_images: float, base: str, loras: str) -> dict:
@@ -435,22 +525,44 @@ def accuracy_points(rows: list[dict]) -> list[tuple[int, float]]:
     return sorted((r["step"], r["prompt_accuracy"]) for r in rows if r.get("prompt_accuracy") is not None)
 
 
+def lora_family(path: str) -> str:
+    """What a LoRA output adapts, which sets the scale of its training loss: ``UNet`` (``unet.``
+    or kohya ``lora_unet_`` keys; a DDPM noise-prediction loss, about 0.1 here) or
+    ``DiT transformer`` (``transformer.`` keys; a flow-matching loss, about 1); ``other`` for
+    anything else, an unreadable file included."""
+    try:
+        with safe_open(str(resolve_lora_file(path)), framework="pt") as f:
+            components = {kohya_component(key) or key.split(".")[0] for key in f.keys()}
+    except Exception:  # the Generate tab names what is wrong with the file; the chart just skips it
+        return "other"
+    if "transformer" in components:
+        return "DiT transformer"
+    return "UNet" if "unet" in components else "other"
+
+
 def curves(loras: str):
-    """Loss and prompt accuracy against steps for every run, in one figure."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    """Loss and prompt accuracy against steps for every run: one row of two charts per family
+    (:func:`lora_family`), so that a DiT run's flow-matching loss (about 1) does not flatten the
+    UNet runs' curves (about 0.1)."""
+    families: dict[str, list[Path]] = {}
     for path in _lines(loras):
-        run = _run_folder(path)
-        rows = read_log(run)
-        label = run_label(run)
-        losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        if losses:
-            ax_loss.plot(*smoothed_loss(*map(list, zip(*losses))), label=label)
-        accs = accuracy_points(rows)
-        if accs:
-            ax_acc.plot(*zip(*accs), marker="o", label=label)
-    ax_loss.set(title="training loss (smoothed)", xlabel="step")
-    ax_acc.set(title="prompt accuracy", xlabel="step", ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
+        families.setdefault(lora_family(path), []).append(_run_folder(path))
+    fig, axes = plt.subplots(
+        max(1, len(families)), 2, figsize=(10, 3.5 * max(1, len(families))), squeeze=False
+    )
+    for (family, runs), (ax_loss, ax_acc) in zip(families.items(), axes):
+        for run in runs:
+            rows = read_log(run)
+            label = run_label(run)
+            losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+            if losses:
+                ax_loss.plot(*smoothed_loss(*map(list, zip(*losses))), label=label)
+            accs = accuracy_points(rows)
+            if accs:
+                ax_acc.plot(*zip(*accs), marker="o", label=label)
+        ax_loss.set(title=f"{family} runs: training loss (smoothed)", xlabel="step")
+        ax_acc.set(title=f"{family} runs: prompt accuracy", xlabel="step", ylim=(0, 1))
+    for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
@@ -477,6 +589,9 @@ def merge_table(loras: str) -> list[list]:
             continue
         report = json.loads(report_file.read_text())
         for comp, info in report.get("components", {}).items():
+            if trained_plain_lora(report):  # every merge method gives the trained LoRA itself
+                rows.append([run_label(run), comp, "none (plain LoRA)", f"{info['output_error']:.2e}", "yes"])
+                continue
             for method, result in info.get("methods", {}).items():
                 exported = "yes" if method == report.get("merge") else ""
                 rows.append([run_label(run), comp, method, f"{result['total']:.2e}", exported])
@@ -544,48 +659,100 @@ def reports(loras: str):
     )
 
 
-def train_missing_runs(progress=gr.Progress()):  # noqa: B008 (how Gradio injects progress)
-    """Train the default runs that are missing on the embedded data, each on its embedded base,
-    reporting progress from their logs; a run that already exists is never retrained or overwritten."""
+def train_runs(labels: tuple[str, ...], box: str, known: list[str] | None, progress) -> tuple:
+    """Train those of the default runs ``labels`` that are missing, on the embedded data, each on
+    its embedded base, reporting ``progress`` from their logs; a run that exists is never
+    retrained or overwritten. Returns the LoRA box and ``known`` rescanned
+    (:func:`updated_run_list`), the training offer (:func:`training_offer`) and a message."""
     RUNS_DIR.mkdir(exist_ok=True)
-    script = REPO / "train_text_to_image.py"
-    todo = missing_runs(RUNS_DIR)
-    for i, label in enumerate(todo):
-        folder, res_type, base = DEFAULT_RUNS[label]
-        out = RUNS_DIR / folder
-        cmd = [sys.executable, str(script), "--res_type", res_type, "--output_dir", str(out)]
-        cmd += ["--pretrained_model_name_or_path", str(DEFAULT_BASES[base])]
-        cmd += ["--overwrite_output_dir"]  # a missing run's folder may hold an interrupted attempt
-        steps = TRAIN_STEPS[base]
-        cmd += [
-            "--max_train_steps",
-            str(steps),
-            "--report_to",
-            "none",
-            *BASE_TRAIN_ARGS[base],
-            *TRAIN_EXTRA_ARGS,
-        ]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        while proc.poll() is None:
-            rows = read_log(out)
-            step = rows[-1]["step"] if rows else 0
-            progress(
-                (i + min(step / steps, 1.0)) / len(todo),
-                desc=f"training {label} ({res_type}): step {step}",
-            )
-            time.sleep(1.0)
-        if proc.returncode != 0:
-            err = (proc.stderr.read() or "").strip().splitlines()
-            return gr.update(), gr.update(), f"Training {label} failed: {err[-1] if err else proc.returncode}"
-    runs = "\n".join(found_runs(RUNS_DIR))
+    todo = missing_runs(RUNS_DIR, labels)
     message = f"Trained {', '.join(todo)} into {RUNS_DIR}." if todo else "Nothing to train: every run exists."
-    return gr.update(value=runs), gr.update(visible=bool(missing_runs(RUNS_DIR))), message
+    for i, label in enumerate(todo):
+        error = train_one(label, lambda frac, desc, i=i: progress((i + frac) / len(todo), desc=desc))
+        if error:
+            message = f"Training {label} failed: {error}"
+            break
+    box, known = updated_run_list(box, known, RUNS_DIR)
+    button, extras_section, extras_button, note = training_offer(RUNS_DIR)
+    return (box, known, button, extras_section, extras_button, " ".join(filter(None, [message, note])))
 
 
-def _train_button_text(missing: list[str]) -> str:
-    names = " and ".join(missing) if len(missing) < 3 else f"{', '.join(missing[:-1])} and {missing[-1]}"
-    steps = " or ".join(sorted({str(TRAIN_STEPS[DEFAULT_RUNS[label][2]]) for label in missing}, key=int))
-    return f"Train {names} ({steps} steps each, minutes on a CPU)"
+def train_one(label: str, progress) -> str | None:
+    """Train the default run ``label`` into its folder of ``RUNS_DIR``, calling
+    ``progress(fraction, desc)`` about once a second; the last line of its error output when it
+    fails, else None."""
+    folder, res_type, base = DEFAULT_RUNS[label]
+    out = RUNS_DIR / folder
+    steps = TRAIN_STEPS[base]
+    cmd = [sys.executable, str(REPO / "train_text_to_image.py"), "--res_type", res_type]
+    cmd += ["--output_dir", str(out), "--pretrained_model_name_or_path", str(DEFAULT_BASES[base])]
+    cmd += ["--overwrite_output_dir"]  # a missing run's folder may hold an interrupted attempt
+    cmd += ["--max_train_steps", str(steps), "--report_to", "none", *BASE_TRAIN_ARGS[base], *TRAIN_EXTRA_ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None:
+        rows = read_log(out)
+        step = rows[-1]["step"] if rows else 0
+        progress(min(step / steps, 1.0), f"training {label} ({res_type}): step {step} of {steps}")
+        time.sleep(1.0)
+    if proc.returncode == 0:
+        return None
+    err = (proc.stderr.read() or "").strip().splitlines()
+    return err[-1] if err else f"exit status {proc.returncode}"
+
+
+def train_quick_start(box: str, known: list[str] | None, progress=gr.Progress()):  # noqa: B008 (how Gradio injects progress)
+    """The Train button: the quick start's runs that are missing."""
+    return train_runs(QUICK_START_RUNS, box, known, progress)
+
+
+def train_extras(box: str, known: list[str] | None, progress=gr.Progress()):  # noqa: B008
+    """The optional extras' button: the DiT base's runs that are missing."""
+    return train_runs(extra_runs(), box, known, progress)
+
+
+def _train_button_text(labels: list[str]) -> str:
+    """``Train LoRA and ResLoRA (800 steps each, about 10 min in all on an idle 2-core CPU)``."""
+    if not labels:
+        return "Train"
+    names = " and ".join(labels) if len(labels) < 3 else f"{', '.join(labels[:-1])} and {labels[-1]}"
+    bases = [DEFAULT_RUNS[label][2] for label in labels]
+    steps = " or ".join(sorted({str(TRAIN_STEPS[base]) for base in bases}, key=int))
+    each, total = (" each", " in all") if len(labels) > 1 else ("", "")
+    minutes = sum(TRAIN_MINUTES[base] for base in bases)
+    return f"Train {names} ({steps} steps{each}, about {minutes} min{total} on an idle 2-core CPU)"
+
+
+def missing_note(missing: list[str]) -> str:
+    """What the page says while quick-start runs are missing (nothing once they exist)."""
+    if not missing:
+        return ""
+    names = " and ".join(missing)
+    verb = "is" if len(missing) == 1 else "are"
+    return (
+        f"The quick start's {names} run{'s' if len(missing) > 1 else ''} {verb} missing from `{RUNS_DIR}`: "
+        "press the Train button, or run the quick start's commands and press Refresh."
+    )
+
+
+def training_offer(runs_dir: Path | None = None) -> tuple[dict, dict, dict, str]:
+    """Updates of the Train button (the quick start's missing runs), the optional extras'
+    section and its button (the DiT base's runs not yet made), and the note on missing runs."""
+    missing = missing_runs(runs_dir, QUICK_START_RUNS)
+    extras = missing_runs(runs_dir, extra_runs())
+    return (
+        gr.update(value=_train_button_text(missing), visible=bool(missing)),
+        gr.update(visible=bool(extras)),
+        gr.update(value=_train_button_text(extras), visible=bool(extras)),
+        missing_note(missing),
+    )
+
+
+def refresh_runs(box: str, known: list[str] | None) -> tuple:
+    """Refresh (and page load): rescan ``RUNS_DIR`` into the LoRA box, and the training offer."""
+    box, known = updated_run_list(box, known)
+    if known is None:  # LoRAs named on the command line: no runs folder, no training offer
+        return (box, known, gr.update(), gr.update(), gr.update(), gr.update())
+    return (box, known, *training_offer())
 
 
 CSS = """
@@ -599,7 +766,17 @@ CSS = """
 #gallery .caption-label { position: static !important; max-width: none !important; white-space: normal !important;
   text-overflow: clip !important; opacity: 1 !important; border: none !important; }
 /* the browser may still rescale an image: keep the pixels square */
-#gallery img, #grids img { image-rendering: pixelated; }
+#gallery img, #grids img, #compare img { image-rendering: pixelated; }
+/* the comparison grid: one row per base (its name, then each model's seeds side by side) */
+#compare .compare { display: flex; flex-direction: column; gap: 10px; }
+#compare .base-row { display: flex; flex-wrap: wrap; align-items: flex-start; gap: 6px 18px;
+  padding-bottom: 10px; border-bottom: 1px solid var(--border-color-primary); }
+#compare .base-name { flex: 0 0 96px; font-weight: 600; padding-top: 22px; overflow-wrap: anywhere; }
+#compare .model-name { font-weight: 600; font-size: 0.9em; margin-bottom: 4px; }
+#compare .seeds { display: flex; gap: 6px; }
+#compare figure { margin: 0; width: min-content; }  /* as wide as its image (GRID_SIDE) */
+#compare img { display: block; max-width: none; }
+#compare figcaption { font-size: 0.75em; line-height: 1.25; margin-top: 2px; }
 """
 
 
@@ -677,9 +854,9 @@ def restricted(allowed: AllowedPaths) -> dict:
         bound.arguments["base"], base_notes = allowed.keep_bases(bound.arguments["base"])
         bound.arguments["loras"], lora_notes = allowed.keep_loras(bound.arguments["loras"])
         if not bound.arguments["base"]:
-            return [], "\n\n".join(["Nothing rendered.", *base_notes, *lora_notes])
-        gallery, status = render(*bound.args, **bound.kwargs)
-        return gallery, "\n\n".join([status, *base_notes, *lora_notes])
+            return [], "\n\n".join(["Nothing rendered.", *base_notes, *lora_notes]), []
+        gallery, status, rows = render(*bound.args, **bound.kwargs)
+        return gallery, "\n\n".join([status, *base_notes, *lora_notes]), rows
 
     @functools.wraps(reports)
     def reports_allowed(loras: str):
@@ -701,12 +878,13 @@ def build_app(
     allowed: AllowedPaths | None = None,
 ) -> gr.Blocks:
     """The demo page for the base models ``base`` (one per line, or a list; default: the embedded
-    ones); ``allow_training=False`` leaves out the Train button (and its API endpoint);
-    ``allowed`` restricts the paths a client may name (a demo other machines reach)."""
+    ones) and the LoRA outputs ``loras`` (default: the runs in ``RUNS_DIR``, rescanned at every
+    page load and Refresh); ``allow_training=False`` leaves out the Train buttons (and their API
+    endpoints); ``allowed`` restricts the paths a client may name (a demo other machines reach)."""
     base = "\n".join(parse_bases(base))
     using_runs = loras is None
-    loras = found_runs(RUNS_DIR) if using_runs else loras
-    missing = missing_runs(RUNS_DIR) if using_runs and allow_training else []
+    loras = found_runs() if using_runs else loras
+    offering = using_runs and allow_training
     endpoints = {"render": render, "reports": reports, "prompt_note": prompt_note}
     if allowed is not None:
         endpoints = restricted(allowed)
@@ -722,8 +900,8 @@ def build_app(
             lora_box = gr.Textbox(
                 value="\n".join(loras), label="LoRA outputs (one folder or .safetensors per line)", lines=2
             )
-        if allow_training:
-            train_btn = gr.Button(_train_button_text(missing), visible=bool(missing), elem_id="train")
+        known = gr.State(loras if using_runs else None)
+        offer = run_controls(offering)
         with gr.Tab("Generate"):
             with gr.Row():
                 prompt = gr.Textbox(value=DEFAULT_PROMPT, label="Prompt", elem_id="prompt")
@@ -735,26 +913,24 @@ def build_app(
                 lora_scale = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="LoRA scale")
                 num_images = gr.Slider(1, 4, value=IMAGES_PER_MODEL, step=1, label="Images per model")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
-            note = gr.Markdown(prompt_note(DEFAULT_PROMPT, base), elem_id="prompt_note")
-            # PNG: a lossy format would smear the enlarged pixels
-            gallery = gr.Gallery(
-                label="each base, then its LoRA and ResLoRA",
-                columns=gallery_columns(IMAGES_PER_MODEL, base, "\n".join(loras))["columns"],
-                elem_id="gallery",
-                object_fit="contain",
-                format="png",
-            )
-            status = gr.Markdown(
-                f"Runs missing: {', '.join(missing)}. Press the Train button above." if missing else "",
-                elem_id="status",
-            )
+            note = gr.Markdown(prompt_note(DEFAULT_PROMPT, base), label="prompt note", elem_id="prompt_note")
+            grid = gr.HTML(label="comparison", elem_id="compare")
+            status = gr.Markdown("", label="status", elem_id="status")
             comparison = gr.Dataframe(
                 headers=["run", "steps", "prompt accuracy before", "after", "merge error (exported)"],
                 label="runs compared (prompt accuracy: the training script's 15 concept prompts x 2 seeds)",
                 elem_id="comparison",
             )
+            with gr.Accordion("Every image on its own (enlarge, download)", open=False):
+                # PNG: a lossy format would smear the enlarged pixels
+                gallery = gr.Gallery(
+                    label="each base, then its LoRA and ResLoRA",
+                    columns=gallery_columns(IMAGES_PER_MODEL, base, "\n".join(loras))["columns"],
+                    elem_id="gallery",
+                    object_fit="contain",
+                    format="png",
+                )
         with gr.Tab("Training and merge"):
-            refresh = gr.Button("Refresh")
             plot = gr.Plot(label="curves")
             accuracy = gr.Dataframe(
                 headers=["run", "step", "prompt accuracy"], label="prompt accuracy", elem_id="accuracy"
@@ -764,24 +940,83 @@ def build_app(
             )
             gr.Markdown("Final validation grids: the same prompts (columns) and seeds (rows) for every run.")
             grids = gr.Image(label="final validation grids", show_label=False, format="png", elem_id="grids")
+        layout = gr.State()  # the images by base and model, for the comparison grid (not in the API)
         generate.click(
             endpoints["render"],
             [prompt, negative, seed, steps, guidance, lora_scale, num_images, base_box, lora_box],
-            [gallery, status],
+            [gallery, status, layout],
             api_name="generate",
-        )
+        ).then(comparison_grid, layout, grid, api_name=False)
         for source in (num_images, base_box, lora_box):
             source.change(gallery_columns, [num_images, base_box, lora_box], gallery, api_name=False)
         prompt.change(endpoints["prompt_note"], [prompt, base_box], note, api_name="prompt_note")
         base_box.change(endpoints["prompt_note"], [prompt, base_box], note, api_name=False)
         outputs = [plot, accuracy, table, comparison, grids]
-        refresh.click(endpoints["reports"], [lora_box], outputs, api_name="reports")
-        if allow_training:
-            train_btn.click(train_missing_runs, None, [lora_box, train_btn, status], api_name="train").then(
-                reports, [lora_box], outputs, api_name=False
-            )
-        demo.load(endpoints["reports"], [lora_box], outputs)
+        wire_run_controls(demo, offer, lora_box, known, outputs, endpoints["reports"])
     return demo.queue(default_concurrency_limit=1)
+
+
+def run_controls(offering: bool) -> dict:
+    """The controls over the runs, above the tabs: Refresh, the note on missing quick-start runs
+    and, when ``offering`` training, the Train button and the optional extras' section with its
+    own button (each shown only while it has runs to train)."""
+    controls = {}
+    button, _, extras_button, note = training_offer() if offering else ({}, {}, {}, "")
+    with gr.Row():
+        controls["refresh"] = gr.Button(
+            "Refresh runs and reports", elem_id="refresh", size="sm", scale=0, min_width=220
+        )
+        if offering:
+            controls["train"] = gr.Button(
+                button["value"], visible=button["visible"], elem_id="train", variant="primary"
+            )
+    controls["note"] = gr.Markdown(note, label="runs note", elem_id="runs_note")
+    if offering:
+        with gr.Accordion(
+            "Optional extras: LoRA and ResLoRA on the DiT base",
+            open=False,
+            visible=extras_button["visible"],
+            elem_id="extras",
+        ) as controls["extras"]:
+            gr.Markdown(
+                f"The embedded DiT base (`{base_name(str(DEFAULT_BASES['dit']))}`, an SD3 pipeline) takes "
+                "LoRAs too. Its runs are not part of the quick start: train them here to fill its row "
+                f"of the comparison, with its recipe (the image stream's feed-forward layers added to "
+                f"the targets, {TRAIN_STEPS['dit']} steps; README, Demo app). A machine busy with other "
+                "work takes two to three times as long."
+            )
+            controls["train_extras"] = gr.Button(
+                extras_button["value"], visible=extras_button["visible"], elem_id="train_extras"
+            )
+    return controls
+
+
+def wire_run_controls(demo: gr.Blocks, controls: dict, lora_box, known, outputs: list, reports_fn) -> None:
+    """Page load and Refresh rescan the runs (:func:`refresh_runs`), then redraw the reports
+    ``outputs`` with ``reports_fn`` (:func:`reports`, or its restricted form); the Train buttons
+    train and do the same."""
+    offering = "train" in controls
+    offer = [controls["train"], controls["extras"], controls["train_extras"]] if offering else []
+    targets = [lora_box, known, *offer, controls["note"]]
+
+    def rescan(box: str, known_runs: list[str] | None):
+        box, known_runs, *rest = refresh_runs(box, known_runs)
+        # without Train buttons (a remote demo) there is nothing to offer or press
+        return (box, known_runs, *rest) if offering else (box, known_runs, "")
+
+    controls["refresh"].click(rescan, [lora_box, known], targets, api_name="refresh").then(
+        reports_fn, [lora_box], outputs, api_name="reports"
+    )
+    demo.load(rescan, [lora_box, known], targets, api_name=False).then(
+        reports_fn, [lora_box], outputs, api_name=False
+    )
+    if offering:
+        controls["train"].click(train_quick_start, [lora_box, known], targets, api_name="train").then(
+            reports_fn, [lora_box], outputs, api_name=False
+        )
+        controls["train_extras"].click(
+            train_extras, [lora_box, known], targets, api_name="train_extras"
+        ).then(reports_fn, [lora_box], outputs, api_name=False)
 
 
 def allowed_paths(args: argparse.Namespace) -> AllowedPaths | None:

@@ -105,13 +105,15 @@ def merge_into(args: argparse.Namespace, ckpt: Path, output: Path) -> dict:
     )
     from .export.kohya import KOHYA_FILE
     from .frontends import remove_reslora_from_pipeline
+    from .utils.quiet import loading_pipeline
 
     configs = checkpoint_configs(ckpt)
     check_finite_file(ckpt)
     if "" in configs:
         raise ValueError(f"{ckpt}: a single-model checkpoint; reslora-merge needs a pipeline checkpoint")
     try:
-        pipe = DiffusionPipeline.from_pretrained(args.base)
+        with loading_pipeline():
+            pipe = DiffusionPipeline.from_pretrained(args.base)
     except OSError as err:
         raise FileNotFoundError(
             f"--base {args.base}: not a pipeline folder, nor loadable by name ({err})"

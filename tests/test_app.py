@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
+import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,12 +74,14 @@ def served(tmp_path_factory):
             + ["--validation_prompt", "a red cross on a white background"]
             + ["--num_validation_images", "1", "--validation_steps", "100"],
         )
-        trained = demo_app.train_missing_runs(progress=lambda frac, desc=None: seen.append(frac))
+        # the Train button, then the optional extras' button, as the page calls them
+        trained = demo_app.train_quick_start("", [], progress=lambda frac, desc=None: seen.append(frac))
+        trained_extras = demo_app.train_extras(trained[0], trained[1], progress=lambda frac, desc=None: None)
         runs = [tmp / "runs" / "lora", tmp / "runs" / "reslora"]
         dit_runs = [tmp / "runs" / "dit-lora", tmp / "runs" / "dit-reslora"]
         bad = runs[0] / "not_a_lora.safetensors"
         save_file({"weight": torch.zeros(3, 3)}, str(bad))
-        demo = build_app(None, [str(r) for r in runs + dit_runs])  # the default bases: both
+        demo = build_app()  # the default bases (both) and the runs in RUNS_DIR, with the Train buttons
         port = _free_port()
         demo_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
         try:
@@ -87,6 +94,7 @@ def served(tmp_path_factory):
                 "bad": bad,
                 "tmp": tmp,
                 "trained": trained,
+                "trained_extras": trained_extras,
                 "progress": seen,
             }
         finally:
@@ -250,7 +258,14 @@ def test_reports_for_runs(served):
     loras = "\n".join(str(r) for r in served["runs"])
     rows = merge_table(loras)
     assert {r[0] for r in rows} == {run_label(r) for r in served["runs"]}
-    assert all(r[4] == "yes" for r in rows if r[2] == "calibrated") and any(r[4] for r in rows)
+    lora_report = json.loads((served["runs"][0] / "merge_report.json").read_text())
+    error = lora_report["components"]["unet"]["output_error"]
+    # plain LoRA: nothing was merged, so no merge method is named
+    assert [r for r in rows if r[0] == "LoRA (lora)"] == [
+        ["LoRA (lora)", "unet", "none (plain LoRA)", f"{error:.2e}", "yes"]
+    ]
+    reslora = [r for r in rows if r[0] != "LoRA (lora)"]
+    assert [(r[2], r[4]) for r in reslora] == [("calibrated", "yes")]  # the merge that was exported
     comparison = demo_app.comparison_table(loras)
     assert [row[0] for row in comparison] == ["LoRA (lora)", "ResLoRA ms m=1 (reslora)"]
     for row, run in zip(comparison, served["runs"]):
@@ -282,6 +297,78 @@ def test_accuracy_chart_has_the_logged_points_of_every_run(served):
         assert len(expected) == 2  # step 0 and the final evaluation
         assert list(zip(*lines[run_label(run)].get_data())) == expected
     assert len(demo_app.accuracy_table(loras)) == 4
+
+
+def test_each_base_family_gets_its_own_loss_chart(served):
+    """A DiT run's flow-matching loss (about 1) and a UNet run's (about 0.1) never share an axis:
+    one row of charts per family, each with its own runs' smoothed losses."""
+    loras = "\n".join(str(r) for r in served["dit_runs"] + served["runs"])
+    fig = demo_app.curves(loras)
+    assert len(fig.axes) == 4
+    for ax_loss, runs, family in (
+        (fig.axes[0], served["dit_runs"], "DiT transformer"),
+        (fig.axes[2], served["runs"], "UNet"),
+    ):
+        assert ax_loss.get_title() == f"{family} runs: training loss (smoothed)"
+        lines = {line.get_label(): line for line in ax_loss.get_lines()}
+        assert set(lines) == {run_label(r) for r in runs}
+        for run in runs:
+            log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+            steps, losses = zip(*[(r["step"], r["loss"]) for r in log if "loss" in r])
+            window = max(1, len(losses) // 20)
+            expected = [sum(losses[i - window + 1 : i + 1]) / window for i in range(window - 1, len(losses))]
+            assert list(lines[run_label(run)].get_ydata()) == pytest.approx(expected)
+    assert [demo_app.lora_family(str(r)) for r in served["runs"] + served["dit_runs"]] == ["UNet"] * 2 + [
+        "DiT transformer"
+    ] * 2
+    assert demo_app.lora_family(str(served["bad"])) == "other"
+
+
+def test_comparison_grid_has_one_row_per_base_with_each_models_seeds(served):
+    """Both bases and the four runs: a row per base holding its base model, LoRA and ResLoRA, each
+    with the two seeds' images (inline, the samples' own pixels) over what the analyser read."""
+    from html.parser import HTMLParser
+
+    class Grid(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.texts, self.cls = [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.cls = attrs.get("class")
+            if self.cls == "base-row":
+                self.rows.append({"models": [], "images": []})
+            elif tag == "img":
+                self.rows[-1]["images"].append(attrs["src"])
+
+        def handle_data(self, data):
+            if self.cls == "base-name":
+                self.rows[-1]["name"] = data
+            elif self.cls == "model-name":
+                self.rows[-1]["models"].append(data)
+            self.cls = None
+
+    loras = "\n".join(str(r) for r in served["runs"] + served["dit_runs"])
+    bases = f"{served['base']}\n{served['dit_base']}"
+    gallery, status, rows = demo_app.render(
+        "a red circle on a white background", "", 3, 4, 3.0, 1.0, 2, bases, loras
+    )
+    parser = Grid()
+    parser.feed(demo_app.comparison_grid(rows))
+    assert [(r["name"], r["models"]) for r in parser.rows] == [
+        ("tiny-sd", ["base", "LoRA (lora)", "ResLoRA ms m=1 (reslora)"]),
+        ("tiny-sd3", ["base", "LoRA (dit-lora)", "ResLoRA ms m=1 (dit-reslora)"]),
+    ]
+    images = [src for row in parser.rows for src in row["images"]]
+    assert len(images) == len(gallery) == 12
+    grid = demo_app.comparison_grid(rows)
+    for src, (big, caption) in zip(images, gallery):  # the gallery's image, before its enlargement
+        small = Image.open(io.BytesIO(base64.b64decode(src.removeprefix("data:image/png;base64,"))))
+        assert small.size == (16, 16)
+        assert small.resize(big.size, Image.Resampling.NEAREST).tobytes() == big.convert("RGB").tobytes()
+        _, seed_text, reading = caption.split(" | ")
+        assert f"<figcaption><b>{seed_text}</b> {html.escape(reading)}</figcaption>" in grid
 
 
 def test_smoothed_loss_starts_with_a_full_window():
@@ -320,80 +407,168 @@ def test_train_endpoint_only_on_loopback(served):
     def api_names(demo):
         return {dep.get("api_name") for dep in demo.get_config_file()["dependencies"]}
 
-    assert "train" in api_names(build_app(str(served["base"]), []))
-    remote = build_app([str(served["base"]), str(served["dit_base"])], [], allow_training=False)
-    assert "train" not in api_names(remote) and "generate" in api_names(remote)
+    assert {"train", "train_extras"} <= api_names(build_app(str(served["base"])))  # runs from RUNS_DIR
+    remote = build_app([str(served["base"]), str(served["dit_base"])], allow_training=False)
+    assert not {"train", "train_extras"} & api_names(remote) and {"generate", "refresh"} <= api_names(remote)
 
 
-def test_browser_shows_vocabulary_notes_full_captions_bad_file_and_accuracy(served, tmp_path):
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, driven by Playwright (no browser download of its own)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: .ci/install_chromium installs Debian's with apt")
     from playwright.sync_api import sync_playwright
 
-    assert CHROMIUM.exists(), "Debian's chromium is needed: bash scripts/setup.sh installs it"
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-            ],
-        )
+        args = [
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+        ]
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(served["url"], wait_until="networkidle")
-            assert "circle, square, triangle" in page.locator("#vocabulary").inner_text()
-            bases = page.get_by_label("Base models (one diffusers folder per line)").input_value()
-            assert bases == f"{served['base']}\n{served['dit_base']}"
-            page.locator("#prompt textarea").fill("a red cross on a blue background")
-            note = page.locator("#prompt_note")
-            note.get_by_text("never a background colour").wait_for(timeout=30_000)
-            assert "cross" in note.inner_text() and "blue" in note.inner_text()
-            lora_box = page.get_by_label("LoRA outputs (one folder or .safetensors per line)")
-            lora_box.fill(lora_box.input_value() + f"\n{served['bad']}")
-            page.locator("#generate").click()
-            # both bases and the four runs, 2 images each
-            page.wait_for_function("document.querySelectorAll('#gallery img').length >= 12", timeout=120_000)
-            status = page.locator("#status")
-            status.get_by_text("not a usable LoRA").wait_for(timeout=30_000)
-            assert "not_a_lora.safetensors (not a usable LoRA, not shown)" in status.inner_text()
-            caption = page.locator("#gallery .caption-label").first
-            caption.wait_for(timeout=30_000)
-            assert "(read: " in caption.inner_text()
-            captions = page.locator("#gallery .caption-label").all_inner_texts()
-            assert sum(c.startswith("ResLoRA ms m=1 (dit-reslora) on tiny-sd3 |") for c in captions) == 2
-            # nothing of the caption is cut off: its box holds all of its text
-            clipped = caption.evaluate(
-                "e => e.scrollWidth > e.clientWidth || e.scrollHeight > e.clientHeight"
-            )
-            assert not clipped
-            page.screenshot(path=str(tmp_path / "generate.png"), full_page=True)
-            page.get_by_role("tab", name="Training and merge").click()
-            labels = [run_label(run) for run in served["runs"] + served["dit_runs"]]
-            page.wait_for_function(
-                "labels => labels.every(l => document.querySelector('#accuracy').innerText.includes(l))",
-                arg=labels,
-                timeout=30_000,
-            )
-            # one row per logged evaluation: step 0 and the final one, for each run
-            shown = page.locator("#accuracy").inner_text()
-            assert [shown.count(label) for label in labels] == [2, 2, 2, 2]
-            shot = tmp_path / "training.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
+            yield browser
         finally:
             browser.close()
 
 
-def test_train_button_made_the_missing_runs_and_never_overwrites(served):
-    update, visible, message = served["trained"]
+#: the browser window of the page tests: a laptop's screen
+SCREEN = {"width": 1400, "height": 900}
+
+
+def _open(page, url: str, label: str) -> None:
+    """Open the demo and wait until its page-load scan of the runs has drawn the reports (the
+    comparison table names the run ``label``); the queue's event stream stays open, so the
+    network never goes idle."""
+    page.goto(url, wait_until="load")
+    page.wait_for_function(
+        "l => (document.querySelector('#comparison')?.innerText || '').includes(l)", arg=label, timeout=60_000
+    )
+
+
+def test_browser_shows_vocabulary_notes_compact_grid_bad_file_and_accuracy(served, browser, tmp_path):
+    """Both bases, each with its LoRA and ResLoRA, 2 images each: one row per base, every image
+    loaded and captioned, and the whole page under two screens tall."""
+    page = browser.new_page(viewport=SCREEN)
+    _open(page, served["url"], run_label(served["dit_runs"][1]))
+    assert "circle, square, triangle" in page.locator("#vocabulary").inner_text()
+    bases = page.get_by_label("Base models (one diffusers folder per line)").input_value()
+    assert bases == f"{served['base']}\n{served['dit_base']}"
+    lora_box = page.get_by_label("LoRA outputs (one folder or .safetensors per line)")
+    expected_runs = [str(r) for r in served["runs"] + served["dit_runs"]]
+    assert lora_box.input_value().splitlines() == expected_runs  # the page load scanned the runs
+    page.locator("#prompt textarea").fill("a red cross on a blue background")
+    note = page.locator("#prompt_note")
+    note.get_by_text("never a background colour").wait_for(timeout=30_000)
+    assert "cross" in note.inner_text() and "blue" in note.inner_text()
+    lora_box.fill(lora_box.input_value() + f"\n{served['bad']}")
+    page.locator("#generate").click()
+    # both bases and the four runs, 2 images each
+    page.wait_for_function("document.querySelectorAll('#compare img').length >= 12", timeout=120_000)
+    status = page.locator("#status")
+    status.get_by_text("not a usable LoRA").wait_for(timeout=30_000)
+    assert "not_a_lora.safetensors (not a usable LoRA, not shown)" in status.inner_text()
+    rows = page.locator("#compare .base-row")
+    assert rows.count() == 2
+    for i, (name, runs) in enumerate((("tiny-sd", served["runs"]), ("tiny-sd3", served["dit_runs"]))):
+        assert rows.nth(i).locator(".base-name").inner_text() == name
+        models = rows.nth(i).locator(".model-name").all_inner_texts()
+        assert models == ["base", *(run_label(r) for r in runs)]
+        tops = {round(box["y"]) for box in (img.bounding_box() for img in rows.nth(i).locator("img").all())}
+        assert len(tops) == 1  # the base's six images side by side, in one row
+    captions = page.locator("#compare figcaption").all_inner_texts()
+    assert len(captions) == 12 and all(c.startswith("seed ") and "(read: " in c for c in captions)
+    loaded = "[...document.querySelectorAll('#compare img')].every(i => i.complete && i.naturalWidth == 16)"
+    assert page.evaluate(loaded)  # inline images: none left to load lazily below the fold
+    height = page.evaluate("document.documentElement.scrollHeight")
+    assert height < 2 * SCREEN["height"], height
+    page.screenshot(path=str(tmp_path / "generate.png"), full_page=True)
+    page.get_by_role("tab", name="Training and merge").click()
+    labels = [run_label(run) for run in served["runs"] + served["dit_runs"]]
+    page.wait_for_function(
+        "labels => labels.every(l => document.querySelector('#accuracy').innerText.includes(l))",
+        arg=labels,
+        timeout=30_000,
+    )
+    # one row per logged evaluation: step 0 and the final one, for each run
+    shown = page.locator("#accuracy").inner_text()
+    assert [shown.count(label) for label in labels] == [2, 2, 2, 2]
+    shot = tmp_path / "training.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    page.close()
+
+
+def test_browser_after_the_quick_start_calls_nothing_missing_and_refresh_finds_new_runs(
+    served, browser, tmp_path
+):
+    """With the quick start's two runs alone, the page offers the DiT runs as optional extras and
+    says nothing is missing; DiT runs made while the page is open appear after Refresh."""
+    page = browser.new_page(viewport=SCREEN)
+    lora_box = page.get_by_label("LoRA outputs (one folder or .safetensors per line)")
+    away = tmp_path / "away"
+    away.mkdir()
+    for run in served["dit_runs"]:  # as after the quick start's two commands
+        run.rename(away / run.name)
+    try:
+        _open(page, served["url"], run_label(served["runs"][1]))
+        page.wait_for_function(
+            "() => document.querySelector('#extras') && document.querySelector('#extras').offsetParent",
+            timeout=30_000,
+        )
+        assert lora_box.input_value().splitlines() == [str(r) for r in served["runs"]]
+        text = page.locator("body").inner_text()
+        assert "missing" not in text.lower()
+        assert "Optional extras: LoRA and ResLoRA on the DiT base" in text
+        assert not page.locator("#train").is_visible()  # the quick start needs nothing more
+        page.locator("#extras").get_by_text("Optional extras").click()  # open the section
+        minutes = 2 * demo_app.TRAIN_MINUTES["dit"]
+        extras_button = page.locator("#train_extras")
+        extras_button.wait_for(timeout=10_000)
+        assert extras_button.inner_text() == (
+            f"Train DiT LoRA and DiT ResLoRA (2 steps each, about {minutes} min in all on an idle 2-core CPU)"
+        )
+    finally:
+        for run in served["dit_runs"]:  # made while the page is open (as by a terminal)
+            (away / run.name).rename(run)
+    page.locator("#refresh").click()
+    expected = [str(r) for r in served["runs"] + served["dit_runs"]]
+    page.wait_for_function(
+        "() => document.querySelector('#extras') == null || !document.querySelector('#extras').offsetParent",
+        timeout=30_000,
+    )
+    assert lora_box.input_value().splitlines() == expected
+    page.get_by_role("tab", name="Training and merge").click()
+    page.wait_for_function(
+        "l => document.querySelector('#accuracy').innerText.includes(l)",
+        arg=run_label(served["dit_runs"][1]),
+        timeout=30_000,
+    )
+    page.close()
+
+
+def test_train_buttons_made_the_missing_runs_and_never_overwrite(served):
+    """The Train button made the quick start's two runs and left the DiT runs to the optional
+    extras' button, which made them; each list and offer is what the page then shows."""
     runs_dir = served["tmp"] / "runs"
-    assert message == f"Trained LoRA, ResLoRA, DiT LoRA, DiT ResLoRA into {runs_dir}.", message
+    box, known, button, extras, extras_button, note = served["trained"]
+    assert note == f"Trained LoRA, ResLoRA into {runs_dir}.", note
     assert served["progress"] and max(served["progress"]) <= 1.0
+    assert box.splitlines() == known == [str(runs_dir / f) for f in ("lora", "reslora")]
+    assert button["visible"] is False  # the quick start is complete: the button goes away
+    assert extras["visible"] is True and extras_button["visible"] is True  # still offered, as extras
+    minutes = 2 * demo_app.TRAIN_MINUTES["dit"]
+    expected = (
+        f"Train DiT LoRA and DiT ResLoRA (2 steps each, about {minutes} min in all on an idle 2-core CPU)"
+    )
+    assert extras_button["value"] == expected
+    assert "missing" not in note
+    box, known, button, extras, extras_button, note = served["trained_extras"]
+    assert note == f"Trained DiT LoRA, DiT ResLoRA into {runs_dir}."
     folders = ("lora", "reslora", "dit-lora", "dit-reslora")
-    assert update["value"].splitlines() == [str(runs_dir / f) for f in folders]
-    assert visible["visible"] is False  # nothing left to train: the button goes away
+    assert box.splitlines() == known == [str(runs_dir / f) for f in folders]
+    assert button["visible"] is False and extras["visible"] is False and extras_button["visible"] is False
     for folder, res_type, base in zip(folders, ("none", "ms") * 2, ["base"] * 2 + ["dit_base"] * 2):
         assert json.loads((runs_dir / folder / "merge_report.json").read_text())["res_type"] == res_type
         card = (runs_dir / folder / "README.md").read_text()  # the run's model card names its base
@@ -409,9 +584,79 @@ def test_train_button_made_the_missing_runs_and_never_overwrites(served):
     before = lora_file.stat().st_mtime_ns
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(demo_app, "RUNS_DIR", runs_dir)
-        _, _, again = demo_app.train_missing_runs(progress=lambda frac, desc=None: None)
-    assert again == "Nothing to train: every run exists."
+        *_, again = demo_app.train_quick_start(box, known, progress=lambda frac, desc=None: None)
+        *_, extras_again = demo_app.train_extras(box, known, progress=lambda frac, desc=None: None)
+    assert again == extras_again == "Nothing to train: every run exists."
     assert lora_file.stat().st_mtime_ns == before
+
+
+def test_train_button_labels_give_steps_and_measured_minutes(monkeypatch):
+    monkeypatch.setattr(demo_app, "TRAIN_STEPS", {"unet": 800, "dit": 2000})
+    monkeypatch.setattr(demo_app, "TRAIN_MINUTES", {"unet": 5, "dit": 20})
+    text = demo_app._train_button_text
+    assert text(["LoRA"]) == "Train LoRA (800 steps, about 5 min on an idle 2-core CPU)"
+    both = "Train LoRA and ResLoRA (800 steps each, about 10 min in all on an idle 2-core CPU)"
+    assert text(["LoRA", "ResLoRA"]) == both
+    assert text(["DiT ResLoRA"]) == "Train DiT ResLoRA (2000 steps, about 20 min on an idle 2-core CPU)"
+
+
+def test_the_note_names_only_missing_quick_start_runs(served, tmp_path, monkeypatch):
+    """With the quick start's runs there, nothing is called missing, whatever else is absent; a
+    missing quick-start run is named, and only the Train button offers it."""
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    monkeypatch.setattr(demo_app, "RUNS_DIR", runs_dir)
+    monkeypatch.setattr(demo_app, "DEFAULT_BASES", {"unet": served["base"], "dit": served["dit_base"]})
+    (runs_dir / "reslora").symlink_to(served["runs"][1])
+    button, extras, extras_button, note = demo_app.training_offer()
+    assert note.startswith("The quick start's LoRA run is missing from ") and button["visible"]
+    assert button["value"].startswith("Train LoRA (") and extras["visible"]
+    assert extras_button["value"].startswith("Train DiT LoRA and DiT ResLoRA (")
+    (runs_dir / "lora").symlink_to(served["runs"][0])
+    button, extras, extras_button, note = demo_app.training_offer()
+    assert note == "" and not button["visible"] and extras["visible"] and extras_button["visible"]
+
+
+def test_a_rescan_adds_new_runs_drops_deleted_ones_and_keeps_typed_lines(tmp_path):
+    def make(name):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pytorch_lora_weights.safetensors").write_bytes(b"")
+        return str(tmp_path / name)
+
+    lora, reslora = make("lora"), make("reslora")
+    box, known = demo_app.updated_run_list("", [], tmp_path)
+    assert box == f"{lora}\n{reslora}" and known == [lora, reslora]
+    box = f"{lora}\n/my/other.safetensors"  # the user removed reslora and typed a file of their own
+    new = make("zzz")
+    shutil.rmtree(lora)
+    box, known = demo_app.updated_run_list(box, known, tmp_path)
+    assert box == f"/my/other.safetensors\n{new}" and known == [reslora, new]
+    assert demo_app.updated_run_list("a\nb", None, tmp_path) == ("a\nb", None)  # LoRAs named at start
+
+
+def test_refresh_offers_training_only_where_the_page_has_train_buttons(served, tmp_path, monkeypatch):
+    """With no run trained yet: the local page names the missing quick-start runs and shows the
+    Train button; a page without Train buttons (a remote demo) asks nobody to press one."""
+    monkeypatch.setattr(demo_app, "RUNS_DIR", tmp_path / "runs")
+
+    def rescan(demo):
+        return next(f for f in demo.fns.values() if f.api_name == "refresh").fn("", [])
+
+    assert rescan(build_app(allow_training=False)) == ("", [], "")
+    box, known, button, extras, extras_button, note = rescan(build_app())
+    assert (box, known) == ("", []) and button["visible"] and extras["visible"]
+    assert note.startswith("The quick start's LoRA and ResLoRA runs are missing from ")
+
+
+def test_api_names_each_endpoint_once_and_every_value_by_its_label(served):
+    info = build_app().get_api_info()["named_endpoints"]
+    assert set(info) == {"/generate", "/prompt_note", "/refresh", "/reports", "/train", "/train_extras"}
+    labels = [r["label"] for endpoint in info.values() for r in endpoint["returns"]]
+    assert not [label for label in labels if label.startswith("value_")]
+    assert [r["label"] for r in info["/generate"]["returns"]] == [
+        "each base, then its LoRA and ResLoRA",
+        "status",
+    ]
 
 
 def test_gallery_puts_the_models_in_one_row_when_they_fit():
@@ -448,6 +693,36 @@ def test_a_lora_that_fails_to_load_or_holds_nan_fails_alone(served):
     assert "**mismatched.safetensors** (not a usable LoRA" in status
     assert "**nan_weights.safetensors** (not a usable LoRA" in status
     assert f"tensor {key_b!r} holds NaN or infinite values" in status
+
+
+def test_a_unet_lora_loads_without_diffusers_warning_for_each_text_encoder(served):
+    """diffusers' own load_lora_weights warns that the UNet-only file has no text-encoder keys
+    (the control); load_lora_file, which every render uses, loads the same weights without it,
+    and the logger's other warnings still pass."""
+    from diffusers import DiffusionPipeline
+
+    from reslora_diffusers.export.loading import load_lora_file
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("diffusers.loaders.lora_base")
+    log.addHandler(handler)
+    try:
+        plain = DiffusionPipeline.from_pretrained(str(served["base"]))
+        plain.load_lora_weights(str(served["runs"][0]))
+        assert any("No LoRA keys associated to CLIPTextModel" in r.getMessage() for r in records)
+        records.clear()
+        quiet = DiffusionPipeline.from_pretrained(str(served["base"]))
+        load_lora_file(quiet, served["runs"][0])
+        log.warning("a real problem")
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["a real problem"]
+    weights = dict(plain.unet.named_parameters())
+    assert any(".lora_A." in name for name in weights)
+    for name, value in quiet.unet.named_parameters():
+        assert torch.equal(value, weights[name]), name
 
 
 def test_runs_are_listed_default_runs_first_in_their_order(tmp_path):

@@ -268,8 +268,11 @@ def test_demo_renders_the_base_and_its_lora(toy_base, toy_lora):
 
     pipe = StableDiffusion3Pipeline.from_pretrained(toy_base)
     assert check_lora_file(pipe, toy_lora).name == "pytorch_lora_weights.safetensors"
-    gallery, status = demo_app.render(PROMPT, "", 0, 2, 4.0, 1.0, 1, str(toy_base), str(toy_lora))
+    gallery, status, rows = demo_app.render(PROMPT, "", 0, 2, 4.0, 1.0, 1, str(toy_base), str(toy_lora))
     assert status == "Rendered 2 models with the same seeds." and len(gallery) == 2
+    assert [(base, [model for model, _ in models]) for base, models in rows] == [
+        (toy_base.name, ["base", gallery[1][1].split(" on ")[0]])
+    ]
     assert gallery[1][1].startswith("ResLoRA bs m=") and "read:" in gallery[1][1]
     # the embedded vocabulary: its notes on unseen words apply to this base
     assert "cross" in demo_app.prompt_note(PROMPT, str(toy_base))

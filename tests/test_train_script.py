@@ -413,7 +413,7 @@ def test_two_process_ddp_run_and_exact_resume(base, data, tmp_path):
 
     out = tmp_path / "ddp"
     result = _launch_two_processes(base, data, out)
-    assert "Num processes: 2" in result.stderr
+    assert "process 0 of 2 on cpu" in result.stderr and "process 1 of 2 on cpu" in result.stderr
     assert {p.name for p in (out / "checkpoint-2").glob("random_states_*")} == {
         "random_states_0.pkl",
         "random_states_1.pkl",
@@ -599,7 +599,9 @@ def test_no_argument_run_uses_the_embedded_base_data_and_prompts(tmp_path, capfd
     assert summary["prompt_accuracy_before"] == 0.0 and summary["prompt_accuracy_after"] is not None
     assert summary["merge_error"]["unet"] < 1e-5  # bs merges exactly
     card = (out / "README.md").read_text()
-    assert str(default_base_model_path()) in card and "150 images" in card and "`ff.net.2`" in card
+    assert "from_pretrained(default_base_model_path())" in card and "`ff.net.2`" in card
+    assert str(default_base_model_path()) not in card  # this machine's folders mean nothing to a reader
+    assert "the embedded fine-tuning set, 150 images" in card and str(ROOT) not in card
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
         layers = {k.rsplit(".lora_", 1)[0] for k in f.keys()}
     suffixes = {name.split("transformer_blocks.0.")[-1] for name in layers}
@@ -619,6 +621,51 @@ def test_no_argument_run_uses_the_embedded_base_data_and_prompts(tmp_path, capfd
         assert harmless not in err
     assert "validation step-000000" in err and "validation final" in err
     assert "base_model: tiny-sd\n" in card
+
+
+#: console lines that say nothing to a user of the script (issue: "a user should see progress,
+#: results and real problems"), each with what printed it before
+NOISE = {
+    "requires torchvision": "transformers, importing diffusers' pipeline modules",
+    "No LoRA keys associated to": "diffusers, loading a UNet-only LoRA",
+    "ResLoRA chain ": "one INFO line per chain",
+    "share one A product": "the shared-input groups",
+    "accelerate.": "accelerate's INFO lines for every file of every checkpoint",
+    "Distributed environment": "accelerate's state, over six lines",
+    "ResLoRA calibrated merge (none)": "plain LoRA called a ResLoRA merge",
+    "ResLoRA none": "plain LoRA called ResLoRA when attached",
+}
+
+
+@pytest.mark.slow  # a fresh process: about 15 s
+def test_console_shows_progress_results_and_problems_and_no_noise(base, data, tmp_path):
+    """A fresh process (transformers' notices come once per process) trains plain LoRA for 4
+    steps with a checkpoint every 2, on data with one corrupt image: the console has the
+    progress bars, the checkpoints, the results and the warning about the image, and none of
+    the lines in ``NOISE``."""
+    folder = tmp_path / "data"
+    shutil.copytree(data, folder)
+    first = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
+    (folder / first).write_bytes(b"not an image")
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(base)]
+    cmd += ["--train_data_dir", str(folder), "--output_dir", str(out), "--train_batch_size", "3"]
+    cmd += ["--max_train_steps", "4", "--checkpointing_steps", "2", "--res_type", "none"]
+    cmd += ["--validation_prompt", PROMPT, "--num_validation_images", "1", "--validation_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    assert not {line: why for line, why in NOISE.items() if line in console}
+    # what a user should see
+    assert "Steps: 100%" in console and "validation final" in console
+    assert "saved " in console and "checkpoint-2" in console and "checkpoint-4" in console
+    assert "WARNING" in console and "skipped 1 unreadable or corrupt image(s)" in console
+    assert "INFO reslora_diffusers.export.diffusers: LoRA exported (nothing to merge): " in console
+    assert "INFO reslora_diffusers.core.inject: LoRA, rank 8, on " in console
+    assert "prompt accuracy before: " in done.stdout and '"steps": 4' in done.stdout
+    card = (out / "README.md").read_text()
+    assert "| method | LoRA (`--res_type none`), rank" in card and "ResLoRA" not in card.split("## Use")[0]
 
 
 def _losses(out: Path) -> list[float]:

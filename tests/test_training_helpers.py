@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 
 from reslora_diffusers.training.card import write_model_card
 from reslora_diffusers.training.grid import labelled_grid
-from reslora_diffusers.training.quiet import dropped_log_messages
+from reslora_diffusers.utils.quiet import dropped_log_messages
 
 COLOURS = [(200, 0, 0), (0, 160, 0), (0, 0, 200), (200, 200, 0), (120, 0, 160), (0, 150, 150)]
 
@@ -44,7 +45,7 @@ def test_grid_refuses_a_count_that_does_not_fill_it():
         labelled_grid([Image.new("RGB", (8, 8))] * 5, ["seed 0", "seed 1"], ["a", "b", "c"])
 
 
-def _card(tmp_path, base: str, schedule: str = "constant") -> str:
+def _card(tmp_path, base: str, schedule: str = "constant", res_type: str = "bs") -> str:
     args = argparse.Namespace(
         shortcut_schedule=schedule,
         shortcut_decay_start=0.5,
@@ -52,7 +53,10 @@ def _card(tmp_path, base: str, schedule: str = "constant") -> str:
         target_modules=["to_q"],
         train_text_encoder=False,
         use_peft=False,
-        res_type="bs",
+        res_type=res_type,
+        checkpointing_steps=400,
+        report_to="tensorboard",
+        logging_dir="logs",
         pre_num=1,
         rank=4,
         lora_alpha=None,
@@ -67,15 +71,42 @@ def _card(tmp_path, base: str, schedule: str = "constant") -> str:
     return write_model_card(out, args, [], "folder data", 1, None, (None, None, 0), None).read_text()
 
 
-def test_card_names_a_local_base_by_its_folder_and_a_hub_base_by_its_id(tmp_path):
+def test_card_names_a_local_base_by_its_folder_and_a_hub_base_by_its_id(tmp_path, monkeypatch):
     base = tmp_path / "models" / "my-sd15"
     base.mkdir(parents=True)
     card = _card(tmp_path, str(base))
     assert "\nbase_model: my-sd15\n" in card
     assert f"(local folder `{base}`)" in card  # where it was, for the person who trained it
     assert f'from_pretrained("{base}")' in card
+    monkeypatch.chdir(tmp_path)  # a relative folder stays as the command line gave it
+    card = _card(tmp_path, "models/my-sd15")
+    assert "(local folder `models/my-sd15`)" in card and 'from_pretrained("models/my-sd15")' in card
+    assert str(tmp_path / "models") not in card
     card = _card(tmp_path, "stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert "\nbase_model: stable-diffusion-v1-5/stable-diffusion-v1-5\n" in card
+
+
+def test_card_of_a_shipped_base_names_no_folder_of_this_machine(tmp_path):
+    """The embedded bases are loaded through the function that finds them on any install."""
+    from reslora_diffusers.data import default_base_model_path, default_dit_base_path
+
+    for function in (default_base_model_path, default_dit_base_path):
+        card = _card(tmp_path, str(function()))
+        assert str(function()) not in card and str(Path(function()).parent) not in card
+        use = card.split("```python\n")[1].split("```")[0]
+        assert f"from reslora_diffusers.data import {function.__name__}\n" in use
+        assert f"DiffusionPipeline.from_pretrained({function.__name__}())" in use
+        assert f"\nbase_model: {Path(function()).name}\n" in card
+
+
+def test_card_calls_a_plain_run_lora_and_lists_every_output(tmp_path):
+    card = _card(tmp_path, "some/base", res_type="none")
+    method = next(line for line in card.splitlines() if line.startswith("| method |"))
+    assert method == "| method | LoRA (`--res_type none`), rank 4, alpha 4, UNet (`to_q`) |"
+    assert "ResLoRA `bs`" in _card(tmp_path, "some/base") and "merged with `calibrated`" in _card(
+        tmp_path, "b"
+    )
+    assert "`checkpoint-N/` (every 400 steps" in card and "`logs/` (TensorBoard" in card
 
 
 def test_card_names_a_decaying_shortcut_schedule(tmp_path):

@@ -254,11 +254,18 @@ _REENTRANT = (
 
 
 def log_structure(chains: dict[str, Chain], unreached: list[str]) -> None:
+    """One INFO line for the traced chains (each chain's segments at DEBUG: a UNet has a dozen
+    chains, and ``chain_structure(model)`` returns them as data), a WARNING for blocks the
+    traced pass never reached."""
+    segments = 0
     for name, chain in chains.items():
         sizes = [len(s) for s in chain.segments()]
-        logger.info(
+        segments += len(sizes)
+        logger.debug(
             "ResLoRA chain %s: %d blocks in %d segments %s", name, len(chain.blocks), len(sizes), sizes
         )
+    blocks = sum(len(chain.blocks) for chain in chains.values())
+    logger.info("ResLoRA: traced %d chains, %d blocks in %d segments", len(chains), blocks, segments)
     if unreached:
         logger.warning(
             "ResLoRA: %d adapted modules did not run in the traced forward and act as plain LoRA: %s",

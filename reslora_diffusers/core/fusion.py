@@ -120,7 +120,7 @@ class InputGroups:
                 member.join_group(group, index)
             self.groups.append(group)
         if self.groups:
-            logger.info("ResLoRA: %d groups of blocks share one A product per input", len(self.groups))
+            logger.debug("ResLoRA: %d groups of blocks share one A product per input", len(self.groups))
 
     def set_structure(self, groups: list[list[ResLoRALayer]]) -> None:
         """Install known groups (from a checkpoint) instead of tracing them, active at once: a

@@ -131,14 +131,10 @@ def attach_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
         model.register_forward_hook(lambda m, args, out: _end_pass(m)),
     ]
     setattr(model, STATE_ATTR, state)
-    logger.info(
-        "ResLoRA %s (pre_num %d, rank %d) on %d modules in %d chains",
-        config.res_type,
-        config.pre_num,
-        config.rank,
-        len(blocks),
-        len(chains),
+    method = shortcut.label + (
+        f" (pre_num {config.pre_num})" if shortcut.uses_pre_num and not shortcut.plain else ""
     )
+    logger.info("%s, rank %d, on %d modules in %d chains", method, config.rank, len(blocks), len(chains))
     return model
 
 

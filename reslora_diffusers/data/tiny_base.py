@@ -8,16 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import (
-    AutoencoderKL,
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..utils.quiet import loading_pipeline
 from .shapes import RESOLUTION
 from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer
+
+# a pipeline class loads diffusers' pipeline modules, which set off transformers' notice about
+# torchvision (reslora_diffusers.utils.quiet.TORCHVISION_FALLBACK): dropped here
+with loading_pipeline():
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
 #: Image side in pixels that the base generates (latents are half of it).
 BASE_RESOLUTION = RESOLUTION

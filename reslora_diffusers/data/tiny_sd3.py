@@ -22,15 +22,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
+from ..utils.quiet import loading_pipeline
 from .tiny_base import BASE_RESOLUTION, build_text_encoder, build_tokenizer, build_vae
+
+# a pipeline class loads diffusers' pipeline modules, which set off transformers' notice about
+# torchvision (reslora_diffusers.utils.quiet.TORCHVISION_FALLBACK): dropped here
+with loading_pipeline():
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
 #: Joint blocks of the transformer (the last one, as in SD3, updates the image tokens only).
 SD3_NUM_LAYERS = 8

@@ -133,12 +133,14 @@ def merge_components(
         if merged[name].report.distill:
             report["components"][name]["distill"] = merged[name].report.distill
         report["components"][name]["eval_inputs"] = "given" if given else "synthetic"
-    logger.info(
-        "Merged %s ResLoRA (%s): relative output error %s",
-        report["res_type"],
-        method,
-        {k: f"{v['output_error']:.2e}" for k, v in report["components"].items()},
-    )
+    shortcut = traced_state(next(iter(comps.values()))).shortcut
+    errors = ", ".join(f"{k} {v['output_error']:.2e}" for k, v in report["components"].items())
+    if shortcut.plain:
+        logger.info("%s exported (nothing to merge): relative output error %s", shortcut.label, errors)
+    else:
+        logger.info(
+            "%s merged into a plain LoRA (%s): relative output error %s", shortcut.label, method, errors
+        )
     return merged, report
 
 

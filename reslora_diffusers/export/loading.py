@@ -1,4 +1,4 @@
-"""Check a LoRA file against a pipeline before loading it, with errors a person can act on."""
+"""Check a LoRA file against a pipeline before loading it, with errors a person can act on, and load it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from ..frontends.sd_pipeline import KOHYA_PREFIXES, kohya_component
+from ..utils.quiet import NO_KEYS_FOR_COMPONENT, dropped_log_messages
+from ..utils.safety import check_finite_file
 from .diffusers import DIFFUSERS_FILE
 
 
@@ -51,6 +53,19 @@ def check_lora_file(pipe, path: str | Path) -> Path:
         return path
     for key in sorted(lora_keys):
         _check_key(pipe, path.name, key, shapes[key])
+    return path
+
+
+def load_lora_file(pipe, path: str | Path) -> Path:
+    """Load the LoRA ``path`` (a file, or a folder holding ``pytorch_lora_weights.safetensors``)
+    into ``pipe`` with diffusers' ``load_lora_weights``, as any user of the file loads it, after
+    :func:`check_lora_file` and a check for NaN or infinite weights (which would draw black
+    images). diffusers' warning for each component the file has no keys for (the text encoders
+    of a UNet-only LoRA) is dropped: every key the file holds was checked. Returns the file."""
+    path = check_lora_file(pipe, path)
+    check_finite_file(path)
+    with dropped_log_messages(*NO_KEYS_FOR_COMPONENT):
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     return path
 
 

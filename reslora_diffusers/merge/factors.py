@@ -178,9 +178,9 @@ def merge_to_lora(
         report.output_error = relative_error(model, merged, eval_inputs)
         if report.distill:
             report.distill["held_out_error_after"] = report.output_error
-        logger.info(
-            "ResLoRA %s merge (%s): relative output error %.3e", method, report.res_type, report.output_error
-        )
+        # DEBUG: the report carries it, and export_lora logs one line for all components
+        what = "LoRA, nothing to merge" if state.shortcut.plain else f"{state.shortcut.label}, {method} merge"
+        logger.debug("%s: relative output error %.3e", what, report.output_error)
     return merged
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 from pathlib import Path
 
 from ..core import get_shortcut
+from ..data import default_base_model_path, default_dit_base_path
 from ..utils.io import atomic_path
 
 CARD = """---
@@ -36,8 +38,8 @@ A LoRA for `{base_id}` trained with `train_text_to_image.py` of reslora-diffuser
 
 ```python
 from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{base}")
+{base_import}
+pipe = DiffusionPipeline.from_pretrained({base_arg})
 pipe.load_lora_weights("{output_dir}")  # pytorch_lora_weights.safetensors
 ```
 
@@ -58,12 +60,36 @@ def base_model_id(base: str) -> str:
     return path.resolve().name if path.exists() else base
 
 
-def base_text(base: str) -> str:
-    """The base model for the card's table: its id, and for a local folder where it was."""
+def embedded_base_function(base: str) -> str | None:
+    """The name of the function of :mod:`reslora_diffusers.data` that returns ``base``'s folder
+    when ``base`` is one of the bases shipped with the package, else None."""
     path = Path(base).expanduser()
-    if path.exists():
-        return f"`{base_model_id(base)}` (local folder `{path.resolve()}`)"
+    if not path.exists():
+        return None
+    for function in (default_base_model_path, default_dit_base_path):
+        if path.resolve() == Path(function()).resolve():
+            return function.__name__
+    return None
+
+
+def base_text(base: str) -> str:
+    """The base model for the card's table: its id, and for a local folder where it was, as the
+    command line gave it (resolving it would print the training machine's absolute path)."""
+    embedded = embedded_base_function(base)
+    if embedded:
+        return f"`{base_model_id(base)}` (shipped with reslora-diffusers: `{embedded}()`)"
+    if Path(base).expanduser().exists():
+        return f"`{base_model_id(base)}` (local folder `{base}`)"
     return f"`{base}` (hub)"
+
+
+def base_code(base: str) -> tuple[str, str]:
+    """``(import line, argument)`` of the card's ``from_pretrained`` call: a shipped base through
+    its function (its folder differs on every install), any other base as given."""
+    embedded = embedded_base_function(base)
+    if embedded:
+        return f"from reslora_diffusers.data import {embedded}\n", f"{embedded}()"
+    return "", json.dumps(base)
 
 
 def method_text(args: argparse.Namespace, denoiser: str = "UNet") -> str:
@@ -71,8 +97,11 @@ def method_text(args: argparse.Namespace, denoiser: str = "UNet") -> str:
     where = f"{denoiser} ({where})" + (" and text encoder" if args.train_text_encoder else "")
     if args.use_peft:
         return f"PEFT LoRA, rank {args.rank}, alpha {args.lora_alpha or args.rank}, {where}"
+    shortcut = get_shortcut(args.res_type, args.pre_num)
+    if shortcut.plain:  # nothing was merged: the trained LoRA is the file
+        return f"LoRA (`--res_type {args.res_type}`), rank {args.rank}, alpha {args.lora_alpha or args.rank}, {where}"
     text = f"ResLoRA `{args.res_type}`"
-    if get_shortcut(args.res_type, args.pre_num).uses_pre_num:
+    if shortcut.uses_pre_num:
         text += f" (pre_num {args.pre_num})"
     if args.shortcut_schedule != "constant":  # the shipped file is then the trained model itself
         text += (
@@ -101,6 +130,12 @@ def files_text(args: argparse.Namespace, formats: tuple[str, ...] = ("diffusers"
         "`train_log.jsonl` (step, loss, lr, time; validation accuracy)",
         "`validation/` (image grids: one row per seed, one column per prompt)",
     ]
+    if args.checkpointing_steps:
+        files.append(
+            f"`checkpoint-N/` (every {args.checkpointing_steps} steps, for `--resume_from_checkpoint`)"
+        )
+    if args.report_to == "tensorboard":
+        files.append(f"`{args.logging_dir}/` (TensorBoard: loss and learning rate)")
     return "Files: " + ", ".join(files) + "."
 
 
@@ -133,7 +168,8 @@ def write_model_card(
     (``denoiser``: how the method names the trained model; ``formats``: the LoRA files written)."""
     card = CARD.format(
         title=Path(output_dir).name,
-        base=args.pretrained_model_name_or_path,
+        base_import=base_code(args.pretrained_model_name_or_path)[0],
+        base_arg=base_code(args.pretrained_model_name_or_path)[1],
         base_id=base_model_id(args.pretrained_model_name_or_path),
         base_text=base_text(args.pretrained_model_name_or_path),
         data=data_text,

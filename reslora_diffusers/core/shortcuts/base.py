@@ -101,6 +101,18 @@ class Shortcut:
         return 0
 
     @property
+    def plain(self) -> bool:
+        """The type computes a plain LoRA (``none``; ``bs``/``ms`` with ``pre_num`` 0): no
+        block reads another, so there is nothing to merge."""
+        return self.max_preds == 0
+
+    @property
+    def label(self) -> str:
+        """How logs, model cards and the demo name the method: ``LoRA`` for a plain type,
+        ``ResLoRA <name>`` otherwise."""
+        return "LoRA" if self.plain else f"ResLoRA {self.name}"
+
+    @property
     def reads_activations(self) -> bool:
         """Blocks read activations cached earlier in the same pass (which a pass under
         gradient checkpointing keeps for the recomputation in backward)."""
