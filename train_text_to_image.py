@@ -20,7 +20,6 @@ At the end ``output_dir`` holds ``pytorch_lora_weights.safetensors`` (loads with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import logging
