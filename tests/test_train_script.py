@@ -627,6 +627,7 @@ def test_no_argument_run_uses_the_embedded_base_data_and_prompts(tmp_path, capfd
 #: results and real problems"), each with what printed it before
 NOISE = {
     "requires torchvision": "transformers, importing diffusers' pipeline modules",
+    "Failed to load CPU gemm_4bit_forward": "bitsandbytes, imported by diffusers' quantizers",
     "No LoRA keys associated to": "diffusers, loading a UNet-only LoRA",
     "ResLoRA chain ": "one INFO line per chain",
     "share one A product": "the shared-input groups",

@@ -45,8 +45,17 @@ def dropped_log_messages(logger_name: str, *fragments: str) -> Iterator[None]:
         logger.removeFilter(drop)
 
 
-def loading_pipeline() -> contextlib.AbstractContextManager[None]:
+#: bitsandbytes (0.50, where installed for ``--use_8bit_adam``) warns once per process, when
+#: diffusers' quantizers import it with the pipeline modules, that it could not fetch its 4-bit
+#: CPU kernel from a hub: 4-bit layers are never used here, and 8-bit AdamW needs no kernel.
+BITSANDBYTES_KERNELS = ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
+
+
+@contextlib.contextmanager
+def loading_pipeline() -> Iterator[None]:
     """Around a call that may be the first to import diffusers' pipeline modules (importing a
     pipeline class, ``DiffusionPipeline.from_pretrained``): transformers' torchvision notice
-    (:data:`TORCHVISION_FALLBACK`) dropped."""
-    return dropped_log_messages(*TORCHVISION_FALLBACK)
+    (:data:`TORCHVISION_FALLBACK`) and bitsandbytes' kernel notice (:data:`BITSANDBYTES_KERNELS`)
+    dropped."""
+    with dropped_log_messages(*TORCHVISION_FALLBACK), dropped_log_messages(*BITSANDBYTES_KERNELS):
+        yield
