@@ -41,6 +41,8 @@ from tests.test_train_script import (  # noqa: F401
 )
 from tests.tiny_dits import tiny_flux_pipeline, tiny_sd3_pipeline
 
+ROOT = Path(__file__).resolve().parent.parent
+
 #: (height, width) of each image as a viewer shows it; the JPEG is stored 24 high, 48 wide
 #: with EXIF orientation 6 (rotate 90 degrees clockwise to view)
 SIZES = {
@@ -530,3 +532,24 @@ def test_data_flags_that_cannot_work_are_refused_in_one_line(bases, mixed, tmp_p
         argv += ["--caption_extension", ".txt"]
     got = _error(bases["sd"], mixed, tmp_path / "out", *argv, *extra, defaults=False)
     assert message in got
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def test_cache_benchmark_reads_step_times_and_builds_at_toy_size(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_cache", ROOT / "benchmarks" / "bench_cache.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    log = tmp_path / "train_log.jsonl"
+    times = [0.0, 1.0, 1.5, 2.5, 2.9, 3.4]  # steps 3..6 take 0.5, 1.0, 0.4, 0.5 s
+    log.write_text(
+        "".join(json.dumps({"step": i + 1, "loss": 0.1, "time": t}) + "\n" for i, t in enumerate(times))
+    )
+    assert bench.step_ms(log, 3) == pytest.approx(500.0)
+
+    bench.main(["build", "--images", "3", "--size", "64", "--scale", "0.1"])
+    out = capsys.readouterr().out
+    assert "3 images at 64 px" in out and "recheck both" in out
