@@ -453,6 +453,10 @@ def cache_training_inputs(args: argparse.Namespace, objective: Objective, datase
     if not (args.cache_latents or args.cache_text_embeddings):
         return
     root = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.output_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--cache_dir {root}: cannot create it ({_one_line(err)})") from err
     build_caches(
         dataset,
         objective,

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from reslora_diffusers.data import build_pipeline
-from reslora_diffusers.training.cache import build_caches
+from reslora_diffusers.training.cache import build_caches, default_cache_dir
 from reslora_diffusers.training.data import (
     BucketBatchSampler,
     TextImageDataset,
@@ -469,6 +469,8 @@ def test_cache_is_reused_rebuilt_on_a_new_vae_or_resolution_and_repairs_damage(
     assert "is damaged (unreadable" in caplog.text and "NaN or infinite" in caplog.text
     torch.testing.assert_close(repaired_set.latent_cache.load(i, plan), want, rtol=1e-5, atol=1e-6)
     assert not list(root.rglob("*.tmp"))
+    # the default location: beside the output folder, outside the data and the run's outputs
+    assert default_cache_dir("runs/photos") == Path("runs").resolve() / ".reslora_cache"
 
 
 # ----------------------------------------------------------------------------- the script
@@ -524,6 +526,10 @@ def test_script_bucketed_cached_run_equals_the_uncached_one_and_resumes_exactly(
         (["--aspect_ratio_buckets", "32;32"], "--aspect_ratio_buckets: '32' is not 'height,width'"),
         (["--aspect_ratio_buckets", "32,30"], "bucket 32,30: sides must be multiples of 4 px"),
         (["--resolution", "40", "--caption_extension", "txt"], "--caption_extension 'txt' must be"),
+        (
+            ["--cache_latents", "--cache_dir", "/proc/no-cache-here"],
+            "--cache_dir /proc/no-cache-here: cannot create",
+        ),
     ],
 )
 def test_data_flags_that_cannot_work_are_refused_in_one_line(bases, mixed, tmp_path, extra, message):

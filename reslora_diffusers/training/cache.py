@@ -171,6 +171,8 @@ class LatentCache:
     ) -> CacheStats:
         """Check every entry ``dataset`` can ask for; compute the missing and damaged ones in
         batches of one bucket with ``encode``: pixels (B, 3, H, W) -> parameters (B, 2 C, H/f, W/f)."""
+        if dataset.random_crop:
+            raise ValueError("a latent cache holds one crop per image; random crops cannot be cached")
         stats = CacheStats()
         pending: dict[tuple[int, int], list[tuple[int, CropPlan]]] = {}
         for index in range(len(dataset)):
