@@ -57,6 +57,7 @@ from reslora_diffusers.eval import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS
 from reslora_diffusers.eval.analysis import parse_prompt
 from reslora_diffusers.frontends import CLIP_TEXT, DIT_ATTENTION_TARGETS, UNET_CONV_TARGETS
 from reslora_diffusers.merge import DEFAULT_DISTILL_STEPS
+from reslora_diffusers.training.cache import build_caches, default_cache_dir
 from reslora_diffusers.training.card import write_model_card
 from reslora_diffusers.training.checkpoints import (
     check_checkpoint_files,
@@ -72,11 +73,14 @@ from reslora_diffusers.training.cpu_threads import (
     parse_cpu_threads,
 )
 from reslora_diffusers.training.data import (
-    EpochSampler,
+    BucketBatchSampler,
     TextImageDataset,
+    auto_buckets,
     collate,
     load_image_captions,
+    parse_buckets,
 )
+from reslora_diffusers.training.data import describe as describe_buckets
 from reslora_diffusers.training.flow_matching import WEIGHTING_SCHEMES
 from reslora_diffusers.training.grid import labelled_grid
 from reslora_diffusers.training.objectives import (
@@ -135,10 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train_data_dir",
         default=None,
-        help="imagefolder with metadata.jsonl (default: the embedded fine-tuning set)",
+        help="imagefolder with metadata.jsonl, or images with caption files beside them "
+        "(--caption_extension); default: the embedded fine-tuning set",
     )
     p.add_argument("--image_column", default="image")
     p.add_argument("--caption_column", default="text")
+    p.add_argument(
+        "--caption_extension",
+        default=None,
+        help="read each image's caption from the file beside it with this extension, e.g. .txt "
+        "(kohya-ss layout) instead of metadata.jsonl",
+    )
     p.add_argument("--max_train_samples", type=int, default=None)
     p.add_argument(
         "--resolution",
@@ -146,8 +157,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: the base denoiser's sample size x the VAE factor",
     )
-    p.add_argument("--center_crop", action="store_true")
+    p.add_argument(
+        "--aspect_ratio_buckets",
+        default=None,
+        help="'h1,w1;h2,w2;...' in pixels, or 'auto' (about --resolution^2 pixels, sides multiples of "
+        "64 px or the family's step): each image trains in the bucket nearest its aspect ratio "
+        "(default: one square bucket of --resolution)",
+    )
+    p.add_argument("--center_crop", action="store_true", help="centred crops (the default)")
+    p.add_argument("--random_crop", action="store_true", help="random crops instead of centred ones")
     p.add_argument("--random_flip", action="store_true")
+    p.add_argument(
+        "--caption_dropout_rate",
+        type=float,
+        default=0.0,
+        help="train on the empty prompt with this probability (for classifier-free guidance)",
+    )
+    p.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="encode every image (crop, and its mirror with --random_flip) once and keep the VAE "
+        "posterior in --cache_dir; a new sample of it is drawn every step",
+    )
+    p.add_argument(
+        "--cache_text_embeddings",
+        action="store_true",
+        help="encode every caption once and keep the text states in --cache_dir (frozen text encoders only)",
+    )
+    p.add_argument(
+        "--cache_dir",
+        default=None,
+        help="where the caches live (default: .reslora_cache beside --output_dir); entries are "
+        "keyed by their inputs and reused by later runs",
+    )
     # training
     p.add_argument("--train_batch_size", type=int, default=16)
     p.add_argument("--num_train_epochs", type=int, default=100)
@@ -333,6 +375,7 @@ def check_args(args: argparse.Namespace) -> None:
         args.train_data_dir = str(default_finetune_data_dir())
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         raise ValueError(f"--resolution {args.resolution} must be a positive multiple of 8")
+    check_data_args(args)
     positive = ("train_batch_size", "gradient_accumulation_steps", "num_validation_images", "rank")
     for flag in (*positive, "calibration_batches"):
         if getattr(args, flag) <= 0:
@@ -363,6 +406,26 @@ def check_args(args: argparse.Namespace) -> None:
         args.validation_prompt = finetune_prompts()
 
 
+def check_data_args(args: argparse.Namespace) -> None:
+    """Refuse data and cache flags that cannot work together (``ValueError`` naming them)."""
+    if args.max_train_samples is not None and args.max_train_samples <= 0:
+        raise ValueError(f"--max_train_samples {args.max_train_samples} must be > 0")
+    if not 0 <= args.caption_dropout_rate < 1:
+        raise ValueError(f"--caption_dropout_rate {args.caption_dropout_rate} must be in [0, 1)")
+    if args.center_crop and args.random_crop:
+        raise ValueError("--center_crop and --random_crop exclude each other")
+    if args.cache_latents and args.random_crop:
+        raise ValueError(
+            "--cache_latents keeps one crop per image, --random_crop draws a new one every epoch; drop one"
+        )
+    if args.cache_text_embeddings and args.train_text_encoder:
+        raise ValueError(
+            "--cache_text_embeddings needs frozen text encoders; --train_text_encoder changes their outputs"
+        )
+    if args.caption_extension is not None and args.dataset_name is not None:
+        raise ValueError("--caption_extension reads caption files beside the images of --train_data_dir")
+
+
 def _embedded_data(args: argparse.Namespace) -> bool:
     return args.dataset_name is None and Path(args.train_data_dir).resolve() == default_finetune_data_dir()
 
@@ -376,7 +439,8 @@ def _metric_applies(prompts: list[str] | None) -> bool:
 
 
 def load_training_data(args: argparse.Namespace, objective: Objective, resolution: int):
-    """``(data, dataset)``: the image-caption rows the flags name and the training dataset over them."""
+    """``(data, dataset)``: the image-caption rows the flags name and the training dataset over
+    them, in its buckets."""
     data = load_image_captions(
         args.dataset_name,
         args.train_data_dir,
@@ -385,8 +449,50 @@ def load_training_data(args: argparse.Namespace, objective: Objective, resolutio
         args.max_train_samples,
         args.seed,
         args.revision,
+        args.caption_extension,
     )
-    return data, TextImageDataset(data, objective.tokenizer, resolution, args.center_crop, args.random_flip)
+    dataset = TextImageDataset(
+        data,
+        objective.tokenizer,
+        training_buckets(args, objective, resolution),
+        random_crop=args.random_crop,
+        random_flip=args.random_flip,
+        caption_dropout_rate=args.caption_dropout_rate,
+    )
+    return data, dataset
+
+
+def training_buckets(
+    args: argparse.Namespace, objective: Objective, resolution: int
+) -> list[tuple[int, int]]:
+    """``--aspect_ratio_buckets``: given, ``auto``, or one square of ``resolution``."""
+    if args.aspect_ratio_buckets is None:
+        return [(resolution, resolution)]
+    if args.aspect_ratio_buckets.strip() == "auto":
+        return auto_buckets(resolution, objective.bucket_step(resolution))
+    buckets = parse_buckets(args.aspect_ratio_buckets)
+    objective.check_buckets(buckets)
+    return buckets
+
+
+def cache_training_inputs(args: argparse.Namespace, objective: Objective, dataset) -> None:
+    """``--cache_latents`` / ``--cache_text_embeddings``: build or reuse the caches (frozen models)."""
+    if not (args.cache_latents or args.cache_text_embeddings):
+        return
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.output_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--cache_dir {root}: cannot create it ({_one_line(err)})") from err
+    build_caches(
+        dataset,
+        objective,
+        objective.models,
+        root,
+        latents=args.cache_latents,
+        text=args.cache_text_embeddings,
+        batch_size=args.train_batch_size,
+    )
 
 
 #: stands for the default of a flag the command line gave: no value equals it
@@ -555,7 +661,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     dataloader: object
-    sampler: EpochSampler
+    sampler: BucketBatchSampler
     #: follows the CPUs other processes leave free (``--cpu_threads auto`` on CPU), else None
     cpu_threads: FreeCpuThreads | None = None
 
@@ -807,11 +913,13 @@ def train_in_output_dir(args: argparse.Namespace, argv: list[str], accelerator: 
 
     with accelerator.main_process_first():
         data, dataset = load_training_data(args, objective, resolution)
-    sampler = EpochSampler(len(dataset), args.seed)
+        for line in describe_buckets(dataset):  # one line per bucket, one for the skipped images
+            logger.info(line)
+        cache_training_inputs(args, objective, dataset)
+    sampler = BucketBatchSampler(dataset.bucket_of, args.train_batch_size, args.seed)
     dataloader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=args.train_batch_size,
-        sampler=sampler,
+        batch_sampler=sampler,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),

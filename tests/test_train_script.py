@@ -363,6 +363,7 @@ def test_metadata_rows_naming_missing_or_outside_files_are_named(data, tmp_path)
     folder = tmp_path / "set"
     shutil.copytree(data, folder)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / rows[2]["file_name"]).unlink()  # an image with no row would be an image with no caption
     rows[2]["file_name"] = "gone.png"
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded = load_image_captions(None, folder, "image", "text")

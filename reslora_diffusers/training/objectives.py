@@ -13,18 +13,26 @@ pipeline (:func:`~reslora_diffusers.frontends.pipeline_family`) picks the object
   scaling_factor``, prompts through the pipeline's CLIP and T5 encoders as its
   ``encode_prompt`` does (the same states, checked in the tests; written out here because a
   trained encoder runs wrapped by DDP, which ``encode_prompt`` cannot call).
+
+Every objective splits its loss into the parts a cache can hold (:class:`Objective`): pixels ->
+the VAE posterior (cached by ``--cache_latents``; its sample is drawn every step), captions ->
+the denoiser's text inputs (cached by ``--cache_text_embeddings``), and the loss of the two.
+Image sides are multiples of the objective's :attr:`~Objective.side_step` (the VAE factor times
+what the denoiser needs: UNet downsampling, SD3 patches, Flux 2 x 2 packing).
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..frontends import (
     DIT_ATTENTION_TARGETS,
@@ -37,17 +45,25 @@ from ..frontends import (
     pipeline_family,
 )
 from ..frontends.flux import latent_image_ids, pack_latents
-from .data import collate, tokenize
+from .data import BucketBatchSampler, collate, tokenize
 from .flow_matching import flow_matching_loss, noisy_latents, sample_sigmas, sample_u
 
 #: Attention and feed-forward projections of the UNet's transformer blocks: a new shape needs
 #: the feed-forward layers too (on the embedded base, 800 steps reach 53-80 % prompt accuracy
 #: with them; the attention projections alone stayed below 10 %).
 DEFAULT_UNET_TARGETS = [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS]
+#: the side step of ``--aspect_ratio_buckets auto`` at full size (kohya-ss's and SDXL's buckets)
+AUTO_BUCKET_STEP = 64
 
 
 class Objective(ABC):
-    """A pipeline family's training; subclasses set the class attributes and the loss."""
+    """A pipeline family's training; subclasses set the class attributes and the loss.
+
+    The loss is split so that its inputs can be cached whatever the family: pixels -> the VAE
+    posterior's parameters (:meth:`latent_distribution`, what ``--cache_latents`` stores) -> the
+    denoiser's clean latents (:meth:`clean_latents`); captions -> the denoiser's text inputs
+    (:meth:`encode_text`, what ``--cache_text_embeddings`` stores); and the loss of clean
+    latents and text inputs (:meth:`latent_loss`). :meth:`loss` takes either from the batch."""
 
     #: the pipeline families this objective trains
     families: tuple[PipelineFamily, ...] = ()
@@ -64,12 +80,25 @@ class Objective(ABC):
         self.models = {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}
         for model in self.models.values():
             model.requires_grad_(False)
+        vae = self.models["vae"]
         #: pixels per latent
-        self.vae_scale = 2 ** (len(self.models["vae"].config.block_out_channels) - 1)
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        #: clean latents are ``(z - shift_factor) * scaling_factor`` (SD's VAEs have no shift)
+        self.shift_factor = vae.config.get("shift_factor") or 0.0
+        self.scaling_factor = vae.config.scaling_factor
+        #: each text encoder's tokenizer (``text_encoder_2`` -> ``tokenizer_2``)
+        self.tokenizers = {
+            name: getattr(pipe, name.replace("text_encoder", "tokenizer")) for name in self.text_encoder_names
+        }
 
     @property
     def denoiser(self) -> str:
         return self.family.denoiser
+
+    @property
+    @abstractmethod
+    def text_encoder_names(self) -> tuple[str, ...]:
+        """The text encoders :meth:`encode_text` runs (those of the pipeline)."""
 
     def trained_names(self, train_text_encoder: bool) -> list[str]:
         """The denoiser and, with ``--train_text_encoder``, the text encoders the family's LoRA
@@ -97,21 +126,144 @@ class Objective(ABC):
     @abstractmethod
     def default_resolution(self) -> int: ...
 
+    # -- image sizes -----------------------------------------------------------------------
+    @abstractmethod
+    def latent_multiple(self) -> int:
+        """Latents per side step the denoiser needs (downsampling, patches, packing)."""
+
+    def side_reason(self) -> str:
+        """Why the sides are multiples of :attr:`side_step` (for the error)."""
+        return f"the VAE's factor {self.vae_scale} x {self.latent_multiple()} latents"
+
+    @property
+    def side_step(self) -> int:
+        """Image sides must be multiples of this many pixels: ``vae_scale * latent_multiple``."""
+        return self.vae_scale * self.latent_multiple()
+
+    def max_side(self) -> int | None:
+        """The largest image side the denoiser takes, in pixels (None: no limit)."""
+        return None
+
     def check_resolution(self, resolution: int) -> None:
-        """Refuse a resolution the VAE does not map to whole latents (``ValueError``)."""
-        if resolution % self.vae_scale:
+        """Refuse a resolution the denoiser cannot take whole (``ValueError``)."""
+        if resolution % self.side_step:
             raise ValueError(
-                f"--resolution {resolution} must be a multiple of {self.vae_scale} (the VAE's factor)"
+                f"--resolution {resolution} must be a multiple of {self.side_step} for "
+                f"{self.family.name} pipelines ({self.side_reason()})"
             )
 
+    def check_buckets(self, buckets: list[tuple[int, int]]) -> None:
+        """Refuse a bucket whose sides are not multiples of :attr:`side_step` or too large."""
+        limit = self.max_side()
+        for h, w in buckets:
+            if h % self.side_step or w % self.side_step:
+                raise ValueError(
+                    f"--aspect_ratio_buckets: bucket {h},{w}: sides must be multiples of {self.side_step} "
+                    f"px for {self.family.name} pipelines ({self.side_reason()})"
+                )
+            if limit is not None and max(h, w) > limit:
+                raise ValueError(
+                    f"--aspect_ratio_buckets: bucket {h},{w}: the {self.denoiser_title} takes sides "
+                    f"up to {limit} px"
+                )
+
+    def bucket_step(self, resolution: int) -> int:
+        """The side step of ``--aspect_ratio_buckets auto``: ``AUTO_BUCKET_STEP`` (64 px) made a
+        multiple of :attr:`side_step`, halved while above ``resolution / 4`` (small models) and
+        still a multiple of it."""
+        step = math.lcm(AUTO_BUCKET_STEP, self.side_step)
+        while step > resolution // 4 and (step // 2) % self.side_step == 0:
+            step //= 2
+        return step
+
+    # -- inputs (cacheable) ----------------------------------------------------------------
     @property
     def tokenizer(self):
         """The tokenizer that the dataset applies to captions (None: the objective tokenizes)."""
         return None
 
+    def token_length(self, name: str) -> int:
+        """Tokens per caption for text encoder ``name`` (default: its tokenizer's length)."""
+        return self.tokenizers[name].model_max_length
+
+    def token_ids(self, name: str, captions: list[str]) -> torch.Tensor:
+        """Captions tokenized for text encoder ``name``, padded and truncated to :meth:`token_length`."""
+        return tokenize(self.tokenizers[name], captions, self.token_length(name))
+
+    @staticmethod
+    def device(models: dict[str, nn.Module]) -> torch.device:
+        """Where the models run (the VAE is never wrapped by DDP or torch.compile)."""
+        return models["vae"].device
+
+    def latent_distribution(self, vae: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior ``N(mean, exp(logvar))`` of pixels in [-1, 1], as its parameters
+        ``(B, 2 C, H / f, W / f)`` (mean, then log-variance, on the channel axis)."""
+        return vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.parameters
+
+    def clean_latents(
+        self, parameters: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The denoiser's ``x0 = (z - shift_factor) * scaling_factor``: ``z`` a sample of the
+        posterior drawn from the global random state (training, as diffusers' scripts), or its
+        mean when a ``generator`` is given (the merge report's fixed inputs)."""
+        posterior = DiagonalGaussianDistribution(parameters)
+        z = posterior.mean if generator is not None else posterior.sample()
+        # contiguous: the VAE's convolutions may return channels-last strides, and randn_like
+        # follows the strides, so the noise would depend on where the latents came from
+        return ((z - self.shift_factor) * self.scaling_factor).contiguous()
+
+    def encode_pixels(
+        self,
+        models: dict[str, nn.Module],
+        pixel_values: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Pixels -> the denoiser's clean latents (the VAE part of the loss)."""
+        return self.clean_latents(self.latent_distribution(models["vae"], pixel_values), generator)
+
     @abstractmethod
+    def encode_text(
+        self, models: dict[str, nn.Module], captions: list[str], input_ids: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Captions (or the dataset's token ids of them) -> the denoiser's text inputs, every
+        tensor with the batch first."""
+
+    def batch_latents(
+        self,
+        models: dict[str, nn.Module],
+        batch: dict,
+        dtype: torch.dtype,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Clean latents from the batch's cached ``latent_parameters`` or its ``pixel_values``:
+        both draw the posterior sample the same way, so the two agree under one random state."""
+        if "latent_parameters" in batch:
+            parameters = batch["latent_parameters"].to(self.device(models), dtype)
+        else:
+            parameters = self.latent_distribution(models["vae"], batch["pixel_values"].to(dtype))
+        return self.clean_latents(parameters, generator)
+
+    def batch_text(self, models: dict[str, nn.Module], batch: dict) -> dict[str, torch.Tensor]:
+        """The batch's cached ``text_conditioning``, or its captions encoded."""
+        if "text_conditioning" in batch:
+            device = self.device(models)
+            return {k: v.to(device) for k, v in batch["text_conditioning"].items()}
+        return self.encode_text(models, batch["captions"], batch.get("input_ids"))
+
+    # -- the loss --------------------------------------------------------------------------
+    @abstractmethod
+    def latent_loss(
+        self, models: dict[str, nn.Module], latents: torch.Tensor, text: dict[str, torch.Tensor], batch: dict
+    ) -> torch.Tensor:
+        """The loss of clean latents and text inputs (``batch``: the sizes, for families whose
+        denoiser reads them); its noise and timesteps come from the global random state."""
+
     def loss(self, models: dict[str, nn.Module], batch: dict, weight_dtype: torch.dtype) -> torch.Tensor:
-        """The loss of one batch; ``models`` are the trained ones as ``accelerator.prepare`` returned them."""
+        """The loss of one batch; ``models`` are the trained ones as ``accelerator.prepare``
+        returned them. Draws, in order: the posterior sample, then :meth:`latent_loss`'s."""
+        latents = self.batch_latents(models, batch, weight_dtype)
+        text = self.batch_text(models, batch)
+        return self.latent_loss(models, latents, text, batch)
 
     @abstractmethod
     def model_inputs(self, models: dict[str, nn.Module], batch: dict, generator: torch.Generator) -> dict:
@@ -126,6 +278,7 @@ class DenoisingObjective(Objective):
     families = (SD_PIPELINES,)
     denoiser_title = "UNet"
     unused_flags = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale")
+    text_encoder_names = ("text_encoder",)
 
     def __init__(self, pipe, args: argparse.Namespace) -> None:
         from diffusers import DDPMScheduler
@@ -136,11 +289,10 @@ class DenoisingObjective(Objective):
         )
         if args.prediction_type is not None:
             self.scheduler.register_to_config(prediction_type=args.prediction_type)
-        self._tokenizer = pipe.tokenizer
 
     @property
     def tokenizer(self):
-        return self._tokenizer
+        return self.tokenizers["text_encoder"]
 
     def default_targets(self) -> list[str]:
         return list(DEFAULT_UNET_TARGETS)
@@ -148,14 +300,28 @@ class DenoisingObjective(Objective):
     def default_resolution(self) -> int:
         return self.models[self.denoiser].config.sample_size * self.vae_scale
 
-    def loss(self, models, batch, weight_dtype):
+    def latent_multiple(self) -> int:
+        """``2**(levels - 1)``: the UNet halves the latents at every level but the last."""
+        return 2 ** (len(self.models[self.denoiser].config.block_out_channels) - 1)
+
+    def side_reason(self) -> str:
+        return f"the VAE's factor {self.vae_scale} x the UNet's {self.latent_multiple()}x downsampling"
+
+    def encode_text(self, models, captions, input_ids=None):
+        """``encoder_hidden_states``: the CLIP encoder's last hidden states."""
+        ids = input_ids if input_ids is not None else self.token_ids("text_encoder", captions)
+        return {
+            "encoder_hidden_states": models["text_encoder"](ids.to(self.device(models)), return_dict=False)[0]
+        }
+
+    def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict) -> dict:
+        """The UNet's keyword inputs beside the noisy latents and timesteps."""
+        return dict(text)
+
+    def latent_loss(self, models, latents, text, batch):
         from diffusers.training_utils import compute_snr
 
         args, noise_scheduler = self.args, self.scheduler
-        vae, text_encoder, unet = models["vae"], models["text_encoder"], models[self.denoiser]
-
-        latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
-        latents = latents * vae.config.scaling_factor
         noise = torch.randn_like(latents)
         if args.noise_offset:
             noise += args.noise_offset * torch.randn(
@@ -165,12 +331,12 @@ class DenoisingObjective(Objective):
             0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
         ).long()
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
         if noise_scheduler.config.prediction_type == "epsilon":
             target = noise
         else:
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+        unet = models[self.denoiser]
+        pred = unet(noisy, timesteps, **self.unet_conditioning(text, batch), return_dict=False)[0]
         if not args.snr_gamma:
             return F.mse_loss(pred.float(), target.float(), reduction="mean")
         snr = compute_snr(noise_scheduler, timesteps)
@@ -183,11 +349,9 @@ class DenoisingObjective(Objective):
 
     def model_inputs(self, models, batch, generator):
         """Noisy latents (of the VAE mean) at random timesteps and the captions' text states."""
-        vae, text_encoder = models["vae"], models["text_encoder"]
+        vae = models["vae"]
         device, dtype = vae.device, vae.dtype
-        latents = (
-            vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.mean * vae.config.scaling_factor
-        )
+        latents = self.batch_latents(models, batch, dtype, generator)
         size = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), generator=generator)
@@ -196,7 +360,7 @@ class DenoisingObjective(Objective):
             self.denoiser: {
                 "sample": self.scheduler.add_noise(latents, noise, timesteps),
                 "timestep": timesteps.to(device),
-                "encoder_hidden_states": text_encoder(input_ids, return_dict=False)[0],
+                **self.unet_conditioning(self.batch_text(models, batch), batch),
             },
             "text_encoder": {"input_ids": input_ids},
         }
@@ -231,20 +395,17 @@ class FlowMatchingObjective(Objective):
         super().__init__(pipe, args)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         self.weighting = args.weighting_scheme or self.default_weighting
-        #: each text encoder's tokenizer (``text_encoder_2`` -> ``tokenizer_2``)
-        self.tokenizers = {
-            name: getattr(pipe, name.replace("text_encoder", "tokenizer"))
-            for name in (*self.clip_encoders, self.t5_encoder)
-            if name in self.models
-        }
         #: T5 tokens per prompt: the pipeline's ``encode_prompt`` default (what inference uses)
         self.max_sequence_length = (
             inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default
         )
-        vae = self.models["vae"]
-        self.shift_factor = vae.config.shift_factor or 0.0
-        self.scaling_factor = vae.config.scaling_factor
         self.denoiser_config = self.models[self.denoiser].config
+
+    @property
+    def text_encoder_names(self) -> tuple[str, ...]:
+        """The CLIP encoders and the T5 encoder where the pipeline has one."""
+        names = (*self.clip_encoders, self.t5_encoder)
+        return tuple(n for n in names if n in self.models)
 
     def default_targets(self) -> list[str]:
         return list(DIT_ATTENTION_TARGETS)
@@ -258,9 +419,9 @@ class FlowMatchingObjective(Objective):
         """The pipeline's default size: ``sample_size`` latents (128 for SD3 and Flux) x the VAE factor."""
         return self.denoiser_config.get("sample_size", 128) * self.vae_scale
 
-    def loss(self, models, batch, weight_dtype):
+    def latent_loss(self, models, latents, text, batch):
         """``mean_b(w(sigma_b) mean((v_theta(x_sigma) - (eps - x0))^2))``."""
-        step = self.flow_batch(models, batch, weight_dtype)
+        step = self.flow_inputs(latents, text)
         pred = models[self.denoiser](**step.inputs, return_dict=False)[0]
         return flow_matching_loss(pred, step.latents, step.noise, step.sigmas, self.weighting)
 
@@ -286,10 +447,14 @@ class FlowMatchingObjective(Objective):
         """Clean latents, noise, sigmas and the transformer's inputs of a batch. Without a
         ``generator`` the draws (VAE sample, ``eps``, ``u``) come from the global random state,
         as training wants; with one, the VAE mean is used and the draws come from it."""
-        vae = models["vae"]
-        dist = vae.encode(batch["pixel_values"].to(vae.device, dtype)).latent_dist
-        latents = (dist.sample() if generator is None else dist.mean) - self.shift_factor
-        latents = latents * self.scaling_factor
+        latents = self.batch_latents(models, batch, dtype, generator)
+        return self.flow_inputs(latents, self.batch_text(models, batch), generator)
+
+    def flow_inputs(
+        self, latents: torch.Tensor, text: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> FlowBatch:
+        """Noise ``eps``, ``u`` and sigmas drawn (from ``generator`` if given), ``x_sigma`` and
+        the transformer's inputs for clean latents and text inputs."""
         noise = torch.randn(
             latents.shape, generator=generator, device="cpu" if generator else latents.device
         ).to(latents)
@@ -303,34 +468,21 @@ class FlowMatchingObjective(Objective):
         )
         timesteps, sigmas = (t.to(latents.device) for t in sample_sigmas(self.scheduler, u))
         noisy = noisy_latents(latents, noise, sigmas)
-        text = self.encode_prompt(models, batch["captions"], latents.device)
         inputs = self.transformer_inputs(noisy, timesteps, text)
         return FlowBatch(inputs, self.layout(latents), self.layout(noise), sigmas)
 
-    def token_ids(self, name: str, captions: list[str]) -> torch.Tensor:
-        """CLIP: the tokenizer's length (77); T5: ``max_sequence_length``; padded, truncated."""
-        tokenizer = self.tokenizers[name]
-        if name != self.t5_encoder:
-            return tokenize(tokenizer, captions)
-        return tokenizer(
-            captions,
-            max_length=self.max_sequence_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+    def token_length(self, name: str) -> int:
+        """CLIP: the tokenizer's length (77); T5: ``max_sequence_length``."""
+        return self.max_sequence_length if name == self.t5_encoder else super().token_length(name)
 
-    def t5_states(self, models, captions: list[str], device) -> torch.Tensor:
+    def t5_states(self, models, captions: list[str]) -> torch.Tensor:
         """The T5 encoder's last hidden states; zeros where the pipeline has no T5 (as it does)."""
+        device = self.device(models)
         if self.t5_encoder not in models:
             size = (len(captions), self.max_sequence_length, self.denoiser_config.joint_attention_dim)
             return torch.zeros(size, device=device, dtype=models["vae"].dtype)
         ids = self.token_ids(self.t5_encoder, captions).to(device)
         return models[self.t5_encoder](ids)[0]
-
-    @abstractmethod
-    def encode_prompt(self, models, captions: list[str], device) -> dict:
-        """The transformer's text conditioning (``encoder_hidden_states``, ``pooled_projections``...)."""
 
     @abstractmethod
     def transformer_inputs(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> dict:
@@ -352,14 +504,26 @@ class SD3FlowMatching(FlowMatchingObjective):
     clip_encoders = ("text_encoder", "text_encoder_2")
     t5_encoder = "text_encoder_3"
 
-    def encode_prompt(self, models, captions, device):
+    def latent_multiple(self) -> int:
+        """The transformer's patch size."""
+        return self.denoiser_config.patch_size
+
+    def side_reason(self) -> str:
+        return f"the VAE's factor {self.vae_scale} x the transformer's patch size {self.latent_multiple()}"
+
+    def max_side(self) -> int:
+        """``pos_embed_max_size`` patches (SD3 crops its position embedding to the image)."""
+        return self.denoiser_config.pos_embed_max_size * self.side_step
+
+    def encode_text(self, models, captions, input_ids=None):
+        device = self.device(models)
         states, pooled = [], []
         for name in self.clip_encoders:
             out = models[name](self.token_ids(name, captions).to(device), output_hidden_states=True)
             pooled.append(out[0])
             states.append(out.hidden_states[-2])
         clip = torch.cat(states, dim=-1)
-        t5 = self.t5_states(models, captions, device)
+        t5 = self.t5_states(models, captions)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {
             "encoder_hidden_states": torch.cat([clip, t5], dim=-2),
@@ -379,29 +543,30 @@ class FluxFlowMatching(FlowMatchingObjective):
     clip_encoders = ("text_encoder",)
     t5_encoder = "text_encoder_2"
 
-    def check_resolution(self, resolution: int) -> None:
-        if resolution % (2 * self.vae_scale):
-            raise ValueError(
-                f"--resolution {resolution} must be a multiple of {2 * self.vae_scale} for Flux "
-                f"(latents of {self.vae_scale}x smaller size are packed in 2 x 2 patches)"
-            )
+    def latent_multiple(self) -> int:
+        """2: latents are packed in 2 x 2 patches."""
+        return 2
 
-    def encode_prompt(self, models, captions, device):
+    def side_reason(self) -> str:
+        return f"latents of {self.vae_scale}x smaller size are packed in 2 x 2 patches"
+
+    def encode_text(self, models, captions, input_ids=None):
         (name,) = self.clip_encoders
-        pooled = models[name](self.token_ids(name, captions).to(device), output_hidden_states=False)
-        t5 = self.t5_states(models, captions, device)
+        ids = self.token_ids(name, captions).to(self.device(models))
+        pooled = models[name](ids, output_hidden_states=False)
         return {
-            "encoder_hidden_states": t5,
+            "encoder_hidden_states": self.t5_states(models, captions),
             "pooled_projections": pooled.pooler_output,
-            "txt_ids": torch.zeros(t5.shape[1], 3, device=device, dtype=t5.dtype),
         }
 
     def transformer_inputs(self, noisy, timesteps, text):
         b, _, h, w = noisy.shape
+        states = text["encoder_hidden_states"]
         inputs = {
             "hidden_states": pack_latents(noisy),
             "timestep": timesteps / 1000,
             "img_ids": latent_image_ids(h // 2, w // 2).to(noisy),
+            "txt_ids": torch.zeros(states.shape[1], 3, device=states.device, dtype=states.dtype),
             **text,
         }
         if self.denoiser_config.guidance_embeds:
@@ -450,16 +615,19 @@ def load_objective(args: argparse.Namespace, defaults: dict) -> Objective:
 def real_inputs(
     objective: Objective, models: dict[str, nn.Module], dataset, batch_size: int, seed: int, num: int
 ) -> dict[str, list[dict]]:
-    """``{component: num batches of keyword inputs}`` from the training data (up to 8 images a
-    batch, drawn with ``seed``), for calibrating and measuring the merge."""
+    """``{component: num batches of keyword inputs}`` from the training data (up to 8 images of
+    one bucket a batch, in the order of a :class:`~.data.BucketBatchSampler` seeded with ``seed``),
+    for calibrating and measuring the merge."""
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=gen).tolist()
-    size = min(batch_size, 8)
+    sampler = BucketBatchSampler(dataset.bucket_of, min(batch_size, 8), seed)
+    keys: list[list[tuple[int, int]]] = []
+    while len(keys) < num:
+        sampler.start_epoch(len(keys))
+        keys += list(sampler)
     out: dict[str, list[dict]] = {}
     with torch.no_grad():
-        for b in range(num):
-            idx = [order[(b * size + i) % len(order)] for i in range(size)]
-            batch = collate([dataset[(i, seed + i)] for i in idx])
+        for batch_keys in keys[:num]:
+            batch = collate([dataset[key] for key in batch_keys])
             for name, inputs in objective.model_inputs(models, batch, gen).items():
                 out.setdefault(name, []).append(inputs)
     return out
