@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--learning_rate", type=float, default=4e-3)
     p.add_argument(
+        "--text_encoder_lr",
+        type=float,
+        default=None,
+        help="learning rate of the text encoders' adapters with --train_text_encoder (default: --learning_rate)",
+    )
+    p.add_argument(
         "--scale_lr",
         action="store_true",
         help="multiply the learning rate by processes x batch size x accumulation steps",
@@ -376,6 +382,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         raise ValueError(f"--resolution {args.resolution} must be a positive multiple of 8")
     check_data_args(args)
+    if args.text_encoder_lr is not None and not args.train_text_encoder:
+        raise ValueError("--text_encoder_lr applies with --train_text_encoder (no text encoder trains)")
     positive = ("train_batch_size", "gradient_accumulation_steps", "num_validation_images", "rank")
     for flag in (*positive, "calibration_batches"):
         if getattr(args, flag) <= 0:
@@ -533,9 +541,11 @@ def check_target_modules(denoiser, targets: list[str] | None, title: str) -> Non
             )
 
 
-def add_adapters(args: argparse.Namespace, trained: dict, objective: Objective) -> list[torch.nn.Parameter]:
+def add_adapters(
+    args: argparse.Namespace, trained: dict, objective: Objective
+) -> dict[str, list[torch.nn.Parameter]]:
     """ResLoRA (or PEFT LoRA) on the denoiser and, with ``--train_text_encoder``, the text
-    encoder(s) (``trained``, denoiser first); returns the trainable parameters (float32)."""
+    encoder(s) (``trained``, denoiser first); returns each model's trainable parameters (float32)."""
     denoiser = trained[objective.denoiser]
     check_target_modules(denoiser, args.target_modules, objective.denoiser_title)
     models = list(trained.values())
@@ -555,7 +565,7 @@ def add_adapters(args: argparse.Namespace, trained: dict, objective: Objective) 
                 model.add_adapter(lora)
             else:
                 inject_adapter_in_model(lora, model)
-        params = [p for model in models for p in model.parameters() if p.requires_grad]
+        params = {name: [p for p in model.parameters() if p.requires_grad] for name, model in trained.items()}
     else:
         config = ResLoRAConfig(
             rank=args.rank,
@@ -569,10 +579,19 @@ def add_adapters(args: argparse.Namespace, trained: dict, objective: Objective) 
         )
         for model in models:
             add_reslora(model, config if model is denoiser else replace(config, target_modules=None))
-        params = [p for model in models for p in trainable_parameters(model)]
-    for param in params:
+        params = {name: trainable_parameters(model) for name, model in trained.items()}
+    for param in (p for group in params.values() for p in group):
         param.data = param.data.float()
     return params
+
+
+def param_groups(args: argparse.Namespace, params: dict[str, list], denoiser: str) -> list[dict]:
+    """The optimizer's parameter groups: the denoiser's adapters at ``--learning_rate``, the text
+    encoders' at ``--text_encoder_lr`` (when given; one group otherwise)."""
+    text = [p for name, group in params.items() if name != denoiser for p in group]
+    if args.text_encoder_lr is None or not text:
+        return [{"params": [p for group in params.values() for p in group]}]
+    return [{"params": params[denoiser]}, {"params": text, "lr": args.text_encoder_lr}]
 
 
 def register_checkpoint_hooks(accelerator: Accelerator, components: dict, use_peft: bool) -> None:
@@ -903,7 +922,8 @@ def train_in_output_dir(args: argparse.Namespace, argv: list[str], accelerator: 
     for model in objective.models.values():
         model.to(accelerator.device, **cast)
     trained = {name: objective.models[name] for name in objective.trained_names(args.train_text_encoder)}
-    params = add_adapters(args, trained, objective)
+    params_by_model = add_adapters(args, trained, objective)
+    params = [p for group in params_by_model.values() for p in group]
     if args.gradient_checkpointing:
         for name, model in trained.items():
             if name == objective.denoiser:
@@ -926,11 +946,12 @@ def train_in_output_dir(args: argparse.Namespace, argv: list[str], accelerator: 
     )
 
     if args.scale_lr:
-        args.learning_rate *= (
-            args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-        )
+        scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        args.learning_rate *= scale
+        if args.text_encoder_lr is not None:
+            args.text_encoder_lr *= scale
     optimizer = make_adamw(
-        params,
+        param_groups(args, params_by_model, objective.denoiser),
         args.use_fused_adam,
         accelerator.device,
         use_8bit=args.use_8bit_adam,

@@ -6,7 +6,8 @@ and real inputs of every trained component for the merge report. The family of t
 pipeline (:func:`~reslora_diffusers.frontends.pipeline_family`) picks the objective:
 
 * :class:`DenoisingObjective`, Stable Diffusion UNets (DDPM): ``x_t = sqrt(abar_t) x0 +
-  sqrt(1 - abar_t) eps``, target ``eps`` (or ``v``), min-SNR weights;
+  sqrt(1 - abar_t) eps``, target ``eps`` (or ``v``), min-SNR weights; :class:`SDXLDenoising`
+  adds SDXL's second text encoder, pooled text and size conditioning;
 * :class:`SD3FlowMatching` and :class:`FluxFlowMatching`, SD3's and Flux's transformers
   (rectified flow, :mod:`.flow_matching`): ``x_sigma = (1 - sigma) x0 + sigma eps``, target
   ``eps - x0``, weights by ``--weighting_scheme``; VAE latents ``(z - shift_factor) *
@@ -45,6 +46,7 @@ from ..frontends import (
     pipeline_family,
 )
 from ..frontends.flux import latent_image_ids, pack_latents
+from ..frontends.sd_unet import is_sdxl_unet
 from .data import BucketBatchSampler, collate, tokenize
 from .flow_matching import flow_matching_loss, noisy_latents, sample_sigmas, sample_u
 
@@ -90,6 +92,11 @@ class Objective(ABC):
         self.tokenizers = {
             name: getattr(pipe, name.replace("text_encoder", "tokenizer")) for name in self.text_encoder_names
         }
+
+    @classmethod
+    def trains(cls, pipe) -> bool:
+        """Whether this objective trains ``pipe`` (default: a pipeline of one of its families)."""
+        return pipeline_family(pipe) in cls.families
 
     @property
     def denoiser(self) -> str:
@@ -355,14 +362,66 @@ class DenoisingObjective(Objective):
         size = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), generator=generator)
-        input_ids = batch["input_ids"].to(device)
+        texts = {
+            name: {"input_ids": self.token_ids(name, batch["captions"]).to(device)}
+            for name in self.text_encoder_names
+        }
         return {
             self.denoiser: {
                 "sample": self.scheduler.add_noise(latents, noise, timesteps),
                 "timestep": timesteps.to(device),
                 **self.unet_conditioning(self.batch_text(models, batch), batch),
             },
-            "text_encoder": {"input_ids": input_ids},
+            **texts,
+        }
+
+
+class SDXLDenoising(DenoisingObjective):
+    """SDXL UNets: :class:`DenoisingObjective`'s loss, conditioned as diffusers'
+    ``train_text_to_image_lora_sdxl.py`` and ``StableDiffusionXLPipeline.encode_prompt`` do. The
+    text states are both CLIP encoders' penultimate hidden states side by side (768 + 1280 =
+    2048 features in SDXL base), ``text_embeds`` the second encoder's pooled projection, and
+    ``time_ids`` six numbers per image, ``original_size + crop_top_left + target_size`` (each
+    height first), from the batch's ``original_sizes``, ``crop_top_lefts`` and ``target_sizes``:
+    the image's own size before any resize, where the crop starts in the resized image, and the
+    size trained at (:mod:`.data`)."""
+
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+
+    @classmethod
+    def trains(cls, pipe) -> bool:
+        return super().trains(pipe) and is_sdxl_unet(pipe.unet)
+
+    @property
+    def tokenizer(self):
+        """None: each encoder's ids come from its own tokenizer (:meth:`encode_text`)."""
+        return None
+
+    def encode_text(self, models, captions, input_ids=None):
+        """``encoder_hidden_states`` (both penultimate states) and ``text_embeds`` (the pooled
+        projection of the second encoder)."""
+        device = self.device(models)
+        states = []
+        for name in self.text_encoder_names:
+            out = models[name](self.token_ids(name, captions).to(device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": out[0]}
+
+    def unet_conditioning(self, text, batch):
+        pooled = text["text_embeds"]
+        time_ids = torch.tensor(
+            [
+                [*original, *crop, *target]
+                for original, crop, target in zip(
+                    batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]
+                )
+            ],
+            dtype=pooled.dtype,
+            device=pooled.device,
+        )
+        return {
+            "encoder_hidden_states": text["encoder_hidden_states"],
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
         }
 
 
@@ -577,7 +636,13 @@ class FluxFlowMatching(FlowMatchingObjective):
         return pack_latents(latents)
 
 
-OBJECTIVES: tuple[type[Objective], ...] = (DenoisingObjective, SD3FlowMatching, FluxFlowMatching)
+#: tried in order: the first that :meth:`~Objective.trains` the pipeline (SDXL before other UNets)
+OBJECTIVES: tuple[type[Objective], ...] = (
+    SDXLDenoising,
+    DenoisingObjective,
+    SD3FlowMatching,
+    FluxFlowMatching,
+)
 
 
 def pipeline_kwargs(path: str, revision: str | None) -> dict:
@@ -599,11 +664,12 @@ def load_objective(args: argparse.Namespace, defaults: dict) -> Objective:
         pipe = DiffusionPipeline.from_pretrained(
             path, revision=args.revision, variant=args.variant, **pipeline_kwargs(path, args.revision)
         )
-        family = pipeline_family(pipe)
-        objective_class = next((o for o in OBJECTIVES if family in o.families), None)
+        objective_class = next((o for o in OBJECTIVES if o.trains(pipe)), None)
         if objective_class is None:
-            trained = ", ".join(f.name for o in OBJECTIVES for f in o.families)
-            raise ValueError(f"no training objective for {family.name} pipelines (trained: {trained})")
+            trained = ", ".join(sorted({f.name for o in OBJECTIVES for f in o.families}))
+            raise ValueError(
+                f"no training objective for {pipeline_family(pipe).name} pipelines (trained: {trained})"
+            )
         objective = objective_class(pipe, args)
     except (OSError, ValueError) as err:
         raise ValueError(f"--pretrained_model_name_or_path: cannot load {path}: {_one_line(err)}") from err
