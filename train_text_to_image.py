@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ from reslora_diffusers.core import (
     res_types,
     trainable_parameters,
 )
+from reslora_diffusers.core.schedule import SCHEDULES, check_schedule, shortcut_scale_at
 from reslora_diffusers.data import default_base_model_path, default_finetune_data_dir, finetune_prompts
 from reslora_diffusers.eval import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS, generate, prompt_accuracies
 from reslora_diffusers.eval.analysis import parse_prompt
@@ -98,7 +100,6 @@ from reslora_diffusers.training.outputs import (
     read_train_log,
     run_identity,
 )
-from reslora_diffusers.training.schedule import SCHEDULES, check_schedule, shortcut_scale_at
 from reslora_diffusers.training.speed import (
     COMPILE_MODES,
     adamw_8bit_class,
@@ -329,7 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     # output and monitoring
     p.add_argument("--output_dir", default="runs/reslora", help="the demo app (app/app.py) lists runs/*")
     p.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
-    p.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
+    p.add_argument(
+        "--report_to",
+        default="tensorboard",
+        choices=["tensorboard", "none"],
+        help="tensorboard: logs in --logging_dir (pip install 'reslora-diffusers[tensorboard]'; without it, "
+        "a run that does not name this flag logs to train_log.jsonl alone)",
+    )
     p.add_argument(
         "--validation_prompt",
         action="append",
@@ -412,6 +419,20 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.validation_prompt is None and _embedded_data(args):
         args.validation_prompt = finetune_prompts()
+
+
+def check_report_to(args: argparse.Namespace, given: set[str]) -> None:
+    """TensorBoard is an extra: ``--report_to tensorboard`` given without it is refused; the
+    default falls back to ``none`` with a warning (``train_log.jsonl`` has the loss either way)."""
+    if args.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None:
+        return
+    hint = "pip install 'reslora-diffusers[tensorboard]'"
+    if "report_to" in given:
+        raise ValueError(
+            f"--report_to tensorboard: the tensorboard package is not installed ({hint}); or --report_to none"
+        )
+    logging.getLogger(logger.name).warning("tensorboard is not installed: no TensorBoard logs (%s)", hint)
+    args.report_to = "none"
 
 
 def check_data_args(args: argparse.Namespace) -> None:
@@ -868,6 +889,7 @@ def final_evaluation(args, weight_dtype, resolution: int, log: TrainLog, step: i
 def train(args: argparse.Namespace, argv: list[str]) -> dict:
     """Train, checkpoint, validate and export; returns the summary printed at the end."""
     check_args(args)
+    check_report_to(args, given_flags(argv))
     check_output_dir(args)  # before anything slow is loaded
     accelerator = make_accelerator(args)
     # one run per folder: a second run started into it is refused while this one writes there
@@ -1157,7 +1179,7 @@ def checkpoint_bytes(params: list[torch.nn.Parameter]) -> int:
 
 def apply_shortcut_schedule(run: Run, step: int) -> None:
     """Set the trained models' shortcut scale for training step ``step`` (1-based), from
-    ``--shortcut_schedule`` (:func:`~reslora_diffusers.training.schedule.shortcut_scale_at`)."""
+    ``--shortcut_schedule`` (:func:`~reslora_diffusers.core.schedule.shortcut_scale_at`)."""
     args = run.args
     if args.use_peft or args.shortcut_schedule == "constant":
         return

@@ -89,8 +89,16 @@ if __name__ == "__main__":
     if (TAKEN := port_taken(ARGS.host, ARGS.port)) is not None:
         sys.exit(f"app.py: error: {TAKEN}")
 
-import gradio as gr
-import matplotlib
+try:
+    import gradio as gr
+    import matplotlib
+except ImportError as err:  # the demo's packages are the [app] extra; the library needs neither
+    _MISSING = (
+        f"the demo needs {err.name}: pip install 'reslora-diffusers[app]' (scripts/setup.sh installs it)"
+    )
+    if __name__ == "__main__":
+        sys.exit(f"app.py: error: {_MISSING}")
+    raise ImportError(_MISSING) from err
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -222,8 +230,18 @@ def run_label(path: str | Path) -> str:
         info = json.loads(report.read_text())
         if trained_plain_lora(info):
             return f"LoRA ({folder.name})"
-        return f"ResLoRA {info.get('res_type')} m={info.get('pre_num')} ({folder.name})"
+        return f"{method_title(info)} ({folder.name})"
     return path.name
+
+
+def method_title(report: dict) -> str:
+    """``ResLoRA ms m=1`` for the run of merge report ``report``: ``m=`` where the shortcut type
+    uses ``pre_num`` (a type this process does not know: with it)."""
+    res_type, pre_num = report.get("res_type"), report.get("pre_num")
+    try:
+        return get_shortcut(res_type or "", int(pre_num or 0)).title
+    except ValueError:
+        return f"ResLoRA {res_type} m={pre_num}"
 
 
 def trained_plain_lora(report: dict) -> bool:

@@ -70,10 +70,12 @@ def parse_config(name: str) -> tuple[str, int, int]:
 
 
 def variant_label(variant: str) -> str:
+    from reslora_diffusers.core import get_shortcut
+
     if variant in (FLOOR, PEFT):
         return {"floor": "floor (frozen)", "peft": "PEFT LoRA"}[variant]
     res_type, _, pre_num = variant.partition(":")
-    return f"ResLoRA {res_type}" + (f" m={pre_num}" if pre_num else "")
+    return get_shortcut(res_type, int(pre_num or 0)).title
 
 
 # ---------------------------------------------------------------- one measurement (worker)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import datasets
@@ -28,14 +29,19 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer
 
-from reslora_diffusers import add_reslora
+from reslora_diffusers import add_reslora, res_types
 from reslora_diffusers.data.text_tasks import (
     arithmetic_examples,
     final_answer,
     tiny_llama_config,
     word_tokenizer,
 )
-from reslora_diffusers.training.lm_examples import (
+
+# lm_common.py lies beside this script: importable when it runs, and when it is loaded by path
+# (tests, benchmarks/compare_lm.py)
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_common import (  # noqa: E402
     add_method_arguments,
     export_adapters,
     load_raw_dataset,
@@ -66,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p,
         learning_rate=3e-3,
         max_train_steps=300,
-        res_types=["none", "is", "bs", "ms"],
+        res_types=list(res_types()),
         lr_scheduler="constant_with_warmup",
     )
     args = p.parse_args(argv)

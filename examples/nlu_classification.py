@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -32,9 +33,14 @@ from transformers import (
     Trainer,
 )
 
-from reslora_diffusers import add_reslora
+from reslora_diffusers import add_reslora, res_types
 from reslora_diffusers.data.text_tasks import sentiment_examples, tiny_roberta_config, word_tokenizer
-from reslora_diffusers.training.lm_examples import (
+
+# lm_common.py lies beside this script: importable when it runs, and when it is loaded by path
+# (tests, benchmarks/compare_lm.py)
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_common import (  # noqa: E402
     add_method_arguments,
     export_adapters,
     load_raw_dataset,
@@ -65,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["classifier", "score"],
         help="modules trained in full (the new head) and saved in the adapter",
     )
-    add_method_arguments(p, learning_rate=2e-3, max_train_steps=300, res_types=["none", "is", "bs", "ms"])
+    add_method_arguments(p, learning_rate=2e-3, max_train_steps=300, res_types=list(res_types()))
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or Path("outputs/nlu_classification")
     return args

@@ -433,8 +433,11 @@ def test_export_errors_leave_existing_adapter_untouched(tmp_path):
 
 
 # -- examples -------------------------------------------------------------------------
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
 def _example(name: str):
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    path = EXAMPLES / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -345,19 +345,3 @@ def test_export_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="formats"):
         export_lora(tmp_path / "x", unet=unet, formats=("ckpt",))
     assert not (tmp_path / "x").exists()
-
-
-def test_the_removed_attention_processor_is_named_with_what_replaced_it():
-    with pytest.raises(
-        ImportError, match="ResLoRAAttnProcessor was removed: .*diffusers' own attention processors"
-    ):
-        from reslora_diffusers import ResLoRAAttnProcessor  # noqa: F401
-    with (
-        pytest.warns(DeprecationWarning),
-        pytest.raises(ImportError, match="diffusion.ResLoRAAttnProcessor was removed"),
-    ):
-        import importlib
-        import sys
-
-        sys.modules.pop("reslora_diffusers.diffusion", None)
-        importlib.import_module("reslora_diffusers.diffusion").ResLoRAAttnProcessor  # noqa: B018

@@ -274,6 +274,31 @@ def test_default_method_and_shortcut_schedule(data, extra, res_type, schedule):
     assert (args.shortcut_schedule, args.shortcut_decay_start) == (schedule, 0.5)
 
 
+def test_tensorboard_is_an_extra_its_default_falls_back_and_naming_it_without_it_is_refused(
+    data, monkeypatch, caplog
+):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a),
+    )
+    argv = ["--train_data_dir", str(data)]
+    args = script.parse_args(argv)
+    script.check_report_to(args, script.given_flags(argv))
+    assert args.report_to == "none"
+    assert "tensorboard is not installed" in caplog.text and "[tensorboard]" in caplog.text
+    argv += ["--report_to", "tensorboard"]
+    with pytest.raises(
+        ValueError, match=r"--report_to tensorboard: the tensorboard package is not installed"
+    ):
+        script.check_report_to(script.parse_args(argv), script.given_flags(argv))
+    monkeypatch.undo()  # installed: the flag stays
+    args = script.parse_args(argv)
+    script.check_report_to(args, script.given_flags(argv))
+    assert args.report_to == "tensorboard"
+
+
 def test_unusable_output_dir_is_refused_before_anything_loads(data, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")

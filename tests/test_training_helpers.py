@@ -128,7 +128,7 @@ def test_dropped_log_messages_hides_only_the_named_lines(caplog):
 
 
 def test_shortcut_schedule_values_at_given_steps():
-    from reslora_diffusers.training.schedule import check_schedule, shortcut_scale_at
+    from reslora_diffusers.core.schedule import check_schedule, shortcut_scale_at
 
     # 10 steps, decay from step 5 (0.5 x 10): p = (step - 5) / 5
     assert [shortcut_scale_at(s, 10, "constant") for s in (1, 5, 10)] == [1.0, 1.0, 1.0]

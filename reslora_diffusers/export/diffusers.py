@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..core import get_state, traced_state
+from ..core.keys import lora_factors, lora_key, lora_paths, prefixed
 from ..frontends import components_family, frontend_for
 from ..merge import (
     DEFAULT_DISTILL_STEPS,
@@ -34,7 +35,6 @@ from ..merge import (
 )
 from ..utils.io import atomic_dir
 from ..utils.safety import save_safetensors
-from .keys import lora_factors, lora_key, lora_paths, prefixed
 from .kohya import KOHYA_FILE, write_kohya
 
 logger = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..core.keys import lora_factors, lora_paths
 from ..frontends import components_family, frontend_for
 from ..utils.safety import save_safetensors
-from .keys import lora_factors, lora_paths
 
 KOHYA_FILE = "lora_kohya.safetensors"
 

@@ -1,5 +1,6 @@
-"""What the NLU and NLG examples share: the method flags, the ``TrainingArguments`` they
-map to, and model-ready batches for the merge (calibration and held-out output error)."""
+"""What the NLU and NLG examples (the scripts beside this file) share: the method flags, the
+``TrainingArguments`` they map to, and model-ready batches for the merge (calibration and
+held-out output error)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..core import MERGE_METHODS, ResLoRAConfig, get_shortcut
-from ..core.shortcuts import res_types as registered_res_types
-from ..merge import DEFAULT_DISTILL_STEPS, MergedLoRA, compare_merges
-from .schedule import SCHEDULES
+from reslora_diffusers.core import MERGE_METHODS, SCHEDULES, ResLoRAConfig, get_shortcut
+from reslora_diffusers.core import res_types as registered_res_types
+from reslora_diffusers.merge import DEFAULT_DISTILL_STEPS, MergedLoRA, compare_merges
 
 
 def load_raw_dataset(name: str, config_name: str | None = None):
@@ -108,7 +108,7 @@ def method_config(args: argparse.Namespace, res_type: str) -> ResLoRAConfig:
 
 def reslora_callback(args: argparse.Namespace):
     """The Trainer callback that saves ResLoRA checkpoints and runs ``--shortcut_schedule``."""
-    from ..integrations.trainer import ResLoRACallback
+    from reslora_diffusers.integrations.trainer import ResLoRACallback
 
     return ResLoRACallback(shortcut_schedule=args.shortcut_schedule, decay_start=args.shortcut_decay_start)
 
@@ -155,7 +155,7 @@ def export_adapters(
     into ``<method_dir>/peft_adapter``, the others into ``peft_adapter_<merge>``. Returns
     ``{merge: (folder, merge result)}``, with every merge method's output error when
     ``--compare_merges`` asks for it and the type merges approximately (else None)."""
-    from ..export import export_peft_adapter
+    from reslora_diffusers.export import export_peft_adapter
 
     errors = None
     if args.compare_merges and not get_shortcut(res_type, args.pre_num).exact_merge:
