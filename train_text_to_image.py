@@ -57,8 +57,9 @@ from reslora_diffusers.core.schedule import SCHEDULES, check_schedule, shortcut_
 from reslora_diffusers.data import default_base_model_path, default_finetune_data_dir, finetune_prompts
 from reslora_diffusers.eval import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS, generate, prompt_accuracies
 from reslora_diffusers.eval.analysis import parse_prompt
-from reslora_diffusers.frontends import CLIP_TEXT, DIT_ATTENTION_TARGETS, UNET_CONV_TARGETS
+from reslora_diffusers.frontends import CLIP_TEXT, UNET_CONV_TARGETS, pipeline_families
 from reslora_diffusers.merge import DEFAULT_DISTILL_STEPS
+from reslora_diffusers.objectives import WEIGHTING_SCHEMES, Objective
 from reslora_diffusers.training.cache import build_caches, default_cache_dir
 from reslora_diffusers.training.card import write_model_card
 from reslora_diffusers.training.checkpoints import (
@@ -83,15 +84,7 @@ from reslora_diffusers.training.data import (
     parse_buckets,
 )
 from reslora_diffusers.training.data import describe as describe_buckets
-from reslora_diffusers.training.flow_matching import WEIGHTING_SCHEMES
 from reslora_diffusers.training.grid import labelled_grid
-from reslora_diffusers.training.objectives import (
-    DEFAULT_UNET_TARGETS,
-    Objective,
-    load_objective,
-    pipeline_kwargs,
-    real_inputs,
-)
 from reslora_diffusers.training.outputs import (
     TRAIN_LOG,
     check_output_dir,
@@ -100,6 +93,7 @@ from reslora_diffusers.training.outputs import (
     read_train_log,
     run_identity,
 )
+from reslora_diffusers.training.pipeline import load_objective, pipeline_kwargs, real_inputs
 from reslora_diffusers.training.speed import (
     COMPILE_MODES,
     adamw_8bit_class,
@@ -123,6 +117,17 @@ PEFT_CHECKPOINT = "peft_lora.safetensors"
 
 
 # ----------------------------------------------------------------------------- arguments
+
+
+def _family_defaults(attribute: str, shown=str) -> str:
+    """The objectives' default ``attribute`` by pipeline family, for help texts: ``Stable
+    Diffusion, SDXL: to_q ...; SD3, Flux: ...`` (families whose objective has none left out)."""
+    titles: dict[str, list[str]] = {}
+    for family in pipeline_families():
+        value = getattr(family.objective, attribute, None)
+        if value:
+            titles.setdefault(shown(value), []).append(family.title)
+    return "; ".join(f"{', '.join(names)}: {value}" for value, names in titles.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weighting_scheme",
         default=None,
         choices=WEIGHTING_SCHEMES,
-        help="sigma sampling and loss weights (default: logit_normal for SD3, none for Flux)",
+        help=f"sigma sampling and loss weights (default: {_family_defaults('default_weighting')})",
     )
     p.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean of the logit")
     p.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: its standard deviation")
@@ -269,9 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target_modules",
         nargs="+",
         default=None,
-        help=f"denoiser module-name suffixes (default: UNet {' '.join(DEFAULT_UNET_TARGETS)}; SD3/Flux "
-        f"{' '.join(DIT_ATTENTION_TARGETS)}; the UNet's resnet and sampler convolutions, LoCon-style: "
-        f"{' '.join(UNET_CONV_TARGETS)})",
+        help=f"denoiser module-name suffixes (default: {_family_defaults('target_modules', ' '.join)}; "
+        f"the UNet's resnet and sampler convolutions, LoCon-style: {' '.join(UNET_CONV_TARGETS)})",
     )
     # ms with the cosine schedule: the best exported accuracy of the 5-seed comparisons
     # (benchmarks/README.md), and an exact export since its shortcuts end at 0

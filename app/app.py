@@ -116,9 +116,9 @@ from reslora_diffusers.data import (
 from reslora_diffusers.data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS
 from reslora_diffusers.eval import analyse_image, generate, parse_prompt
 from reslora_diffusers.eval.analysis import attribute_matches
+from reslora_diffusers.export.kohya import kohya_component
 from reslora_diffusers.export.loading import check_lora_file, load_lora_file, resolve_lora_file
-from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS, DIT_IMAGE_FEEDFORWARD_TARGETS
-from reslora_diffusers.frontends.sd_pipeline import kohya_component
+from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS, DIT_IMAGE_FEEDFORWARD_TARGETS, pipeline_family
 from reslora_diffusers.training.grid import label_font
 from reslora_diffusers.utils.quiet import loading_pipeline
 
@@ -374,11 +374,9 @@ def crisp(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
 
 
 def lora_scale_kwargs(pipe, scale: float) -> dict:
-    """The LoRA scale as the pipeline takes it: ``cross_attention_kwargs`` (UNet pipelines) or
-    ``joint_attention_kwargs`` (SD3 and Flux)."""
-    parameters = inspect.signature(pipe.__call__).parameters
-    name = "cross_attention_kwargs" if "cross_attention_kwargs" in parameters else "joint_attention_kwargs"
-    return {name: {"scale": scale}}
+    """The LoRA scale as the pipeline's family takes it (``cross_attention_kwargs`` for UNet
+    pipelines, ``joint_attention_kwargs`` for SD3 and Flux: ``PipelineFamily.lora_scale_kwarg``)."""
+    return pipeline_family(pipe).lora_scale_kwargs(scale)
 
 
 def lora_base(bases: list[str], lora: str) -> tuple[str, str]:

@@ -153,8 +153,7 @@ def make_inputs(model, preset: str, side: int, batch: int) -> dict:
 
 def default_targets(preset: str) -> list[str]:
     """What ``train_text_to_image.py`` adapts by default for the family."""
-    from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS
-    from reslora_diffusers.training.objectives import DEFAULT_UNET_TARGETS
+    from reslora_diffusers.frontends import DEFAULT_UNET_TARGETS, DIT_ATTENTION_TARGETS
 
     return list(DEFAULT_UNET_TARGETS if preset in ("sd15", "sdxl") else DIT_ATTENTION_TARGETS)
 

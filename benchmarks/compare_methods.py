@@ -268,7 +268,7 @@ def trained_denoiser(script, argv: list[str], checkpoint: Path, held_out_batches
     resolution, and the batches the training script's export uses: calibration and held-out
     batches drawn from the training data through the family's objective."""
     from reslora_diffusers import load_reslora_checkpoint
-    from reslora_diffusers.training.objectives import real_inputs
+    from reslora_diffusers.training.pipeline import real_inputs
 
     args = script.parse_args(argv)
     script.check_args(args)

@@ -16,6 +16,7 @@ FLOORS = (
     ("integrations",),
     ("data",),
     ("eval",),
+    ("objectives",),
     ("frontends",),
     ("api",),
     ("export",),
@@ -67,6 +68,44 @@ def test_every_package_and_module_has_a_floor():
     tops = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     tops |= {p.stem for p in PACKAGE.glob("*.py")}
     assert tops == {name for floor in FLOORS for name in floor}
+
+
+#: what only a diffusion family's own file names: its components beyond the first text encoder,
+#: its LoRA-scale keyword, its name (kohya-ss key tables, keyed by family, are export/kohya.py's)
+FAMILY_NAMES = {
+    "text_encoder_2",
+    "text_encoder_3",
+    "cross_attention_kwargs",
+    "joint_attention_kwargs",
+    "stable_diffusion",
+    "stable_diffusion_xl",
+    "stable_diffusion_3",
+    "flux",
+}
+FAMILY_FILES = {
+    "frontends/sd.py",
+    "frontends/sdxl.py",
+    "frontends/sd3.py",
+    "frontends/flux.py",
+    "export/kohya.py",
+}
+
+
+def test_a_diffusion_familys_names_appear_in_its_own_file_alone():
+    """The script, the demo and every module but the family files ask the families (components,
+    text encoders, objective, LoRA-scale keyword, formats); the random-pipeline presets of
+    ``data/`` build the published architectures and are not asked."""
+    files = [(p.relative_to(PACKAGE).as_posix(), t) for p, t in _modules(PACKAGE) if "data" not in p.parts]
+    for script in (PACKAGE.parent / "train_text_to_image.py", PACKAGE.parent / "app" / "app.py"):
+        files.append((script.name, ast.parse(script.read_text())))
+    bad = [
+        f"{name}:{node.lineno}: {node.value!r}"
+        for name, tree in files
+        if name not in FAMILY_FILES
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in FAMILY_NAMES
+    ]
+    assert not bad
 
 
 def test_no_res_type_name_is_compared_outside_the_shortcut_types():

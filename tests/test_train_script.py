@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from reslora_diffusers import chain_structure, load_reslora_checkpoint
 from reslora_diffusers.data import build_pipeline, default_finetune_data_dir
+from reslora_diffusers.frontends import DEFAULT_UNET_TARGETS
 from reslora_diffusers.training.data import load_image_captions, open_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -453,7 +454,7 @@ def test_two_process_ddp_run_and_exact_resume(base, data, tmp_path):
     with safe_open(str(out / "reslora_checkpoint.safetensors"), framework="pt") as f:
         ddp_chains = json.loads(f.metadata()["chains"])["unet"]
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    add_reslora(unet, ResLoRAConfig(rank=4, res_type="ms", target_modules=script.DEFAULT_UNET_TARGETS))
+    add_reslora(unet, ResLoRAConfig(rank=4, res_type="ms", target_modules=DEFAULT_UNET_TARGETS))
     with torch.no_grad():
         unet(**_unet_inputs())
     single = {k: {"modules": v["modules"], "links": v["links"]} for k, v in chain_structure(unet).items()}
@@ -513,7 +514,7 @@ def test_peft_baseline_on_unet_and_text_encoder_from_a_hub_style_dataset(base, d
     assert not (out / "lora_kohya.safetensors").exists()  # written from ResLoRA merges only
     weights = load_file(out / "pytorch_lora_weights.safetensors")
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
-    unet_targets = [n for n, _ in pipe.unet.named_modules() if n.endswith(tuple(script.DEFAULT_UNET_TARGETS))]
+    unet_targets = [n for n, _ in pipe.unet.named_modules() if n.endswith(tuple(DEFAULT_UNET_TARGETS))]
     text_targets = [
         n
         for n, _ in pipe.text_encoder.named_modules()

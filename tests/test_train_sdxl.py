@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from reslora_diffusers import load_reslora_checkpoint
 from reslora_diffusers.data import default_finetune_data_dir
-from reslora_diffusers.frontends import frontend_for
+from reslora_diffusers.frontends import SD_PIPELINES, SDXL_PIPELINES, frontend_for
 from reslora_diffusers.training.data import TextImageDataset, collate, load_image_captions
-from reslora_diffusers.training.objectives import DenoisingObjective, SDXLDenoising, load_objective
+from reslora_diffusers.training.pipeline import load_objective
 from tests.tiny_pipes import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +94,7 @@ def test_sdxl_gets_its_objective_and_the_pipelines_own_text_conditioning(sdxl_ba
     """Both CLIP encoders' penultimate states side by side and the second one's pooled
     projection: what ``StableDiffusionXLPipeline.encode_prompt`` gives."""
     objective = load_objective(_args(sdxl_base), vars(script.parse_args([])))
-    assert type(objective) is SDXLDenoising and objective.tokenizer is None
+    assert type(objective) is SDXL_PIPELINES.objective and objective.tokenizer is None
     captions = [PROMPT, "a blue circle on a black background"]
     with torch.no_grad():
         text = objective.encode_text(objective.models, captions)
@@ -214,7 +214,8 @@ def test_v_prediction_loss_is_the_written_out_formula(v_base, data):
     the script's default min-SNR weights for ``v``: ``min(snr, 5) / (snr + 1)``."""
     objective = load_objective(_args(v_base), vars(script.parse_args([])))
     assert (
-        type(objective) is DenoisingObjective and objective.scheduler.config.prediction_type == "v_prediction"
+        type(objective) is SD_PIPELINES.objective
+        and objective.scheduler.config.prediction_type == "v_prediction"
     )
     models = objective.models
     latents = torch.randn(2, 4, 8, 8)

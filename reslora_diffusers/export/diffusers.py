@@ -35,7 +35,7 @@ from ..merge import (
 )
 from ..utils.io import atomic_dir
 from ..utils.safety import save_safetensors
-from .kohya import KOHYA_FILE, write_kohya
+from .kohya import KOHYA_FILE, has_kohya, no_kohya_reason, write_kohya
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,9 @@ def check_formats(formats: Iterable[str] | None, comps: dict[str, nn.Module]) ->
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"formats={formats!r}: allowed values are {FORMATS}")
-    family.check_components(comps, formats)
+    family.check_components(comps)
+    if "kohya" in formats and not has_kohya(family):
+        raise ValueError(no_kohya_reason(family))
     return formats
 
 

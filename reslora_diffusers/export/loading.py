@@ -6,10 +6,10 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from ..frontends.sd_pipeline import KOHYA_PREFIXES, kohya_component
 from ..utils.quiet import NO_KEYS_FOR_COMPONENT, dropped_log_messages
 from ..utils.safety import check_finite_file
 from .diffusers import DIFFUSERS_FILE
+from .kohya import KEY_PREFIXES, kohya_component
 
 
 def resolve_lora_file(path: str | Path) -> Path:
@@ -39,7 +39,7 @@ def check_lora_file(pipe, path: str | Path) -> Path:
         raise ValueError(f"{path.name} is not a safetensors file ({err})") from err
     lora_keys = [k for k in shapes if ".lora_A." in k or ".lora_B." in k]
     if not lora_keys:
-        kohya = sorted(k for k in shapes if k.startswith(KOHYA_PREFIXES) and ".lora_down." in k)
+        kohya = sorted(k for k in shapes if k.startswith(KEY_PREFIXES) and ".lora_down." in k)
         if not kohya:
             raise ValueError(
                 f"{path.name} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys)"
