@@ -29,13 +29,14 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer
 
-from reslora_diffusers import add_reslora, res_types
+from reslora_diffusers import add_reslora
 from reslora_diffusers.data.text_tasks import (
     arithmetic_examples,
     final_answer,
     tiny_llama_config,
     word_tokenizer,
 )
+from reslora_diffusers.training.flags import import_shortcut_modules
 
 # lm_common.py lies beside this script: importable when it runs, and when it is loaded by path
 # (tests, benchmarks/compare_lm.py)
@@ -55,6 +56,7 @@ from lm_common import (  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import_shortcut_modules(argv)  # a plugin's shortcut type is a --res_type choice
     p = argparse.ArgumentParser(description="Causal-LM fine-tuning with LoRA vs ResLoRA.")
     p.add_argument("--model_name_or_path", default=None, help="default: a tiny LLaMA built from a config")
     p.add_argument(
@@ -72,7 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p,
         learning_rate=3e-3,
         max_train_steps=300,
-        res_types=list(res_types()),
         lr_scheduler="constant_with_warmup",
     )
     args = p.parse_args(argv)

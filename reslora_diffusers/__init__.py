@@ -1,7 +1,9 @@
 """reslora-diffusers: ResLoRA for diffusers, transformers and PEFT users.
 
-Layout: :mod:`.core` (the method), :mod:`.merge` (plain LoRA out), :mod:`.frontends` (one
-file per model family), :mod:`.export` (file formats), :mod:`.integrations` (training loops).
+Layout: :mod:`.core` (the method), :mod:`.merge` (plain LoRA out), :mod:`.objectives` (the
+losses the families train with), :mod:`.frontends` (one file per model and diffusion family),
+:mod:`.export` (one file per file format), :mod:`.training` (the training script's parts: the
+run folder, data, flags), :mod:`.integrations` (the HF Trainer).
 """
 
 from .api import add_reslora, load_reslora_checkpoint, remove_reslora

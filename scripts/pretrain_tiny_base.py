@@ -81,6 +81,7 @@ from reslora_diffusers.objectives import (
     sample_sigmas,
     sample_u,
 )
+from reslora_diffusers.utils.errors import one_line
 from reslora_diffusers.utils.io import TEMP_SUFFIX
 
 logger = logging.getLogger("pretrain_tiny_base")
@@ -761,7 +762,7 @@ def _load_weights(model: torch.nn.Module, state: dict, what: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # keys or shapes that differ
-        raise SystemExit(f"{what} does not fit: {' '.join(str(err).split())[:300]}") from err
+        raise SystemExit(f"{what} does not fit: {one_line(err)[:300]}") from err
 
 
 def build_unet_base(args: argparse.Namespace) -> StableDiffusionPipeline:

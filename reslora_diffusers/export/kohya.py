@@ -6,7 +6,8 @@ Keys are ``<prefix>_<module name>.lora_down.weight`` (``A``, ``r x in`` or ``r x
 (:meth:`~reslora_diffusers.frontends.FrontEnd.file_path`) with ``_`` for ``.``; SDXL's UNet
 is spelled in the original (SGM) layout, as sd-scripts writes it. The tables below are the
 one place that names kohya prefixes and layouts, keyed by pipeline family
-(:mod:`reslora_diffusers.frontends`).
+(:mod:`reslora_diffusers.frontends`); the format (:class:`KohyaFormat`) applies to the families
+they have. diffusers' ``load_lora_weights`` reads the file (its kohya converter).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from ..core.keys import lora_factors, lora_paths
-from ..frontends import PipelineFamily, components_family, frontend_for
+from ..frontends import PipelineFamily, components_family
 from ..utils.safety import save_safetensors
+from .formats import ComponentLoRAs, LoRAFormat, register_format
 
 KOHYA_FILE = "lora_kohya.safetensors"
 
@@ -96,10 +98,6 @@ def sgm_unet_path(path: str, unet: nn.Module) -> str:
 _DENOISER_PATHS = {"stable_diffusion_xl": sgm_unet_path}
 
 
-def has_kohya(family: PipelineFamily) -> bool:
-    return family.name in KOHYA_PREFIXES
-
-
 def no_kohya_reason(family: PipelineFamily) -> str:
     """The error for a kohya-ss file asked of a family that has none."""
     why = NO_KOHYA.get(family.name, f"kohya-ss names are known for {', '.join(KOHYA_PREFIXES)} pipelines")
@@ -121,12 +119,13 @@ def kohya_component(key: str) -> str | None:
 
 
 def kohya_name(family: PipelineFamily, component: str, module: nn.Module, path: str) -> str:
-    """``<prefix>_<module name>`` of module ``path`` of ``component`` (a model of ``family``'s pipelines)."""
+    """``<prefix>_<module name>`` of ``path`` (the module's path as LoRA files spell it) in
+    ``component`` (``module``, a model of ``family``'s pipelines)."""
     prefixes = KOHYA_PREFIXES[family.name]
     if component not in prefixes:
         raise ValueError(f"no kohya prefix for component {component!r} of a {family.name} pipeline")
     spelled = _DENOISER_PATHS.get(family.name) if component == family.denoiser else None
-    name = spelled(path, module) if spelled else frontend_for(module).file_path(module, path)
+    name = spelled(path, module) if spelled else path
     return f"{prefixes[component]}_{name.replace('.', '_')}"
 
 
@@ -151,17 +150,16 @@ def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor
     return a, b
 
 
-def kohya_state_dict(
-    merged: dict[str, dict[str, torch.Tensor]], components: dict[str, nn.Module]
-) -> dict[str, torch.Tensor]:
-    """Convert ``{component: plain LoRA}`` (scale baked into B) to kohya keys.
+def kohya_state_dict(merged: ComponentLoRAs, components: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Convert ``{component: plain LoRA}`` (scale baked into B, module paths as files spell
+    them) to kohya keys.
 
     Every module gets the same rank ``R`` (the largest; ``bs`` merges have rank ``(k+1) r``
     with ``k`` predecessors) by zero padding, and ``alpha = R`` so the loaded scale is 1:
     community tools assume one network dim.
     """
     family = components_family(components)
-    if not has_kohya(family):
+    if family.name not in KOHYA_PREFIXES:
         raise ValueError(no_kohya_reason(family))
     rank = max(lora_factors(lora, p)[0].shape[0] for lora in merged.values() for p in lora_paths(lora))
     out = {}
@@ -177,7 +175,7 @@ def kohya_state_dict(
 
 def write_kohya(
     path: Path,
-    merged: dict[str, dict[str, torch.Tensor]],
+    merged: ComponentLoRAs,
     components: dict[str, nn.Module],
     report: dict,
     extra: dict[str, str] | None = None,
@@ -200,3 +198,42 @@ def write_kohya(
         meta["ss_network_args"] = json.dumps({"conv_dim": str(dim), "conv_alpha": str(float(dim))})
     meta.update(extra or {})
     save_safetensors(tensors, path, metadata=meta)
+
+
+def _kohya_keys(keys) -> list[str]:
+    return [k for k in keys if k.startswith(KEY_PREFIXES) and ".lora_down." in k]
+
+
+class KohyaFormat(LoRAFormat):
+    name = "kohya"
+    file_name = KOHYA_FILE
+    description = "kohya-ss keys"
+    key_names = "lora_down/lora_up"
+
+    def applies_to(self, family):
+        return family.name in KOHYA_PREFIXES
+
+    def refusal(self, family):
+        return no_kohya_reason(family)
+
+    def write(self, path, loras, components, report, metadata=None):
+        write_kohya(path, loras, components, report, metadata)
+
+    def owns(self, keys):
+        return bool(_kohya_keys(keys))
+
+    def components(self, keys):
+        return {kohya_component(k) for k in _kohya_keys(keys)}
+
+    def check(self, pipe, filename, shapes):
+        """Its keys must be for components the pipeline has (diffusers' converter checks their
+        layers on load)."""
+        for key in sorted(_kohya_keys(shapes)):
+            component = kohya_component(key)
+            if getattr(pipe, component, None) is None:
+                raise ValueError(
+                    f"{filename}: kohya key {key!r} is for component {component!r}, which this pipeline lacks"
+                )
+
+
+KOHYA = register_format(KohyaFormat())

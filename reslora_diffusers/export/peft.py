@@ -34,10 +34,10 @@ from ..core import ResLoRALayer, get_state
 from ..merge import DEFAULT_DISTILL_STEPS, Batch, MergedLoRA, merge_to_lora
 from ..utils.io import atomic_dir
 from ..utils.safety import save_safetensors
+from .formats import REPORT_FILE
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
-REPORT_NAME = "merge_report.json"
 
 #: PEFT task type -> (transformers auto-class mapping, class-name suffix, heads PEFT saves for it)
 _TASKS = {
@@ -98,7 +98,7 @@ def export_peft_adapter(
     with atomic_dir(output_dir) as tmp:
         save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         peft_config.save_pretrained(str(tmp))
-        (tmp / REPORT_NAME).write_text(json.dumps(merged.report.to_dict(), indent=2, sort_keys=True))
+        (tmp / REPORT_FILE).write_text(json.dumps(merged.report.to_dict(), indent=2, sort_keys=True))
     return merged
 
 
