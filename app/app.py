@@ -113,7 +113,6 @@ from reslora_diffusers.data import (
 from reslora_diffusers.data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS
 from reslora_diffusers.eval import analyse_image, generate, parse_prompt
 from reslora_diffusers.eval.analysis import attribute_matches
-from reslora_diffusers.export import lora_formats
 from reslora_diffusers.export.loading import (
     check_lora_file,
     load_lora_file,
@@ -157,8 +156,6 @@ BASE_TRAIN_ARGS: dict[str, list[str]] = {
 #: further flags for those runs (a base or data other than the embedded ones, say)
 TRAIN_EXTRA_ARGS: list[str] = []
 DEFAULT_PROMPT = "a blue cross on a white background"
-#: the names a training run exports its LoRA under (a run's merge report describes these)
-EXPORTED_FILES = tuple(fmt.file_name for fmt in lora_formats())
 #: images are shown enlarged to about this many pixels
 DISPLAY_SIDE = 192
 #: at most this many images side by side
@@ -229,7 +226,8 @@ def run_label(path: str | Path) -> str:
     from the run's merge report (:meth:`RunFolder.label`); any other file or folder by its own name."""
     path = Path(path)
     run = RunFolder.of(path)
-    if run.merge_report() is not None and (path.is_dir() or path.name in EXPORTED_FILES):
+    exported = {p.name for p in run.lora_files().values()}  # a run's merge report describes these
+    if run.merge_report() is not None and (path.is_dir() or path.name in exported):
         return run.label()
     return path.name
 
