@@ -1,6 +1,7 @@
 """The tiny DiT base: its builders, ``scripts/pretrain_tiny_base.py --family sd3`` at a toy size
 (end to end, resumed after ``--max-minutes`` stops, and compiled), fine-tuning it with
-``train_text_to_image.py``, the comparison's ``--base`` and the demo on it.
+``train_text_to_image.py``, the comparison's ``--base`` and the demo on it; and the UNet family of
+the same script at a toy size (its loss is the library's).
 
 No accuracy is asserted: a few toy steps train nothing. The shipped base gets its accuracy
 checks in ``tests/test_tiny_dit_base.py``.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -283,3 +285,19 @@ def _unet_lora_file(folder: Path) -> Path:
     path = folder / "unet_lora.safetensors"
     save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32)}, path)
     return path
+
+
+@pytest.mark.slow
+def test_the_unet_family_pretrains_through_the_librarys_denoising_loss(tmp_path):
+    """``--family unet`` at the toy size: the VAE stage, then the UNet and text encoder trained by
+    ``objectives.denoising_loss`` (v-prediction, min-SNR), a pipeline that loads, and its card."""
+    toy = ["--family", "unet", "--num-images", "16", "--batch-size", "4", "--vae-steps", "2"]
+    toy += ["--unet-steps", "3", "--checkpoint-every", "2", "--eval-seeds", "1", "--eval-steps", "2"]
+    pretrain.main(
+        [*toy, "--threads", "1", "--work-dir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "base")]
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert "UNet + text encoder 3 steps" in (tmp_path / "base" / "README.md").read_text()
+    numbers = json.loads((tmp_path / "work" / "numbers.json").read_text())
+    assert math.isfinite(numbers["unet_loss"]) and numbers["unet_loss"] > 0
