@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -38,25 +39,24 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from reslora_diffusers import (
-    ResLoRAConfig,
     add_reslora,
     load_reslora_checkpoint,
     save_reslora_checkpoint,
     set_shortcut_scale,
 )
 from reslora_diffusers.core import (
-    MERGE_METHODS,
     get_shortcut,
     layer_class_for,
     matches_target,
-    res_types,
     trainable_parameters,
 )
+from reslora_diffusers.core.schedule import SCHEDULES, check_schedule, shortcut_scale_at
 from reslora_diffusers.data import default_base_model_path, default_finetune_data_dir, finetune_prompts
 from reslora_diffusers.eval import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS, generate, prompt_accuracies
 from reslora_diffusers.eval.analysis import parse_prompt
-from reslora_diffusers.frontends import CLIP_TEXT, DIT_ATTENTION_TARGETS, UNET_CONV_TARGETS
+from reslora_diffusers.frontends import UNET_CONV_TARGETS, pipeline_families
 from reslora_diffusers.merge import DEFAULT_DISTILL_STEPS
+from reslora_diffusers.objectives import WEIGHTING_SCHEMES, Objective
 from reslora_diffusers.training.cache import build_caches, default_cache_dir
 from reslora_diffusers.training.card import write_model_card
 from reslora_diffusers.training.checkpoints import (
@@ -81,24 +81,28 @@ from reslora_diffusers.training.data import (
     parse_buckets,
 )
 from reslora_diffusers.training.data import describe as describe_buckets
-from reslora_diffusers.training.flow_matching import WEIGHTING_SCHEMES
-from reslora_diffusers.training.grid import labelled_grid
-from reslora_diffusers.training.objectives import (
-    DEFAULT_UNET_TARGETS,
-    Objective,
-    load_objective,
-    pipeline_kwargs,
-    real_inputs,
+from reslora_diffusers.training.flags import (
+    add_reslora_arguments,
+    import_shortcut_modules,
+    reslora_config,
+    type_texts,
 )
-from reslora_diffusers.training.outputs import (
-    TRAIN_LOG,
+from reslora_diffusers.training.grid import labelled_grid
+from reslora_diffusers.training.peft_baseline import (
+    add_peft_lora,
+    export_peft_lora,
+    load_peft_layers,
+    save_peft_layers,
+)
+from reslora_diffusers.training.pipeline import load_objective, pipeline_kwargs, real_inputs
+from reslora_diffusers.training.run_folder import (
+    RunFolder,
+    TrainLog,
     check_output_dir,
     check_resume_identity,
     hold_output_dir,
-    read_train_log,
     run_identity,
 )
-from reslora_diffusers.training.schedule import SCHEDULES, check_schedule, shortcut_scale_at
 from reslora_diffusers.training.speed import (
     COMPILE_MODES,
     adamw_8bit_class,
@@ -107,21 +111,28 @@ from reslora_diffusers.training.speed import (
     make_adamw,
     trace_chains,
 )
-from reslora_diffusers.utils.io import DiskFullError, atomic_dir, atomic_path
+from reslora_diffusers.utils.errors import one_line
+from reslora_diffusers.utils.io import DiskFullError, atomic_path
 from reslora_diffusers.utils.quiet import loading_pipeline
-from reslora_diffusers.utils.safety import check_finite
 
 logger = get_logger("train_text_to_image")
 
 #: the shortcut schedule of a ResLoRA run that names none
 DEFAULT_SCHEDULE = "cosine"
 
-RESLORA_CHECKPOINT = "reslora_checkpoint.safetensors"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-PEFT_CHECKPOINT = "peft_lora.safetensors"
-
 
 # ----------------------------------------------------------------------------- arguments
+
+
+def _family_defaults(attribute: str, shown=str) -> str:
+    """The objectives' default ``attribute`` by pipeline family, for help texts: ``Stable
+    Diffusion, SDXL: to_q ...; SD3, Flux: ...`` (families whose objective has none left out)."""
+    titles: dict[str, list[str]] = {}
+    for family in pipeline_families():
+        value = getattr(family.objective, attribute, None)
+        if value:
+            titles.setdefault(shown(value), []).append(family.title)
+    return "; ".join(f"{', '.join(names)}: {value}" for value, names in titles.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weighting_scheme",
         default=None,
         choices=WEIGHTING_SCHEMES,
-        help="sigma sampling and loss weights (default: logit_normal for SD3, none for Flux)",
+        help=f"sigma sampling and loss weights (default: {_family_defaults('default_weighting')})",
     )
     p.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean of the logit")
     p.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: its standard deviation")
@@ -260,33 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu_threads", type=parse_cpu_threads, default="auto", help=CPU_THREADS_HELP)
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    # LoRA / ResLoRA
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scaling 1)")
-    p.add_argument("--lora_dropout", type=float, default=0.0)
-    p.add_argument(
-        "--target_modules",
-        nargs="+",
-        default=None,
-        help=f"denoiser module-name suffixes (default: UNet {' '.join(DEFAULT_UNET_TARGETS)}; SD3/Flux "
-        f"{' '.join(DIT_ATTENTION_TARGETS)}; the UNet's resnet and sampler convolutions, LoCon-style: "
-        f"{' '.join(UNET_CONV_TARGETS)})",
-    )
-    # ms with the cosine schedule: the best exported accuracy of the 5-seed comparisons
-    # (benchmarks/README.md), and an exact export since its shortcuts end at 0
-    p.add_argument("--res_type", default="ms", choices=res_types())
-    p.add_argument("--pre_num", type=int, default=1, help="earlier blocks in a bs/ms shortcut")
-    p.add_argument(
-        "--merge",
-        default="calibrated",
-        choices=MERGE_METHODS,
-        help="how the is/ms shortcuts are merged away at export (bs, none: exact)",
-    )
-    p.add_argument(
-        "--record_norms",
-        action="store_true",
-        help="record the norm windows of merge=input even when --merge is another (is/ms; "
-        "--merge input records them anyway): for reslora-merge --merge input later",
+    # LoRA / ResLoRA: one flag per ResLoRAConfig field (training/flags.py). ms with the cosine
+    # schedule: the best exported accuracy of the 5-seed comparisons (benchmarks/README.md), and
+    # an exact export since its shortcuts end at 0
+    add_reslora_arguments(
+        p,
+        defaults={"rank": 8, "res_type": "ms"},
+        helps={
+            "target_modules": f"denoiser module-name suffixes (default: "
+            f"{_family_defaults('target_modules', ' '.join)}; the UNet's resnet and sampler "
+            f"convolutions, LoCon-style: {' '.join(UNET_CONV_TARGETS)})"
+        },
     )
     p.add_argument(
         "--distill_steps",
@@ -312,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration_batches",
         type=int,
         default=8,
-        help="training batches (up to 8 images) that fit the calibrated is/ms merge",
+        help=f"training batches (up to 8 images) that fit the calibrated "
+        f"{type_texts()['approximate_types']} merge",
     )
     p.add_argument("--train_text_encoder", action="store_true")
     p.add_argument(
@@ -329,7 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     # output and monitoring
     p.add_argument("--output_dir", default="runs/reslora", help="the demo app (app/app.py) lists runs/*")
     p.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
-    p.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
+    p.add_argument(
+        "--report_to",
+        default="tensorboard",
+        choices=["tensorboard", "none"],
+        help="tensorboard: logs in --logging_dir (pip install 'reslora-diffusers[tensorboard]'; without it, "
+        "a run that does not name this flag logs to train_log.jsonl alone)",
+    )
     p.add_argument(
         "--validation_prompt",
         action="append",
@@ -361,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line parsed (:func:`build_parser`)."""
+    """The command line parsed (:func:`build_parser`), once its ``--shortcut_module`` plugins are
+    imported (their types are ``--res_type`` choices)."""
+    import_shortcut_modules(argv)
     return build_parser().parse_args(argv)
 
 
@@ -412,6 +416,20 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.validation_prompt is None and _embedded_data(args):
         args.validation_prompt = finetune_prompts()
+
+
+def check_report_to(args: argparse.Namespace, given: set[str]) -> None:
+    """TensorBoard is an extra: ``--report_to tensorboard`` given without it is refused; the
+    default falls back to ``none`` with a warning (``train_log.jsonl`` has the loss either way)."""
+    if args.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None:
+        return
+    hint = "pip install 'reslora-diffusers[tensorboard]'"
+    if "report_to" in given:
+        raise ValueError(
+            f"--report_to tensorboard: the tensorboard package is not installed ({hint}); or --report_to none"
+        )
+    logging.getLogger(logger.name).warning("tensorboard is not installed: no TensorBoard logs (%s)", hint)
+    args.report_to = "none"
 
 
 def check_data_args(args: argparse.Namespace) -> None:
@@ -491,7 +509,7 @@ def cache_training_inputs(args: argparse.Namespace, objective: Objective, datase
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"--cache_dir {root}: cannot create it ({_one_line(err)})") from err
+        raise ValueError(f"--cache_dir {root}: cannot create it ({one_line(err)})") from err
     build_caches(
         dataset,
         objective,
@@ -526,10 +544,6 @@ def load_models(args: argparse.Namespace, given: set[str] | None = None) -> Obje
     return load_objective(args, defaults)
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
-
 def check_target_modules(denoiser, targets: list[str] | None, title: str) -> None:
     """Every target must name at least one linear or convolution layer of the denoiser."""
     layers = [n for n, m in denoiser.named_modules() if layer_class_for(m) is not None]
@@ -548,36 +562,18 @@ def add_adapters(
     encoder(s) (``trained``, denoiser first); returns each model's trainable parameters (float32)."""
     denoiser = trained[objective.denoiser]
     check_target_modules(denoiser, args.target_modules, objective.denoiser_title)
-    models = list(trained.values())
     if args.use_peft:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        for model in models:
-            lora = LoraConfig(
-                r=args.rank,
-                lora_alpha=args.lora_alpha or args.rank,
-                lora_dropout=args.lora_dropout,
-                target_modules=args.target_modules if model is denoiser else list(CLIP_TEXT.targets),
-            )
-            # diffusers' add_adapter on the UNet/transformer; transformers' own add_adapter wants
-            # a newer PEFT than diffusers does, so text encoders get PEFT's injection directly
-            if model is denoiser:
-                model.add_adapter(lora)
-            else:
-                inject_adapter_in_model(lora, model)
-        params = {name: [p for p in model.parameters() if p.requires_grad] for name, model in trained.items()}
-    else:
-        config = ResLoRAConfig(
-            rank=args.rank,
-            alpha=args.lora_alpha,
-            dropout=args.lora_dropout,
-            res_type=args.res_type,
-            pre_num=args.pre_num,
-            target_modules=args.target_modules,
-            merge=args.merge,
-            record_norms=args.record_norms or None,
+        params = add_peft_lora(
+            trained,
+            objective.denoiser,
+            args.rank,
+            args.lora_alpha or args.rank,
+            args.lora_dropout,
+            args.target_modules,
         )
-        for model in models:
+    else:
+        config = reslora_config(args)
+        for model in trained.values():
             add_reslora(model, config if model is denoiser else replace(config, target_modules=None))
         params = {name: trainable_parameters(model) for name, model in trained.items()}
     for param in (p for group in params.values() for p in group):
@@ -597,56 +593,27 @@ def param_groups(args: argparse.Namespace, params: dict[str, list], denoiser: st
 def register_checkpoint_hooks(accelerator: Accelerator, components: dict, use_peft: bool) -> None:
     """Checkpoints hold the adapter weights instead of whole models (accelerate keeps the
     optimizer, scheduler and RNG states): the ResLoRA checkpoint, or with ``--use_peft`` the
-    PEFT LoRA layers (``PEFT_CHECKPOINT``)."""
+    PEFT LoRA layers (``RunFolder.PEFT_CHECKPOINT``)."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             unwrapped = _unwrapped(accelerator, components)
             if use_peft:
-                save_peft_layers(unwrapped, Path(output_dir) / PEFT_CHECKPOINT)
+                save_peft_layers(unwrapped, Path(output_dir) / RunFolder.PEFT_CHECKPOINT)
             else:
-                save_reslora_checkpoint(unwrapped, Path(output_dir) / RESLORA_CHECKPOINT)
+                save_reslora_checkpoint(unwrapped, Path(output_dir) / RunFolder.CHECKPOINT)
         weights.clear()
 
     def load_hook(models, input_dir):
         models.clear()
         unwrapped = _unwrapped(accelerator, components)
         if use_peft:
-            load_peft_layers(unwrapped, Path(input_dir) / PEFT_CHECKPOINT)
+            load_peft_layers(unwrapped, Path(input_dir) / RunFolder.PEFT_CHECKPOINT)
         else:
-            load_reslora_checkpoint(unwrapped, Path(input_dir) / RESLORA_CHECKPOINT)
+            load_reslora_checkpoint(unwrapped, Path(input_dir) / RunFolder.CHECKPOINT)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-
-def save_peft_layers(components: dict, path: Path) -> None:
-    """The PEFT LoRA weights of every component, ``<component>.<PEFT key>``."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    tensors = {
-        f"{name}.{key}": value.detach().cpu().contiguous()
-        for name, model in components.items()
-        for key, value in get_peft_model_state_dict(model).items()
-    }
-    save_file(tensors, str(path))
-
-
-def load_peft_layers(components: dict, path: Path) -> None:
-    """Inverse of :func:`save_peft_layers`; every model's LoRA layers must all be in the file."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    for name, model in components.items():
-        prefix = f"{name}."
-        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        result = set_peft_model_state_dict(model, own)
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if result.unexpected_keys or missing:
-            key = (result.unexpected_keys or missing)[0]
-            raise ValueError(f"{path}: {name} LoRA key {key!r} does not match the model")
 
 
 def _uncompiled(run: Run, name: str) -> torch.nn.Module:
@@ -737,7 +704,7 @@ def run_validation(args, pipe, step: int, name: str, resolution: int) -> dict:
                 resolution,
                 progress=bar,
             )
-    grid_path = Path(args.output_dir) / "validation" / f"{name}.png"
+    grid_path = RunFolder(args.output_dir).grid(name)
     with atomic_path(grid_path) as tmp:  # a full disk is one line naming the grid
         labelled_grid(images, [f"seed {seed}" for seed in seeds], prompts).save(tmp, format="PNG")
     record = {"step": step, "validation_grid": grid_path.relative_to(args.output_dir).as_posix()}
@@ -780,65 +747,21 @@ def _log_validation(accelerator, record: dict, images: list[Image.Image], step: 
     log.write({"kind": "validation", **record})
 
 
-class TrainLog:
-    """``train_log.jsonl``: one JSON line per step (step, loss, lr, time) and per validation.
-
-    A resume keeps the records up to its step (:func:`read_train_log`, which drops a line torn
-    by a crash mid-write), rewritten atomically; a new run starts it empty.
-    """
-
-    def __init__(self, path: Path, resume_step: int) -> None:
-        self.path = path
-        kept = []
-        if path.exists() and resume_step > 0:
-            kept = [r for r in read_train_log(path) if r["step"] <= resume_step]
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.records = kept
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        try:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as err:  # a full disk, say: main's one line names the log
-            err.filename = err.filename or str(self.path)
-            raise
-
-    def accuracy_at(self, step: int) -> float | None:
-        found = [
-            r["prompt_accuracy"]
-            for r in self.records
-            if r.get("kind") == "validation" and r["step"] == step and "prompt_accuracy" in r
-        ]
-        return found[0] if found else None
-
-
 # ----------------------------------------------------------------------------- export
 
 
 def export(args, components: dict, inputs: dict, pipeline_class) -> dict | None:
     """Write the LoRA files of the trained ``{component: model}``; ResLoRA: its checkpoint, the
     merged export and the merge report. ``--use_peft``: ``pipeline_class.save_lora_weights``."""
-    output_dir = Path(args.output_dir)
+    folder = RunFolder(args.output_dir)
     if args.use_peft:
-        from peft.utils import get_peft_model_state_dict
-
-        # PEFT keys (lora_A/lora_B) as the ResLoRA export writes them, with the adapter config
-        # as metadata so that load_lora_weights applies the same alpha / rank
-        layers = {}
-        for name, model in components.items():
-            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(model)
-            layers[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-            check_finite(layers[f"{name}_lora_layers"], f"{output_dir / LORA_FILE} ({name})")
-        with atomic_dir(output_dir) as tmp:  # no half-written file on failure
-            pipeline_class.save_lora_weights(str(tmp), **layers, safe_serialization=True)
+        export_peft_lora(folder, components, pipeline_class)
         return None
     from reslora_diffusers.export import export_lora
 
-    save_reslora_checkpoint(components, output_dir / RESLORA_CHECKPOINT)
+    save_reslora_checkpoint(components, folder.checkpoint_file)
     return export_lora(
-        output_dir,
+        folder.path,
         **components,
         merge=args.merge,
         calibration={k: v for k, v in inputs["calibration"].items() if k in components},
@@ -868,6 +791,7 @@ def final_evaluation(args, weight_dtype, resolution: int, log: TrainLog, step: i
 def train(args: argparse.Namespace, argv: list[str]) -> dict:
     """Train, checkpoint, validate and export; returns the summary printed at the end."""
     check_args(args)
+    check_report_to(args, given_flags(argv))
     check_output_dir(args)  # before anything slow is loaded
     accelerator = make_accelerator(args)
     # one run per folder: a second run started into it is refused while this one writes there
@@ -987,7 +911,7 @@ def train_in_output_dir(args: argparse.Namespace, argv: list[str], accelerator: 
     global_step = resume(args, accelerator, objective.denoiser)
     if global_step == 0:
         set_seed(args.seed, device_specific=True)  # noise differs per process; a resume restores RNG states
-    log = TrainLog(output_dir / TRAIN_LOG, global_step) if accelerator.is_main_process else None
+    log = RunFolder(output_dir).open_log(global_step) if accelerator.is_main_process else None
     validating = accelerator.is_main_process and bool(args.validation_prompt)
     run = Run(
         args,
@@ -1049,7 +973,7 @@ def make_lr_scheduler(args, optimizer, num_processes: int):
             num_training_steps=args.max_train_steps * num_processes,
         )
     except ValueError as err:
-        raise ValueError(f"--lr_scheduler: {_one_line(err)}") from err
+        raise ValueError(f"--lr_scheduler: {one_line(err)}") from err
 
 
 def _hparams(args: argparse.Namespace) -> dict:
@@ -1063,7 +987,7 @@ def resume(args, accelerator: Accelerator, denoiser: str) -> int:
     path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if path is None:
         return 0
-    weights = PEFT_CHECKPOINT if args.use_peft else RESLORA_CHECKPOINT
+    weights = RunFolder.PEFT_CHECKPOINT if args.use_peft else RunFolder.CHECKPOINT
     check_resume_identity(path, run_identity(args), None if args.use_peft else path / weights, denoiser)
     step = check_resume_step(path, args.max_train_steps)
     check_checkpoint_files(path, weights, accelerator.process_index, args.allow_partial_resume)
@@ -1157,7 +1081,7 @@ def checkpoint_bytes(params: list[torch.nn.Parameter]) -> int:
 
 def apply_shortcut_schedule(run: Run, step: int) -> None:
     """Set the trained models' shortcut scale for training step ``step`` (1-based), from
-    ``--shortcut_schedule`` (:func:`~reslora_diffusers.training.schedule.shortcut_scale_at`)."""
+    ``--shortcut_schedule`` (:func:`~reslora_diffusers.core.schedule.shortcut_scale_at`)."""
     args = run.args
     if args.use_peft or args.shortcut_schedule == "constant":
         return
@@ -1231,7 +1155,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = train(args, argv)
     except (ValueError, FileNotFoundError, DiskFullError) as err:
-        sys.exit(f"train_text_to_image.py: error: {_one_line(err)}")
+        sys.exit(f"train_text_to_image.py: error: {one_line(err)}")
     except OSError as err:  # a full disk in a write that has no check of its own (a few bytes)
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -21,7 +21,6 @@ import functools
 import html
 import inspect
 import io
-import json
 import logging
 import os
 import socket
@@ -89,16 +88,22 @@ if __name__ == "__main__":
     if (TAKEN := port_taken(ARGS.host, ARGS.port)) is not None:
         sys.exit(f"app.py: error: {TAKEN}")
 
-import gradio as gr
-import matplotlib
+try:
+    import gradio as gr
+    import matplotlib
+except ImportError as err:  # the demo's packages are the [app] extra; the library needs neither
+    _MISSING = (
+        f"the demo needs {err.name}: pip install 'reslora-diffusers[app]' (scripts/setup.sh installs it)"
+    )
+    if __name__ == "__main__":
+        sys.exit(f"app.py: error: {_MISSING}")
+    raise ImportError(_MISSING) from err
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
-from safetensors import safe_open
 
-from reslora_diffusers.core import get_shortcut
 from reslora_diffusers.data import (
     default_base_model_path,
     default_dit_base_path,
@@ -108,10 +113,16 @@ from reslora_diffusers.data import (
 from reslora_diffusers.data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS
 from reslora_diffusers.eval import analyse_image, generate, parse_prompt
 from reslora_diffusers.eval.analysis import attribute_matches
-from reslora_diffusers.export.loading import check_lora_file, load_lora_file, resolve_lora_file
-from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS, DIT_IMAGE_FEEDFORWARD_TARGETS
-from reslora_diffusers.frontends.sd_pipeline import kohya_component
+from reslora_diffusers.export.loading import (
+    check_lora_file,
+    load_lora_file,
+    lora_file_components,
+    resolve_lora_file,
+)
+from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS, DIT_IMAGE_FEEDFORWARD_TARGETS, pipeline_family
 from reslora_diffusers.training.grid import label_font
+from reslora_diffusers.training.run_folder import RunFolder
+from reslora_diffusers.utils.errors import one_line
 from reslora_diffusers.utils.quiet import loading_pipeline
 
 logger = logging.getLogger(__name__)
@@ -145,8 +156,6 @@ BASE_TRAIN_ARGS: dict[str, list[str]] = {
 #: further flags for those runs (a base or data other than the embedded ones, say)
 TRAIN_EXTRA_ARGS: list[str] = []
 DEFAULT_PROMPT = "a blue cross on a white background"
-#: the names a training run exports its LoRA under (a run's merge report describes these)
-EXPORTED_FILES = ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors")
 #: images are shown enlarged to about this many pixels
 DISPLAY_SIDE = 192
 #: at most this many images side by side
@@ -199,7 +208,7 @@ class PipelineCache:
             check_lora_file(self.get(base, None), lora)
             reason = None
         except ValueError as err:
-            reason = _one_line(err)
+            reason = one_line(err)
         with self._lock:
             self._rejections[key] = reason
             while len(self._rejections) > self.decisions:
@@ -213,26 +222,14 @@ CACHE = PipelineCache(size=8)
 
 
 def run_label(path: str | Path) -> str:
-    """``LoRA (lora)`` / ``ResLoRA bs m=1 (reslora)`` for a run folder or its exported LoRA file,
-    from the run's merge report; any other file or folder by its own name."""
+    """``LoRA (lora)`` / ``ResLoRA ms m=1 (reslora)`` for a run folder or its exported LoRA file,
+    from the run's merge report (:meth:`RunFolder.label`); any other file or folder by its own name."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    report = folder / "merge_report.json"
-    if report.is_file() and (path.is_dir() or path.name in EXPORTED_FILES):
-        info = json.loads(report.read_text())
-        if trained_plain_lora(info):
-            return f"LoRA ({folder.name})"
-        return f"ResLoRA {info.get('res_type')} m={info.get('pre_num')} ({folder.name})"
+    run = RunFolder.of(path)
+    exported = {p.name for p in run.lora_files().values()}  # a run's merge report describes these
+    if run.merge_report() is not None and (path.is_dir() or path.name in exported):
+        return run.label()
     return path.name
-
-
-def trained_plain_lora(report: dict) -> bool:
-    """Whether the run of merge report ``report`` trained a plain LoRA (``--res_type none``):
-    nothing was merged, as its shortcut type says (a type this process does not know: no)."""
-    try:
-        return get_shortcut(report.get("res_type", ""), int(report.get("pre_num", 0))).plain
-    except ValueError:
-        return False
 
 
 def found_runs(runs_dir: Path | None = None) -> list[str]:
@@ -245,7 +242,7 @@ def found_runs(runs_dir: Path | None = None) -> list[str]:
         p
         for p in sorted(runs_dir.glob("*"))
         if not p.name.startswith(".")  # hidden or an interrupted export's temporary folder
-        and (p / "pytorch_lora_weights.safetensors").is_file()
+        and RunFolder(p).has_lora()
     ]
     runs.sort(key=lambda p: order.index(p.name) if p.name in order else len(order))
     return [str(p) for p in runs]
@@ -261,7 +258,7 @@ def missing_runs(runs_dir: Path | None = None, labels: tuple[str, ...] | None = 
         for label, (folder, _, base) in DEFAULT_RUNS.items()
         if (labels is None or label in labels)
         and Path(DEFAULT_BASES[base]).is_dir()
-        and not (runs_dir / folder / "pytorch_lora_weights.safetensors").is_file()
+        and not RunFolder(runs_dir / folder).has_lora()
     ]
 
 
@@ -304,10 +301,6 @@ def base_name(base: str) -> str:
 
 def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())
 
 
 @lru_cache(maxsize=16)
@@ -356,11 +349,9 @@ def crisp(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
 
 
 def lora_scale_kwargs(pipe, scale: float) -> dict:
-    """The LoRA scale as the pipeline takes it: ``cross_attention_kwargs`` (UNet pipelines) or
-    ``joint_attention_kwargs`` (SD3 and Flux)."""
-    parameters = inspect.signature(pipe.__call__).parameters
-    name = "cross_attention_kwargs" if "cross_attention_kwargs" in parameters else "joint_attention_kwargs"
-    return {name: {"scale": scale}}
+    """The LoRA scale as the pipeline's family takes it (``cross_attention_kwargs`` for UNet
+    pipelines, ``joint_attention_kwargs`` for SD3 and Flux: ``PipelineFamily.lora_scale_kwarg``)."""
+    return pipeline_family(pipe).lora_scale_kwargs(scale)
 
 
 def lora_base(bases: list[str], lora: str) -> tuple[str, str]:
@@ -401,7 +392,7 @@ def render(
             pipes[name] = CACHE.get(name, None)
         except Exception as err:  # a base that does not load fails alone: the others still render
             logger.warning("base %s failed to load: %s", name, err)
-            problems.append(f"**base {base_name(name)}** (not loadable, not shown): {_one_line(err)}")
+            problems.append(f"**base {base_name(name)}** (not loadable, not shown): {one_line(err)}")
     owned: dict[str, list[tuple[str, str]]] = {name: [] for name in pipes}
     for lora in _lines(loras):
         label = run_label(lora)
@@ -409,7 +400,7 @@ def render(
             owner, path = lora_base(list(pipes), lora)
         except Exception as err:  # not a LoRA, or one for none of these bases: it fails alone
             logger.warning("%s fits no base: %s", label, err)
-            problems.append(f"**{label}** (not a usable LoRA, not shown): {_one_line(err)}")
+            problems.append(f"**{label}** (not a usable LoRA, not shown): {one_line(err)}")
             continue
         owned[owner].append((label, path))
     n = int(num_images)
@@ -424,7 +415,7 @@ def render(
                 pipe = CACHE.get(name, lora)
             except Exception as err:  # not loadable by diffusers either: this model fails alone
                 logger.warning("%s failed to load on %s: %s", label, where, err)
-                problems.append(f"**{label}** (not a usable LoRA for {where}, not shown): {_one_line(err)}")
+                problems.append(f"**{label}** (not a usable LoRA for {where}, not shown): {one_line(err)}")
                 continue
             model = f"{label} on {where}" if lora else label
             try:
@@ -439,7 +430,7 @@ def render(
                 )
             except Exception as err:  # each model fails alone: the others' images are still shown
                 logger.warning("%s failed: %s", model, err)
-                problems.append(f"**{model}**: {_one_line(err)}")
+                problems.append(f"**{model}**: {one_line(err)}")
                 continue
             cells = [
                 (image, f"seed {image_seed} | {score_caption(image, prompt)}")
@@ -500,17 +491,6 @@ def gallery_columns(num_images: float, base: str, loras: str) -> dict:
     return gr.update(columns=models * per_model if models * per_model <= GALLERY_COLUMNS else per_model)
 
 
-def read_log(run: Path) -> list[dict]:
-    log = run / "train_log.jsonl"
-    if not log.is_file():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-
-
-def _run_folder(path: str) -> Path:
-    return Path(path) if Path(path).is_dir() else Path(path).parent
-
-
 def smoothed_loss(steps: list[int], values: list[float], points: int = 20) -> tuple[list[int], list[float]]:
     """Trailing mean over ``len(values) // points`` steps, from the first full window on: the
     first steps alone are too few and too noisy to average, and drew a spike that flattened
@@ -520,19 +500,13 @@ def smoothed_loss(steps: list[int], values: list[float], points: int = 20) -> tu
     return list(steps[window - 1 :]), means
 
 
-def accuracy_points(rows: list[dict]) -> list[tuple[int, float]]:
-    """``(step, prompt accuracy)`` of a run's validations and final evaluation, by step."""
-    return sorted((r["step"], r["prompt_accuracy"]) for r in rows if r.get("prompt_accuracy") is not None)
-
-
 def lora_family(path: str) -> str:
-    """What a LoRA output adapts, which sets the scale of its training loss: ``UNet`` (``unet.``
-    or kohya ``lora_unet_`` keys; a DDPM noise-prediction loss, about 0.1 here) or
-    ``DiT transformer`` (``transformer.`` keys; a flow-matching loss, about 1); ``other`` for
+    """What a LoRA output adapts, which sets the scale of its training loss: ``UNet`` (a file of
+    ``unet`` weights in any format: a DDPM noise-prediction loss, about 0.1 here) or
+    ``DiT transformer`` (``transformer`` weights: a flow-matching loss, about 1); ``other`` for
     anything else, an unreadable file included."""
     try:
-        with safe_open(str(resolve_lora_file(path)), framework="pt") as f:
-            components = {kohya_component(key) or key.split(".")[0] for key in f.keys()}
+        components = lora_file_components(path)
     except Exception:  # the Generate tab names what is wrong with the file; the chart just skips it
         return "other"
     if "transformer" in components:
@@ -546,18 +520,17 @@ def curves(loras: str):
     UNet runs' curves (about 0.1)."""
     families: dict[str, list[Path]] = {}
     for path in _lines(loras):
-        families.setdefault(lora_family(path), []).append(_run_folder(path))
+        families.setdefault(lora_family(path), []).append(RunFolder.of(path))
     fig, axes = plt.subplots(
         max(1, len(families)), 2, figsize=(10, 3.5 * max(1, len(families))), squeeze=False
     )
     for (family, runs), (ax_loss, ax_acc) in zip(families.items(), axes):
         for run in runs:
-            rows = read_log(run)
-            label = run_label(run)
-            losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+            label = run.label()
+            losses = [(r["step"], r["loss"]) for r in run.read_log() if "loss" in r]
             if losses:
                 ax_loss.plot(*smoothed_loss(*map(list, zip(*losses))), label=label)
-            accs = accuracy_points(rows)
+            accs = run.accuracies()
             if accs:
                 ax_acc.plot(*zip(*accs), marker="o", label=label)
         ax_loss.set(title=f"{family} runs: training loss (smoothed)", xlabel="step")
@@ -573,9 +546,9 @@ def accuracy_table(loras: str) -> list[list]:
     """One row per run and evaluation: the numbers behind the accuracy chart."""
     rows = []
     for path in _lines(loras):
-        run = _run_folder(path)
-        for step, acc in accuracy_points(read_log(run)):
-            rows.append([run_label(run), step, f"{acc:.1%}"])
+        run = RunFolder.of(path)
+        for step, acc in run.accuracies():
+            rows.append([run.label(), step, f"{acc:.1%}"])
     return rows
 
 
@@ -583,18 +556,17 @@ def merge_table(loras: str) -> list[list]:
     """One row per run, component and merge method: the relative output error of the merge."""
     rows = []
     for path in _lines(loras):
-        run = _run_folder(path)
-        report_file = run / "merge_report.json"
-        if not report_file.is_file():
+        run = RunFolder.of(path)
+        report = run.merge_report()
+        if report is None:
             continue
-        report = json.loads(report_file.read_text())
         for comp, info in report.get("components", {}).items():
-            if trained_plain_lora(report):  # every merge method gives the trained LoRA itself
-                rows.append([run_label(run), comp, "none (plain LoRA)", f"{info['output_error']:.2e}", "yes"])
+            if run.trained_plain_lora():  # every merge method gives the trained LoRA itself
+                rows.append([run.label(), comp, "none (plain LoRA)", f"{info['output_error']:.2e}", "yes"])
                 continue
             for method, result in info.get("methods", {}).items():
                 exported = "yes" if method == report.get("merge") else ""
-                rows.append([run_label(run), comp, method, f"{result['total']:.2e}", exported])
+                rows.append([run.label(), comp, method, f"{result['total']:.2e}", exported])
     return rows
 
 
@@ -602,20 +574,18 @@ def comparison_table(loras: str) -> list[list]:
     """One row per run: steps, prompt accuracy before and after training, error of the exported merge."""
     rows = []
     for path in _lines(loras):
-        run = _run_folder(path)
-        log = read_log(run)
-        points = dict(accuracy_points(log))
-        final = next((r for r in reversed(log) if r.get("kind") == "final"), None)
-        steps = max((r["step"] for r in log if "loss" in r), default=None)
+        run = RunFolder.of(path)
+        points = dict(run.accuracies())
+        final = run.final_record()
+        steps = run.steps_trained()
         after = final.get("prompt_accuracy") if final else None
+        report = run.merge_report()
         error = "n/a"
-        report_file = run / "merge_report.json"
-        if report_file.is_file():
-            report = json.loads(report_file.read_text())
+        if report is not None:
             error = ", ".join(f"{k} {v['output_error']:.1e}" for k, v in report.get("components", {}).items())
         rows.append(
             [
-                run_label(run),
+                run.label(),
                 "n/a" if steps is None else steps,
                 "n/a" if 0 not in points else f"{points[0]:.1%}",
                 "n/a" if after is None else f"{after:.1%}",
@@ -630,9 +600,9 @@ def final_grids(loras: str) -> Image.Image | None:
     one image, each under its run's label; None when no run has one."""
     parts = []
     for path in _lines(loras):
-        grid = _run_folder(path) / "validation" / "final.png"
-        if grid.is_file():
-            parts.append((run_label(_run_folder(path)), Image.open(grid).convert("RGB")))
+        run = RunFolder.of(path)
+        if run.grid("final").is_file():
+            parts.append((run.label(), Image.open(run.grid("final")).convert("RGB")))
     if not parts:
         return None
     font = label_font()
@@ -690,7 +660,7 @@ def train_one(label: str, progress) -> str | None:
     cmd += ["--max_train_steps", str(steps), "--report_to", "none", *BASE_TRAIN_ARGS[base], *TRAIN_EXTRA_ARGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None:
-        rows = read_log(out)
+        rows = RunFolder(out).read_log()
         step = rows[-1]["step"] if rows else 0
         progress(min(step / steps, 1.0), f"training {label} ({res_type}): step {step} of {steps}")
         time.sleep(1.0)
@@ -1038,7 +1008,7 @@ def main(args: argparse.Namespace) -> None:
     try:
         launch(demo, args.host, args.port)
     except OSError as err:  # the port was taken between port_taken's check and the start
-        sys.exit(f"app.py: error: --port {args.port}: {_one_line(err)}")
+        sys.exit(f"app.py: error: --port {args.port}: {one_line(err)}")
 
 
 if __name__ == "__main__":

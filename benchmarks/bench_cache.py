@@ -21,7 +21,6 @@ shared machine).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -41,9 +40,12 @@ VARIANTS = {
 }
 
 
-def step_ms(log: Path, first: int) -> float:
-    """Median wall time per step of steps ``first``..N (``train_log.jsonl`` times are cumulative)."""
-    times = [r["time"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r]
+def step_ms(out: Path, first: int) -> float:
+    """Median wall time per step of steps ``first``..N of the run in ``out`` (its training log's
+    times are cumulative)."""
+    from reslora_diffusers.training.run_folder import RunFolder
+
+    times = [r["time"] for r in RunFolder(out).read_log() if "loss" in r]
     return 1000 * statistics.median(b - a for a, b in zip(times[first - 2 :], times[first - 1 :]))
 
 
@@ -64,7 +66,7 @@ def bench_steps(args: argparse.Namespace) -> None:
                 cmd += ["--report_to", "none", "--calibration_batches", "1", "--no_chain_report"]
                 cmd += ["--cache_dir", str(Path(tmp) / "cache"), *VARIANTS[name]]
                 subprocess.run(cmd, env=env, check=True, capture_output=True)
-                results[name].append(step_ms(out / "train_log.jsonl", 11))
+                results[name].append(step_ms(out, 11))
                 print(f"round {r} {name}: {results[name][-1]:.0f} ms/step", flush=True)
     base = statistics.median(results["none"])
     print("\n| caches | ms per step (median of rounds) | ratio to none |\n|---|---|---|")

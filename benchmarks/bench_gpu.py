@@ -151,9 +151,7 @@ def build_variants(base, inputs: dict, rank: int, device, only: list[str] | None
             Variant(PEFT, peft, [p for p in peft.parameters() if p.requires_grad], inputs, device)
         )
     for res_type, pre_num in RESLORA:
-        label = f"ResLoRA {res_type}" + (
-            f" m={pre_num}" if get_shortcut(res_type, pre_num).uses_pre_num else ""
-        )
+        label = get_shortcut(res_type, pre_num).title
         if wanted(label):
             config = ResLoRAConfig(
                 rank=rank, res_type=res_type, pre_num=pre_num, target_modules=list(UNET_TARGETS)

@@ -25,7 +25,6 @@ are what a user gets): other load changes every number.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -91,7 +90,7 @@ def measure(setting: str, busy: bool, steps: int, train_args: list[str]) -> list
         cmd, env = command(setting, argv)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            records = _wait_for_steps(proc, out / "train_log.jsonl", steps, stderr)
+            records = _wait_for_steps(proc, out, steps, stderr)
         finally:
             stderr.close()
             proc.kill()
@@ -102,9 +101,13 @@ def measure(setting: str, busy: bool, steps: int, train_args: list[str]) -> list
     return step_times(records)
 
 
-def _wait_for_steps(proc: subprocess.Popen, log: Path, steps: int, stderr) -> list[dict]:
+def _wait_for_steps(proc: subprocess.Popen, out: Path, steps: int, stderr) -> list[dict]:
+    """The training log of the run writing ``out`` once it holds ``steps`` steps (a last line
+    being written is left for the next look)."""
+    from reslora_diffusers.training.run_folder import RunFolder
+
     while True:
-        records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        records = RunFolder(out).read_log()
         if sum("loss" in r for r in records) >= steps:
             return records
         if proc.poll() is not None:

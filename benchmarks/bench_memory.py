@@ -70,10 +70,12 @@ def parse_config(name: str) -> tuple[str, int, int]:
 
 
 def variant_label(variant: str) -> str:
+    from reslora_diffusers.core import get_shortcut
+
     if variant in (FLOOR, PEFT):
         return {"floor": "floor (frozen)", "peft": "PEFT LoRA"}[variant]
     res_type, _, pre_num = variant.partition(":")
-    return f"ResLoRA {res_type}" + (f" m={pre_num}" if pre_num else "")
+    return get_shortcut(res_type, int(pre_num or 0)).title
 
 
 # ---------------------------------------------------------------- one measurement (worker)
@@ -151,8 +153,7 @@ def make_inputs(model, preset: str, side: int, batch: int) -> dict:
 
 def default_targets(preset: str) -> list[str]:
     """What ``train_text_to_image.py`` adapts by default for the family."""
-    from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS
-    from reslora_diffusers.training.objectives import DEFAULT_UNET_TARGETS
+    from reslora_diffusers.frontends import DEFAULT_UNET_TARGETS, DIT_ATTENTION_TARGETS
 
     return list(DEFAULT_UNET_TARGETS if preset in ("sd15", "sdxl") else DIT_ATTENTION_TARGETS)
 

@@ -55,6 +55,7 @@ from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from reslora_diffusers import ResLoRAConfig, add_reslora, merge_to_lora, remove_reslora, trainable_parameters
+from reslora_diffusers.core import get_shortcut
 from reslora_diffusers.export import fuse_lora
 from reslora_diffusers.frontends import (
     DIT_ATTENTION_TARGETS,
@@ -264,7 +265,7 @@ def bench_size(
         fresh_compile_cache(len(variants) + 1)
     steps = {"PEFT LoRA": Step(*peft_variant(base, rank, targets), inputs, compiled)}
     for res_type, pre_num in variants:
-        label = f"ResLoRA {res_type}" + (f" m={pre_num}" if res_type in ("bs", "ms") else "")
+        label = get_shortcut(res_type, pre_num).title
         steps[label] = Step(*reslora_variant(base, rank, res_type, pre_num, targets), inputs, compiled)
     first = {label: step()[0] for label, step in steps.items()}  # warm-up (compiles when compiled)
     for step in steps.values():

@@ -52,6 +52,7 @@ from reslora_diffusers.frontends import (  # noqa: E402
     UNET_TARGETS,
     pipeline_family,
 )
+from reslora_diffusers.training.run_folder import RunFolder  # noqa: E402
 from reslora_diffusers.utils.io import atomic_path  # noqa: E402
 
 CONSTANT = ["--shortcut_schedule", "constant"]  # shortcuts at full scale to the end
@@ -158,7 +159,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     else:
         start = time.time()
         summary = script.train(script.parse_args(argv), argv)
-        records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        records = RunFolder(out).read_log()
         result = {
             "loss": [r["loss"] for r in records if "loss" in r],
             "accuracy": {r["step"]: r["prompt_accuracy"] for r in records if "prompt_accuracy" in r},
@@ -191,8 +192,7 @@ def measure_run(
 
     def logged(step: int) -> dict:
         if step == last:  # read only when missing: a finished result.json resumes on its own
-            records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-            final = next(r for r in records if r.get("kind") == "final")
+            final = RunFolder(out).final_record()
             return {k: final[k] for k in ("prompt_accuracy", "prompt_accuracy_lenient")}
         return {
             "prompt_accuracy": result["accuracy"][step],
@@ -216,7 +216,7 @@ def measure_run(
             elif kind == "calibrated" and int(step) == last:  # the script's own export
                 done[kind] = {**logged(last), "merge_error": result["merge_error"]}
             else:
-                ckpt = out / (f"checkpoint-{early}" if int(step) == early else "") / script.RESLORA_CHECKPOINT
+                ckpt = out / (f"checkpoint-{early}" if int(step) == early else "") / RunFolder.CHECKPOINT
                 done[kind] = export_accuracy(script, argv, ckpt, kind, int(step))
             write_atomic(out / "result.json", json.dumps(result))
 
@@ -268,7 +268,7 @@ def trained_denoiser(script, argv: list[str], checkpoint: Path, held_out_batches
     resolution, and the batches the training script's export uses: calibration and held-out
     batches drawn from the training data through the family's objective."""
     from reslora_diffusers import load_reslora_checkpoint
-    from reslora_diffusers.training.objectives import real_inputs
+    from reslora_diffusers.training.pipeline import real_inputs
 
     args = script.parse_args(argv)
     script.check_args(args)
@@ -331,7 +331,7 @@ def unmerged_accuracy(script, argv: list[str]) -> dict[str, float]:
     pipe = script.build_pipeline(args, torch.float32)
     denoiser = getattr(pipe, pipeline_family(pipe).denoiser)
     load_reslora_checkpoint(
-        {pipeline_family(pipe).denoiser: denoiser}, Path(args.output_dir) / script.RESLORA_CHECKPOINT
+        {pipeline_family(pipe).denoiser: denoiser}, Path(args.output_dir) / RunFolder.CHECKPOINT
     )
     denoiser.eval()
     resolution = denoiser.config.sample_size * pipe.vae_scale_factor

@@ -11,7 +11,7 @@ import argparse
 import torch
 import torch.nn as nn
 
-from reslora_diffusers import ResLoRAConfig, add_reslora, compare_merges, trainable_parameters
+from reslora_diffusers import ResLoRAConfig, add_reslora, compare_merges, res_types, trainable_parameters
 from reslora_diffusers.core import MERGE_METHODS
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     held_out = [torch.randn(64, d) for _ in range(2)]
 
     print(f"{'method':8} {'final loss':>10}  merge error ({' / '.join(MERGE_METHODS)})")
-    for res_type in ("none", "is", "bs", "ms"):
+    for res_type in res_types():
         torch.manual_seed(1)
         model = Stack(d, n_layers)
         model.load_state_dict(base_state)

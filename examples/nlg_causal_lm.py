@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import datasets
@@ -35,7 +36,13 @@ from reslora_diffusers.data.text_tasks import (
     tiny_llama_config,
     word_tokenizer,
 )
-from reslora_diffusers.training.lm_examples import (
+from reslora_diffusers.training.flags import import_shortcut_modules
+
+# lm_common.py lies beside this script: importable when it runs, and when it is loaded by path
+# (tests, benchmarks/compare_lm.py)
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_common import (  # noqa: E402
     add_method_arguments,
     export_adapters,
     load_raw_dataset,
@@ -49,6 +56,7 @@ from reslora_diffusers.training.lm_examples import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import_shortcut_modules(argv)  # a plugin's shortcut type is a --res_type choice
     p = argparse.ArgumentParser(description="Causal-LM fine-tuning with LoRA vs ResLoRA.")
     p.add_argument("--model_name_or_path", default=None, help="default: a tiny LLaMA built from a config")
     p.add_argument(
@@ -66,7 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p,
         learning_rate=3e-3,
         max_train_steps=300,
-        res_types=["none", "is", "bs", "ms"],
         lr_scheduler="constant_with_warmup",
     )
     args = p.parse_args(argv)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +35,13 @@ from transformers import (
 
 from reslora_diffusers import add_reslora
 from reslora_diffusers.data.text_tasks import sentiment_examples, tiny_roberta_config, word_tokenizer
-from reslora_diffusers.training.lm_examples import (
+from reslora_diffusers.training.flags import import_shortcut_modules
+
+# lm_common.py lies beside this script: importable when it runs, and when it is loaded by path
+# (tests, benchmarks/compare_lm.py)
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_common import (  # noqa: E402
     add_method_arguments,
     export_adapters,
     load_raw_dataset,
@@ -48,6 +55,7 @@ from reslora_diffusers.training.lm_examples import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import_shortcut_modules(argv)  # a plugin's shortcut type is a --res_type choice
     p = argparse.ArgumentParser(description="Sequence classification with LoRA vs ResLoRA.")
     p.add_argument("--model_name_or_path", default=None, help="default: a tiny RoBERTa built from a config")
     p.add_argument(
@@ -65,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["classifier", "score"],
         help="modules trained in full (the new head) and saved in the adapter",
     )
-    add_method_arguments(p, learning_rate=2e-3, max_train_steps=300, res_types=["none", "is", "bs", "ms"])
+    add_method_arguments(p, learning_rate=2e-3, max_train_steps=300)
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or Path("outputs/nlu_classification")
     return args

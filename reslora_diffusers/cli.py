@@ -3,6 +3,9 @@
 reslora-merge CHECKPOINT --base MODEL_DIR --output DIR [--merge input|weight|calibrated|sequential|distill]
               [--distill_steps N] [--format diffusers|kohya|both] [--rank R] [--fuse] [--overwrite]
 
+``--format`` takes any registered LoRA format (:mod:`reslora_diffusers.export.formats`), or
+``both`` for every one of them.
+
 The calibrated merges (and distill, which fits on the same batches) run on the pipeline
 family's synthetic inputs here: random latents, timesteps and text states, not training data.
 python -m reslora_diffusers.cli ...   (the same, from the checkout on the path)
@@ -18,13 +21,18 @@ from pathlib import Path
 from .api import load_reslora_checkpoint
 from .core.checkpoint import checkpoint_configs
 from .core.config import MERGE_METHODS
+from .export import lora_formats
 from .merge.distill import DEFAULT_DISTILL_STEPS
+from .training.run_folder import RunFolder
 from .utils.io import atomic_dir, remove_stale_temporaries
 from .utils.lock import folder_lock, user_entries
 from .utils.safety import check_finite_file
 
-FORMAT_CHOICES = {"diffusers": ("diffusers",), "kohya": ("kohya",), "both": ("diffusers", "kohya")}
-FUSED_DIR = "fused_pipeline"
+
+def format_choices() -> dict[str, tuple[str, ...]]:
+    """``--format``: each registered format by its name, and ``both``: every one of them."""
+    names = tuple(f.name for f in lora_formats())
+    return {**{name: (name,) for name in names}, "both": names}
 
 
 def merge_parser() -> argparse.ArgumentParser:
@@ -41,7 +49,7 @@ def merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", choices=MERGE_METHODS, default=None, help="default: the checkpoint's config")
     p.add_argument(
         "--format",
-        choices=sorted(FORMAT_CHOICES),
+        choices=sorted(format_choices()),
         default=None,
         help="default: every format of the pipeline family (both for SD/SDXL, diffusers for SD3 and Flux)",
     )
@@ -54,7 +62,9 @@ def merge_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rank", type=int, default=None, help="truncate merged updates to this rank (SVD)")
     p.add_argument(
-        "--fuse", action="store_true", help=f"also save the pipeline with merged weights in {FUSED_DIR}/"
+        "--fuse",
+        action="store_true",
+        help=f"also save the pipeline with merged weights in {RunFolder.FUSED}/",
     )
     p.add_argument(
         "--no_chain_report",
@@ -96,14 +106,7 @@ def merge_into(args: argparse.Namespace, ckpt: Path, output: Path) -> dict:
     """:func:`run_merge` once it holds ``output``'s lock."""
     from diffusers import DiffusionPipeline
 
-    from .export.diffusers import (
-        DIFFUSERS_FILE,
-        check_formats,
-        fuse_lora,
-        merge_components,
-        write_lora_files,
-    )
-    from .export.kohya import KOHYA_FILE
+    from .export.pipeline import check_formats, fuse_lora, merge_components, write_lora_files
     from .frontends import remove_reslora_from_pipeline
     from .utils.quiet import loading_pipeline
 
@@ -124,7 +127,7 @@ def merge_into(args: argparse.Namespace, ckpt: Path, output: Path) -> dict:
         if module is None:
             raise ValueError(f"{ckpt}: checkpoint has component {name!r}, the base pipeline has none")
         comps[name] = module
-    formats = check_formats(FORMAT_CHOICES[args.format] if args.format else None, comps)
+    formats = check_formats(format_choices()[args.format] if args.format else None, comps)
     load_reslora_checkpoint(comps, ckpt)
     merged, report = merge_components(
         comps,
@@ -141,10 +144,11 @@ def merge_into(args: argparse.Namespace, ckpt: Path, output: Path) -> dict:
             remove_reslora_from_pipeline(pipe)
             for name, lora in merged.items():
                 fuse_lora(comps[name], lora)
-            pipe.save_pretrained(str(tmp / FUSED_DIR))
-        # --overwrite: a LoRA file of the other format is an earlier merge's, not this one's
-        for name in {DIFFUSERS_FILE, KOHYA_FILE} - {p.name for p in tmp.iterdir()}:
-            (output / name).unlink(missing_ok=True)
+            pipe.save_pretrained(str(RunFolder(tmp).fused_dir))
+        # --overwrite: a LoRA file of another format is an earlier merge's, not this one's
+        for path in RunFolder(output).lora_files().values():
+            if not (tmp / path.name).exists():
+                path.unlink(missing_ok=True)
     return report
 
 

@@ -19,7 +19,7 @@ takes the tiny base's trained VAE (``--init-from``) instead of training one, the
 SD3's ``(z - shift_factor) * scaling_factor`` normalisation, and the denoiser stage trains the
 ``SD3Transformer2DModel`` with its two CLIP encoders (the first starts from the tiny base's
 text encoder) and its T5 encoder by rectified flow, the objective of
-``reslora_diffusers.training.flow_matching`` (logit-normal sigmas, SD3's default), with the
+``reslora_diffusers.objectives.flow_matching`` (logit-normal sigmas, SD3's default), with the
 same caption dropout, EMA, checkpoints and resume. ``--device cuda`` trains on a GPU; the
 random draws stay on the CPU, so a run may continue on another device. ``--compile`` runs the
 training steps through ``torch.compile`` (about 1.4x faster on CPU); it is not a resume key.
@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -71,12 +72,16 @@ from reslora_diffusers.data import (
     write_tokenizer,
 )
 from reslora_diffusers.eval import EVAL_SEEDS, evaluate_pipeline, parse_prompt, prompt_accuracy
-from reslora_diffusers.training.flow_matching import (
+from reslora_diffusers.frontends import SD3_PIPELINES, SD_PIPELINES, PipelineFamily
+from reslora_diffusers.objectives import (
+    denoising_loss,
+    denoising_target,
     flow_matching_loss,
     noisy_latents,
     sample_sigmas,
     sample_u,
 )
+from reslora_diffusers.utils.errors import one_line
 from reslora_diffusers.utils.io import TEMP_SUFFIX
 
 logger = logging.getLogger("pretrain_tiny_base")
@@ -90,7 +95,7 @@ _COMMON_RESUME_KEYS = (
     "ema_decay",
 )
 #: SD3's default density of the flow-matching sigmas (``train_text_to_image.py`` trains SD3 with it too).
-SD3_WEIGHTING = "logit_normal"
+SD3_WEIGHTING = SD3_PIPELINES.objective.default_weighting
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -181,9 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-seeds", type=int, default=len(EVAL_SEEDS), help=argparse.SUPPRESS)
     parser.add_argument("--eval-steps", type=int, default=BASE_NUM_INFERENCE_STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    family = FAMILIES[args.family]
-    args.output_dir = args.output_dir or family.default_output
-    args.work_dir = args.work_dir or family.default_work_dir
+    base = BASES[args.family]
+    args.output_dir = args.output_dir or base.default_output
+    args.work_dir = args.work_dir or base.default_work_dir
     return args
 
 
@@ -310,10 +315,9 @@ class DenoiserTrainer(ABC):
     step ``n`` comes from (seed, n) on the CPU, so a resumed run repeats an uninterrupted one.
     """
 
-    #: the denoiser component (also the checkpoint's and the progress bar's name)
-    denoiser = ""
-    #: the text encoders trained with it
-    text_encoders: tuple[str, ...] = ()
+    #: the pipeline family: its denoiser component (also the checkpoint's and the progress bar's
+    #: name) trains with every text encoder its prompts go through
+    family: PipelineFamily
     #: the flags of the step count and learning rate
     steps_flag = lr_flag = ""
     #: further flags that define the run (checked on resume)
@@ -329,7 +333,8 @@ class DenoiserTrainer(ABC):
         pipe.to(self.device)
         self.means, self.stds = latents
         self.total_steps = getattr(args, self.steps_flag)
-        self.models = {name: getattr(pipe, name) for name in (self.denoiser, *self.text_encoders)}
+        self.denoiser = self.family.denoiser
+        self.models = {name: getattr(pipe, name) for name in (self.denoiser, *self.family.prompt_encoders)}
         self.parameters = [p for model in self.models.values() for p in model.parameters()]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=getattr(args, self.lr_flag), weight_decay=0.0)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -479,10 +484,11 @@ class DenoiserTrainer(ABC):
 
 
 class UNetTrainer(DenoiserTrainer):
-    """The UNet and its text encoder; the loss is min-SNR weighted (Hang et al. 2023) for the
-    scheduler's prediction type."""
+    """The UNet and its text encoder; the loss is the library's DDPM loss
+    (:func:`reslora_diffusers.objectives.denoising_loss`), min-SNR weighted (Hang et al. 2023)
+    for the scheduler's prediction type."""
 
-    denoiser, text_encoders = "unet", ("text_encoder",)
+    family = SD_PIPELINES
     steps_flag, lr_flag, resume_flags = "unet_steps", "unet_lr", ("snr_gamma",)
 
     def __init__(self, pipe, latents, captions, args):
@@ -499,16 +505,8 @@ class UNetTrainer(DenoiserTrainer):
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(texts),), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         prediction = pipe.unet(noisy.to(device), timesteps.to(device), context).sample
-        snr = scheduler.alphas_cumprod[timesteps] / (1 - scheduler.alphas_cumprod[timesteps])
-        if scheduler.config.prediction_type == "v_prediction":
-            target, weight = (
-                scheduler.get_velocity(clean, noise, timesteps),
-                snr.clamp(max=args.snr_gamma) / (snr + 1),
-            )
-        else:
-            target, weight = noise, snr.clamp(max=args.snr_gamma) / snr
-        errors = F.mse_loss(prediction, target.to(device), reduction="none").mean(dim=(1, 2, 3))
-        return (weight.to(device) * errors).mean()
+        target = denoising_target(scheduler, clean, noise, timesteps).to(device)
+        return denoising_loss(prediction, target, scheduler, timesteps.to(device), args.snr_gamma)
 
 
 class SD3Trainer(DenoiserTrainer):
@@ -517,7 +515,7 @@ class SD3Trainer(DenoiserTrainer):
     ``x0 = (z - shift_factor) * scaling_factor``, prompts through the pipeline's ``encode_prompt``
     (exactly the states inference uses; the empty caption is the unconditional one)."""
 
-    denoiser, text_encoders = "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3")
+    family = SD3_PIPELINES
     steps_flag, lr_flag = "transformer_steps", "transformer_lr"
     compiled_text_encoders = ("text_encoder_3",)
 
@@ -666,7 +664,7 @@ It is not a general text-to-image model.
 |---|---|
 | resolution | {resolution} x {resolution} px (latents 4 x {latent} x {latent}, 2 x 2 patches) |
 | inference | flow-matching Euler (`scheduler/`, shift {shift}), {steps} steps, guidance scale {guidance} |
-| objective | rectified flow: target `eps - x0`, logit-normal sigmas (`reslora_diffusers.training.flow_matching`) |
+| objective | rectified flow: target `eps - x0`, logit-normal sigmas (`reslora_diffusers.objectives.flow_matching`) |
 | vocabulary | {vocab} ({concept!r} is in the vocabulary but never trained) |
 | transformer | {layers} joint blocks of width {width}, {transformer:.2f} M parameters |
 | text encoders | two CLIP encoders, {text_encoder:.2f} M + {text_encoder_2:.2f} M (the first started from `tiny-sd`'s), and a one-layer T5, {text_encoder_3:.2f} M; all three read our vocabulary, the T5 `<bos> words <eos>` padded with `<eos>` to 256 tokens |
@@ -694,7 +692,7 @@ def extension_note(extended_from: list[int]) -> str:
 
 
 def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: Path) -> None:
-    family = FAMILIES[args.family]
+    base = BASES[args.family]
     titles = {"heldout": "held-out pairs", "seen": "seen pairs", "finetune_concept": FINETUNE_SHAPE}
     labels = {name: f"{titles[name]} (seeds 0-{len(seeds) - 1})" for name, _, seeds in eval_sets(args)}
     rows = "\n".join(
@@ -708,7 +706,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         for name, model in pipe.components.items()
         if isinstance(model, torch.nn.Module)
     }
-    card = family.card.format(
+    card = base.card.format(
         resolution=BASE_RESOLUTION,
         latent=BASE_RESOLUTION // 2,
         steps=args.eval_steps,
@@ -730,7 +728,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         transformer_steps=args.transformer_steps,
         transformer_lr=args.transformer_lr,
         batch=args.batch_size,
-        minutes=numbers["vae_minutes"] + numbers[f"{family.trainer.denoiser}_minutes"],
+        minutes=numbers["vae_minutes"] + numbers[f"{base.family.denoiser}_minutes"],
         threads=torch.get_num_threads(),
         hardware=", then ".join(numbers["hardware"]),
         extension=extension_note(numbers.get("extended_from", [])),
@@ -764,7 +762,7 @@ def _load_weights(model: torch.nn.Module, state: dict, what: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # keys or shapes that differ
-        raise SystemExit(f"{what} does not fit: {' '.join(str(err).split())[:300]}") from err
+        raise SystemExit(f"{what} does not fit: {one_line(err)[:300]}") from err
 
 
 def build_unet_base(args: argparse.Namespace) -> StableDiffusionPipeline:
@@ -789,18 +787,18 @@ def denoiser_stage(pipe, images: torch.Tensor, captions: list[str], args: argpar
     ``shift_factor`` to their mean (SD3 trains on ``(z - shift) * scaling``). Returns the training
     numbers, or None when ``--max-minutes`` stopped the training.
     """
-    family = FAMILIES[args.family]
+    base = BASES[args.family]
     numbers = json.loads((args.work_dir / "vae" / "numbers.json").read_text())
     pipe.vae.load_state_dict(type(pipe.vae).from_pretrained(args.work_dir / "vae").state_dict())
     means, stds = encode(pipe.vae, images)
     sampled = means + stds * torch.randn(means.shape, generator=step_generator(args.seed, -1))
     pipe.vae.register_to_config(scaling_factor=round(1.0 / sampled.std().item(), 5))
-    if family.shifts_latents:
+    if base.family.shifts_latents:
         pipe.vae.register_to_config(shift_factor=round(sampled.mean().item(), 5))
     logger.info(
         "latent scaling factor %.5f, shift %s", pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
     )
-    trainer = family.trainer(pipe, (means, stds), captions, args)
+    trainer = base.trainer(pipe, (means, stds), captions, args)
     if not trainer.train():
         logger.info(
             "stopped at step %d of %d; run the same command to continue", trainer.step, trainer.total_steps
@@ -815,37 +813,39 @@ def denoiser_stage(pipe, images: torch.Tensor, captions: list[str], args: argpar
 
 
 @dataclass(frozen=True)
-class Family:
-    """What differs between the two bases; the stages are shared."""
+class Base:
+    """One embedded base: how it is built and carded; its pipeline family (the library's
+    declaration: pipeline class, components, latent shift) is its trainer's."""
 
-    pipeline_class: type
     build: Callable[[argparse.Namespace], object]
     vae_stage: Callable[[object, torch.Tensor, argparse.Namespace], None]
     trainer: type[DenoiserTrainer]
-    #: whether the VAE gets a ``shift_factor`` (the latents' mean) besides its scaling factor
-    shifts_latents: bool
     card: str
     default_output: Path
     default_work_dir: Path
 
+    @property
+    def family(self) -> PipelineFamily:
+        return self.trainer.family
 
-FAMILIES = {
-    "unet": Family(
-        StableDiffusionPipeline,
+    @property
+    def pipeline_class(self) -> type:
+        return getattr(diffusers, self.family.pipeline_class)
+
+
+BASES = {
+    "unet": Base(
         build_unet_base,
         vae_stage,
         UNetTrainer,
-        False,
         MODEL_CARD,
         default_base_model_path(),
         Path("outputs/pretrain_tiny_base"),
     ),
-    "sd3": Family(
-        StableDiffusion3Pipeline,
+    "sd3": Base(
         build_sd3_base,
         reused_vae_stage,
         SD3Trainer,
-        True,
         MODEL_CARD_SD3,
         default_dit_base_path(),
         Path("outputs/pretrain_tiny_sd3"),
@@ -855,7 +855,7 @@ FAMILIES = {
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    family = FAMILIES[args.family]
+    base = BASES[args.family]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -863,16 +863,16 @@ def main(argv: list[str] | None = None) -> None:
     images, captions = load_images(data_dir)
     logger.info("base set: %d images in %s", len(images), data_dir)
     torch.manual_seed(args.seed)
-    pipe = family.build(args)
+    pipe = base.build(args)
     if args.stage in ("all", "vae"):
-        family.vae_stage(pipe, images, args)
+        base.vae_stage(pipe, images, args)
     if args.stage == "vae":
         return
     numbers = denoiser_stage(pipe, images, captions, args)
     if numbers is None:
         return
 
-    pipe = family.pipeline_class.from_pretrained(args.output_dir).to(args.device)
+    pipe = base.pipeline_class.from_pretrained(args.output_dir).to(args.device)
     finetune_dir = make_finetune_set(args.work_dir / "finetune-set")
     numbers["vae_reconstruction_accuracy"] = {
         "base_set": reconstruction_accuracy(pipe.vae, data_dir, limit=1000),

@@ -6,9 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import re
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -28,108 +26,11 @@ from reslora_diffusers import (
 from reslora_diffusers.core import get_state, shortcut_scale
 from reslora_diffusers.frontends import PRESETS
 from reslora_diffusers.integrations.trainer import ResLoRACallback
-from tests.toys import randomize_lora
+from tests.reference import factors_of, reference_hooks
+from tests.tiny_lms import V, ids, out, tiny, with_reslora
 
-V = 40  # vocabulary size of every tiny model
-SMALL = dict(num_hidden_layers=3, num_attention_heads=2, intermediate_size=48)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Models this small run fastest on one thread (and do not oversubscribe a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(family: str, head: str = "lm") -> tf.PreTrainedModel:
-    """A random tiny model of ``family``, the same weights on every call."""
-    torch.manual_seed(0)
-    decoder = dict(vocab_size=V, hidden_size=32, num_key_value_heads=1, **SMALL, initializer_range=0.2)
-    configs = {
-        "llama": lambda: tf.LlamaConfig(**decoder, tie_word_embeddings=False),
-        "mistral": lambda: tf.MistralConfig(**decoder),
-        "qwen2": lambda: tf.Qwen2Config(**decoder),
-        "qwen3": lambda: tf.Qwen3Config(**decoder, head_dim=16),
-        "gpt2": lambda: tf.GPT2Config(
-            vocab_size=V, n_embd=32, n_layer=3, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2
-        ),
-        "bert": lambda: tf.BertConfig(vocab_size=V, hidden_size=32, **SMALL, max_position_embeddings=32),
-        "roberta": lambda: tf.RobertaConfig(
-            vocab_size=V, hidden_size=32, **SMALL, max_position_embeddings=34
-        ),
-        "clip_text_model": lambda: tf.CLIPTextConfig(
-            vocab_size=V, hidden_size=32, **SMALL, bos_token_id=1, eos_token_id=2
-        ),
-    }
-    config = configs[family]()
-    if family == "clip_text_model":
-        return tf.CLIPTextModel(config)
-    if head == "cls":
-        return tf.AutoModelForSequenceClassification.from_config(config).eval()
-    encoder = family in ("bert", "roberta")
-    return (tf.AutoModelForMaskedLM if encoder else tf.AutoModelForCausalLM).from_config(config).eval()
-
-
-def with_reslora(family: str, res_type: str, pre_num: int = 2, head: str = "lm", scale: float = 0.2):
-    """``tiny(family)`` with ResLoRA (rank 2, s = 2) and random non-zero A, B."""
-    model = add_reslora(
-        tiny(family, head), ResLoRAConfig(rank=2, alpha=4, res_type=res_type, pre_num=pre_num)
-    )
-    randomize_lora(model, 0, scale=scale)
-    return model
-
-
-def ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, V, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def out(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        result = model(input_ids=x)
-    return result.logits if hasattr(result, "logits") else result.last_hidden_state
-
-
-def role(path: str) -> str:
-    """The projection role: the path after its last numeric component (written independently)."""
-    return re.sub(r"^.*\.\d+\.", "", path)
-
-
-def reference_copy(model: torch.nn.Module, plain: torch.nn.Module, res_type: str, m: int) -> torch.nn.Module:
-    """``plain`` (the base weights) with the DESIGN formulas added by forward hooks, reading A, B
-    and s from ``model``'s blocks; layers of one role run in layer order in these models."""
-    blocks = get_state(model).blocks
-    roles = defaultdict(list)
-    for path in blocks:
-        roles[role(path)].append(path)
-    xs: dict[str, torch.Tensor] = {}
-    plain.register_forward_pre_hook(lambda mod, args: xs.clear())
-
-    def hook(paths, n):
-        A = [blocks[p].lora_A for p in paths]
-        B = [blocks[p].lora_B for p in paths]
-        s = blocks[paths[n]].scaling
-
-        def add_term(mod, args, y):
-            x = args[0]
-            xs[paths[n]] = x
-            if res_type == "none":
-                term = x @ A[n].T @ B[n].T
-            elif res_type == "is":  # h_n = W x_n + s B_n A_n (x_n + x_{n-1})
-                term = ((x + xs[paths[n - 1]]) if n else x) @ A[n].T @ B[n].T
-            elif res_type == "bs":  # h_n = W x_n + s (sum_k B_{n-k} A_{n-k}) x_n
-                term = sum(x @ A[n - k].T @ B[n - k].T for k in range(min(m, n) + 1))
-            else:  # ms: h_n = W x_n + s B_n (sum_k A_{n-k} x_{n-k})
-                term = sum(xs[paths[n - k]] @ A[n - k].T for k in range(min(m, n) + 1)) @ B[n].T
-            return y + s * term
-
-        return add_term
-
-    for paths in roles.values():
-        for n, path in enumerate(paths):
-            plain.get_submodule(path).register_forward_hook(hook(paths, n))
-    return plain
+# models this small run fastest on one thread (and do not oversubscribe a shared CPU)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def expected_targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> set[str]:
@@ -199,12 +100,12 @@ def test_chains_follow_layer_order_one_per_role():
 @pytest.mark.parametrize("family", ["llama", "gpt2", "roberta"])
 @pytest.mark.parametrize("res_type", ["none", "is", "bs", "ms"])
 def test_forward_matches_written_out_formulas(family, res_type):
-    plain = tiny(family)
     model = with_reslora(family, res_type, pre_num=2)
-    ref = reference_copy(model, plain, res_type, m=2)
+    s = next(iter(get_state(model).blocks.values())).scaling
     x = ids()
-    for _ in range(2):  # the traced pass and a frozen-structure pass
-        torch.testing.assert_close(out(model, x), out(ref, x), rtol=1e-5, atol=1e-5)
+    with reference_hooks(tiny(family), factors_of(model), s, res_type, pre_num=2) as ref:
+        for _ in range(2):  # the traced pass and a frozen-structure pass
+            torch.testing.assert_close(out(model, x), out(ref, x), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out(model, x), out(tiny(family), x))  # the branch is not zero
 
 
@@ -433,14 +334,18 @@ def test_export_errors_leave_existing_adapter_untouched(tmp_path):
 
 
 # -- examples -------------------------------------------------------------------------
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
 def _example(name: str):
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    path = EXAMPLES / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,metric", [("nlu_classification", "accuracy"), ("nlg_causal_lm", "exact_match")]
 )

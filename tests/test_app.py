@@ -123,6 +123,7 @@ def _pixels(item: dict) -> bytes:
     return Image.open(item["image"]).convert("RGB").tobytes()
 
 
+@pytest.mark.slow
 def test_generate_endpoint_returns_labelled_crisp_images_repeatably(served):
     client = Client(served["url"], verbose=False)
     loras = "\n".join(str(r) for r in served["runs"])
@@ -145,6 +146,7 @@ def test_generate_endpoint_returns_labelled_crisp_images_repeatably(served):
     assert pixels[0] != pixels[2]  # the LoRA changes the image
 
 
+@pytest.mark.slow
 def test_each_base_renders_followed_by_the_loras_made_for_it(served):
     """Both bases and the four runs, listed out of order: each base's images, then those of the
     runs whose keys fit it, every model with the same seeds; the DiT runs change the DiT base's
@@ -174,6 +176,7 @@ def test_each_base_renders_followed_by_the_loras_made_for_it(served):
     assert [_pixels(item) for item in swapped] == pixels[3:] + pixels[:3]
 
 
+@pytest.mark.slow
 def test_a_lora_that_no_base_takes_is_reported_and_the_others_render(served):
     client = Client(served["url"], verbose=False)
     lora, dit_lora = served["runs"][0], served["dit_runs"][0]
@@ -202,6 +205,7 @@ def test_a_lora_that_no_base_takes_is_reported_and_the_others_render(served):
     assert "; tiny-sd3: foreign.safetensors: key 'unet." in status and "component 'unet'" in status
 
 
+@pytest.mark.slow
 def test_whether_a_base_takes_a_lora_is_decided_once(served, monkeypatch):
     """Per (base, LoRA file), even once the base's pipeline has left the cache: no reload to ask again."""
     loads, checks = [], []
@@ -221,6 +225,7 @@ def test_whether_a_base_takes_a_lora_is_decided_once(served, monkeypatch):
     assert loads == [unet, dit] and checks == [lora, lora]
 
 
+@pytest.mark.slow
 def test_build_app_takes_the_bases_one_per_line(served, tmp_path):
     def base_box(demo: demo_app.gr.Blocks) -> str:
         label = "Base models (one diffusers folder per line)"
@@ -242,6 +247,7 @@ def test_build_app_takes_the_bases_one_per_line(served, tmp_path):
         assert demo_app.missing_runs(tmp_path / "runs") == ["LoRA", "ResLoRA"]  # no DiT run to train
 
 
+@pytest.mark.slow
 def test_a_file_that_is_not_a_lora_is_labelled_as_such(served):
     client = Client(served["url"], verbose=False)
     # the bad file lies in the LoRA run's folder, whose merge report describes the run's export only
@@ -254,6 +260,7 @@ def test_a_file_that_is_not_a_lora_is_labelled_as_such(served):
     assert run_label(served["runs"][0] / "pytorch_lora_weights.safetensors") == "LoRA (lora)"
 
 
+@pytest.mark.slow
 def test_reports_for_runs(served):
     loras = "\n".join(str(r) for r in served["runs"])
     rows = merge_table(loras)
@@ -284,6 +291,7 @@ def test_reports_for_runs(served):
     assert stacked.shape[0] == y
 
 
+@pytest.mark.slow
 def test_accuracy_chart_has_the_logged_points_of_every_run(served):
     """Every validation and the final evaluation of each run, as the training script logged them."""
     loras = "\n".join(str(r) for r in served["runs"])
@@ -299,6 +307,7 @@ def test_accuracy_chart_has_the_logged_points_of_every_run(served):
     assert len(demo_app.accuracy_table(loras)) == 4
 
 
+@pytest.mark.slow
 def test_each_base_family_gets_its_own_loss_chart(served):
     """A DiT run's flow-matching loss (about 1) and a UNet run's (about 0.1) never share an axis:
     one row of charts per family, each with its own runs' smoothed losses."""
@@ -324,6 +333,7 @@ def test_each_base_family_gets_its_own_loss_chart(served):
     assert demo_app.lora_family(str(served["bad"])) == "other"
 
 
+@pytest.mark.slow
 def test_comparison_grid_has_one_row_per_base_with_each_models_seeds(served):
     """Both bases and the four runs: a row per base holding its base model, LoRA and ResLoRA, each
     with the two seeds' images (inline, the samples' own pixels) over what the analyser read."""
@@ -379,6 +389,7 @@ def test_smoothed_loss_starts_with_a_full_window():
     assert y[0] == pytest.approx(sum(values[:5]) / 5) and y[-1] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_prompt_note_names_the_words_the_base_never_saw(served, tmp_path):
     note = demo_app.prompt_note("a red cross on a blue background", str(served["base"]))
     assert "**cross**" in note and "**blue**: never a background colour" in note and "**red**" not in note
@@ -403,6 +414,7 @@ def test_help_answers_without_the_heavy_imports():
     assert "heavy: []" in out
 
 
+@pytest.mark.slow
 def test_train_endpoint_only_on_loopback(served):
     def api_names(demo):
         return {dep.get("api_name") for dep in demo.get_config_file()["dependencies"]}
@@ -447,6 +459,7 @@ def _open(page, url: str, label: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_browser_shows_vocabulary_notes_compact_grid_bad_file_and_accuracy(served, browser, tmp_path):
     """Both bases, each with its LoRA and ResLoRA, 2 images each: one row per base, every image
     loaded and captioned, and the whole page under two screens tall."""
@@ -500,6 +513,7 @@ def test_browser_shows_vocabulary_notes_compact_grid_bad_file_and_accuracy(serve
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_after_the_quick_start_calls_nothing_missing_and_refresh_finds_new_runs(
     served, browser, tmp_path
 ):
@@ -548,6 +562,7 @@ def test_browser_after_the_quick_start_calls_nothing_missing_and_refresh_finds_n
     page.close()
 
 
+@pytest.mark.slow
 def test_train_buttons_made_the_missing_runs_and_never_overwrite(served):
     """The Train button made the quick start's two runs and left the DiT runs to the optional
     extras' button, which made them; each list and offer is what the page then shows."""
@@ -600,6 +615,7 @@ def test_train_button_labels_give_steps_and_measured_minutes(monkeypatch):
     assert text(["DiT ResLoRA"]) == "Train DiT ResLoRA (2000 steps, about 20 min on an idle 2-core CPU)"
 
 
+@pytest.mark.slow
 def test_the_note_names_only_missing_quick_start_runs(served, tmp_path, monkeypatch):
     """With the quick start's runs there, nothing is called missing, whatever else is absent; a
     missing quick-start run is named, and only the Train button offers it."""
@@ -634,6 +650,7 @@ def test_a_rescan_adds_new_runs_drops_deleted_ones_and_keeps_typed_lines(tmp_pat
     assert demo_app.updated_run_list("a\nb", None, tmp_path) == ("a\nb", None)  # LoRAs named at start
 
 
+@pytest.mark.slow
 def test_refresh_offers_training_only_where_the_page_has_train_buttons(served, tmp_path, monkeypatch):
     """With no run trained yet: the local page names the missing quick-start runs and shows the
     Train button; a page without Train buttons (a remote demo) asks nobody to press one."""
@@ -648,6 +665,7 @@ def test_refresh_offers_training_only_where_the_page_has_train_buttons(served, t
     assert note.startswith("The quick start's LoRA and ResLoRA runs are missing from ")
 
 
+@pytest.mark.slow
 def test_api_names_each_endpoint_once_and_every_value_by_its_label(served):
     info = build_app().get_api_info()["named_endpoints"]
     assert set(info) == {"/generate", "/prompt_note", "/refresh", "/reports", "/train", "/train_extras"}
@@ -669,6 +687,7 @@ def test_gallery_puts_the_models_in_one_row_when_they_fit():
     assert demo_app.gallery_columns(2, "a\nb", runs)["columns"] == 2
 
 
+@pytest.mark.slow
 def test_a_lora_that_fails_to_load_or_holds_nan_fails_alone(served):
     """A rank mismatch between A and B passes the key/shape pre-check and fails inside diffusers'
     loader; NaN weights load but draw black images: both are reported, the others still render."""
@@ -695,6 +714,7 @@ def test_a_lora_that_fails_to_load_or_holds_nan_fails_alone(served):
     assert f"tensor {key_b!r} holds NaN or infinite values" in status
 
 
+@pytest.mark.slow
 def test_a_unet_lora_loads_without_diffusers_warning_for_each_text_encoder(served):
     """diffusers' own load_lora_weights warns that the UNet-only file has no text-encoder keys
     (the control); load_lora_file, which every render uses, loads the same weights without it,
@@ -740,6 +760,7 @@ def test_temporary_folders_of_interrupted_exports_are_not_runs(tmp_path):
     assert demo_app.found_runs(tmp_path) == [str(tmp_path / "reslora")]
 
 
+@pytest.mark.slow
 def test_a_demo_other_machines_reach_reads_only_its_runs_and_bases(served, tmp_path):
     """--host 0.0.0.0: LoRA outputs only from the runs folder (and those named at start), bases
     only those listed; a path outside is refused without a word on whether it exists or what it is."""

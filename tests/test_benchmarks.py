@@ -247,6 +247,7 @@ def test_bench_load_times_steps_from_the_log_and_reports_the_ratios():
 bench_gpu = _load("bench_gpu")
 
 
+@pytest.mark.slow
 def test_bench_gpu_runs_every_variant_at_toy_size_on_cpu(capsys):
     """The smoke run of ``--device cpu --scale 0.1`` (eager only, one round): every variant has a
     row, ratios are to the same mode's PEFT and floor rows, CPU has no peak-memory counter."""
@@ -306,6 +307,7 @@ def test_bench_gpu_variants_share_one_copy_of_the_frozen_weights():
     assert bench_gpu.parse_config("sd15-512-8", 1.0) == ("sd15", 512, 8)
 
 
+@pytest.mark.slow
 def test_profile_step_prints_the_top_operators_of_an_eager_step(capsys):
     _load("profile_step").main(["--modes", "eager", "--steps", "1", "--rows", "4", "--scale", "0.05"])
     out = capsys.readouterr().out
@@ -475,6 +477,7 @@ def test_lm_intervals_pair_each_export_with_the_baseline_of_its_seed():
     )
 
 
+@pytest.mark.slow
 def test_lm_comparison_runs_the_examples_and_resumes(tmp_path):
     argv = ["--examples", "nlu", "--methods", "lora", "is", "--seeds", "0", "--output_dir", str(tmp_path)]
     argv += ["--", "--max_train_steps", "2", "--max_train_samples", "32", "--max_eval_samples", "8"]

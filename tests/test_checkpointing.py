@@ -24,6 +24,7 @@ from reslora_diffusers.core import get_state, trainable_parameters
 from reslora_diffusers.frontends import frontend_for
 from reslora_diffusers.merge.error import output_tensor
 from reslora_diffusers.training.speed import compile_model
+from tests.runs import records, run
 from tests.tiny_dits import tiny_flux_transformer, tiny_sd3_transformer, tiny_t5
 from tests.tiny_pipes import tiny_clip_config, tiny_sd_unet, unet_inputs
 from tests.toys import randomize_lora
@@ -202,6 +203,7 @@ def test_norm_windows_record_a_recomputed_block_once(res_type):
     assert {int(b.norm_count) for b in get_state(model).blocks.values()} == {3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("res_type,pre_num", [("none", 1), ("is", 1), ("bs", 3), ("ms", 3)])
 def test_compiled_checkpointed_training_is_one_graph_and_equals_eager(res_type, pre_num):
     """dynamo traces each checkpointed region into the one graph (its recomputation is the
@@ -316,63 +318,31 @@ def test_compiled_diffusers_checkpointing_is_one_graph_and_equals_eager(family, 
 
 
 # -- the training script ----------------------------------------------------------------
-def _train_script():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "train_text_to_image.py"
-    spec = importlib.util.spec_from_file_location("train_text_to_image", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("res_type,extra", [("ms", []), ("is", ["--train_text_encoder"])])
-def test_training_script_with_checkpointing_repeats_the_unchecked_run(tmp_path, res_type, extra):
+@pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+def test_training_script_with_checkpointing_repeats_the_unchecked_run(base, tmp_path, res_type, extra):
     """``--gradient_checkpointing`` with the default ``ms`` (refused before) and ``is`` with the
     text encoder trained: the same losses and the same LoRA file as without it."""
-    import json
-
-    from accelerate.state import AcceleratorState
     from safetensors.torch import load_file
 
-    from reslora_diffusers.data import build_pipeline, default_finetune_data_dir
+    from reslora_diffusers.data import default_finetune_data_dir
 
-    script = _train_script()
-    torch.manual_seed(0)
-    build_pipeline(tmp_path / "tok").save_pretrained(tmp_path / "base")
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     outputs = {}
-    try:
-        for checkpointing in (False, True):
-            AcceleratorState._reset_state(reset_partial_state=True)
-            out = tmp_path / f"run-{checkpointing}"
-            argv = ["--pretrained_model_name_or_path", str(tmp_path / "base")]
-            argv += ["--train_data_dir", str(default_finetune_data_dir()), "--max_train_samples", "6"]
-            argv += ["--output_dir", str(out), "--train_batch_size", "3", "--max_train_steps", "3"]
-            argv += ["--res_type", res_type, "--report_to", "none", "--validation_prompt", "a red cross"]
-            argv += [
-                "--num_validation_images",
-                "1",
-                "--validation_steps",
-                "100",
-                "--calibration_batches",
-                "1",
-            ]
-            argv += ["--learning_rate", "1e-2", *extra] + (
-                ["--gradient_checkpointing"] if checkpointing else []
-            )
-            script.train(script.parse_args(argv), argv)
-            rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-            losses = [row["loss"] for row in rows if "loss" in row]
-            outputs[checkpointing] = losses, load_file(out / "pytorch_lora_weights.safetensors")
-    finally:
-        torch.set_num_threads(saved_threads)
-        AcceleratorState._reset_state(reset_partial_state=True)
+    for checkpointing in (False, True):
+        out = tmp_path / f"run-{checkpointing}"
+        argv = ["--max_train_samples", "6", "--max_train_steps", "3", "--res_type", res_type]
+        argv += ["--validation_prompt", "a red cross", "--num_validation_images", "1"]
+        argv += ["--validation_steps", "100", "--calibration_batches", "1", "--learning_rate", "1e-2", *extra]
+        run(
+            base,
+            default_finetune_data_dir(),
+            out,
+            *argv,
+            *(["--gradient_checkpointing"] if checkpointing else []),
+        )
+        losses = [row["loss"] for row in records(out) if "loss" in row]
+        outputs[checkpointing] = losses, load_file(out / "pytorch_lora_weights.safetensors")
     (losses, lora), (losses_ckpt, lora_ckpt) = outputs[False], outputs[True]
     assert len(losses) == 3 and losses_ckpt == pytest.approx(losses, rel=1e-5)
     assert lora.keys() == lora_ckpt.keys() and any(k.startswith("text_encoder.") for k in lora) == bool(extra)

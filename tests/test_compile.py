@@ -100,6 +100,7 @@ def test_compiling_before_the_tracing_pass_is_what_compile_model_avoids():
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.slow
 def test_merge_export_and_calibration_on_the_model_that_was_compiled(tmp_path):
     """Training goes through the compiled wrapper; merges, calibration and checkpoints take the
     uncompiled module (the wrapper's parameters are its own) and give what eager training gives."""

@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from reslora_diffusers import ResLoRAConfig, add_reslora, chain_structure, export_lora, merge_to_lora
 from reslora_diffusers.export import export_peft_adapter
 from reslora_diffusers.frontends import UNET_CONV_TARGETS, UNET_TARGETS
 from reslora_diffusers.merge import merged_view
+from tests.reference import reference_output
 from tests.tiny_pipes import tiny_sd_pipeline, tiny_sdxl_pipeline, unet_inputs
 from tests.toys import randomize_lora
 
@@ -69,42 +69,6 @@ def make(model_cls=ConvStack, seed=0, **cfg):
     return model
 
 
-def reference(model: ConvStack, x: torch.Tensor, res_type: str, m: int, s: float) -> torch.Tensor:
-    """The DESIGN table with A a convolution (base kernel, stride, padding) and B 1 x 1,
-    links by the type's shape rule, written out from the weights."""
-    convs = [layer.conv for layer in model.layers]
-    A = [c.lora_A for c in convs]
-    B = [c.lora_B for c in convs]
-
-    def a_of(n, k, inp):  # A_k applied with layer n's geometry
-        base = convs[n].base_layer
-        return F.conv2d(inp, A[k], stride=base.stride, padding=base.padding)
-
-    xs, h = [], x
-    for n, c in enumerate(convs):
-        xs.append(h)
-        if res_type == "none" or n == 0:
-            term = F.conv2d(a_of(n, n, h), B[n])
-        elif res_type == "is":
-            inp = h + xs[n - 1] if xs[n - 1].shape == h.shape else h
-            term = F.conv2d(a_of(n, n, inp), B[n])
-        elif res_type == "bs":
-            term = F.conv2d(a_of(n, n, h), B[n])
-            k = n
-            while k > 0 and n - k < m and A[k - 1].shape == A[k].shape and B[k - 1].shape == B[k].shape:
-                k -= 1
-                term = term + F.conv2d(a_of(n, k, h), B[k])
-        else:  # ms
-            mid, k = a_of(n, n, h), n
-            while k > 0 and n - k < m and a_of(k - 1, k - 1, xs[k - 1]).shape == mid.shape:
-                k -= 1
-                mid = mid + a_of(k, k, xs[k])
-            term = F.conv2d(mid, B[n])
-        y = torch.tanh(c.base_layer(h) + s * term)
-        h = h + y if y.shape == h.shape else y
-    return h
-
-
 @pytest.mark.parametrize("res_type", TYPES)
 @pytest.mark.parametrize("pre_num", [1, 2])
 def test_conv_forward_matches_written_out_formula(res_type, pre_num):
@@ -112,7 +76,10 @@ def test_conv_forward_matches_written_out_formula(res_type, pre_num):
     x = torch.randn(2, 4, 8, 8)
     for _ in range(2):  # the traced pass and a frozen-structure pass
         torch.testing.assert_close(
-            model(x), reference(model, x, res_type, pre_num, s=2.0), rtol=1e-5, atol=1e-6
+            model(x),
+            reference_output(model, x, res_type=res_type, pre_num=pre_num, s=2.0),
+            rtol=1e-5,
+            atol=1e-6,
         )
 
 
@@ -197,6 +164,7 @@ def _conv_pipe(make_pipe, tmp_path, res_type):
     return pipe, batches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_pipe", [tiny_sd_pipeline, tiny_sdxl_pipeline])
 @pytest.mark.parametrize("res_type", ["bs", "is"])
 def test_unet_conv_targets_export_to_diffusers_and_kohya(tmp_path, make_pipe, res_type):

@@ -1,4 +1,4 @@
-"""The ResLoRA core against formulas written out in tests/toys.py."""
+"""The ResLoRA core against the formulas written out in tests/reference.py."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from reslora_diffusers import (
 )
 from reslora_diffusers.core import get_state
 from reslora_diffusers.merge import calibrate, calibrate_sequential
+from tests.reference import reference_output
 from tests.toys import (
     Independent,
     Reordered,
@@ -30,7 +31,6 @@ from tests.toys import (
     ScaleStack,
     WidthStack,
     randomize_lora,
-    reference_residual_stack,
 )
 
 TYPES = ["none", "is", "bs", "ms"]
@@ -118,7 +118,7 @@ def test_forward_matches_written_out_formula(res_type, pre_num):
     x = torch.randn(5, 8)
     for _ in range(2):  # the traced pass and a frozen-structure pass
         got = model(x)
-        want = reference_residual_stack(model, x, res_type, pre_num, s=2.0)
+        want = reference_output(model, x, res_type=res_type, pre_num=pre_num, s=2.0)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

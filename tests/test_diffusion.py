@@ -16,37 +16,27 @@ from reslora_diffusers import (
     chain_structure,
     export_lora,
     remove_reslora,
-    save_reslora_checkpoint,
     set_shortcut_scale,
 )
 from reslora_diffusers.cli import merge_main
 from reslora_diffusers.core import get_state
 from reslora_diffusers.frontends import UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
 from reslora_diffusers.merge import merged_view
-from tests.tiny_pipes import tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline, tiny_sdxl_unet, unet_inputs
+from tests.tiny_pipes import (
+    call,
+    exported_lora,
+    saved_base_and_checkpoint,
+    text_batches,
+    tiny_sd_pipeline,
+    tiny_sd_unet,
+    tiny_sdxl_pipeline,
+    tiny_sdxl_unet,
+    train_forwards,
+    unet_inputs,
+)
 from tests.toys import randomize_lora
 
 TYPES = ["none", "is", "bs", "ms"]
-
-
-def run(module, kwargs):
-    with torch.no_grad():
-        out = module(**kwargs)
-    return out.sample if hasattr(out, "sample") else out[0]
-
-
-def train_forwards(module, batches, steps=3):
-    """Training-mode passes: trace chains and fill the norm windows."""
-    module.train()
-    for i in range(steps):
-        with torch.no_grad():
-            module(**batches[i % len(batches)])
-    module.eval()
-
-
-def text_batches(n=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 40, (3, 16), generator=gen)} for _ in range(n)]
 
 
 @pytest.mark.parametrize("make_unet", [tiny_sd_unet, tiny_sdxl_unet])
@@ -56,26 +46,26 @@ def test_attention_keeps_diffusers_processors_shares_q_k_v_products_and_removal_
 
     unet = make_unet()
     kwargs = unet_inputs(unet)
-    before = run(unet, kwargs)
+    before = call(unet, kwargs)
     processors = {name: type(p) for name, p in unet.attn_processors.items()}
     add_reslora(unet, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2))
     assert {name: type(p) for name, p in unet.attn_processors.items()} == processors
     randomize_lora(unet, scale=0.2)
-    traced = run(unet, kwargs)  # the tracing pass: every projection applies its own A
+    traced = call(unet, kwargs)  # the tracing pass: every projection applies its own A
     groups = get_state(unet).inputs.describe()
     # self-attention's q, k, v read the hidden states; cross-attention's k, v the text (``is``:
     # and their predecessors read one tensor too, so they fold x_n + c x_{n-1} once)
     suffixes = sorted({tuple(p.rsplit(".", 2)[-2] + "." + p.rsplit(".", 1)[-1] for p in g) for g in groups})
     assert suffixes == [("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn2.to_k", "attn2.to_v")]
-    torch.testing.assert_close(run(unet, kwargs), traced, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(call(unet, kwargs), traced, rtol=1e-5, atol=1e-6)
     assert (traced - before).abs().max() > 1e-3
     remove_reslora(unet)
-    assert torch.equal(run(unet, kwargs), before)
+    assert torch.equal(call(unet, kwargs), before)
 
 
 def test_unet_chains_follow_down_mid_up_and_break_at_resolution_changes():
     unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type="is"))
-    run(unet, unet_inputs(unet))
+    call(unet, unet_inputs(unet))
     chains = chain_structure(unet)
     q = chains["attn1.to_q"]
     assert [m.split(".attentions")[0] for m in q["modules"]] == (
@@ -151,15 +141,7 @@ def _export(pipe, out, unet_b, text_b, merge):
     return export_lora(out, merge=merge, calibration=calib, eval_inputs=held, **comps)
 
 
-def _merged_of(out, component, module):
-    """The exported plain LoRA of one component, keyed by the module's own paths."""
-    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
-        lora = {k[len(component) + 1 :]: f.get_tensor(k) for k in f.keys() if k.startswith(component + ".")}
-    if component != "unet" and not hasattr(module, "text_model"):  # files say text_model.encoder...
-        lora = {k.removeprefix("text_model."): v for k, v in lora.items()}
-    return lora
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("res_type", TYPES)
 def test_load_lora_weights_reproduces_merged_model(tmp_path, res_type):
     pipe, unet_b, text_b = _pipe_with_reslora(tiny_sd_pipeline, tmp_path, res_type)
@@ -171,10 +153,10 @@ def test_load_lora_weights_reproduces_merged_model(tmp_path, res_type):
     fresh.load_lora_weights(str(out))  # no extra arguments
     for name, batch in (("unet", unet_b[2]), ("text_encoder", text_b[2])):
         module, loaded = getattr(pipe, name), getattr(fresh, name)
-        reslora_out = run(module, batch)
-        with merged_view(module, _merged_of(out, name, module)):
-            merged_out = run(module, batch)
-        got = run(loaded, batch)
+        reslora_out = call(module, batch)
+        with merged_view(module, exported_lora(out, name, module)):
+            merged_out = call(module, batch)
+        got = call(loaded, batch)
         torch.testing.assert_close(got, merged_out, rtol=1e-4, atol=1e-5)
         err = float((got - reslora_out).norm() / reslora_out.norm())
         if res_type in ("none", "bs"):
@@ -196,10 +178,11 @@ def test_scale_zero_exports_exactly_and_loads_with_load_lora_weights(tmp_path, r
     for name, batch in (("unet", unet_b[2]), ("text_encoder", text_b[2])):
         assert report["components"][name]["ranks"] == [2]  # bs at c = 0: rank r, not (m+1) r
         assert report["components"][name]["output_error"] < 1e-5
-        reslora_out, got = run(getattr(pipe, name), batch), run(getattr(fresh, name), batch)
+        reslora_out, got = call(getattr(pipe, name), batch), call(getattr(fresh, name), batch)
         assert float((got - reslora_out).norm() / reslora_out.norm()) < 1e-5, name
 
 
+@pytest.mark.slow
 def test_sequential_merge_is_reported_and_exact_on_cross_attention(tmp_path):
     report = _export_trained_unet(tmp_path / "out", "ms", 2, "sequential")
     unet_report = report["components"]["unet"]
@@ -210,6 +193,7 @@ def test_sequential_merge_is_reported_and_exact_on_cross_attention(tmp_path):
         assert methods["sequential"]["chains"][chain] < 1e-5, chain
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_pipe", [tiny_sd_pipeline, tiny_sdxl_pipeline])
 def test_kohya_file_loads_to_the_same_weights(tmp_path, make_pipe):
     # attention and feed-forward layers: the training script's default targets
@@ -273,33 +257,18 @@ def test_a_pass_does_not_walk_the_unet_modules(monkeypatch):
 def test_pipeline_removal_restores_text_encoder_and_unet(tmp_path):
     pipe = tiny_sd_pipeline(tmp_path)
     kwargs, ids = unet_inputs(pipe.unet), text_batches(1)[0]
-    before = run(pipe.unet, kwargs), run(pipe.text_encoder, ids)
+    before = call(pipe.unet, kwargs), call(pipe.text_encoder, ids)
     add_reslora(pipe, ResLoRAConfig(rank=2, res_type="ms"), train_text_encoder=True)
     randomize_lora(pipe.unet)
     randomize_lora(pipe.text_encoder)
-    assert not torch.equal(run(pipe.text_encoder, ids), before[1])
+    assert not torch.equal(call(pipe.text_encoder, ids), before[1])
     remove_reslora(pipe)
-    assert torch.equal(run(pipe.unet, kwargs), before[0])
-    assert torch.equal(run(pipe.text_encoder, ids), before[1])
-
-
-def _saved_base_and_checkpoint(tmp_path, res_type="bs"):
-    base_dir = tmp_path / "base"
-    tiny_sd_pipeline(tmp_path).save_pretrained(str(base_dir))
-    pipe = DiffusionPipeline.from_pretrained(str(base_dir))
-    add_reslora(pipe, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2), train_text_encoder=True)
-    randomize_lora(pipe.unet, scale=0.1)
-    randomize_lora(pipe.text_encoder, scale=0.1)
-    train_forwards(pipe.unet, [unet_inputs(pipe.unet)])
-    train_forwards(pipe.text_encoder, text_batches(1))
-    ckpt = save_reslora_checkpoint(
-        {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, tmp_path / "r.safetensors"
-    )
-    return base_dir, ckpt, pipe
+    assert torch.equal(call(pipe.unet, kwargs), before[0])
+    assert torch.equal(call(pipe.text_encoder, ids), before[1])
 
 
 def test_merge_cli_writes_files_and_a_fused_pipeline(tmp_path, capsys):
-    base_dir, ckpt, pipe = _saved_base_and_checkpoint(tmp_path)
+    base_dir, ckpt, pipe = saved_base_and_checkpoint(tmp_path)
     out = tmp_path / "merged"
     assert (
         merge_main([str(ckpt), "--base", str(base_dir), "--output", str(out), "--fuse", "--rank", "4"]) == 0
@@ -318,13 +287,13 @@ def test_merge_cli_writes_files_and_a_fused_pipeline(tmp_path, capsys):
     assert [type(m) for m in fused.unet.modules()] == [type(m) for m in base.unet.modules()]
     assert sum(p.numel() for p in fused.unet.parameters()) == sum(p.numel() for p in base.unet.parameters())
     kwargs = unet_inputs(pipe.unet)
-    with merged_view(pipe.unet, _merged_of(out, "unet", pipe.unet)):
-        want = run(pipe.unet, kwargs)
-    torch.testing.assert_close(run(fused.unet, kwargs), want, rtol=1e-4, atol=1e-5)
+    with merged_view(pipe.unet, exported_lora(out, "unet", pipe.unet)):
+        want = call(pipe.unet, kwargs)
+    torch.testing.assert_close(call(fused.unet, kwargs), want, rtol=1e-4, atol=1e-5)
 
 
 def test_merge_cli_refuses_other_base_and_writes_nothing(tmp_path, capsys):
-    _, ckpt, _ = _saved_base_and_checkpoint(tmp_path)
+    _, ckpt, _ = saved_base_and_checkpoint(tmp_path)
     other_dir = tmp_path / "other"
     tiny_sdxl_pipeline(tmp_path).save_pretrained(str(other_dir))
     out = tmp_path / "merged"
@@ -341,23 +310,7 @@ def test_export_argument_errors(tmp_path):
     unet = add_reslora(tiny_sd_unet(), ResLoRAConfig(rank=2, res_type="bs"))
     with pytest.raises(RuntimeError, match="forward"):
         export_lora(tmp_path / "x", unet=unet)
-    run(unet, unet_inputs(unet))
+    call(unet, unet_inputs(unet))
     with pytest.raises(ValueError, match="formats"):
         export_lora(tmp_path / "x", unet=unet, formats=("ckpt",))
     assert not (tmp_path / "x").exists()
-
-
-def test_the_removed_attention_processor_is_named_with_what_replaced_it():
-    with pytest.raises(
-        ImportError, match="ResLoRAAttnProcessor was removed: .*diffusers' own attention processors"
-    ):
-        from reslora_diffusers import ResLoRAAttnProcessor  # noqa: F401
-    with (
-        pytest.warns(DeprecationWarning),
-        pytest.raises(ImportError, match="diffusion.ResLoRAAttnProcessor was removed"),
-    ):
-        import importlib
-        import sys
-
-        sys.modules.pop("reslora_diffusers.diffusion", None)
-        importlib.import_module("reslora_diffusers.diffusion").ResLoRAAttnProcessor  # noqa: B018

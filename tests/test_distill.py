@@ -11,18 +11,18 @@ from peft import PeftModel
 from reslora_diffusers import ResLoRAConfig, add_reslora, export_lora, export_peft_adapter, merge_to_lora
 from reslora_diffusers.cli import merge_main
 from reslora_diffusers.merge import merged_view, relative_error
-from tests.test_adapters import ids, out, tiny, with_reslora
-from tests.test_diffusion import _merged_of, _saved_base_and_checkpoint, run, train_forwards
-from tests.tiny_pipes import tiny_sd_pipeline, unet_inputs
+from tests.tiny_lms import ids, out, tiny, with_reslora
+from tests.tiny_pipes import (
+    call,
+    exported_lora,
+    saved_base_and_checkpoint,
+    tiny_sd_pipeline,
+    train_forwards,
+    unet_inputs,
+)
 from tests.toys import ResidualStack, randomize_lora
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("res_type", ["is", "ms"])
@@ -57,6 +57,7 @@ def test_distill_is_skipped_where_the_merge_is_exact():
     assert merged.report.distill == {} and merged.report.output_error < 1e-6
 
 
+@pytest.mark.slow
 def test_distilled_diffusers_file_loads_to_the_distilled_model(tmp_path):
     pipe = tiny_sd_pipeline(tmp_path)
     unet = add_reslora(pipe.unet, ResLoRAConfig(rank=2, res_type="is"))
@@ -81,11 +82,11 @@ def test_distilled_diffusers_file_loads_to_the_distilled_model(tmp_path):
     assert comp["output_error"] == comp["methods"]["distill"]["total"]
     fresh = tiny_sd_pipeline(tmp_path)
     fresh.load_lora_weights(str(out_dir))
-    with merged_view(unet, _merged_of(out_dir, "unet", unet)):
-        want = run(unet, batches[2])
-    torch.testing.assert_close(run(fresh.unet, batches[2]), want, rtol=1e-4, atol=1e-5)
-    reslora = run(unet, batches[2])
-    err = float((run(fresh.unet, batches[2]) - reslora).norm() / reslora.norm())
+    with merged_view(unet, exported_lora(out_dir, "unet", unet)):
+        want = call(unet, batches[2])
+    torch.testing.assert_close(call(fresh.unet, batches[2]), want, rtol=1e-4, atol=1e-5)
+    reslora = call(unet, batches[2])
+    err = float((call(fresh.unet, batches[2]) - reslora).norm() / reslora.norm())
     assert err == pytest.approx(comp["output_error"], rel=1e-3)
 
 
@@ -108,8 +109,9 @@ def test_distilled_peft_adapter_loads_to_the_distilled_model(tmp_path):
     assert json.loads((tmp_path / "merge_report.json").read_text())["distill"]["steps"] == 30
 
 
+@pytest.mark.slow
 def test_merge_cli_distills_a_saved_checkpoint(tmp_path, capsys):
-    base_dir, ckpt, _ = _saved_base_and_checkpoint(tmp_path, res_type="is")
+    base_dir, ckpt, _ = saved_base_and_checkpoint(tmp_path, res_type="is")
     out_dir = tmp_path / "merged"
     argv = [str(ckpt), "--base", str(base_dir), "--output", str(out_dir), "--no_chain_report"]
     assert merge_main([*argv, "--merge", "distill", "--distill_steps", "5"]) == 0

@@ -30,6 +30,7 @@ from reslora_diffusers.frontends import (
 )
 from reslora_diffusers.merge import merged_view
 from reslora_diffusers.merge.error import output_tensor
+from tests.reference import reference_hooks
 from tests.tiny_dits import (
     tiny_flux_pipeline,
     tiny_flux_transformer,
@@ -85,48 +86,6 @@ def test_init_is_bit_identical_and_removal_exact(family, res_type):
         assert torch.equal(run(model, batch), before)
 
 
-def reference_run(plain, structure, factors, s, res_type, pre_num, batch):
-    """The design table written out with forward hooks on the untouched model: at module
-    ``n`` of a chain, ``out + s * term`` with ``term`` = ``B_n A_n x_n`` (none),
-    ``B_n A_n (x_n + x_{n-1})`` (is), ``sum_k B_{n-k} A_{n-k} x_n`` (bs),
-    ``B_n sum_k A_{n-k} x_{n-k}`` (ms), over the linked predecessors of ``structure``."""
-    where = {p: (c, i) for c, d in structure.items() for i, p in enumerate(d["modules"])}
-    xs = {}
-
-    def preds(chain, i):
-        links, paths, out = structure[chain]["links"], structure[chain]["modules"], []
-        limit = {"none": 0, "is": 1}.get(res_type, pre_num)
-        while i > 0 and links[i] and len(out) < limit:
-            i -= 1
-            out.append(paths[i])
-        return out
-
-    def hook(path):
-        def add_branch(module, args, out):
-            x = args[0]
-            a, b = factors[path]
-            xs[path] = x
-            ps = preds(*where[path])
-            if res_type == "is" and ps:
-                term = (x + xs[ps[0]]) @ a.T @ b.T
-            elif res_type == "bs":
-                term = sum((x @ factors[q][0].T @ factors[q][1].T for q in ps), x @ a.T @ b.T)
-            elif res_type == "ms":
-                term = sum((xs[q] @ factors[q][0].T for q in ps), x @ a.T) @ b.T
-            else:
-                term = x @ a.T @ b.T
-            return out + s * term
-
-        return add_branch
-
-    handles = [plain.get_submodule(p).register_forward_hook(hook(p)) for p in where]
-    try:
-        return run(plain, batch)
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("family", MAKERS)
 @pytest.mark.parametrize("res_type", TYPES)
 def test_outputs_and_gradients_follow_the_written_out_formula(family, res_type):
@@ -138,7 +97,6 @@ def test_outputs_and_gradients_follow_the_written_out_formula(family, res_type):
     batch = inputs(model)[0]
     with torch.no_grad():
         run(model, batch)  # trace the chains
-    structure = chain_structure(model)
     blocks = get_state(model).blocks
     factors = {
         p: (b.lora_A.detach().clone().requires_grad_(), b.lora_B.detach().clone().requires_grad_())
@@ -146,7 +104,8 @@ def test_outputs_and_gradients_follow_the_written_out_formula(family, res_type):
     }
     weights = torch.randn(run(plain, batch).shape, generator=torch.Generator().manual_seed(1))
     got = run(model.train(), batch)
-    want = reference_run(plain.train(), structure, factors, config.scaling, res_type, 2, batch)
+    with reference_hooks(plain.train(), factors, config.scaling, res_type, pre_num=2) as ref:
+        want = run(ref, batch)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     (got * weights).sum().backward()
     (want * weights).sum().backward()

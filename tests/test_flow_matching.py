@@ -9,7 +9,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 
 from reslora_diffusers import ResLoRAConfig, add_reslora, trainable_parameters
 from reslora_diffusers.frontends.flux import latent_image_ids, pack_latents
-from reslora_diffusers.training.flow_matching import (
+from reslora_diffusers.objectives.flow_matching import (
     WEIGHTING_SCHEMES,
     flow_matching_loss,
     loss_weights,

@@ -197,6 +197,7 @@ def test_no_cached_activation_leaves_the_compiled_graph_as_an_extra_output(res_t
             assert all(chain.cached(kind, pos) is None for pos in range(len(chain.blocks)))
 
 
+@pytest.mark.slow
 def test_compiled_groups_are_one_graph_without_breaks():
     torch._dynamo.reset()
     counters.clear()

@@ -31,15 +31,10 @@ from reslora_diffusers.training.data import (
     load_image_captions,
     parse_buckets,
 )
-from tests.test_train_script import (  # noqa: F401
-    _assert_same_weights,
-    _error,
-    _from_checkpoint,
-    fresh_accelerate_state,
-    one_thread,
-    script,
-)
+from tests.runs import assert_same_weights, error, from_checkpoint, script
 from tests.tiny_dits import tiny_flux_pipeline, tiny_sd3_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -485,6 +480,7 @@ def _script_run(base: Path, data: Path, out: Path, *extra: str) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_script_bucketed_cached_run_equals_the_uncached_one_and_resumes_exactly(
     bases, mixed, tmp_path, caplog
 ):
@@ -508,10 +504,10 @@ def test_script_bucketed_cached_run_equals_the_uncached_one_and_resumes_exactly(
     # steps do, which may change the round-off (here on a CPU the losses are bit-identical)
     assert len(cached) == 4 and cached == pytest.approx(uncached, rel=1e-6)
 
-    resumed = _from_checkpoint(tmp_path / "cached", 2, tmp_path / "resumed")
+    resumed = from_checkpoint(tmp_path / "cached", 2, tmp_path / "resumed")
     tail = _script_run(bases["sd"], mixed, resumed, *extra, *caches, "--resume_from_checkpoint", "latest")
     assert tail == cached[2:]
-    _assert_same_weights(tmp_path / "cached", resumed)
+    assert_same_weights(tmp_path / "cached", resumed)
 
 
 @pytest.mark.parametrize(
@@ -536,7 +532,7 @@ def test_data_flags_that_cannot_work_are_refused_in_one_line(bases, mixed, tmp_p
     argv = ["--pretrained_model_name_or_path", str(bases["sd"]), "--train_data_dir", str(mixed)]
     if "--caption_extension" not in extra:
         argv += ["--caption_extension", ".txt"]
-    got = _error(bases["sd"], mixed, tmp_path / "out", *argv, *extra, defaults=False)
+    got = error(bases["sd"], mixed, tmp_path / "out", *argv, *extra, defaults=False)
     assert message in got
 
 
@@ -554,7 +550,7 @@ def test_cache_benchmark_reads_step_times_and_builds_at_toy_size(tmp_path, capsy
     log.write_text(
         "".join(json.dumps({"step": i + 1, "loss": 0.1, "time": t}) + "\n" for i, t in enumerate(times))
     )
-    assert bench.step_ms(log, 3) == pytest.approx(500.0)
+    assert bench.step_ms(tmp_path, 3) == pytest.approx(500.0)
 
     bench.main(["build", "--images", "3", "--size", "64", "--scale", "0.1"])
     out = capsys.readouterr().out

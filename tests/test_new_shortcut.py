@@ -1,7 +1,12 @@
 """A fifth shortcut type, defined here, registered, trained, merged and exported with no
-change to the package: the shortcut contract is the whole interface."""
+change to the package: the shortcut contract is the whole interface. The training script
+takes it from this module as a plugin (``--shortcut_module tests.test_new_shortcut``)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,6 +29,8 @@ from reslora_diffusers.core.shortcuts import (
 )
 from reslora_diffusers.export import export_peft_adapter
 from reslora_diffusers.merge import merged_view
+from reslora_diffusers.training.run_folder import RunFolder
+from tests.runs import ROOT, run, script
 from tests.toys import ResidualStack, ScaleStack, randomize_lora
 
 HALF = 0.5
@@ -172,3 +179,45 @@ def test_merges_exact_when_inputs_scale_exactly(method):
     model(torch.randn(32, 8))
     merged = merge_to_lora(model, method, calibration=[torch.randn(32, 8)], eval_inputs=[torch.randn(8, 8)])
     assert merged.report.output_error < 1e-5
+
+
+# -- the training script, with the type from a plugin module ---------------------------------
+def _parse_in_a_fresh_process(*argv: str) -> subprocess.CompletedProcess:
+    """The script's command line parsed by a process that has imported nothing of this file."""
+    code = "import sys, train_text_to_image as t; print(t.parse_args(sys.argv[1:]).res_type)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_the_training_script_takes_a_type_its_shortcut_module_registers():
+    refused = _parse_in_a_fresh_process("--res_type", "ls")
+    assert refused.returncode == 2 and "invalid choice: 'ls'" in refused.stderr
+    taken = _parse_in_a_fresh_process("--shortcut_module", "tests.test_new_shortcut", "--res_type", "ls")
+    assert taken.returncode == 0 and taken.stdout.split()[-1] == "ls", taken.stderr
+
+
+def test_a_shortcut_module_that_does_not_import_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        script.parse_args(["--shortcut_module", "no_such_plugin", "--res_type", "ls"])
+    assert info.value.code == 2
+    assert "--shortcut_module no_such_plugin: cannot import it (No module named 'no_such_plugin')" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+def test_the_training_script_trains_merges_and_exports_the_plugin_type(base, data, tmp_path):
+    summary = run(
+        base,
+        data,
+        tmp_path / "run",
+        *("--shortcut_module", "tests.test_new_shortcut", "--res_type", "ls", "--pre_num", "2"),
+        *("--max_train_steps", "2", "--calibration_batches", "1", "--shortcut_schedule", "constant"),
+    )
+    folder = RunFolder(tmp_path / "run")
+    assert folder.has_lora() and folder.merge_report()["res_type"] == "ls"
+    assert summary["merge_error"]["unet"] > 0  # ls merges approximately: calibrated, as is/ms
+    assert folder.label() == "ResLoRA ls m=2 (run)"

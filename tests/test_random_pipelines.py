@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from reslora_diffusers.data import random_pipelines as rp
+from tests.runs import script, subset
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "make_random_pipeline.py"
@@ -81,13 +81,7 @@ def test_scaled_folders_load_as_their_pipeline_and_denoise(folders, preset):
 
 
 def test_the_training_script_runs_on_the_sd15_folder(folders, tmp_path):
-    spec = importlib.util.spec_from_file_location("train_text_to_image", ROOT / "train_text_to_image.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script
-    spec.loader.exec_module(script)
-    from tests.test_train_script import _subset
-
-    data = _subset(tmp_path / "data", 2)
+    data = subset(tmp_path / "data", 2)
     argv = ["--pretrained_model_name_or_path", str(folders["sd15"]), "--train_data_dir", str(data)]
     argv += ["--output_dir", str(tmp_path / "run"), "--resolution", "64", "--train_batch_size", "2"]
     argv += [

@@ -167,6 +167,7 @@ def test_interrupted_writes_are_cleaned_and_folders_are_merged_not_replaced(tmp_
 # -- output folders on another filesystem ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_exports_into_a_mount_point_never_rename_across_it(saved, tmp_path, monkeypatch, capsys):
     """A folder that is a mount point: its temporary files must be made inside it (renames out
     of the parent fail with EXDEV); a sub-folder that is itself a mount is crossed by copying to

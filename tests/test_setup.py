@@ -54,8 +54,12 @@ def test_setup_succeeds_with_no_apt_get_on_path(tmp_path):
         [BASH, str(root / "scripts" / "setup.sh")], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    # the existing venv kept its torch; the project went in with its test tools
-    assert calls.read_text().splitlines() == ["-c import torch", "-m pip install -q -e .[dev]"]
+    # the existing venv kept its torch; the project went in with its test tools, the demo's
+    # packages and TensorBoard (extras that the package itself never imports)
+    assert calls.read_text().splitlines() == [
+        "-c import torch",
+        "-m pip install -q -e .[dev,app,tensorboard]",
+    ]
 
 
 def test_setup_never_calls_apt_even_where_apt_is_busy(tmp_path):

@@ -18,7 +18,8 @@ from reslora_diffusers import (
     set_shortcut_scale,
     shortcut_scale,
 )
-from tests.toys import ResidualStack, ScaleStack, randomize_lora, reference_residual_stack
+from tests.reference import reference_output
+from tests.toys import ResidualStack, ScaleStack, randomize_lora
 
 SHORTCUT_TYPES = [("is", 1), ("bs", 2), ("ms", 2)]
 
@@ -46,7 +47,7 @@ def test_forward_matches_the_written_out_formula_at_every_scale(res_type, pre_nu
     set_shortcut_scale(model, c)
     assert shortcut_scale(model) == pytest.approx(c, rel=1e-7)  # a float32 buffer
     x = torch.randn(5, 8)
-    want = reference_residual_stack(model, x, res_type, pre_num, 2.0, c)
+    want = reference_output(model, x, res_type=res_type, pre_num=pre_num, s=2.0, c=c)
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
 
 

@@ -1,7 +1,5 @@
 """The committed tiny base pipeline: what it is made of, that it loads, and what it draws."""
 
-import json
-
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -22,17 +20,10 @@ from reslora_diffusers.data import (
     write_tokenizer,
 )
 from reslora_diffusers.eval import evaluate_pipeline
+from tests.bases import public_config, transformers_config
 
-_TRANSFORMERS_BOOKKEEPING = {"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Sampling this small a model is fastest on one thread (and several stall on a busy machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# sampling this small a model is fastest on one thread (and several stall on a busy machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +31,11 @@ def pipe() -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(default_base_model_path())
 
 
-def transformers_config(model) -> dict:
-    """A transformers model's config as a dict, without the bookkeeping keys that vary by version."""
-    return {k: v for k, v in model.config.to_dict().items() if k not in _TRANSFORMERS_BOOKKEEPING}
-
-
-def _public(config) -> dict:
-    """A diffusers config as plain JSON values, without the private bookkeeping keys."""
-    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
-
-
 def test_committed_configs_match_the_builders(pipe, tmp_path):
-    assert _public(pipe.unet.config) == _public(build_unet().config)
-    assert _public(pipe.vae.config) == _public(build_vae(pipe.vae.config.scaling_factor).config)
+    assert public_config(pipe.unet.config) == public_config(build_unet().config)
+    assert public_config(pipe.vae.config) == public_config(build_vae(pipe.vae.config.scaling_factor).config)
     assert pipe.vae.config.scaling_factor != 1.0
-    assert _public(pipe.scheduler.config) == _public(build_scheduler().config)
+    assert public_config(pipe.scheduler.config) == public_config(build_scheduler().config)
     assert transformers_config(pipe.text_encoder) == transformers_config(
         build_text_encoder(build_tokenizer(tmp_path))
     )
@@ -86,6 +67,7 @@ def test_generates_an_image_of_the_documented_size(pipe):
     assert image.images[0].size == (BASE_RESOLUTION, BASE_RESOLUTION)
 
 
+@pytest.mark.slow
 def test_base_draws_heldout_pairs_but_not_the_new_concept(pipe):
     heldout = evaluate_pipeline(pipe, heldout_base_prompts(), seeds=[0, 1])
     concept = evaluate_pipeline(pipe, finetune_prompts()[::3], seeds=[0])

@@ -27,9 +27,10 @@ from reslora_diffusers.data import (
     write_tokenizer,
 )
 from reslora_diffusers.eval import evaluate_pipeline
-from tests.test_tiny_base import _public, one_thread, transformers_config  # noqa: F401
-from tests.test_tiny_sd3 import assert_export_loads_and_changes_the_image
-from tests.test_train_script import _run, _subset, fresh_accelerate_state  # noqa: F401
+from tests.bases import assert_export_loads_and_changes_the_image, public_config, transformers_config
+from tests.runs import run, subset
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,8 @@ def pipe() -> StableDiffusion3Pipeline:
 
 
 def test_shipped_configs_match_the_builders(pipe, tmp_path):
-    assert _public(pipe.transformer.config) == _public(build_sd3_transformer().config)
-    assert _public(pipe.scheduler.config) == _public(build_flow_scheduler().config)
+    assert public_config(pipe.transformer.config) == public_config(build_sd3_transformer().config)
+    assert public_config(pipe.scheduler.config) == public_config(build_flow_scheduler().config)
     tok = build_tokenizer(tmp_path / "tok")
     for name, build in [
         ("text_encoder", build_clip_encoder),
@@ -75,6 +76,7 @@ def test_model_card_documents_the_settings_and_both_readings():
     assert "| training time |" in card
 
 
+@pytest.mark.slow
 def test_base_draws_heldout_pairs_but_not_the_new_concept(pipe):
     """A few images through the analyser (the card holds the full evaluation)."""
     heldout = evaluate_pipeline(pipe, heldout_base_prompts(), seeds=[0])
@@ -85,6 +87,6 @@ def test_base_draws_heldout_pairs_but_not_the_new_concept(pipe):
 
 
 def test_training_scripts_default_run_fine_tunes_it_and_the_pipeline_loads_the_export(tmp_path):
-    data = _subset(tmp_path / "set", 4)
-    _run(default_dit_base_path(), data, tmp_path / "run", "--max_train_steps", "2", "--train_batch_size", "2")
+    data = subset(tmp_path / "set", 4)
+    run(default_dit_base_path(), data, tmp_path / "run", "--max_train_steps", "2", "--train_batch_size", "2")
     assert_export_loads_and_changes_the_image(default_dit_base_path(), tmp_path / "run")

@@ -1,6 +1,7 @@
 """The tiny DiT base: its builders, ``scripts/pretrain_tiny_base.py --family sd3`` at a toy size
 (end to end, resumed after ``--max-minutes`` stops, and compiled), fine-tuning it with
-``train_text_to_image.py``, the comparison's ``--base`` and the demo on it.
+``train_text_to_image.py``, the comparison's ``--base`` and the demo on it; and the UNet family of
+the same script at a toy size (its loss is the library's).
 
 No accuracy is asserted: a few toy steps train nothing. The shipped base gets its accuracy
 checks in ``tests/test_tiny_dit_base.py``.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,9 +35,10 @@ from reslora_diffusers.data import (
     write_tokenizer,
 )
 from reslora_diffusers.eval import evaluate_pipeline
-from tests.test_tiny_base import _public, transformers_config
-from tests.test_train_dit import PROMPT, _run
-from tests.test_train_script import _subset, fresh_accelerate_state, one_thread  # noqa: F401
+from tests.bases import assert_export_loads_and_changes_the_image, public_config, transformers_config
+from tests.runs import PROMPT, run_dit, subset
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 ROOT = Path(__file__).resolve().parent.parent
 #: a toy run: 16 images, batches of 4, 4 transformer steps, one seed and 2 sampling steps to evaluate
@@ -99,10 +102,11 @@ def test_builders_make_a_small_sd3_pipeline_of_identical_blocks(tmp_path):
     assert ids == words + [tok.eos_token_id] * (256 - len(words)) and words[0] == tok.bos_token_id
 
 
+@pytest.mark.slow
 def test_script_writes_a_pipeline_that_loads_matches_the_builders_and_draws(toy_base, tmp_path):
     pipe = StableDiffusion3Pipeline.from_pretrained(toy_base)
-    assert _public(pipe.transformer.config) == _public(build_sd3_transformer().config)
-    assert _public(pipe.scheduler.config) == _public(build_flow_scheduler().config)
+    assert public_config(pipe.transformer.config) == public_config(build_sd3_transformer().config)
+    assert public_config(pipe.scheduler.config) == public_config(build_flow_scheduler().config)
     tok = build_tokenizer(tmp_path / "tok")
     for name, build in [("text_encoder", build_clip_encoder), ("text_encoder_2", build_clip_encoder)]:
         assert transformers_config(getattr(pipe, name)) == transformers_config(build(tok)), name
@@ -135,6 +139,7 @@ def test_script_writes_a_pipeline_that_loads_matches_the_builders_and_draws(toy_
     )
 
 
+@pytest.mark.slow
 def test_stopped_run_resumes_to_the_weights_of_the_uninterrupted_one(toy_base, tmp_path):
     work, out = tmp_path / "work", tmp_path / "base"
     _pretrain(work, out, "--max-minutes", "0")  # stops after its first step, checkpointed
@@ -153,6 +158,7 @@ def test_stopped_run_resumes_to_the_weights_of_the_uninterrupted_one(toy_base, t
             assert torch.equal(want[key], got[key]), (name, key)
 
 
+@pytest.mark.slow
 def test_extend_continues_a_finished_run_to_more_steps_and_the_card_says_so(toy_base, tmp_path):
     import shutil
 
@@ -171,6 +177,7 @@ def test_extend_continues_a_finished_run_to_more_steps_and_the_card_says_so(toy_
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_eval_every_logs_the_ema_models_accuracy_and_leaves_training_as_it_was(toy_base, tmp_path):
     work, out = tmp_path / "work", tmp_path / "base"
     _pretrain(work, out, "--eval-every", "2")
@@ -182,6 +189,7 @@ def test_eval_every_logs_the_ema_models_accuracy_and_leaves_training_as_it_was(t
         assert all(torch.equal(want[key], got[key]) for key in want), name
 
 
+@pytest.mark.slow
 def test_compiled_training_repeats_the_eager_run(toy_base, tmp_path):
     """``--compile``: the same losses (the running loss of the 4 steps, float32) and weights as the
     eager run, and dynamo did compile graphs."""
@@ -214,26 +222,11 @@ def test_checkpoint_of_other_settings_is_refused(toy_base, tmp_path):
 def toy_lora(toy_base, tmp_path_factory) -> Path:
     """train_text_to_image.py on the toy base: 2 steps of ResLoRA bs."""
     root = tmp_path_factory.mktemp("toy-sd3-lora")
-    data = _subset(root / "set", 4)
-    _run(
+    data = subset(root / "set", 4)
+    run_dit(
         toy_base, data, root / "run", "--max_train_steps", "2", "--res_type", "bs", "--learning_rate", "1e-2"
     )
     return root / "run"
-
-
-def assert_export_loads_and_changes_the_image(base: Path, run: Path) -> None:
-    """``run``'s exported LoRA holds transformer keys only, and the base pipeline loads it and
-    draws a different image of the documented size with the same seed."""
-    weights = load_file(run / "pytorch_lora_weights.safetensors")
-    assert {k.split(".")[0] for k in weights} == {"transformer"}
-    pipe = StableDiffusion3Pipeline.from_pretrained(base)
-    plain = StableDiffusion3Pipeline.from_pretrained(base)
-    pipe.load_lora_weights(run)
-    args = dict(prompt=PROMPT, num_inference_steps=2, output_type="pt")
-    with torch.no_grad():
-        tuned = pipe(**args, generator=torch.manual_seed(0)).images
-        before = plain(**args, generator=torch.manual_seed(0)).images
-    assert tuned.shape == (1, 3, BASE_RESOLUTION, BASE_RESOLUTION) and (tuned - before).abs().max() > 0
 
 
 def test_training_script_fine_tunes_the_base_and_its_pipeline_loads_the_export(toy_base, toy_lora):
@@ -243,10 +236,11 @@ def test_training_script_fine_tunes_the_base_and_its_pipeline_loads_the_export(t
 compare = _load(ROOT / "benchmarks" / "compare_methods.py", "compare_methods")
 
 
+@pytest.mark.slow
 def test_comparison_runs_on_another_base(toy_base, tmp_path):
     assert compare.base_args("unet") == []
     assert compare.base_args("dit") == ["--pretrained_model_name_or_path", str(default_dit_base_path())]
-    data = _subset(tmp_path / "set", 4)
+    data = subset(tmp_path / "set", 4)
     extra = ["--train_data_dir", str(data), "--train_batch_size", "2", "--resolution", "16"]
     extra += ["--calibration_batches", "1", "--validation_prompt", PROMPT]
     args = compare.parse_args(
@@ -291,3 +285,19 @@ def _unet_lora_file(folder: Path) -> Path:
     path = folder / "unet_lora.safetensors"
     save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32)}, path)
     return path
+
+
+@pytest.mark.slow
+def test_the_unet_family_pretrains_through_the_librarys_denoising_loss(tmp_path):
+    """``--family unet`` at the toy size: the VAE stage, then the UNet and text encoder trained by
+    ``objectives.denoising_loss`` (v-prediction, min-SNR), a pipeline that loads, and its card."""
+    toy = ["--family", "unet", "--num-images", "16", "--batch-size", "4", "--vae-steps", "2"]
+    toy += ["--unet-steps", "3", "--checkpoint-every", "2", "--eval-seeds", "1", "--eval-steps", "2"]
+    pretrain.main(
+        [*toy, "--threads", "1", "--work-dir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "base")]
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert "UNet + text encoder 3 steps" in (tmp_path / "base" / "README.md").read_text()
+    numbers = json.loads((tmp_path / "work" / "numbers.json").read_text())
+    assert math.isfinite(numbers["unet_loss"]) and numbers["unet_loss"] > 0

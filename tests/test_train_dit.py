@@ -20,19 +20,21 @@ from safetensors.torch import load_file
 from reslora_diffusers import load_reslora_checkpoint
 from reslora_diffusers.data import default_base_model_path
 from reslora_diffusers.frontends import frontend_for
-from tests.test_train_script import (  # noqa: F401
-    _assert_same_weights,
-    _from_checkpoint,
-    _subset,
-    fresh_accelerate_state,
-    one_thread,
+from tests.runs import (
+    PROMPT,
+    assert_same_weights,
+    error,
+    from_checkpoint,
+    launch_two_processes,
+    run_dit,
     script,
+    subset,
 )
-from tests.test_train_script import _run as sd_run
 from tests.tiny_dits import DIT_VAE_SCALE, DIT_VAE_SHIFT, tiny_flux_pipeline, tiny_sd3_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+
 PIPES = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
-PROMPT = "a red cross on a white background"
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +49,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return _subset(tmp_path_factory.mktemp("dit-data") / "set", 6)
-
-
-def _run(base: Path, data: Path, out: Path, *extra: str) -> dict:
-    """The SD run of test_train_script at the DiTs' size (later flags win)."""
-    return sd_run(
-        base, data, out, "--train_batch_size", "2", "--resolution", "16", "--calibration_batches", "1", *extra
-    )
+    return subset(tmp_path_factory.mktemp("dit-data") / "set", 6)
 
 
 def _losses(out: Path) -> list[float]:
@@ -131,7 +126,7 @@ def test_run_exports_a_lora_that_loads_into_the_trained_model(bases, data, tmp_p
     extra += ["--checkpointing_steps", "1", "--validation_prompt", PROMPT, "--num_validation_images", "1"]
     extra += ["--validation_steps", "1"]
     text = family == "sd3"  # SD3 trains both CLIP encoders too
-    summary = _run(base, data, out, *extra, *(["--train_text_encoder"] if text else []))
+    summary = run_dit(base, data, out, *extra, *(["--train_text_encoder"] if text else []))
 
     for name in (
         "pytorch_lora_weights.safetensors",
@@ -179,11 +174,11 @@ def test_flux_resume_matches_the_uninterrupted_run(bases, data, tmp_path):
     # resumed run crosses an epoch boundary. Flip, dropout, sigma draws and `is` windows use state.
     extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--res_type", "is", "--random_flip"]
     extra += ["--lora_dropout", "0.1", "--weighting_scheme", "logit_normal", "--learning_rate", "1e-2"]
-    _run(bases["flux"], data, tmp_path / "full", *extra)
-    resumed = _from_checkpoint(tmp_path / "full", 2, tmp_path / "resumed")
-    _run(bases["flux"], data, resumed, *extra, "--resume_from_checkpoint", "latest")
+    run_dit(bases["flux"], data, tmp_path / "full", *extra)
+    resumed = from_checkpoint(tmp_path / "full", 2, tmp_path / "resumed")
+    run_dit(bases["flux"], data, resumed, *extra, "--resume_from_checkpoint", "latest")
 
-    full = _assert_same_weights(tmp_path / "full", resumed)
+    full = assert_same_weights(tmp_path / "full", resumed)
     assert any(v.abs().sum() > 0 for k, v in full.items() if k.endswith("lora_B"))
     assert _losses(resumed) == _losses(tmp_path / "full")[2:]  # the copied checkpoint has no log
 
@@ -194,7 +189,7 @@ def test_sd3_peft_baseline_on_transformer_and_clip_encoders(bases, data, tmp_pat
     out = tmp_path / "peft"
     extra = ["--use_peft", "--train_text_encoder", "--max_train_steps", "2", "--rank", "4"]
     extra += ["--lora_alpha", "8", "--learning_rate", "1e-2", "--checkpointing_steps", "1"]
-    summary = _run(bases["sd3"], data, out, *extra)
+    summary = run_dit(bases["sd3"], data, out, *extra)
     assert "merge_error" not in summary and all(math.isfinite(x) for x in _losses(out))
     assert {p.name for p in (out / "checkpoint-1").glob("*.safetensors")} == {"peft_lora.safetensors"}
 
@@ -234,21 +229,20 @@ def test_sd3_peft_baseline_on_transformer_and_clip_encoders(bases, data, tmp_pat
 
 
 def test_flags_of_the_other_objective_are_refused(bases, data, tmp_path):
-    from tests.test_train_script import _error
-
-    message = _error(bases["flux"], data, tmp_path / "a", "--noise_offset", "0.1")
+    message = error(bases["flux"], data, tmp_path / "a", "--noise_offset", "0.1")
     assert "--noise_offset does not apply to flux pipelines" in message, message
-    message = _error(bases["sd3"], data, tmp_path / "b", "--guidance_scale", "2")
+    message = error(bases["sd3"], data, tmp_path / "b", "--guidance_scale", "2")
     assert "--guidance_scale does not apply to stable_diffusion_3 pipelines" in message, message
     for gamma in ("3", "5"):  # 5 is the UNet's default: given, it is refused all the same
-        message = _error(bases["sd3"], data, tmp_path / "b", "--snr_gamma", gamma)
+        message = error(bases["sd3"], data, tmp_path / "b", "--snr_gamma", gamma)
         assert "--snr_gamma does not apply to stable_diffusion_3 pipelines" in message, message
     assert not (tmp_path / "a" / "train_log.jsonl").exists()
     # and the flow-matching flags on a UNet (the embedded Stable Diffusion base)
-    message = _error(default_base_model_path(), data, tmp_path / "c", "--weighting_scheme", "mode")
+    message = error(default_base_model_path(), data, tmp_path / "c", "--weighting_scheme", "mode")
     assert "--weighting_scheme does not apply to stable_diffusion pipelines" in message, message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", PIPES)
 def test_two_process_ddp_run_has_the_single_process_chains_and_resumes_exactly(bases, data, tmp_path, family):
     """2 CPU processes (gloo DDP) on a DiT: finite trained weights, the chain structure of a
@@ -258,12 +252,11 @@ def test_two_process_ddp_run_has_the_single_process_chains_and_resumes_exactly(b
 
     from reslora_diffusers import ResLoRAConfig, add_reslora, chain_structure
     from reslora_diffusers.frontends import DIT_ATTENTION_TARGETS
-    from tests.test_train_script import _launch_two_processes
 
     dit = ["--resolution", "16", "--calibration_batches", "1", "--res_type", "bs", "--pre_num", "2"]
     dit += ["--merge", "calibrated", "--learning_rate", "1e-2", "--train_batch_size", "1"]
     out = tmp_path / "ddp"
-    result = _launch_two_processes(bases[family], data, out, *dit)
+    result = launch_two_processes(bases[family], data, out, *dit)
     assert "process 0 of 2 on cpu" in result.stderr and "process 1 of 2 on cpu" in result.stderr
     assert len(list((out / "checkpoint-2").glob("random_states_*"))) == 2
     assert all(math.isfinite(x) for x in _losses(out)) and len(_losses(out)) == 4
@@ -286,6 +279,6 @@ def test_two_process_ddp_run_has_the_single_process_chains_and_resumes_exactly(b
     if family != "flux":
         return
 
-    resumed = _from_checkpoint(out, 2, tmp_path / "resumed")
-    _launch_two_processes(bases[family], data, resumed, *dit, "--resume_from_checkpoint", "latest")
-    _assert_same_weights(out, resumed)
+    resumed = from_checkpoint(out, 2, tmp_path / "resumed")
+    launch_two_processes(bases[family], data, resumed, *dit, "--resume_from_checkpoint", "latest")
+    assert_same_weights(out, resumed)

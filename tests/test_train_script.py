@@ -22,88 +22,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from reslora_diffusers import chain_structure, load_reslora_checkpoint
-from reslora_diffusers.data import build_pipeline, default_finetune_data_dir
+from reslora_diffusers.frontends import DEFAULT_UNET_TARGETS
 from reslora_diffusers.training.data import load_image_captions, open_image
+from tests.runs import (
+    PROMPT,
+    ROOT,
+    SCRIPT,
+    assert_same_weights,
+    error,
+    from_checkpoint,
+    launch_two_processes,
+    records,
+    run,
+    script,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "train_text_to_image.py"
-PROMPT = "a red cross on a white background"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_text_to_image", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP threads wait on each other."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state; a run with another --mixed_precision needs a new one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A random tiny StableDiffusionPipeline folder (same architecture as the embedded base)."""
-    root = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    build_pipeline(root / "tokenizer-src").save_pretrained(root / "tiny-sd")
-    return root / "tiny-sd"
-
-
-def _subset(out: Path, num: int) -> Path:
-    lines = (default_finetune_data_dir() / "metadata.jsonl").read_text().splitlines()[:num]
-    out.mkdir(parents=True)
-    for line in lines:
-        name = json.loads(line)["file_name"]
-        shutil.copy(default_finetune_data_dir() / name, out / name)
-    (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return out
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return _subset(tmp_path_factory.mktemp("data") / "set", 8)
-
-
-def _run(base: Path, data: Path, out: Path, *extra: str) -> dict:
-    argv = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data)]
-    argv += ["--output_dir", str(out), "--train_batch_size", "3", "--report_to", "none", *extra]
-    return script.train(script.parse_args(argv), argv)
-
-
-def _from_checkpoint(run_dir: Path, step: int, resumed: Path) -> Path:
-    """A new output folder ``resumed`` holding only ``run_dir``'s ``checkpoint-<step>``."""
-    resumed.mkdir()
-    shutil.copytree(run_dir / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
-    return resumed
-
-
-def _assert_same_weights(expected: Path, got: Path, name: str = "reslora_checkpoint.safetensors") -> dict:
-    """Both runs' ``name`` files hold the same keys and bit-identical tensors; returns ``expected``'s."""
-    want, have = load_file(expected / name), load_file(got / name)
-    assert want.keys() == have.keys()
-    for key in want:
-        assert torch.equal(want[key], have[key]), key
-    return want
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 def _unet_inputs(seed: int = 0) -> dict:
@@ -115,13 +49,14 @@ def _unet_inputs(seed: int = 0) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_every_output_and_a_loadable_lora(base, data, tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     out = tmp_path / "run"
     extra = ["--max_train_steps", "3", "--res_type", "bs", "--validation_prompt", PROMPT]
     extra += ["--num_validation_images", "1", "--validation_steps", "2", "--checkpointing_steps", "2"]
-    summary = _run(base, data, out, *extra, "--report_to", "tensorboard")
+    summary = run(base, data, out, *extra, "--report_to", "tensorboard")
 
     for name in (
         "pytorch_lora_weights.safetensors",
@@ -158,6 +93,7 @@ def test_tiny_run_writes_every_output_and_a_loadable_lora(base, data, tmp_path):
     assert (loaded - trained).norm() / trained.norm() < 1e-4
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_matches_uninterrupted_run(base, data, tmp_path):
     # 8 images in batches of 3: 3 steps per epoch; the checkpoint at step 2 is mid-epoch and
     # the resumed run crosses an epoch boundary. Flip, dropout and `is` norm windows use state.
@@ -176,11 +112,11 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(base, data, tmp_path):
         "--lr_warmup_steps",
         "2",
     ]
-    _run(base, data, tmp_path / "full", *extra)
-    resumed = _from_checkpoint(tmp_path / "full", 2, tmp_path / "resumed")
-    _run(base, data, resumed, *extra, "--resume_from_checkpoint", "latest")
+    run(base, data, tmp_path / "full", *extra)
+    resumed = from_checkpoint(tmp_path / "full", 2, tmp_path / "resumed")
+    run(base, data, resumed, *extra, "--resume_from_checkpoint", "latest")
 
-    full = _assert_same_weights(tmp_path / "full", resumed)
+    full = assert_same_weights(tmp_path / "full", resumed)
     assert any(v.abs().sum() > 0 for k, v in full.items() if k.endswith("lora_B"))
     losses = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
     full_losses = [
@@ -189,21 +125,22 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(base, data, tmp_path):
     assert [r["loss"] for r in losses] == [r["loss"] for r in full_losses if r["step"] > 2]
 
 
+@pytest.mark.slow
 def test_resume_mid_decay_of_the_shortcut_schedule_is_exact_and_exports_exactly(base, data, tmp_path):
     """A cosine schedule from step 1 of 5: the checkpoint at step 3 is mid-decay (c = 0.5); the
     resumed run ends with the same weights and c = 0, where the `is` merge is exact."""
     extra = ["--max_train_steps", "5", "--checkpointing_steps", "3", "--res_type", "is"]
     extra += ["--shortcut_schedule", "cosine", "--shortcut_decay_start", "0.2", "--lora_dropout", "0.1"]
-    _run(base, data, tmp_path / "full", *extra)
+    run(base, data, tmp_path / "full", *extra)
     mid = load_file(tmp_path / "full" / "checkpoint-3" / "reslora_checkpoint.safetensors")
     scales = {float(v) for k, v in mid.items() if k.endswith("shortcut_scale")}
     assert len(scales) == 1 and scales.pop() == pytest.approx(
         0.5
     )  # step 3: p = (3 - 1) / 4, (1 + cos(pi / 2)) / 2
-    resumed = _from_checkpoint(tmp_path / "full", 3, tmp_path / "resumed")
-    _run(base, data, resumed, *extra, "--resume_from_checkpoint", "latest")
+    resumed = from_checkpoint(tmp_path / "full", 3, tmp_path / "resumed")
+    run(base, data, resumed, *extra, "--resume_from_checkpoint", "latest")
 
-    full = _assert_same_weights(tmp_path / "full", resumed)
+    full = assert_same_weights(tmp_path / "full", resumed)
     assert {float(v) for k, v in full.items() if k.endswith("shortcut_scale")} == {0.0}
     losses = [json.loads(line)["loss"] for line in (resumed / "train_log.jsonl").read_text().splitlines()]
     full_log = (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()
@@ -211,7 +148,7 @@ def test_resume_mid_decay_of_the_shortcut_schedule_is_exact_and_exports_exactly(
     report = json.loads((resumed / "merge_report.json").read_text())
     assert report["components"]["unet"]["output_error"] < 1e-5
     # a resume under another schedule is another run
-    message = _error(
+    message = error(
         base,
         data,
         resumed,
@@ -223,16 +160,6 @@ def test_resume_mid_decay_of_the_shortcut_schedule_is_exact_and_exports_exactly(
         "latest",
     )
     assert "--shortcut_schedule cosine" in message
-
-
-def _error(base: Path, data: Path, out: Path, *extra: str, defaults: bool = True) -> str:
-    argv = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data)] if defaults else []
-    argv += ["--output_dir", str(out), "--report_to", "none", "--max_train_steps", "1", *extra]
-    with pytest.raises(SystemExit) as info:
-        script.main(argv)
-    message = str(info.value.code)
-    assert "\n" not in message and message.startswith("train_text_to_image.py: error: ")
-    return message
 
 
 def test_bad_inputs_give_one_line_naming_the_problem(base, data, tmp_path):
@@ -254,7 +181,7 @@ def test_bad_inputs_give_one_line_naming_the_problem(base, data, tmp_path):
         (["--use_peft", "--shortcut_schedule", "cosine"], "PEFT LoRA (--use_peft) has no shortcuts"),
     ]
     for extra, expected in cases:
-        assert expected in _error(base, data, tmp_path / "out", *extra), extra
+        assert expected in error(base, data, tmp_path / "out", *extra), extra
 
 
 @pytest.mark.parametrize(
@@ -274,51 +201,73 @@ def test_default_method_and_shortcut_schedule(data, extra, res_type, schedule):
     assert (args.shortcut_schedule, args.shortcut_decay_start) == (schedule, 0.5)
 
 
+def test_tensorboard_is_an_extra_its_default_falls_back_and_naming_it_without_it_is_refused(
+    data, monkeypatch, caplog
+):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a),
+    )
+    argv = ["--train_data_dir", str(data)]
+    args = script.parse_args(argv)
+    script.check_report_to(args, script.given_flags(argv))
+    assert args.report_to == "none"
+    assert "tensorboard is not installed" in caplog.text and "[tensorboard]" in caplog.text
+    argv += ["--report_to", "tensorboard"]
+    with pytest.raises(
+        ValueError, match=r"--report_to tensorboard: the tensorboard package is not installed"
+    ):
+        script.check_report_to(script.parse_args(argv), script.given_flags(argv))
+    monkeypatch.undo()  # installed: the flag stays
+    args = script.parse_args(argv)
+    script.check_report_to(args, script.given_flags(argv))
+    assert args.report_to == "tensorboard"
+
+
 def test_unusable_output_dir_is_refused_before_anything_loads(data, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     nowhere = tmp_path / "no_base"  # loading it would fail: the output error must come first
     for out in (a_file, a_file / "run"):
-        message = _error(nowhere, data, out)
+        message = error(nowhere, data, out)
         assert f"--output_dir {out} cannot be a folder" in message, message
     assert a_file.read_text() == "not a folder"
     finished = tmp_path / "finished"  # a run without checkpoints: "latest" has nothing to continue
     finished.mkdir()
     (finished / "train_log.jsonl").write_text("")
-    message = _error(nowhere, data, finished, "--resume_from_checkpoint", "latest")
+    message = error(nowhere, data, finished, "--resume_from_checkpoint", "latest")
     assert "holds files but no checkpoint-<step> folder" in message, message
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
+@pytest.mark.slow
 def test_rerun_into_a_used_folder_is_refused_and_overwrite_replaces_only_the_run(base, data, tmp_path):
     out = tmp_path / "run"
-    _run(base, data, out, "--max_train_steps", "2", "--checkpointing_steps", "1")
+    run(base, data, out, "--max_train_steps", "2", "--checkpointing_steps", "1")
     (out / "notes.txt").write_text("mine")
     before = (out / "train_log.jsonl").read_text()
 
-    message = _error(base, data, out, "--max_train_steps", "1")
+    message = error(base, data, out, "--max_train_steps", "1")
     assert f"--output_dir {out} already holds files" in message and "--overwrite_output_dir" in message
     assert (out / "train_log.jsonl").read_text() == before  # untouched
 
     # a resume under flags that make another model is refused, naming the flag
-    message = _error(base, data, out, "--res_type", "none", "--resume_from_checkpoint", "latest")
+    message = error(base, data, out, "--res_type", "none", "--resume_from_checkpoint", "latest")
     assert "checkpoint-2 belongs to a run with --res_type ms, this run has --res_type none" in message
-    message = _error(base, data, out, "--rank", "4", "--resume_from_checkpoint", str(out / "checkpoint-1"))
+    message = error(base, data, out, "--rank", "4", "--resume_from_checkpoint", str(out / "checkpoint-1"))
     assert "--rank 8, this run has --rank 4" in message
 
-    _run(base, data, out, "--max_train_steps", "1", "--checkpointing_steps", "1", "--overwrite_output_dir")
+    run(base, data, out, "--max_train_steps", "1", "--checkpointing_steps", "1", "--overwrite_output_dir")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # the old step 2 is gone
-    assert [r["step"] for r in _records(out)] == [1]
+    assert [r["step"] for r in records(out)] == [1]
     assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step_and_last_good_checkpoint(base, data, tmp_path):
     out = tmp_path / "diverged"
     extra = ["--learning_rate", "1e8", "--max_grad_norm", "0", "--max_train_steps", "6"]
-    message = _error(base, data, out, *extra, "--checkpointing_steps", "1", "--train_batch_size", "3")
+    message = error(base, data, out, *extra, "--checkpointing_steps", "1", "--train_batch_size", "3")
     assert "the training loss is nan" in message or "the trained weights are not finite" in message, message
     step = int(message.split("error: step ")[1].split(":")[0])
     saved = sorted(out.glob("checkpoint-*"))
@@ -326,18 +275,19 @@ def test_non_finite_loss_stops_the_run_naming_the_step_and_last_good_checkpoint(
     for folder in saved:  # no checkpoint holds NaN weights
         weights = load_file(folder / "reslora_checkpoint.safetensors")
         assert all(torch.isfinite(v).all() for v in weights.values())
-    assert all(r["step"] < step and np.isfinite(r["loss"]) for r in _records(out))
+    assert all(r["step"] < step and np.isfinite(r["loss"]) for r in records(out))
     assert not (out / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_damaged_or_incomplete_checkpoints_are_named_on_resume(base, data, tmp_path):
     out = tmp_path / "run"
-    _run(base, data, out, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    run(base, data, out, "--max_train_steps", "1", "--checkpointing_steps", "1")
     ckpt = out / "checkpoint-1"
     saved = {p.name: p.read_bytes() for p in ckpt.iterdir()}
 
     def resume_error(*extra: str) -> str:
-        return _error(base, data, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest", *extra)
+        return error(base, data, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest", *extra)
 
     for name in ("reslora_checkpoint.safetensors", "optimizer.bin"):
         (ckpt / name).write_bytes(saved[name][: len(saved[name]) // 2])
@@ -346,7 +296,7 @@ def test_damaged_or_incomplete_checkpoints_are_named_on_resume(base, data, tmp_p
     (ckpt / "random_states_0.pkl").unlink()
     message = resume_error()
     assert str(ckpt / "random_states_0.pkl") in message and "--allow_partial_resume" in message
-    _run(
+    run(
         base,
         data,
         out,
@@ -356,7 +306,7 @@ def test_damaged_or_incomplete_checkpoints_are_named_on_resume(base, data, tmp_p
         "latest",
         "--allow_partial_resume",
     )
-    assert [r["step"] for r in _records(out)] == [1, 2]
+    assert [r["step"] for r in records(out)] == [1, 2]
 
 
 def test_metadata_rows_naming_missing_or_outside_files_are_named(data, tmp_path):
@@ -391,19 +341,7 @@ def test_corrupt_images_are_skipped_and_counted(data, tmp_path):
         load_image_captions(None, folder, "image", "text")
 
 
-def _launch_two_processes(base: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]
-    cmd += ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data)]
-    cmd += ["--output_dir", str(out), "--train_batch_size", "2", "--max_train_steps", "4"]
-    cmd += ["--checkpointing_steps", "2", "--res_type", "ms", "--merge", "input", "--rank", "4"]
-    cmd += ["--report_to", "none", "--random_flip", *extra]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
+@pytest.mark.slow
 def test_two_process_ddp_run_and_exact_resume(base, data, tmp_path):
     """2 CPU processes (gloo DDP): the run completes, both ranks checkpoint their RNG, the
     result has the single-process chain structure, finite trained weights and an accurate
@@ -413,7 +351,7 @@ def test_two_process_ddp_run_and_exact_resume(base, data, tmp_path):
     from reslora_diffusers import ResLoRAConfig, add_reslora
 
     out = tmp_path / "ddp"
-    result = _launch_two_processes(base, data, out)
+    result = launch_two_processes(base, data, out)
     assert "process 0 of 2 on cpu" in result.stderr and "process 1 of 2 on cpu" in result.stderr
     assert {p.name for p in (out / "checkpoint-2").glob("random_states_*")} == {
         "random_states_0.pkl",
@@ -428,7 +366,7 @@ def test_two_process_ddp_run_and_exact_resume(base, data, tmp_path):
     with safe_open(str(out / "reslora_checkpoint.safetensors"), framework="pt") as f:
         ddp_chains = json.loads(f.metadata()["chains"])["unet"]
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    add_reslora(unet, ResLoRAConfig(rank=4, res_type="ms", target_modules=script.DEFAULT_UNET_TARGETS))
+    add_reslora(unet, ResLoRAConfig(rank=4, res_type="ms", target_modules=DEFAULT_UNET_TARGETS))
     with torch.no_grad():
         unet(**_unet_inputs())
     single = {k: {"modules": v["modules"], "links": v["links"]} for k, v in chain_structure(unet).items()}
@@ -436,9 +374,9 @@ def test_two_process_ddp_run_and_exact_resume(base, data, tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     assert report["components"]["unet"]["output_error"] < 0.05
 
-    resumed = _from_checkpoint(out, 2, tmp_path / "resumed")
-    _launch_two_processes(base, data, resumed, "--resume_from_checkpoint", "latest")
-    _assert_same_weights(out, resumed)
+    resumed = from_checkpoint(out, 2, tmp_path / "resumed")
+    launch_two_processes(base, data, resumed, "--resume_from_checkpoint", "latest")
+    assert_same_weights(out, resumed)
 
 
 def _as_hub_dataset(data: Path, root: Path) -> tuple[Path, Path]:
@@ -471,6 +409,7 @@ def test_local_dataset_folders_load_like_the_image_folder(data, tmp_path, monkey
         load_image_captions(str(saved), None, "image", "text")
 
 
+@pytest.mark.slow
 def test_peft_baseline_on_unet_and_text_encoder_from_a_hub_style_dataset(base, data, tmp_path):
     """--use_peft --train_text_encoder: diffusers' own LoRA, saved with its own writer; every
     targeted layer is in the file, trained, and changes the pipeline that loads it."""
@@ -488,7 +427,7 @@ def test_peft_baseline_on_unet_and_text_encoder_from_a_hub_style_dataset(base, d
     assert not (out / "lora_kohya.safetensors").exists()  # written from ResLoRA merges only
     weights = load_file(out / "pytorch_lora_weights.safetensors")
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
-    unet_targets = [n for n, _ in pipe.unet.named_modules() if n.endswith(tuple(script.DEFAULT_UNET_TARGETS))]
+    unet_targets = [n for n, _ in pipe.unet.named_modules() if n.endswith(tuple(DEFAULT_UNET_TARGETS))]
     text_targets = [
         n
         for n, _ in pipe.text_encoder.named_modules()
@@ -525,7 +464,7 @@ def test_peft_baseline_on_unet_and_text_encoder_from_a_hub_style_dataset(base, d
 
     # checkpoints hold the LoRA layers, not whole models, and resume to the same weights
     assert {p.name for p in (out / "checkpoint-2").glob("*.safetensors")} == {"peft_lora.safetensors"}
-    resumed = _from_checkpoint(out, 2, tmp_path / "peft-resumed")
+    resumed = from_checkpoint(out, 2, tmp_path / "peft-resumed")
     again = [*argv, "--resume_from_checkpoint", "latest"]
     again[again.index(str(out))] = str(resumed)
     script.train(script.parse_args(again), again)
@@ -533,6 +472,7 @@ def test_peft_baseline_on_unet_and_text_encoder_from_a_hub_style_dataset(base, d
     assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights)
 
 
+@pytest.mark.slow
 def test_text_encoder_reslora_in_bf16_exports_the_trained_text_encoder(base, data, tmp_path):
     """--train_text_encoder --mixed_precision bf16: the adapters stay float32, and the text
     encoder that load_lora_weights builds is the trained ResLoRA one (bs merges exactly)."""
@@ -542,7 +482,7 @@ def test_text_encoder_reslora_in_bf16_exports_the_trained_text_encoder(base, dat
     out = tmp_path / "te"
     extra = ["--train_text_encoder", "--mixed_precision", "bf16", "--res_type", "bs", "--pre_num", "2"]
     extra += ["--no_chain_report"]
-    summary = _run(base, data, out, *extra, "--max_train_steps", "3", "--learning_rate", "1e-2")
+    summary = run(base, data, out, *extra, "--max_train_steps", "3", "--learning_rate", "1e-2")
     assert summary["merge_error"]["text_encoder"] < 1e-5
     report = json.loads((out / "merge_report.json").read_text())
     assert {k for comp in report["components"].values() for r in comp["methods"].values() for k in r} == {
@@ -587,6 +527,7 @@ def test_dataset_name_hub_ids_go_to_the_hub_and_missing_paths_are_named(monkeypa
             load_image_captions(path, None, "image", "text")
 
 
+@pytest.mark.slow
 def test_no_argument_run_uses_the_embedded_base_data_and_prompts(tmp_path, capfd):
     """The README's main command, cut to 2 steps and 1 image per prompt: embedded base and set,
     the 15 concept prompts (which the base cannot draw), attention + feed-forward targets; a
@@ -663,7 +604,7 @@ def test_console_shows_progress_results_and_problems_and_no_noise(base, data, tm
     assert "Steps: 100%" in console and "validation final" in console
     assert "saved " in console and "checkpoint-2" in console and "checkpoint-4" in console
     assert "WARNING" in console and "skipped 1 unreadable or corrupt image(s)" in console
-    assert "INFO reslora_diffusers.export.diffusers: LoRA exported (nothing to merge): " in console
+    assert "INFO reslora_diffusers.export.pipeline: LoRA exported (nothing to merge): " in console
     assert "INFO reslora_diffusers.core.inject: LoRA, rank 8, on " in console
     assert "prompt accuracy before: " in done.stdout and '"steps": 4' in done.stdout
     card = (out / "README.md").read_text()
@@ -688,11 +629,11 @@ def test_torch_compile_trains_like_eager_and_exports_the_uncompiled_unet(base, d
     from torch._dynamo.utils import counters
 
     extra = ["--max_train_steps", "2", "--res_type", "ms", "--pre_num", "2", "--no_chain_report"]
-    _run(base, data, tmp_path / "eager", *extra)
+    run(base, data, tmp_path / "eager", *extra)
     torch._dynamo.reset()
     counters.clear()
     compiled = [*extra, "--torch_compile", "--compile_backend", "eager"]
-    _run(base, data, tmp_path / "compiled", *compiled)
+    run(base, data, tmp_path / "compiled", *compiled)
     assert counters["stats"]["unique_graphs"] == 1 and dict(counters["graph_break"]) == {}
     assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-5)
     want = load_file(tmp_path / "eager" / "pytorch_lora_weights.safetensors")
@@ -719,8 +660,8 @@ def test_fused_adam_flag_and_its_cpu_default(base, data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim, "AdamW", Recording)
     extra = ["--max_train_steps", "1", "--res_type", "bs", "--no_chain_report"]
-    _run(base, data, tmp_path / "default", *extra)
-    _run(base, data, tmp_path / "fused", *extra, "--use_fused_adam")
+    run(base, data, tmp_path / "default", *extra)
+    run(base, data, tmp_path / "fused", *extra, "--use_fused_adam")
     assert made == [None, True]
 
 
@@ -750,7 +691,7 @@ def test_mixed_precision_keeps_the_base_in_half_and_adapters_and_optimizer_in_fl
 
     monkeypatch.setattr(script, "run_training", recording)
     extra = ["--max_train_steps", "2", "--mixed_precision", precision, "--no_chain_report", *method]
-    summary = _run(base, data, tmp_path / "run", *extra)
+    summary = run(base, data, tmp_path / "run", *extra)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert seen["base"] == {half}
     assert seen["trained"] == {torch.float32} and seen["moments"] == {torch.float32}
@@ -765,4 +706,4 @@ def test_mixed_precision_keeps_the_base_in_half_and_adapters_and_optimizer_in_fl
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA has a loss scaler")
 def test_fp16_without_a_loss_scaler_is_refused_in_one_line(base, data, tmp_path):
     with pytest.raises(ValueError, match="fp16 needs loss scaling.*use --mixed_precision bf16"):
-        _run(base, data, tmp_path / "run", "--max_train_steps", "1", "--mixed_precision", "fp16")
+        run(base, data, tmp_path / "run", "--max_train_steps", "1", "--mixed_precision", "fp16")

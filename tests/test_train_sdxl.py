@@ -6,10 +6,8 @@ diffusers file and the kohya file), exact resume, and the demo drawing the LoRA.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,41 +18,13 @@ from safetensors.torch import load_file
 
 from reslora_diffusers import load_reslora_checkpoint
 from reslora_diffusers.data import default_finetune_data_dir
-from reslora_diffusers.frontends import frontend_for
+from reslora_diffusers.frontends import SD_PIPELINES, SDXL_PIPELINES, frontend_for
 from reslora_diffusers.training.data import TextImageDataset, collate, load_image_captions
-from reslora_diffusers.training.objectives import DenoisingObjective, SDXLDenoising, load_objective
+from reslora_diffusers.training.pipeline import load_objective
+from tests.runs import PROMPT, run, script
 from tests.tiny_pipes import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "a red cross on a white background"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_text_to_image", ROOT / "train_text_to_image.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +54,11 @@ def _args(base: Path, *extra: str) -> argparse.Namespace:
     return args
 
 
-def _run(base: Path, data: Path, out: Path, *extra: str) -> dict:
-    argv = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data)]
-    argv += ["--output_dir", str(out), "--train_batch_size", "3", "--report_to", "none", *extra]
-    return script.train(script.parse_args(argv), argv)
-
-
 def test_sdxl_gets_its_objective_and_the_pipelines_own_text_conditioning(sdxl_base):
     """Both CLIP encoders' penultimate states side by side and the second one's pooled
     projection: what ``StableDiffusionXLPipeline.encode_prompt`` gives."""
     objective = load_objective(_args(sdxl_base), vars(script.parse_args([])))
-    assert type(objective) is SDXLDenoising and objective.tokenizer is None
+    assert type(objective) is SDXL_PIPELINES.objective and objective.tokenizer is None
     captions = [PROMPT, "a blue circle on a black background"]
     with torch.no_grad():
         text = objective.encode_text(objective.models, captions)
@@ -145,7 +109,7 @@ def test_script_trains_sdxl_and_its_files_load_into_the_trained_model(
     out = tmp_path / "run"
     extra = ["--max_train_steps", "2", "--res_type", res_type, "--learning_rate", "1e-2"]
     extra += ["--calibration_batches", "1"] + (["--train_text_encoder"] if text_encoder else [])
-    summary = _run(sdxl_base, data, out, *extra)
+    summary = run(sdxl_base, data, out, *extra)
     components = ["unet", "text_encoder", "text_encoder_2"] if text_encoder else ["unet"]
     assert set(summary["merge_error"]) == set(components) and max(summary["merge_error"].values()) < 1e-5
     weights = load_file(out / "pytorch_lora_weights.safetensors")
@@ -174,10 +138,10 @@ def test_script_trains_sdxl_and_its_files_load_into_the_trained_model(
 def test_sdxl_resume_is_bit_identical(sdxl_base, data, tmp_path):
     extra = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--res_type", "is", "--random_flip"]
     extra += ["--train_text_encoder", "--calibration_batches", "1"]
-    _run(sdxl_base, data, tmp_path / "full", *extra)
+    run(sdxl_base, data, tmp_path / "full", *extra)
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    _run(sdxl_base, data, tmp_path / "resumed", *extra, "--resume_from_checkpoint", "latest")
+    run(sdxl_base, data, tmp_path / "resumed", *extra, "--resume_from_checkpoint", "latest")
     want, got = (load_file(tmp_path / d / "reslora_checkpoint.safetensors") for d in ("full", "resumed"))
     assert want.keys() == got.keys() and any(k.startswith("text_encoder_2.") for k in want)
     for key in want:
@@ -189,7 +153,7 @@ def test_the_demo_draws_an_sdxl_lora_on_an_sdxl_base(sdxl_base, data, tmp_path):
     import app.app as demo
 
     out = tmp_path / "run"
-    _run(
+    run(
         sdxl_base, data, out, "--max_train_steps", "1", "--learning_rate", "0.1", "--calibration_batches", "1"
     )
     gallery, status, rows = demo.render(PROMPT, "", 0, 2, 4.0, 1.0, 1, str(sdxl_base), str(out))
@@ -214,7 +178,8 @@ def test_v_prediction_loss_is_the_written_out_formula(v_base, data):
     the script's default min-SNR weights for ``v``: ``min(snr, 5) / (snr + 1)``."""
     objective = load_objective(_args(v_base), vars(script.parse_args([])))
     assert (
-        type(objective) is DenoisingObjective and objective.scheduler.config.prediction_type == "v_prediction"
+        type(objective) is SD_PIPELINES.objective
+        and objective.scheduler.config.prediction_type == "v_prediction"
     )
     models = objective.models
     latents = torch.randn(2, 4, 8, 8)
@@ -238,7 +203,7 @@ def test_v_prediction_loss_is_the_written_out_formula(v_base, data):
 @pytest.mark.slow
 def test_v_prediction_run_exports_a_lora_that_loads_into_the_trained_model(v_base, data, tmp_path):
     out = tmp_path / "run"
-    _run(v_base, data, out, "--max_train_steps", "2", "--res_type", "bs", "--learning_rate", "1e-2")
+    run(v_base, data, out, "--max_train_steps", "2", "--res_type", "bs", "--learning_rate", "1e-2")
     trained = _trained_outputs(v_base, out, ["unet"])
     pipe, plain = DiffusionPipeline.from_pretrained(v_base), DiffusionPipeline.from_pretrained(v_base)
     pipe.load_lora_weights(out)
@@ -253,7 +218,7 @@ def test_text_encoder_lr_sets_the_encoders_own_learning_rate(sdxl_base, data, tm
     """``--text_encoder_lr 0``: both encoders' factors stay at their start (B = 0) while the
     UNet's train; without ``--train_text_encoder`` the flag is refused."""
     out = tmp_path / "run"
-    _run(sdxl_base, data, out, "--max_train_steps", "2", "--train_text_encoder", "--text_encoder_lr", "0")
+    run(sdxl_base, data, out, "--max_train_steps", "2", "--train_text_encoder", "--text_encoder_lr", "0")
     weights = load_file(out / "reslora_checkpoint.safetensors")
     b = {k: v for k, v in weights.items() if k.endswith("lora_B")}
     assert any(k.startswith("text_encoder_2.") for k in b)

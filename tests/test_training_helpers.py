@@ -1,9 +1,13 @@
-"""Helpers of the training script: labelled validation grids, the model card's base model, and
-silencing one known third-party log line without hiding the others."""
+"""Helpers of the training script: labelled validation grids, the model card's base model,
+silencing one known third-party log line without hiding the others, the run folder, and the
+ResLoRA flags generated from the config's fields."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -11,9 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from reslora_diffusers import ResLoRAConfig, res_types
 from reslora_diffusers.training.card import write_model_card
+from reslora_diffusers.training.flags import reslora_config
 from reslora_diffusers.training.grid import labelled_grid
+from reslora_diffusers.training.run_folder import RunFolder
 from reslora_diffusers.utils.quiet import dropped_log_messages
+from tests.runs import ROOT, script
 
 COLOURS = [(200, 0, 0), (0, 160, 0), (0, 0, 200), (200, 200, 0), (120, 0, 160), (0, 150, 150)]
 
@@ -128,7 +136,7 @@ def test_dropped_log_messages_hides_only_the_named_lines(caplog):
 
 
 def test_shortcut_schedule_values_at_given_steps():
-    from reslora_diffusers.training.schedule import check_schedule, shortcut_scale_at
+    from reslora_diffusers.core.schedule import check_schedule, shortcut_scale_at
 
     # 10 steps, decay from step 5 (0.5 x 10): p = (step - 5) / 5
     assert [shortcut_scale_at(s, 10, "constant") for s in (1, 5, 10)] == [1.0, 1.0, 1.0]
@@ -148,3 +156,103 @@ def test_shortcut_schedule_values_at_given_steps():
     ):
         with pytest.raises(ValueError, match=message):
             check_schedule(schedule, start)
+
+
+# -- the run folder -------------------------------------------------------------------------
+def _run_folder(tmp_path: Path, report: dict | None, log: list[str]) -> RunFolder:
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    if report is not None:
+        run.report_file.write_text(json.dumps(report))
+    run.log_file.write_text("".join(line + "\n" for line in log))
+    return run
+
+
+@pytest.mark.parametrize(
+    "report,label",
+    [
+        ({"res_type": "ms", "pre_num": 1}, "ResLoRA ms m=1 (run)"),
+        ({"res_type": "is", "pre_num": 1}, "ResLoRA is (run)"),  # is always takes one predecessor
+        ({"res_type": "none", "pre_num": 1}, "LoRA (run)"),
+        ({"res_type": "bs", "pre_num": 0}, "LoRA (run)"),  # no predecessor: a plain LoRA
+        ({"res_type": "zz", "pre_num": 2}, "ResLoRA zz m=2 (run)"),  # a plugin's type, not imported here
+        (None, "run"),
+    ],
+)
+def test_run_folder_labels_its_method_from_the_merge_report(tmp_path, report, label):
+    assert _run_folder(tmp_path, report, []).label() == label
+
+
+def test_run_folder_reads_its_log_and_names_its_files(tmp_path, caplog):
+    lines = [
+        '{"step": 0, "kind": "validation", "prompt_accuracy": 0.1}',
+        '{"step": 1, "loss": 0.5}',
+        '{"step": 2, "loss": 0.4}',
+        '{"step": 2, "kind": "final", "prompt_accuracy": 0.6}',
+        '{"step": 3, "lo',  # torn by a crash mid-write
+    ]
+    run = _run_folder(tmp_path, None, lines)
+    assert run.accuracies() == [(0, 0.1), (2, 0.6)] and run.steps_trained() == 2
+    assert run.final_record() == {"step": 2, "kind": "final", "prompt_accuracy": 0.6}
+    assert "dropped its last line 5" in caplog.text
+    assert RunFolder.of(run.path / "pytorch_lora_weights.safetensors").path == run.path
+    assert {p.name for p in run.lora_files().values()} == {
+        "pytorch_lora_weights.safetensors",
+        "lora_kohya.safetensors",
+    }
+    (run.path / "checkpoint-4").mkdir()
+    run.grid("final").parent.mkdir()
+    assert {p.name for p in run.outputs("logs")} == {"train_log.jsonl", "checkpoint-4", "validation"}
+    assert not run.has_lora() and run.merge_report() is None
+
+
+# -- ResLoRA's flags -------------------------------------------------------------------------
+def _example_parser():
+    """The language-model examples' flags (``examples/lm_common.py``, as the examples build them)."""
+    spec = importlib.util.spec_from_file_location("lm_common", ROOT / "examples" / "lm_common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = argparse.ArgumentParser()
+    module.add_method_arguments(parser, learning_rate=1e-3, max_train_steps=1)
+    return parser
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, str]:
+    return {action.option_strings[0]: action.help for action in parser._actions if action.option_strings}
+
+
+def test_reslora_flags_are_the_config_fields_in_the_script_and_the_examples():
+    script_flags, example_flags = _options(script.build_parser()), _options(_example_parser())
+    for field in dataclasses.fields(ResLoRAConfig):
+        flag = "--" + field.metadata.get("flag", field.name)
+        assert field.metadata["help"] and flag in script_flags and flag in example_flags, flag
+    for flag in ("--lora_dropout", "--pre_num", "--norm_window", "--init", "--shortcut_module"):
+        assert script_flags[flag] == example_flags[flag], flag
+    # the help lists the registered types by kind (bs/ms use pre_num; is/ms merge approximately;
+    # and any type a plugin registered, as tests/test_new_shortcut.py's ls when it is imported)
+    assert f"a {'/'.join(res_types(uses_pre_num=True))} shortcut" in script_flags["--pre_num"]
+    assert {"bs", "ms"} <= set(res_types(uses_pre_num=True)) and "is" not in res_types(uses_pre_num=True)
+    assert f"the {'/'.join(res_types(exact_merge=False))} shortcuts" in script_flags["--merge"]
+    assert {"is", "ms"} <= set(res_types(exact_merge=False)) and "bs" not in res_types(exact_merge=False)
+
+
+def test_the_parsed_flags_are_the_config_written_out():
+    argv = ["--rank", "2", "--lora_alpha", "3", "--lora_dropout", "0.1", "--res_type", "is", "--pre_num", "2"]
+    argv += ["--target_modules", "to_q", "to_v", "--exclude_modules", "a.b", "--merge", "weight"]
+    argv += ["--norm_window", "7", "--record_norms", "--init", "gaussian"]
+    want = ResLoRAConfig(
+        rank=2,
+        alpha=3.0,
+        dropout=0.1,
+        res_type="is",
+        pre_num=2,
+        target_modules=["to_q", "to_v"],
+        exclude_modules=["a.b"],
+        merge="weight",
+        norm_window=7,
+        record_norms=True,
+        init="gaussian",
+    )
+    assert reslora_config(script.parse_args(argv)) == want
+    # the defaults: the script's rank and type, the config's for the rest
+    assert reslora_config(script.parse_args([])) == ResLoRAConfig(rank=8, res_type="ms")

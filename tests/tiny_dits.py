@@ -1,4 +1,6 @@
-"""Tiny SD3 and Flux transformers and pipelines built from configs (random weights)."""
+"""Tiny SD3 and Flux transformers and pipelines built from configs (random weights), assembled
+as ``reslora_diffusers.data.random_pipelines`` assembles its presets (``sd3``, ``flux``) at sizes
+no preset scale reaches (the tiny VAE of ``tiny_pipes.py``, 32-wide text)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from reslora_diffusers.data.random_pipelines import assemble_pipeline
 from tests.tiny_pipes import TEXT_DIM, tiny_clip_config, tiny_tokenizer, tiny_vae
 
 #: the pooled text state: CLIP-L and CLIP-G's projections side by side for SD3, CLIP-L's for Flux
@@ -95,29 +98,17 @@ def tiny_sd3_pipeline(tmp: Path, seed: int = 0) -> StableDiffusion3Pipeline:
     torch.manual_seed(seed)
     te1 = CLIPTextModelWithProjection(tiny_clip_config(len(tok)))
     te2 = CLIPTextModelWithProjection(tiny_clip_config(len(tok)))
-    return StableDiffusion3Pipeline(
-        transformer=tiny_sd3_transformer(seed),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=dit_vae(seed),
-        text_encoder=te1,
-        tokenizer=tok,
-        text_encoder_2=te2,
-        tokenizer_2=tok,
-        text_encoder_3=tiny_t5(seed, vocab_size=len(tok)),
-        tokenizer_3=tok,
-    )
+    transformer, vae = tiny_sd3_transformer(seed), dit_vae(seed)
+    encoders = [te1, te2, tiny_t5(seed, vocab_size=len(tok))]
+    return assemble_pipeline("sd3", tok, transformer, vae, encoders, FlowMatchEulerDiscreteScheduler())
 
 
 def tiny_flux_pipeline(tmp: Path, seed: int = 0) -> FluxPipeline:
     """The transformer, VAE, CLIP encoder and a tiny T5 (the CLIP tokenizer stands in for T5's)."""
     tok = tiny_tokenizer(tmp)
     torch.manual_seed(seed)
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=dit_vae(seed),
-        text_encoder=CLIPTextModel(tiny_clip_config(len(tok))),
-        tokenizer=tok,
-        text_encoder_2=tiny_t5(seed, vocab_size=len(tok)),
-        tokenizer_2=tok,
-        transformer=tiny_flux_transformer(seed),
+    vae, clip = dit_vae(seed), CLIPTextModel(tiny_clip_config(len(tok)))
+    encoders = [clip, tiny_t5(seed, vocab_size=len(tok))]
+    return assemble_pipeline(
+        "flux", tok, tiny_flux_transformer(seed), vae, encoders, FlowMatchEulerDiscreteScheduler()
     )

@@ -1,4 +1,4 @@
-"""Tiny models for the core tests, and an independent re-statement of the ResLoRA formulas."""
+"""Tiny models for the core tests (the ResLoRA formulas they are checked against: ``reference.py``)."""
 
 from __future__ import annotations
 
@@ -86,35 +86,3 @@ def randomize_lora(model: nn.Module, seed: int = 0, scale: float = 0.3) -> None:
         for name, p in model.named_parameters():
             if name.endswith("lora_B") or name.endswith("lora_A"):
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def reference_residual_stack(
-    model: ResidualStack, x: torch.Tensor, res_type: str, m: int, s: float, c: float = 1.0
-) -> torch.Tensor:
-    """The DESIGN table written out directly from the weights, independent of the library;
-    ``c`` multiplies every shortcut term (the shortcut scale)."""
-    blocks = [layer.proj for layer in model.layers]
-    W = [b.base_layer.weight for b in blocks]
-    bias = [b.base_layer.bias for b in blocks]
-    A = [b.lora_A for b in blocks]
-    B = [b.lora_B for b in blocks]
-    xs = []
-    h = x
-    for n in range(len(blocks)):
-        xn = h
-        xs.append(xn)
-        base = xn @ W[n].T + bias[n]
-        if res_type == "none":
-            term = xn @ A[n].T @ B[n].T
-        elif res_type == "is":
-            inp = xn + c * xs[n - 1] if n > 0 else xn
-            term = inp @ A[n].T @ B[n].T
-        elif res_type == "bs":
-            term = xn @ A[n].T @ B[n].T + c * sum(
-                xn @ A[n - k].T @ B[n - k].T for k in range(1, min(m, n) + 1)
-            )
-        elif res_type == "ms":
-            mid = xn @ A[n].T + c * sum(xs[n - k] @ A[n - k].T for k in range(1, min(m, n) + 1))
-            term = mid @ B[n].T
-        h = h + torch.tanh(base + s * term)
-    return h

@@ -1,4 +1,5 @@
-"""The ResLoRA core: config, chains, layers, shortcut types, attach/detach and checkpoints.
+"""The ResLoRA core: config, chains, layers, shortcut types, attach/detach, checkpoints, LoRA key
+names (:mod:`.keys`) and the shortcut schedule (:mod:`.schedule`).
 
 The maths of the method lives here once and imports nothing else of the package (merges,
 front ends and exports build on it through the public names below).
@@ -22,6 +23,7 @@ from .inject import (
     traced_state,
     trainable_parameters,
 )
+from .keys import lora_factors, lora_key, lora_paths, prefixed
 from .layers import (
     ResLoRAConv1D,
     ResLoRAConv2d,
@@ -31,11 +33,14 @@ from .layers import (
     layer_class_for,
     register_layer,
 )
+from .schedule import DEFAULT_DECAY_START, SCHEDULES, check_schedule, shortcut_scale_at
 from .shortcuts import get_shortcut, register_shortcut, res_types
 
 __all__ = [
     "CALIBRATED_METHODS",
+    "DEFAULT_DECAY_START",
     "MERGE_METHODS",
+    "SCHEDULES",
     "Chain",
     "ResLoRAConfig",
     "ResLoRAConv1D",
@@ -47,6 +52,7 @@ __all__ = [
     "attach_reslora",
     "chain_key",
     "chain_structure",
+    "check_schedule",
     "checkpoint_configs",
     "detach_reslora",
     "find_targets",
@@ -56,7 +62,11 @@ __all__ = [
     "is_conv1d",
     "layer_class_for",
     "load_checkpoint",
+    "lora_factors",
+    "lora_key",
+    "lora_paths",
     "matches_target",
+    "prefixed",
     "register_layer",
     "register_shortcut",
     "res_types",
@@ -64,6 +74,7 @@ __all__ = [
     "save_reslora_checkpoint",
     "set_shortcut_scale",
     "shortcut_scale",
+    "shortcut_scale_at",
     "traced_state",
     "trainable_parameters",
 ]

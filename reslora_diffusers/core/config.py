@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from .shortcuts import res_types
 
@@ -48,17 +48,53 @@ class ResLoRAConfig:
         init: ``kaiming`` (A kaiming-uniform, as PEFT) or ``gaussian`` (A ~ N(0, 1/r)); B is zero.
     """
 
-    rank: int = 4
-    alpha: float | None = None
-    dropout: float = 0.0
-    res_type: str = "bs"
-    pre_num: int = 1
-    target_modules: list[str] | None = None
-    exclude_modules: list[str] | None = None
-    merge: str = "calibrated"
-    norm_window: int = 100
-    record_norms: bool | None = None
-    init: str = "kaiming"
+    # ``metadata``: the help text of the command-line flag generated from the field
+    # (:mod:`reslora_diffusers.training.flags`; ``{types}`` placeholders there), the flag's name
+    # where it is not the field's (diffusers' scripts' ``--lora_alpha``), and its choices
+    rank: int = field(default=4, metadata={"help": "LoRA rank r"})
+    alpha: float | None = field(
+        default=None,
+        metadata={
+            "flag": "lora_alpha",
+            "help": "LoRA alpha, scaling s = alpha / rank (default: the rank, s = 1)",
+        },
+    )
+    dropout: float = field(
+        default=0.0, metadata={"flag": "lora_dropout", "help": "dropout on the branch input in training"}
+    )
+    res_type: str = field(
+        default="bs",
+        metadata={"choices": res_types, "help": "shortcut type ({all_types}; none: plain LoRA)"},
+    )
+    pre_num: int = field(default=1, metadata={"help": "earlier blocks m in a {pre_num_types} shortcut"})
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "module-name suffixes to adapt (default: the preset of the model's family)"},
+    )
+    exclude_modules: list[str] | None = field(
+        default=None, metadata={"help": "full module paths never adapted, even where a target names them"}
+    )
+    merge: str = field(
+        default="calibrated",
+        metadata={
+            "choices": MERGE_METHODS,
+            "help": "how the {approximate_types} shortcuts are merged away at export ({exact_types}: exactly)",
+        },
+    )
+    norm_window: int = field(
+        default=100, metadata={"help": "length of each block's sliding window of input norms (merge input)"}
+    )
+    record_norms: bool | None = field(
+        default=None,
+        metadata={
+            "help": "record the norm windows of merge input even when the merge is another "
+            "({approximate_types}; merge input records them anyway): for a later merge input"
+        },
+    )
+    init: str = field(
+        default="kaiming",
+        metadata={"choices": INIT_METHODS, "help": "A's initialisation (kaiming: PEFT's); B starts at zero"},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):

@@ -86,6 +86,9 @@ class ResLoRALayer(nn.Module, ABC):
     #: (a layer kind whose ``A`` product depends on more than its rows, a convolution's
     #: geometry, says no)
     stacks_rows: bool = True
+    #: the base weight is stored ``(in, out)`` (transformers' ``Conv1D``): PEFT's ``LoraConfig``
+    #: must say so in ``fan_in_fan_out`` for the exported factors to apply
+    fan_in_fan_out: bool = False
 
     def __init__(
         self,

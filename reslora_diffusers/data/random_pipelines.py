@@ -205,6 +205,41 @@ def clip_g_config(scale: float = 1.0) -> dict:
 # ----------------------------------------------------------------------------- pipelines
 
 
+def assemble_pipeline(preset: str, tokenizer, denoiser, vae, text_encoders: list, scheduler=None):
+    """The diffusers pipeline of ``preset`` from its models: ``denoiser`` (UNet or transformer),
+    ``vae`` and ``text_encoders`` in the pipeline's order (SD 1.5: CLIP-L; SDXL: CLIP-L, CLIP-G;
+    SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5), ``tokenizer`` for every text encoder;
+    ``scheduler`` default: the preset's. What :func:`build_random_pipeline` builds at a scale,
+    and the tests' tiny pipelines at sizes no scale reaches (fewer resolution levels)."""
+    import diffusers
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r}: allowed {' | '.join(PRESETS)}")
+    if preset in ("sd15", "sdxl"):
+        scheduler = scheduler or _sd_scheduler()
+    else:
+        scheduler = scheduler or diffusers.FlowMatchEulerDiscreteScheduler(**_FLOW_SCHEDULERS[preset])
+    names = ["text_encoder", "text_encoder_2", "text_encoder_3"][: len(text_encoders)]
+    models = dict(zip(names, text_encoders))
+    models |= {n.replace("text_encoder", "tokenizer"): tokenizer for n in names}
+    if preset == "sd15":
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        return diffusers.StableDiffusionPipeline(
+            unet=denoiser, vae=vae, scheduler=scheduler, **models, **extra
+        )
+    if preset == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(unet=denoiser, vae=vae, scheduler=scheduler, **models)
+    pipeline_class = diffusers.StableDiffusion3Pipeline if preset == "sd3" else diffusers.FluxPipeline
+    return pipeline_class(transformer=denoiser, vae=vae, scheduler=scheduler, **models)
+
+
+#: the flow-matching schedulers of SD3 medium and Flux dev
+_FLOW_SCHEDULERS = {
+    "sd3": {"shift": 3.0},
+    "flux": {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15},
+}
+
+
 def build_random_pipeline(preset: str, tokenizer_dir: str | Path, scale: float = 1.0):
     """The diffusers pipeline of ``preset`` with random weights (tokenizer files go to ``tokenizer_dir``)."""
     import diffusers
@@ -223,51 +258,23 @@ def build_random_pipeline(preset: str, tokenizer_dir: str | Path, scale: float =
 
     vae = diffusers.AutoencoderKL(**vae_config(preset, scale))
     if preset == "sd15":
-        return diffusers.StableDiffusionPipeline(
-            unet=diffusers.UNet2DConditionModel(**sd15_unet_config(scale)),
-            vae=vae,
-            text_encoder=clip(clip_l_config(scale)),
-            tokenizer=tok,
-            scheduler=_sd_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        unet = diffusers.UNet2DConditionModel(**sd15_unet_config(scale))
+        return assemble_pipeline(preset, tok, unet, vae, [clip(clip_l_config(scale))])
     if preset == "sdxl":
-        return diffusers.StableDiffusionXLPipeline(
-            unet=diffusers.UNet2DConditionModel(**sdxl_unet_config(scale)),
-            vae=vae,
-            text_encoder=clip(clip_l_config(scale)),
-            text_encoder_2=clip(clip_g_config(scale), CLIPTextModelWithProjection),
-            tokenizer=tok,
-            tokenizer_2=tok,
-            scheduler=_sd_scheduler(),
-        )
+        unet = diffusers.UNet2DConditionModel(**sdxl_unet_config(scale))
+        encoders = [clip(clip_l_config(scale)), clip(clip_g_config(scale), CLIPTextModelWithProjection)]
+        return assemble_pipeline(preset, tok, unet, vae, encoders)
     if preset == "sd3":
         transformer = diffusers.SD3Transformer2DModel(**sd3_transformer_config(scale))
-        return diffusers.StableDiffusion3Pipeline(
-            transformer=transformer,
-            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=vae,
-            text_encoder=clip(clip_l_config(scale), CLIPTextModelWithProjection),
-            tokenizer=tok,
-            text_encoder_2=clip(clip_g_config(scale), CLIPTextModelWithProjection),
-            tokenizer_2=tok,
-            text_encoder_3=_t5(transformer.config.joint_attention_dim, len(tok)),
-            tokenizer_3=tok,
-        )
+        encoders = [
+            clip(clip_l_config(scale), CLIPTextModelWithProjection),
+            clip(clip_g_config(scale), CLIPTextModelWithProjection),
+            _t5(transformer.config.joint_attention_dim, len(tok)),
+        ]
+        return assemble_pipeline(preset, tok, transformer, vae, encoders)
     transformer = diffusers.FluxTransformer2DModel(**flux_transformer_config(scale))
-    return diffusers.FluxPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
-        ),
-        vae=vae,
-        text_encoder=clip(clip_l_config(scale)),
-        tokenizer=tok,
-        text_encoder_2=_t5(transformer.config.joint_attention_dim, len(tok)),
-        tokenizer_2=tok,
-        transformer=transformer,
-    )
+    encoders = [clip(clip_l_config(scale)), _t5(transformer.config.joint_attention_dim, len(tok))]
+    return assemble_pipeline(preset, tok, transformer, vae, encoders)
 
 
 def _sd_scheduler():

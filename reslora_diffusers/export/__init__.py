@@ -1,29 +1,33 @@
-"""Standard LoRA files out: diffusers/PEFT keys, kohya-ss keys, PEFT adapter folders.
+"""Standard LoRA files out: one file per format, PEFT adapter folders, loading with checks.
 
-:mod:`.keys` names LoRA keys once; :mod:`.diffusers` writes pipeline LoRA files and the merge
-report; :mod:`.kohya` the kohya-ss file (names from the model families); :mod:`.peft` adapter
-folders for transformers models; :mod:`.loading` checks a file against a pipeline.
+* :mod:`.formats`: the :class:`LoRAFormat` contract and the registry (:func:`register_format`);
+* :mod:`.diffusers`, :mod:`.kohya`: the formats (kohya-ss key tables keyed by pipeline family);
+* :mod:`.pipeline`: :func:`export_lora`, merging a pipeline's components and writing every format
+  and the merge report; :func:`fuse_lora`;
+* :mod:`.peft`: PEFT adapter folders for transformers models;
+* :mod:`.loading`: a LoRA file checked against a pipeline by its format, and loaded.
 
-The writers are imported on first use: the merge package reads :mod:`.keys` and the
-writers read the merge package, so importing them here would make a cycle.
+LoRA key names are :mod:`reslora_diffusers.core.keys`.
 """
 
-from importlib import import_module
+from .diffusers import DIFFUSERS, DIFFUSERS_FILE
+from .formats import REPORT_FILE, LoRAFormat, get_format, lora_formats, register_format, unregister_format
+from .kohya import KOHYA, KOHYA_FILE
+from .peft import export_peft_adapter
+from .pipeline import export_lora, fuse_lora
 
-_WRITERS = {
-    "DIFFUSERS_FILE": ".diffusers",
-    "REPORT_FILE": ".diffusers",
-    "export_lora": ".diffusers",
-    "fuse_lora": ".diffusers",
-    "KOHYA_FILE": ".kohya",
-    "export_peft_adapter": ".peft",
-}
-
-
-def __getattr__(name: str):
-    if name in _WRITERS:
-        return getattr(import_module(_WRITERS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_WRITERS)
+__all__ = [
+    "DIFFUSERS",
+    "DIFFUSERS_FILE",
+    "KOHYA",
+    "KOHYA_FILE",
+    "REPORT_FILE",
+    "LoRAFormat",
+    "export_lora",
+    "export_peft_adapter",
+    "fuse_lora",
+    "get_format",
+    "lora_formats",
+    "register_format",
+    "unregister_format",
+]

@@ -7,8 +7,9 @@ module ``A'`` (r' x in) and ``B'`` (out x r') with the scaling already in ``B'``
 ``bs`` (``(k+1) r`` with ``k`` predecessors) and after ``rank=`` truncation; the modules whose
 rank differs from the most common one get their own entry in PEFT's ``rank_pattern`` and
 ``alpha_pattern`` (keys are the escaped full module paths, longest first, so each matches
-exactly one module). GPT-2's ``Conv1D`` layers are written with ``fan_in_fan_out=True``; ``Conv2d``
-layers as PEFT's convolution LoRA (``A`` ``(r, in, kh, kw)``, ``B`` ``(out, r, 1, 1)``).
+exactly one module). Layers whose weight is stored ``(in, out)`` (the layer's ``fan_in_fan_out``,
+GPT-2's ``Conv1D``) are written with ``fan_in_fan_out=True``; ``Conv2d`` layers as PEFT's
+convolution LoRA (``A`` ``(r, in, kh, kw)``, ``B`` ``(out, r, 1, 1)``).
 
 Files written atomically to ``output_dir``:
 
@@ -29,14 +30,14 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ..core import ResLoRAConv1D, ResLoRALayer, get_state
+from ..core import ResLoRALayer, get_state
 from ..merge import DEFAULT_DISTILL_STEPS, Batch, MergedLoRA, merge_to_lora
 from ..utils.io import atomic_dir
 from ..utils.safety import save_safetensors
+from .formats import REPORT_FILE
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
-REPORT_NAME = "merge_report.json"
 
 #: PEFT task type -> (transformers auto-class mapping, class-name suffix, heads PEFT saves for it)
 _TASKS = {
@@ -97,7 +98,7 @@ def export_peft_adapter(
     with atomic_dir(output_dir) as tmp:
         save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         peft_config.save_pretrained(str(tmp))
-        (tmp / REPORT_NAME).write_text(json.dumps(merged.report.to_dict(), indent=2, sort_keys=True))
+        (tmp / REPORT_FILE).write_text(json.dumps(merged.report.to_dict(), indent=2, sort_keys=True))
     return merged
 
 
@@ -116,7 +117,7 @@ def lora_config_for(model: nn.Module, merged: MergedLoRA, task_type: str | None,
         alpha_pattern=dict(pattern),
         target_modules=sorted(ranks),
         lora_dropout=state.config.dropout,
-        fan_in_fan_out=any(isinstance(state.blocks[p], ResLoRAConv1D) for p in ranks),
+        fan_in_fan_out=any(state.blocks[p].fan_in_fan_out for p in ranks),
         bias="none",
         task_type=task_type,
         modules_to_save=modules_to_save or None,

@@ -1,13 +1,16 @@
-"""Model families: one file each, registered on import (see :func:`.base.frontend_for`).
+"""Model and pipeline families: one file each, registered on import.
 
-* :mod:`.base`: the :class:`FrontEnd` contract, the registry and the generic family
-  (any ``nn.Module``, targets named by the user);
+* :mod:`.base`: the :class:`FrontEnd` contract of a model family, its registry
+  (:func:`frontend_for`) and the generic family (any ``nn.Module``, targets named by the user);
+* :mod:`.pipelines`: the :class:`PipelineFamily` contract of a diffusers pipeline family (its
+  components, text encoders, objective, LoRA-scale keyword, file formats), its registry and
+  ResLoRA on pipelines;
 * :mod:`.transformers_lm`: transformers language models, targets by ``model_type``;
 * :mod:`.clip_text`: CLIP text encoders; :mod:`.t5_text`: T5 encoders;
-* :mod:`.sd_unet`: Stable Diffusion UNets (synthetic inputs, SGM names for SDXL);
-* :mod:`.dit`, :mod:`.sd3`, :mod:`.flux`: SD3's and Flux's diffusion transformers;
-* :mod:`.pipelines`: diffusers pipelines (the pipeline families and their components), with
-  the families in :mod:`.sd_pipeline`, :mod:`.sd3` and :mod:`.flux`.
+* the diffusion families, each its model family, pipeline family and training objective:
+  :mod:`.sd` (SD 1.x/2.x), :mod:`.sdxl`, :mod:`.sd3` and :mod:`.flux` (sharing :mod:`.dit`).
+
+A new diffusion family is one more file of this kind, imported below.
 """
 
 from .base import GENERIC, FrontEnd, frontend_for, register_frontend
@@ -20,19 +23,28 @@ from .pipelines import (
     components_family,
     is_pipeline,
     pipeline_components,
+    pipeline_families,
     pipeline_family,
     register_pipeline_family,
     remove_reslora_from_pipeline,
     reslora_components,
 )
+from .sd import (
+    DEFAULT_UNET_TARGETS,
+    SD_PIPELINES,
+    SD_UNET,
+    UNET_CONV_TARGETS,
+    UNET_FEEDFORWARD_TARGETS,
+    UNET_TARGETS,
+)
 from .sd3 import SD3_PIPELINES, SD3_TRANSFORMER
-from .sd_pipeline import SD_PIPELINES
-from .sd_unet import SD_UNET, UNET_CONV_TARGETS, UNET_FEEDFORWARD_TARGETS, UNET_TARGETS
+from .sdxl import SDXL_PIPELINES, SDXL_UNET
 from .t5_text import T5_TEXT
 from .transformers_lm import PRESETS, TRANSFORMERS_LM, preset_targets
 
 __all__ = [
     "CLIP_TEXT",
+    "DEFAULT_UNET_TARGETS",
     "DIT_ATTENTION_TARGETS",
     "DIT_FEEDFORWARD_TARGETS",
     "DIT_IMAGE_FEEDFORWARD_TARGETS",
@@ -43,6 +55,8 @@ __all__ = [
     "PRESETS",
     "SD3_PIPELINES",
     "SD3_TRANSFORMER",
+    "SDXL_PIPELINES",
+    "SDXL_UNET",
     "SD_PIPELINES",
     "SD_UNET",
     "T5_TEXT",
@@ -57,6 +71,7 @@ __all__ = [
     "frontend_for",
     "is_pipeline",
     "pipeline_components",
+    "pipeline_families",
     "pipeline_family",
     "preset_targets",
     "register_frontend",

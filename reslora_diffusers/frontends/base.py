@@ -1,9 +1,9 @@
 """What a model family tells ResLoRA, and the registry that finds the family of a model.
 
-A family (one file in this package, like diffusers' per-pipeline LoRA loader mixins) says:
-how to recognise its models, its default targets, how ResLoRA goes on and comes off (when it
-changes more than the targets), synthetic inputs for merge reports when no data is given, and the
-module names its LoRA files use.
+A model family (a class in this package's family files) says: how to recognise its models, its
+default targets, how ResLoRA goes on and comes off (when it changes more than the targets),
+synthetic inputs for merge reports when no data is given, and the module paths its LoRA files
+use. The pipeline families built on them are :mod:`.pipelines`.
 """
 
 from __future__ import annotations
@@ -73,10 +73,6 @@ class FrontEnd:
     def file_path(self, model: nn.Module, path: str) -> str:
         """The module path as LoRA files of this family spell it."""
         return path
-
-    def kohya_name(self, model: nn.Module, path: str, layout: str) -> str:
-        """The module part of a kohya key (``<prefix>_<this>.lora_down.weight``)."""
-        return self.file_path(model, path).replace(".", "_")
 
 
 _FAMILIES: list[FrontEnd] = []

@@ -1,4 +1,5 @@
-"""Flux: ``FluxTransformer2DModel`` and ``FluxPipeline``.
+"""Flux: ``FluxTransformer2DModel``, ``FluxPipeline`` and their rectified-flow training
+(:class:`FluxFlowMatching`).
 
 The 19 double-stream blocks (``transformer_blocks``: joint attention with separate image and
 text projections) run before the 38 single-stream blocks (``single_transformer_blocks``:
@@ -19,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from ..core import ResLoRAConfig
+from ..objectives import FlowMatchingObjective
 from .base import register_frontend, to_model
-from .dit import DIT_FEEDFORWARD_TARGETS, DiTFrontEnd, text_conditioning
+from .dit import DIT_ATTENTION_TARGETS, DIT_FEEDFORWARD_TARGETS, DiTFrontEnd, text_conditioning
 from .pipelines import PipelineFamily, register_pipeline_family
 
 #: the feed-forward layers of both block kinds: the double blocks' ``ff``/``ff_context`` and
@@ -30,6 +32,8 @@ FLUX_FEEDFORWARD_TARGETS = (*DIT_FEEDFORWARD_TARGETS, "proj_mlp", "proj_out")
 FLUX_OUTPUT_LAYER = "proj_out"
 #: ``FluxLoraLoaderMixin`` loads LoRA weights for the CLIP encoder, not the T5 ``text_encoder_2``
 FLUX_TEXT_ENCODERS = ("text_encoder",)
+#: the T5 encoder, whose states are the prompt's sequence states
+FLUX_T5_ENCODER = "text_encoder_2"
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -82,6 +86,49 @@ class FluxTransformer(DiTFrontEnd):
         return out
 
 
+class FluxFlowMatching(FlowMatchingObjective):
+    """Flux: CLIP-L's pooled state and the T5 states, text ids 0; latents packed into 2 x 2
+    patch tokens with ids ``(0, row, col)``; timesteps ``sigma``; the guidance embedding gets
+    ``--guidance_scale`` (Flux dev; models without it ignore the flag)."""
+
+    target_modules = DIT_ATTENTION_TARGETS
+    clip_encoders = FLUX_TEXT_ENCODERS
+    t5_encoder = FLUX_T5_ENCODER
+
+    def latent_multiple(self) -> int:
+        """2: latents are packed in 2 x 2 patches."""
+        return 2
+
+    def side_reason(self) -> str:
+        return f"latents of {self.vae_scale}x smaller size are packed in 2 x 2 patches"
+
+    def encode_text(self, models, captions, input_ids=None):
+        (name,) = self.clip_encoders
+        ids = self.token_ids(name, captions).to(self.device(models))
+        pooled = models[name](ids, output_hidden_states=False)
+        return {
+            "encoder_hidden_states": self.t5_states(models, captions),
+            "pooled_projections": pooled.pooler_output,
+        }
+
+    def transformer_inputs(self, noisy, timesteps, text):
+        b, _, h, w = noisy.shape
+        states = text["encoder_hidden_states"]
+        inputs = {
+            "hidden_states": pack_latents(noisy),
+            "timestep": timesteps / 1000,
+            "img_ids": latent_image_ids(h // 2, w // 2).to(noisy),
+            "txt_ids": torch.zeros(states.shape[1], 3, device=states.device, dtype=states.dtype),
+            **text,
+        }
+        if self.denoiser_config.guidance_embeds:
+            inputs["guidance"] = torch.full((b,), self.args.guidance_scale, device=noisy.device)
+        return inputs
+
+    def layout(self, latents):
+        return pack_latents(latents)
+
+
 class FluxPipelines(PipelineFamily):
     """``FluxPipeline`` and the other pipelines around a ``FluxTransformer2DModel``.
 
@@ -91,12 +138,15 @@ class FluxPipelines(PipelineFamily):
     """
 
     name = "flux"
+    title = "Flux"
+    pipeline_class = "FluxPipeline"
     denoiser = "transformer"
     denoiser_family = FluxTransformer.name
     text_encoders = FLUX_TEXT_ENCODERS
-    no_kohya_reason = (
-        "ComfyUI and diffusers load the diffusers file (transformer.<path>.lora_A.weight keys) for Flux"
-    )
+    prompt_encoders = (*FLUX_TEXT_ENCODERS, FLUX_T5_ENCODER)
+    shifts_latents = True
+    lora_scale_kwarg = "joint_attention_kwargs"
+    objective = FluxFlowMatching
 
 
 FLUX_TRANSFORMER = register_frontend(FluxTransformer())

@@ -1,11 +1,15 @@
-"""diffusers pipelines: which components carry ResLoRA, per pipeline family, and a registry.
+"""diffusers pipelines: the pipeline-family contract, its registry, and ResLoRA on pipelines.
 
-A pipeline family (Stable Diffusion in :mod:`.sd_pipeline`, SD3 in :mod:`.sd3`, Flux in
-:mod:`.flux`) names its denoiser component (``unet``, ``transformer``), the text encoders that
-``train_text_encoder`` adapts (those diffusers' ``load_lora_weights`` loads for it), and the
-LoRA file formats written for it. The family of a pipeline, or of a ``{component: model}``
-dict as :func:`~reslora_diffusers.export.export_lora` gets it, is the one whose denoiser
-component belongs to its model family.
+A pipeline family (one file each: :mod:`.sd`, :mod:`.sdxl`, :mod:`.sd3`, :mod:`.flux`), like the
+``*LoraLoaderMixin`` classes of diffusers with their ``_lora_loadable_modules``, declares what
+the library and the training script need of its pipelines: its denoiser component (``unet``,
+``transformer``) and that component's model family, the text encoders ``train_text_encoder``
+adapts (those diffusers' ``load_lora_weights`` loads for it), every text encoder its prompts
+go through, its training objective (:mod:`reslora_diffusers.objectives`), the keyword its
+pipelines take the LoRA scale in, and the LoRA file formats written for it by default. The
+family of a pipeline, or of a ``{component: model}`` dict as
+:func:`~reslora_diffusers.export.export_lora` gets it, is the one whose denoiser component
+belongs to its model family.
 """
 
 from __future__ import annotations
@@ -19,21 +23,38 @@ from .base import frontend_for, is_instance
 
 
 class PipelineFamily:
-    """One kind of diffusers pipeline; subclasses set the names and, for kohya files, the layout."""
+    """One kind of diffusers pipeline; a subclass sets the class attributes (module doc)."""
 
+    #: the family's name in messages and file metadata (``stable_diffusion_xl``)
     name = "pipeline"
+    #: how people name it (``SDXL``)
+    title = ""
     #: families are tried from the highest priority down; a set of text encoders alone
     #: belongs to the first family that has them all (Stable Diffusion's, the oldest)
     priority = 0
-    #: the denoiser's component name and the :class:`~.base.FrontEnd` name of its model family
-    denoiser = "unet"
+    #: the diffusers class its pipelines load as (``StableDiffusionXLPipeline``), by name: the
+    #: package imports no diffusers until it is used
+    pipeline_class = "DiffusionPipeline"
+    #: the denoiser's component name (``unet``) and the :class:`~.base.FrontEnd` name of its
+    #: model family
+    denoiser = ""
     denoiser_family = ""
     #: the text encoders ``train_text_encoder`` adapts (those the family's LoRA loader loads)
     text_encoders: tuple[str, ...] = ()
-    #: the LoRA files :func:`~reslora_diffusers.export.export_lora` writes by default
+    #: every text encoder its prompts go through, in the order their states are joined (SD3's
+    #: T5 encoder is one, though its LoRA loader loads no T5 weights)
+    prompt_encoders: tuple[str, ...] = ()
+    #: the latents its denoiser reads are ``(z - shift_factor) * scaling_factor`` (SD3, Flux),
+    #: not ``z * scaling_factor`` (their VAEs have a ``shift_factor``)
+    shifts_latents = False
+    #: the keyword argument of the pipeline call that takes the LoRA scale as ``{"scale": s}``
+    lora_scale_kwarg = ""
+    #: the LoRA files :func:`~reslora_diffusers.export.export_lora` writes by default (names of
+    #: :mod:`reslora_diffusers.export` formats)
     formats: tuple[str, ...] = ("diffusers",)
-    #: why there is no kohya-ss file (for the error when one is asked for)
-    no_kohya_reason = ""
+    #: how ``train_text_to_image.py`` trains its pipelines (an
+    #: :class:`~reslora_diffusers.objectives.Objective` subclass); None: it does not
+    objective: type | None = None
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -44,8 +65,12 @@ class PipelineFamily:
         denoiser = components.get(self.denoiser)
         return denoiser is not None and frontend_for(denoiser).name == self.denoiser_family
 
-    def check_components(self, components: dict[str, nn.Module], formats: tuple[str, ...]) -> None:
-        """Refuse components or formats the family's LoRA files cannot carry, naming them."""
+    def lora_scale_kwargs(self, scale: float) -> dict:
+        """The pipeline call's keyword arguments that scale every loaded LoRA by ``scale``."""
+        return {self.lora_scale_kwarg: {"scale": scale}}
+
+    def check_components(self, components: dict[str, nn.Module]) -> None:
+        """Refuse components the family's LoRA files cannot carry, naming the first."""
         extra = sorted(set(components) - set(self.components))
         if extra:
             raise ValueError(
@@ -53,30 +78,22 @@ class PipelineFamily:
                 f"(diffusers' load_lora_weights); component {extra[0]!r} cannot go into its LoRA file "
                 "(export a transformers text encoder with export_peft_adapter)"
             )
-        if "kohya" in formats and "kohya" not in self.formats:
-            raise ValueError(f"no kohya-ss file for {self.name} pipelines: {self.no_kohya_reason}")
-
-    # -- kohya-ss files (families whose ``formats`` include ``kohya`` override these) ---------
-    def kohya_layout(self, components: dict[str, nn.Module]) -> str:
-        """The kohya-ss naming scheme of these components (e.g. ``sd``, ``sdxl``)."""
-        raise ValueError(f"no kohya-ss file for {self.name} pipelines: {self.no_kohya_reason}")
-
-    def kohya_prefix(self, component: str, layout: str) -> str:
-        """The key prefix of a component (``lora_unet``, ``lora_te1``...)."""
-        raise ValueError(f"no kohya-ss file for {self.name} pipelines: {self.no_kohya_reason}")
-
-    def kohya_metadata(self, components: dict[str, nn.Module], layout: str) -> dict[str, str]:
-        """The ``ss_*`` metadata that names the base model."""
-        return {}
 
 
 _PIPELINES: list[PipelineFamily] = []
 
 
 def register_pipeline_family(family: PipelineFamily) -> PipelineFamily:
+    """Add a family; pipelines and components are matched against families by ``priority``,
+    highest first."""
     _PIPELINES.append(family)
     _PIPELINES.sort(key=lambda f: -f.priority)
     return family
+
+
+def pipeline_families() -> tuple[PipelineFamily, ...]:
+    """The registered pipeline families, highest priority first."""
+    return tuple(_PIPELINES)
 
 
 def is_pipeline(obj) -> bool:

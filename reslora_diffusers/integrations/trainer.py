@@ -13,7 +13,7 @@ checkpoint can be merged or exported later with ``load_reslora_checkpoint`` on a
 
 ``ResLoRACallback(shortcut_schedule="cosine")`` also sets the shortcut scale before every
 step from ``state.global_step / state.max_steps`` (see
-:func:`reslora_diffusers.training.schedule.shortcut_scale_at`): 1 until ``decay_start``, then
+:func:`reslora_diffusers.core.schedule.shortcut_scale_at`): 1 until ``decay_start``, then
 down to exactly 0 at the last step, so that the trained model exports exactly.
 
 Gradient checkpointing (``TrainingArguments(gradient_checkpointing=True)``) works with
@@ -29,7 +29,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core import has_reslora, save_reslora_checkpoint, set_shortcut_scale
-from ..training.schedule import check_schedule, shortcut_scale_at
+from ..core.schedule import check_schedule, shortcut_scale_at
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from ..core import ResLoRALayer, traced_state
+from ..core.keys import lora_key
 from ..core.shortcuts import CalibrationTerm
-from ..export.keys import lora_key
 from .error import Batch, eval_mode, merged_view, run_batch
 
 

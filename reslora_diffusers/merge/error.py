@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..core import get_state
-from ..export.keys import lora_key
+from ..core.keys import lora_key
 
 Batch = torch.Tensor | tuple | list | dict
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..core import CALIBRATED_METHODS, MERGE_METHODS, ResLoRALayer, traced_state
-from ..export.keys import lora_factors, lora_key
+from ..core.keys import lora_factors, lora_key
 from .calibration import calibrate, calibrate_sequential
 from .distill import DEFAULT_DISTILL_LR, DEFAULT_DISTILL_STEPS, distill
 from .error import Batch, relative_error
@@ -55,11 +55,6 @@ class MergeReport:
     #: ``merge="distill"``: steps, lr and the relative output error on the calibration batches
     #: before (the calibrated merge) and after the fit; on ``eval_inputs`` too when given
     distill: dict = field(default_factory=dict)
-
-    @property
-    def fidelity(self) -> float | None:
-        """Deprecated name of :attr:`output_error` (it is an error: lower is better)."""
-        return self.output_error
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..utils.errors import one_line
 from .data import CropPlan, TextImageDataset, source_bytes
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class EntryStore:
         except (SafetensorError, OSError, ValueError) as err:
             if not path.exists():
                 raise FileNotFoundError(path) from err
-            raise DamagedEntry(f"unreadable ({' '.join(str(err).split())})") from err
+            raise DamagedEntry(f"unreadable ({one_line(err)})") from err
         if stored_key != self.key_text(key):
             raise DamagedEntry("it was written for another key")
         got = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from ..core import get_shortcut
 from ..data import default_base_model_path, default_dit_base_path
+from ..export import DIFFUSERS, REPORT_FILE, get_format
 from ..utils.io import atomic_path
+from .run_folder import RunFolder
 
 CARD = """---
 library_name: diffusers
@@ -40,7 +42,7 @@ A LoRA for `{base_id}` trained with `train_text_to_image.py` of reslora-diffuser
 from diffusers import DiffusionPipeline
 {base_import}
 pipe = DiffusionPipeline.from_pretrained({base_arg})
-pipe.load_lora_weights("{output_dir}")  # pytorch_lora_weights.safetensors
+pipe.load_lora_weights("{output_dir}")  # {lora_file}
 ```
 
 {files}
@@ -115,20 +117,20 @@ def method_text(args: argparse.Namespace, denoiser: str = "UNet") -> str:
 
 
 def files_text(args: argparse.Namespace, formats: tuple[str, ...] = ("diffusers", "kohya")) -> str:
-    """The files of ``output_dir``; the kohya file (for pipeline families with that ``formats``),
-    merge report and ResLoRA checkpoint come from ResLoRA runs only (``--use_peft`` writes
-    diffusers' own LoRA file)."""
-    files = ["`pytorch_lora_weights.safetensors` (diffusers/PEFT keys)"]
+    """The files of ``output_dir``: the LoRA file of each of ``formats`` (the pipeline family's),
+    merge report and ResLoRA checkpoint from ResLoRA runs (``--use_peft`` writes diffusers' own
+    LoRA file alone)."""
+    written = (DIFFUSERS.name,) if args.use_peft else formats
+    files = [f"`{get_format(name).file_name}` ({get_format(name).description})" for name in written]
     if not args.use_peft:
-        files += ["`lora_kohya.safetensors` (kohya-ss keys)"] if "kohya" in formats else []
         files += [
-            "`merge_report.json` (relative output error of the merged LoRA against the trained "
+            f"`{REPORT_FILE}` (relative output error of the merged LoRA against the trained "
             "ResLoRA model on held-out inputs from the training data)",
-            "`reslora_checkpoint.safetensors` (the unmerged ResLoRA weights, to continue training)",
+            f"`{RunFolder.CHECKPOINT}` (the unmerged ResLoRA weights, to continue training)",
         ]
     files += [
-        "`train_log.jsonl` (step, loss, lr, time; validation accuracy)",
-        "`validation/` (image grids: one row per seed, one column per prompt)",
+        f"`{RunFolder.LOG}` (step, loss, lr, time; validation accuracy)",
+        f"`{RunFolder.VALIDATION}/` (image grids: one row per seed, one column per prompt)",
     ]
     if args.checkpointing_steps:
         files.append(
@@ -183,10 +185,11 @@ def write_model_card(
         accuracy=accuracy_text(*accuracy),
         grid=f"Final samples:\n\n![samples]({grid.relative_to(output_dir).as_posix()})" if grid else "",
         output_dir=output_dir,
+        lora_file=DIFFUSERS.file_name,
         files=files_text(args, formats),
         command=shlex.join(["python", "train_text_to_image.py", *argv]),
     )
-    path = Path(output_dir) / "README.md"
+    path = RunFolder(output_dir).card_file
     with atomic_path(path) as tmp:
         tmp.write_text(card)
     return path

@@ -13,9 +13,10 @@ import re
 import shutil
 from pathlib import Path
 
+from ..utils.errors import one_line
 from ..utils.io import disk_space, replace
 from ..utils.safety import load_safetensors
-from .outputs import write_run_identity
+from .run_folder import write_run_identity
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,4 @@ def _load_state(path: Path, load):
     try:
         return load(path, map_location="cpu")
     except Exception as err:  # torch.load raises many types (RuntimeError, EOFError, UnpicklingError)
-        raise ValueError(
-            f"--resume_from_checkpoint: {path} is damaged ({' '.join(str(err).split())[:200]})"
-        ) from err
+        raise ValueError(f"--resume_from_checkpoint: {path} is damaged ({one_line(err)[:200]})") from err

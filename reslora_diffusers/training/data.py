@@ -40,6 +40,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..objectives import tokenize
+from ..utils.errors import one_line
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -187,7 +190,7 @@ def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, r
                 return _load_saved(local), f"dataset {dataset_name}"
             return load_dataset(name, revision=revision, split="train"), f"dataset {dataset_name}"
         except (OSError, ValueError, FileNotFoundError) as err:
-            raise ValueError(f"--dataset_name: could not load {dataset_name!r}: {_one_line(err)}") from err
+            raise ValueError(f"--dataset_name: could not load {dataset_name!r}: {one_line(err)}") from err
     data_dir = Path(train_data_dir)
     if not data_dir.is_dir():
         raise ValueError(f"--train_data_dir: folder {data_dir} does not exist")
@@ -199,7 +202,7 @@ def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, r
         with datasets_progress_off():
             dataset = load_dataset("imagefolder", data_dir=str(data_dir), split="train")
     except (OSError, ValueError, DatasetGenerationError) as err:
-        raise ValueError(f"--train_data_dir: could not read {data_dir}: {_one_line(err)}") from err
+        raise ValueError(f"--train_data_dir: could not read {data_dir}: {one_line(err)}") from err
     return dataset, f"folder {data_dir}"
 
 
@@ -260,10 +263,6 @@ def _load_saved(path: Path):
     return dataset
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
-
 def _source(value) -> str | bytes | None:
     """An undecoded ``datasets`` image: prefer the file path, else its encoded bytes (None: neither,
     a row naming a missing file)."""
@@ -306,7 +305,7 @@ def inspect_image(source: str | bytes) -> tuple[tuple[int, int] | None, str | No
     try:
         image = load_image(source)
     except Exception as err:  # PIL raises many types for bad files
-        return None, _one_line(err)
+        return None, one_line(err)
     return (image.height, image.width), None
 
 
@@ -522,17 +521,6 @@ def describe(dataset: TextImageDataset) -> list[str]:
     skipped = dataset.data.skipped_files
     lines.append(f"skipped {len(skipped)} image(s)" + (f": {_named(skipped)}" if skipped else ""))
     return lines
-
-
-def tokenize(tokenizer, captions: list[str], max_length: int | None = None) -> torch.Tensor:
-    """Token ids padded and truncated to ``max_length`` (default: the tokenizer's own)."""
-    return tokenizer(
-        captions,
-        max_length=max_length or tokenizer.model_max_length,
-        padding="max_length",
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
 
 
 def collate(items: list[dict]) -> dict:

@@ -27,6 +27,7 @@ from torch._dynamo import config as dynamo_config
 
 from ..core import get_state, has_reslora
 from ..frontends import frontend_for
+from ..utils.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def adamw_8bit_class() -> type[torch.optim.Optimizer]:
     except Exception as err:  # ImportError, or a build that fails to load its native library
         raise ValueError(
             "--use_8bit_adam needs bitsandbytes (pip install bitsandbytes), which does not load here: "
-            + " ".join(str(err).split())
+            + one_line(err)
         ) from err
     return bitsandbytes.optim.AdamW8bit
 

@@ -30,9 +30,14 @@ def register_shortcut(cls: type[Shortcut]) -> type[Shortcut]:
     return cls
 
 
-def res_types() -> tuple[str, ...]:
-    """The registered ``res_type`` names, in registration order."""
-    return tuple(_REGISTRY)
+def res_types(*, uses_pre_num: bool | None = None, exact_merge: bool | None = None) -> tuple[str, ...]:
+    """The registered ``res_type`` names, in registration order; only those whose class has the
+    given ``uses_pre_num`` / ``exact_merge`` where one is given (for messages and help texts)."""
+    return tuple(
+        name
+        for name, cls in _REGISTRY.items()
+        if uses_pre_num in (None, cls.uses_pre_num) and exact_merge in (None, cls.exact_merge)
+    )
 
 
 def get_shortcut(res_type: str, pre_num: int) -> Shortcut:

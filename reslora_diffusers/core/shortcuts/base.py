@@ -113,6 +113,12 @@ class Shortcut:
         return "LoRA" if self.plain else f"ResLoRA {self.name}"
 
     @property
+    def title(self) -> str:
+        """``ResLoRA <name>``, with `` m=<pre_num>`` where ``pre_num`` changes what the type
+        computes: how benchmark tables and the demo tell variants apart."""
+        return f"ResLoRA {self.name}" + (f" m={self.pre_num}" if self.uses_pre_num else "")
+
+    @property
     def reads_activations(self) -> bool:
         """Blocks read activations cached earlier in the same pass (which a pass under
         gradient checkpointing keeps for the recomputation in backward)."""

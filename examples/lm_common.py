@@ -1,5 +1,6 @@
-"""What the NLU and NLG examples share: the method flags, the ``TrainingArguments`` they
-map to, and model-ready batches for the merge (calibration and held-out output error)."""
+"""What the NLU and NLG examples (the scripts beside this file) share: the method flags, the
+``TrainingArguments`` they map to, and model-ready batches for the merge (calibration and
+held-out output error)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..core import MERGE_METHODS, ResLoRAConfig, get_shortcut
-from ..core.shortcuts import res_types as registered_res_types
-from ..merge import DEFAULT_DISTILL_STEPS, MergedLoRA, compare_merges
-from .schedule import SCHEDULES
+from reslora_diffusers.core import SCHEDULES, ResLoRAConfig, get_shortcut, res_types
+from reslora_diffusers.merge import DEFAULT_DISTILL_STEPS, MergedLoRA, compare_merges
+from reslora_diffusers.training.flags import add_reslora_arguments, reslora_config, type_texts
 
 
 def load_raw_dataset(name: str, config_name: str | None = None):
@@ -30,30 +30,22 @@ def add_method_arguments(
     *,
     learning_rate: float,
     max_train_steps: int,
-    res_types: list[str],
     lr_scheduler: str = "linear",
 ) -> None:
-    """LoRA/ResLoRA and training flags, named as in the diffusion training script."""
+    """LoRA/ResLoRA and training flags: the ResLoRA flags are the training script's (one per
+    ``ResLoRAConfig`` field), ``--res_type`` and ``--merge`` taking several values here."""
     g = parser.add_argument_group("LoRA / ResLoRA")
-    g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--lora_alpha", type=float, default=16.0, help="scaling = lora_alpha / rank")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--target_modules", nargs="+", default=None, help="default: the model type's preset")
-    g.add_argument(
-        "--res_type",
-        nargs="+",
-        default=res_types,
-        choices=registered_res_types(),
-        help="methods to train and compare on the same base; 'none' is plain LoRA",
-    )
-    g.add_argument("--pre_num", type=int, default=1, help="earlier blocks in a bs/ms shortcut")
-    g.add_argument(
-        "--merge",
-        nargs="+",
-        default=["calibrated"],
-        choices=MERGE_METHODS,
-        help="how is/ms shortcuts are merged away for the PEFT export (bs, none: exact); the first "
-        "writes <output_dir>/<method>/peft_adapter, each further one peft_adapter_<merge>",
+    add_reslora_arguments(
+        g,
+        defaults={"rank": 8, "lora_alpha": 16.0, "res_type": list(res_types()), "merge": ["calibrated"]},
+        several=("res_type", "merge"),
+        helps={
+            "res_type": f"methods to train and compare on the same base ({type_texts()['all_types']}; "
+            "'none' is plain LoRA)",
+            "merge": f"how the {type_texts()['approximate_types']} shortcuts are merged away for the PEFT "
+            f"export ({type_texts()['exact_types']}: exactly); the first writes <output_dir>/<method>/"
+            "peft_adapter, each further one peft_adapter_<merge>",
+        },
     )
     g.add_argument(
         "--distill_steps",
@@ -74,7 +66,9 @@ def add_method_arguments(
         help="fraction of the training steps where a linear/cosine schedule starts (default 0.5)",
     )
     g.add_argument(
-        "--compare_merges", action="store_true", help="also print the error of every is/ms merge method"
+        "--compare_merges",
+        action="store_true",
+        help=f"also print the error of every {type_texts()['approximate_types']} merge method",
     )
     t = parser.add_argument_group("training")
     t.add_argument("--learning_rate", type=float, default=learning_rate)
@@ -93,22 +87,15 @@ def add_method_arguments(
 
 
 def method_config(args: argparse.Namespace, res_type: str) -> ResLoRAConfig:
-    return ResLoRAConfig(
-        rank=args.rank,
-        alpha=args.lora_alpha,
-        dropout=args.lora_dropout,
-        res_type=res_type,
-        pre_num=args.pre_num,
-        target_modules=args.target_modules,
-        merge=args.merge[0],
-        # --compare_merges reports merge="input" too, which reads the training norm windows
-        record_norms=True if args.compare_merges else None,
-    )
+    """The config of one of the ``--res_type`` methods, with the first ``--merge``."""
+    # --compare_merges reports merge="input" too, which reads the training norm windows
+    record_norms = True if args.compare_merges else args.record_norms
+    return reslora_config(args, res_type=res_type, merge=args.merge[0], record_norms=record_norms)
 
 
 def reslora_callback(args: argparse.Namespace):
     """The Trainer callback that saves ResLoRA checkpoints and runs ``--shortcut_schedule``."""
-    from ..integrations.trainer import ResLoRACallback
+    from reslora_diffusers.integrations.trainer import ResLoRACallback
 
     return ResLoRACallback(shortcut_schedule=args.shortcut_schedule, decay_start=args.shortcut_decay_start)
 
@@ -155,7 +142,7 @@ def export_adapters(
     into ``<method_dir>/peft_adapter``, the others into ``peft_adapter_<merge>``. Returns
     ``{merge: (folder, merge result)}``, with every merge method's output error when
     ``--compare_merges`` asks for it and the type merges approximately (else None)."""
-    from ..export import export_peft_adapter
+    from reslora_diffusers.export import export_peft_adapter
 
     errors = None
     if args.compare_merges and not get_shortcut(res_type, args.pre_num).exact_merge:

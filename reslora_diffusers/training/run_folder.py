@@ -1,4 +1,10 @@
-"""The output folder of a training run: never mix two runs in one folder.
+"""The output folder of a training run: what is in it (:class:`RunFolder`), and never two runs in one.
+
+:class:`RunFolder` is the one place that names a run folder's files: the LoRA files (one per
+format, :mod:`reslora_diffusers.export`), the merge report, the ResLoRA checkpoint, the
+training log (read and written: :class:`TrainLog`), the validation grids, the model card and
+the checkpoint folders. The training script writes it, ``reslora-merge`` writes the LoRA files
+and report of its ``--output`` folder, the demo and the benchmarks read it.
 
 A new run refuses a folder that already holds files, unless ``--overwrite_output_dir`` (which
 removes the previous run's outputs first and nothing else) or ``--resume_from_checkpoint``
@@ -20,14 +26,16 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..core import get_shortcut
 from ..core.checkpoint import checkpoint_configs
-from ..utils.io import remove_stale_temporaries
+from ..export import DIFFUSERS_FILE, REPORT_FILE, lora_formats
+from ..utils.io import atomic_path, remove_stale_temporaries
 from ..utils.lock import folder_lock, user_entries
 
 logger = logging.getLogger(__name__)
 
+#: inside each ``checkpoint-<step>`` folder: the flags of the run that wrote it
 RUN_FILE = "run.json"
-TRAIN_LOG = "train_log.jsonl"
 #: flags that change the model a checkpoint's weights belong to
 IDENTITY_FLAGS = (
     "pretrained_model_name_or_path",
@@ -45,21 +53,174 @@ IDENTITY_FLAGS = (
 )
 
 
-def run_outputs(output_dir: Path, logging_dir: str) -> list[Path]:
-    """What a training run writes into ``output_dir`` (besides ``checkpoint-<step>`` folders)."""
-    names = (
-        TRAIN_LOG,
-        "pytorch_lora_weights.safetensors",
-        "lora_kohya.safetensors",
-        "merge_report.json",
-        "reslora_checkpoint.safetensors",
-        "README.md",
-        "validation",
-        logging_dir,
-    )
-    found = [output_dir / name for name in names if (output_dir / name).exists()]
-    found += [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")]
-    return found
+class RunFolder:
+    """A training run's output folder (or ``reslora-merge``'s): its files by name, its log, its
+    merge report and the label the demo and the benchmarks show for it."""
+
+    #: ``train_log.jsonl``: one JSON record a line (:class:`TrainLog`)
+    LOG = "train_log.jsonl"
+    #: the unmerged ResLoRA weights (``load_reslora_checkpoint``, ``reslora-merge``)
+    CHECKPOINT = "reslora_checkpoint.safetensors"
+    #: inside each ``checkpoint-<step>`` folder of a ``--use_peft`` run: the PEFT LoRA layers
+    PEFT_CHECKPOINT = "peft_lora.safetensors"
+    #: the model card
+    CARD = "README.md"
+    #: the validation grids, ``<name>.png``; the last one ``final.png``
+    VALIDATION = "validation"
+    #: ``reslora-merge --fuse``: the pipeline with the merged weights
+    FUSED = "fused_pipeline"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def of(cls, path: str | Path) -> RunFolder:
+        """The run folder ``path`` is, or holds (a LoRA file of the run)."""
+        path = Path(path)
+        return cls(path if path.is_dir() else path.parent)
+
+    # -- paths -----------------------------------------------------------------------------
+    @property
+    def lora_file(self) -> Path:
+        """The diffusers file, the one ``pipe.load_lora_weights(folder)`` reads."""
+        return self.path / DIFFUSERS_FILE
+
+    def lora_files(self) -> dict[str, Path]:
+        """``{format name: path}`` of every registered LoRA format (written or not)."""
+        return {fmt.name: self.path / fmt.file_name for fmt in lora_formats()}
+
+    @property
+    def report_file(self) -> Path:
+        return self.path / REPORT_FILE
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / self.LOG
+
+    @property
+    def card_file(self) -> Path:
+        return self.path / self.CARD
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.path / self.VALIDATION
+
+    def grid(self, name: str) -> Path:
+        """The validation grid ``name`` (``step-000400``, ``final``)."""
+        return self.validation_dir / f"{name}.png"
+
+    @property
+    def fused_dir(self) -> Path:
+        return self.path / self.FUSED
+
+    def has_lora(self) -> bool:
+        """Whether the run exported its LoRA (the diffusers file is there)."""
+        return self.lora_file.is_file()
+
+    def outputs(self, logging_dir: str) -> list[Path]:
+        """What a training run wrote here (``logging_dir``: its TensorBoard folder), the
+        ``checkpoint-<step>`` folders included: what ``--overwrite_output_dir`` removes."""
+        names = (
+            self.LOG,
+            *(p.name for p in self.lora_files().values()),
+            REPORT_FILE,
+            self.CHECKPOINT,
+            self.CARD,
+            self.VALIDATION,
+            logging_dir,
+        )
+        found = [self.path / name for name in names if (self.path / name).exists()]
+        found += [p for p in self.path.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")]
+        return found
+
+    # -- the log ---------------------------------------------------------------------------
+    def read_log(self) -> list[dict]:
+        """The training log's records (none without a log; :func:`read_train_log`)."""
+        return read_train_log(self.log_file) if self.log_file.is_file() else []
+
+    def open_log(self, resume_step: int) -> TrainLog:
+        """The log for a run starting at ``resume_step`` (0: a new run)."""
+        return TrainLog(self.log_file, resume_step)
+
+    def accuracies(self) -> list[tuple[int, float]]:
+        """``(step, prompt accuracy)`` of the validations and the final evaluation, by step."""
+        rows = self.read_log()
+        return sorted((r["step"], r["prompt_accuracy"]) for r in rows if r.get("prompt_accuracy") is not None)
+
+    def final_record(self) -> dict | None:
+        """The final evaluation's record (the exported LoRA as a user loads it), if any."""
+        return next((r for r in reversed(self.read_log()) if r.get("kind") == "final"), None)
+
+    def steps_trained(self) -> int | None:
+        """The last step with a training loss (None before the first)."""
+        return max((r["step"] for r in self.read_log() if "loss" in r), default=None)
+
+    # -- the merge report and the label ----------------------------------------------------
+    def merge_report(self) -> dict | None:
+        """``merge_report.json`` (None where the run wrote none: ``--use_peft``, not finished)."""
+        return json.loads(self.report_file.read_text()) if self.report_file.is_file() else None
+
+    def trained_plain_lora(self) -> bool:
+        """Whether the run trained a plain LoRA (``--res_type none``): nothing was merged, as its
+        shortcut type says (no report, or a type this process does not know: no)."""
+        report = self.merge_report() or {}
+        try:
+            return get_shortcut(report.get("res_type", ""), int(report.get("pre_num", 0))).plain
+        except ValueError:
+            return False
+
+    def label(self) -> str:
+        """``LoRA (lora)`` / ``ResLoRA ms m=1 (reslora)`` from the merge report (``m=`` where the
+        type uses ``pre_num``); the folder's name alone where there is no report."""
+        report = self.merge_report()
+        if report is None:
+            return self.path.name
+        if self.trained_plain_lora():
+            return f"LoRA ({self.path.name})"
+        res_type, pre_num = report.get("res_type"), report.get("pre_num")
+        try:
+            title = get_shortcut(res_type or "", int(pre_num or 0)).title
+        except ValueError:  # a type registered by a plugin this process has not imported
+            title = f"ResLoRA {res_type} m={pre_num}"
+        return f"{title} ({self.path.name})"
+
+
+class TrainLog:
+    """``train_log.jsonl``: one JSON line per step (step, loss, lr, time) and per validation.
+
+    A resume keeps the records up to its step (:func:`read_train_log`, which drops a line torn
+    by a crash mid-write), rewritten atomically; a new run starts it empty.
+    """
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        kept = []
+        if path.exists() and resume_step > 0:
+            kept = [r for r in read_train_log(path) if r["step"] <= resume_step]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.records = kept
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk, say: main's one line names the log
+            err.filename = err.filename or str(self.path)
+            raise
+
+    def accuracy_at(self, step: int) -> float | None:
+        found = [
+            r["prompt_accuracy"]
+            for r in self.records
+            if r.get("kind") == "validation" and r["step"] == step and "prompt_accuracy" in r
+        ]
+        return found[0] if found else None
 
 
 def check_output_dir(args: argparse.Namespace) -> None:
@@ -103,7 +264,7 @@ def prepare_output_dir(args: argparse.Namespace) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output_dir)
     if args.overwrite_output_dir:
-        removed = run_outputs(output_dir, args.logging_dir)
+        removed = RunFolder(output_dir).outputs(args.logging_dir)
         for path in removed:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)

@@ -31,14 +31,6 @@ def lora_factors(lora: dict[str, torch.Tensor], path: str) -> tuple[torch.Tensor
     return lora[lora_key(path, "A")], lora[lora_key(path, "B")]
 
 
-def module_path_of(key: str) -> str | None:
-    """The module path of a ``lora_A``/``lora_B`` key (None for other keys)."""
-    for suffix in _SUFFIX.values():
-        if key.endswith(suffix):
-            return key[: -len(suffix)]
-    return None
-
-
 def prefixed(prefix: str, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``lora`` with ``prefix.`` before every key, tensors on the CPU and contiguous (for files)."""
     return {f"{prefix}.{k}" if prefix else k: v.detach().cpu().contiguous() for k, v in lora.items()}
