@@ -10,10 +10,13 @@ README cites.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -513,3 +516,56 @@ def test_the_demo_draws_each_familys_lora_on_its_own_base(bases, runs, monkeypat
     off, _, rows_off = demo_app.render(PROMPT, "", 3, 2, 3.0, 0.0, 1, base_text, loras)
     for (_, models), (_, models_off) in zip(rows, rows_off):
         assert models_off[1][1][0][0].tobytes() == models[0][1][0][0].tobytes()
+
+
+# ----------------------------------------------------------------------------- benchmark entries
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(Path(spec.origin).parent))  # bench_step imports its neighbours by name
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(Path(spec.origin).parent))
+    return module
+
+
+@pytest.mark.parametrize("model", ["qwen-image", "z-image"])
+def test_bench_step_trains_each_family_at_its_small_size(model):
+    """PEFT LoRA and ResLoRA bs on the same targets (attention and feed-forward), every chain linked."""
+    bench_step = _benchmark("bench_step")
+    base, batch = bench_step.make_model(model, bench_step.SIZES[model]["small"])
+    targets = bench_step.TARGET_SETS[model]["attention+ff"]
+    peft = bench_step.Step(*bench_step.peft_variant(base, 4, targets), batch)
+    reslora = bench_step.Step(*bench_step.reslora_variant(base, 4, "bs", 1, targets), batch)
+    for step in (peft, reslora):
+        wall, cpu = step()
+        assert wall > 0 and cpu > 0
+    peft_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in peft.unet.named_parameters() if ".lora_A" in n}
+    assert {n.removesuffix(".base_layer") for n in peft_modules} == set(get_state(reslora.unet).blocks)
+    assert all(len(s) == 1 for s in _segments(reslora.unet).values())
+
+
+@pytest.mark.parametrize("preset", ["qwen-image", "z-image"])
+def test_bench_memory_feeds_each_transformer_a_captions_states_and_its_latent_tokens(preset):
+    """128 caption tokens and (pixels / 16)^2 image tokens, built directly in bf16; the floor's
+    gradients reach Z-Image's per-image latents."""
+    bench_memory = _benchmark("bench_memory")
+    assert bench_memory.parse_config(f"{preset}-512-2") == (preset, 512, 2)
+    model = bench_memory.build_denoiser(preset, 0.05, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    batch = bench_memory.make_inputs(model, preset, 128, 2)
+    if preset == "qwen-image":
+        assert batch["hidden_states"].shape[:2] == (2, 64) and batch["encoder_hidden_states"].shape[1] == 128
+    else:
+        assert [x.shape[-2:] for x in batch["x"]] == [(16, 16)] * 2 and len(batch["cap_feats"][0]) == 128
+    args = argparse.Namespace(
+        device="cpu", dtype="bf16", config=f"{preset}-64-1", scale=0.05, variant="floor", mode="plain"
+    )
+    args.__dict__.update(rank=8, targets=None, warmup=0, steps=1)
+    row = bench_memory.measure(args)
+    assert row["trained_parameters"] == 0 and len(row["seconds"]) == 1
