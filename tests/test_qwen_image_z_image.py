@@ -311,10 +311,15 @@ def test_qwen_image_sigmas_shift_with_the_image_size(bases):
     assert objective.training_scheduler(latents) is objective.training_scheduler(latents)  # made once
 
 
-def test_guidance_scale_is_refused_for_both_families(bases, tmp_path):
+def test_guidance_and_text_encoder_training_are_refused_for_both_families(bases):
+    """Neither transformer has a guidance embedding, and neither pipeline's LoRA loader loads
+    text-encoder weights: the flags are refused, naming the family."""
     for family in PIPES:
-        with pytest.raises(ValueError, match="--guidance_scale does not apply to"):
+        name = pipeline_family(DiffusionPipeline.from_pretrained(bases[family])).name
+        with pytest.raises(ValueError, match=f"--guidance_scale does not apply to {name} pipelines"):
             _objective(bases[family], "--guidance_scale", "2.0")
+        with pytest.raises(ValueError, match=f"--train_text_encoder does not apply to {name} pipelines"):
+            _objective(bases[family], "--train_text_encoder")
 
 
 # ----------------------------------------------------------------------------- the training script

@@ -80,7 +80,8 @@ class QwenImageFlowMatching(FlowMatchingObjective):
     """
 
     target_modules = DIT_ATTENTION_TARGETS
-    unused_flags = (*FlowMatchingObjective.unused_flags, "guidance_scale")
+    #: no guidance embedding; no text-encoder LoRA (the pipeline's loader loads the transformer's alone)
+    unused_flags = (*FlowMatchingObjective.unused_flags, "guidance_scale", "train_text_encoder")
 
     def __init__(self, pipe, args, family) -> None:
         super().__init__(pipe, args, family)

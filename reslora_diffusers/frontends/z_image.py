@@ -88,7 +88,8 @@ class ZImageFlowMatching(FlowMatchingObjective):
     """
 
     target_modules = Z_IMAGE_ATTENTION_TARGETS
-    unused_flags = (*FlowMatchingObjective.unused_flags, "guidance_scale")
+    #: no guidance embedding; no text-encoder LoRA (the pipeline's loader loads the transformer's alone)
+    unused_flags = (*FlowMatchingObjective.unused_flags, "guidance_scale", "train_text_encoder")
 
     def latent_multiple(self) -> int:
         """The transformer's patch size (2)."""
