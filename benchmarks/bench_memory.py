@@ -8,14 +8,16 @@ fresh process (random weights in the published architectures, no download).
     python benchmarks/bench_memory.py --scale 0.05 --configs sd15-128-1    # toy size (the test)
 
 Configs are ``PRESET-PIXELS-BATCH`` for the presets of ``scripts/make_random_pipeline.py``
-(``sd15``, ``sdxl``, ``sd3``, ``flux``); ``--scale`` shrinks the denoiser by that script's rule
+(``sd15``, ``sdxl``, ``sd3``, ``flux``, ``qwen-image``, ``z-image``; a preset's own hyphen
+stays in it: ``qwen-image-512-1``); ``--scale`` shrinks the denoiser by that script's rule
 (the image stays at the pixels given). The denoiser alone is built (the text encoders and the
 VAE run before it and are freed, or are cached, in a real run), directly in the base dtype
 (``--dtype``, default bf16; no float32 copy ever exists), frozen; the adapters and AdamW's
 state are float32; the forward runs under bf16 autocast, as ``train_text_to_image.py
 --mixed_precision bf16`` trains. The inputs are what the training script feeds the denoiser:
 noisy latents at ``pixels / 8``, a timestep, 77 CLIP text states (SD3: 77 + 256 T5 tokens,
-Flux: 512 T5 tokens; SDXL's pooled text and time ids; Flux's ids and guidance).
+Flux: 512 T5 tokens; SDXL's pooled text and time ids; Flux's ids and guidance; Qwen-Image and
+Z-Image: the states of a 128-token caption, as their pipelines drop the padding).
 
 Variants: ``floor`` (the frozen model, gradients for its input only: what no adapter goes
 under), ``peft`` (diffusers' ``add_adapter``, PEFT LoRA) and ResLoRA ``none``, ``is``, ``bs``
@@ -55,12 +57,14 @@ VARIANTS = (FLOOR, PEFT, *RESLORA)
 MODES = ("plain", "checkpointed")
 #: T5 tokens the pipelines encode prompts to by default, beside 77 CLIP tokens
 T5_TOKENS = {"sd3": 256, "flux": 512}
+#: caption tokens of Qwen-Image and Z-Image, whose pipelines keep each prompt's own tokens
+CAPTION_TOKENS = {"qwen-image": 128, "z-image": 128}
 
 
 def parse_config(name: str) -> tuple[str, int, int]:
     """``(preset, pixels, batch)`` of ``PRESET-PIXELS-BATCH``."""
     try:
-        preset, pixels, batch = name.split("-")
+        preset, pixels, batch = name.rsplit("-", 2)
         side, size = int(pixels), int(batch)
     except ValueError as err:
         raise ValueError(f"config {name!r}: expected PRESET-PIXELS-BATCH such as sdxl-1024-1") from err
@@ -106,12 +110,19 @@ def _watchdog(limit_gib: float) -> None:
 
 def build_denoiser(preset: str, scale: float, dtype):
     import torch
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import (
+        FluxTransformer2DModel,
+        QwenImageTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+        ZImageTransformer2DModel,
+    )
 
     from reslora_diffusers.data.random_pipelines import denoiser_config
 
     cls = {"sd15": UNet2DConditionModel, "sdxl": UNet2DConditionModel}.get(preset)
-    cls = cls or {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[preset]
+    cls = cls or {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}.get(preset)
+    cls = cls or {"qwen-image": QwenImageTransformer2DModel, "z-image": ZImageTransformer2DModel}[preset]
     torch.manual_seed(0)
     saved = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in the base dtype: no float32 copy at any time
@@ -130,6 +141,10 @@ def make_inputs(model, preset: str, side: int, batch: int) -> dict:
 
     latent = side // 8
     frontend = frontend_for(model)
+    if preset in CAPTION_TOKENS:  # Qwen-Image's 2 x 2 packed tokens, Z-Image's 2 x 2 patches
+        grid = (latent // 2, latent // 2)
+        tokens = CAPTION_TOKENS[preset]
+        return frontend.synthetic_inputs(model, num=1, batch=batch, text_tokens=tokens, grid=grid)[0]
     if preset == "flux":
         grid = (latent // 2, latent // 2)
         return frontend.synthetic_inputs(model, num=1, batch=batch, text_tokens=T5_TOKENS["flux"], grid=grid)[
@@ -153,8 +168,14 @@ def make_inputs(model, preset: str, side: int, batch: int) -> dict:
 
 def default_targets(preset: str) -> list[str]:
     """What ``train_text_to_image.py`` adapts by default for the family."""
-    from reslora_diffusers.frontends import DEFAULT_UNET_TARGETS, DIT_ATTENTION_TARGETS
+    from reslora_diffusers.frontends import (
+        DEFAULT_UNET_TARGETS,
+        DIT_ATTENTION_TARGETS,
+        Z_IMAGE_ATTENTION_TARGETS,
+    )
 
+    if preset == "z-image":
+        return list(Z_IMAGE_ATTENTION_TARGETS)
     return list(DEFAULT_UNET_TARGETS if preset in ("sd15", "sdxl") else DIT_ATTENTION_TARGETS)
 
 
@@ -200,8 +221,13 @@ def measure(args) -> dict:
         model.enable_gradient_checkpointing()
     model.train()
     first = next(iter(inputs))
-    if not params:  # the floor: gradients for the latents alone
-        inputs[first] = inputs[first].detach().requires_grad_(True)
+    if not params:  # the floor: gradients for the latents alone (Z-Image: one tensor per image)
+        latents = inputs[first]
+        inputs[first] = (
+            [x.detach().requires_grad_(True) for x in latents]
+            if isinstance(latents, list)
+            else latents.detach().requires_grad_(True)
+        )
     opt = make_adamw(params, None, device, lr=1e-4) if params else None
     times = []
     for step in range(args.warmup + args.steps):
@@ -218,7 +244,8 @@ def measure(args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            inputs[first].grad = None
+            for leaf in inputs[first] if isinstance(inputs[first], list) else [inputs[first]]:
+                leaf.grad = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= args.warmup:

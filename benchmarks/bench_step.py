@@ -1,5 +1,5 @@
-"""Training-step time of ResLoRA against diffusers' PEFT LoRA on a UNet, an SD3 or a Flux
-transformer, measured side by side.
+"""Training-step time of ResLoRA against diffusers' PEFT LoRA on a UNet, an SD3, Flux, Qwen-Image
+or Z-Image transformer, measured side by side.
 
 Every variant trains the same model config (random weights, no download) on the same inputs:
 forward + backward + AdamW step, rank and targets equal. Variants run interleaved, one step
@@ -16,7 +16,7 @@ bootstrap interval: a slow stretch of the machine slows both steps of a round al
 pairing removes most of the drift that the ratio of two medians carries. It also
 times an inference forward of the base UNet against the UNet with the merged LoRA fused in.
 
-    python benchmarks/bench_step.py [--model unet|sd3|flux] [--sizes small mid wide] [--rounds 7]
+    python benchmarks/bench_step.py [--model unet|sd3|flux|qwen-image|z-image] [--sizes small mid wide] [--rounds 7]
                                     [--targets attention|attention+ff] [--variants none:1 bs:5 ...]
                                     [--compile]
 
@@ -34,6 +34,11 @@ of ``small``/``mid`` (64, 128) give the adapters' products 6-12 % of each projec
 ``full-width`` has the released models' widths themselves, with two or three blocks (not in the
 default sizes: a Flux step there takes seconds).
 
+Qwen-Image (``attention+ff``: and both streams' MLPs) and Z-Image (its ``to_q/to_k/to_v/to_out.0``;
+``attention+ff``: and its SwiGLU ``w1/w2/w3``) have ``small`` (width 64) and ``full-width`` (the
+released widths, Qwen-Image 3072 and Z-Image 3840): two dual-stream blocks for Qwen-Image, one
+noise and one context refiner and two main blocks for Z-Image, so that every chain has a link.
+
 All variants share one copy of the frozen weights (``bench_gpu.shared_copy``), so the
 full-width models fit in memory once.
 """
@@ -50,7 +55,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch._inductor.config as inductor_config
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import (
+    FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    ZImageTransformer2DModel,
+)
 from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,8 +71,11 @@ from reslora_diffusers.export import fuse_lora
 from reslora_diffusers.frontends import (
     DIT_ATTENTION_TARGETS,
     DIT_FEEDFORWARD_TARGETS,
+    QWEN_IMAGE_FEEDFORWARD_TARGETS,
     UNET_FEEDFORWARD_TARGETS,
     UNET_TARGETS,
+    Z_IMAGE_ATTENTION_TARGETS,
+    Z_IMAGE_FEEDFORWARD_TARGETS,
     frontend_for,
 )
 from reslora_diffusers.merge.error import output_tensor
@@ -82,6 +96,14 @@ TARGET_SETS = {
         "attention": list(DIT_ATTENTION_TARGETS),
         "attention+ff": [*DIT_ATTENTION_TARGETS, *DIT_FEEDFORWARD_TARGETS, "proj_mlp"],
     },
+    "qwen-image": {
+        "attention": list(DIT_ATTENTION_TARGETS),
+        "attention+ff": [*DIT_ATTENTION_TARGETS, *QWEN_IMAGE_FEEDFORWARD_TARGETS],
+    },
+    "z-image": {
+        "attention": list(Z_IMAGE_ATTENTION_TARGETS),
+        "attention+ff": [*Z_IMAGE_ATTENTION_TARGETS, *Z_IMAGE_FEEDFORWARD_TARGETS],
+    },
 }
 SIZES = {
     # UNet: (block_out_channels, latent side, batch); SD3/Flux: (blocks, width, latent side, batch)
@@ -100,6 +122,10 @@ SIZES = {
         "wide": (2, 512, 16, 2),
         "full-width": (1, 3072, 16, 1),
     },
+    # Qwen-Image: (dual-stream blocks, width, latent side, batch); Z-Image: (main blocks, width,
+    # latent side, batch) with one noise and one context refiner
+    "qwen-image": {"small": (2, 64, 16, 2), "full-width": (2, 3072, 16, 1)},
+    "z-image": {"small": (2, 64, 16, 2), "full-width": (2, 3840, 16, 1)},
 }
 RESLORA = [("none", 1), ("is", 1), ("bs", 1), ("bs", 3), ("bs", 5), ("ms", 1), ("ms", 3), ("ms", 5)]
 
@@ -156,12 +182,50 @@ def make_flux(blocks: int, width: int) -> FluxTransformer2DModel:
     )
 
 
+def make_qwen_image(blocks: int, width: int) -> QwenImageTransformer2DModel:
+    """``blocks`` dual-stream blocks of ``width`` (heads of 32), text states of 64 features."""
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(
+        num_layers=blocks,
+        attention_head_dim=32,
+        num_attention_heads=width // 32,
+        joint_attention_dim=64,
+        axes_dims_rope=(8, 12, 12),
+    )
+
+
+def make_z_image(blocks: int, width: int) -> ZImageTransformer2DModel:
+    """One noise and one context refiner and ``blocks`` main blocks of ``width`` (heads of 32),
+    captions of 64 features."""
+    torch.manual_seed(0)
+    return ZImageTransformer2DModel(
+        dim=width,
+        n_layers=blocks,
+        n_refiner_layers=1,
+        n_heads=width // 32,
+        n_kv_heads=width // 32,
+        cap_feat_dim=64,
+        axes_dims=[8, 12, 12],
+    )
+
+
+def make_qwen_text_dit(model: str, size: tuple):
+    """A Qwen-Image or Z-Image transformer and its synthetic batch: ``side / 2`` x ``side / 2``
+    patch tokens and 16 text tokens (Qwen-Image) or 40 caption tokens (Z-Image)."""
+    blocks, width, side, batch = size
+    net = make_qwen_image(blocks, width) if model == "qwen-image" else make_z_image(blocks, width)
+    grid = (side // 2, side // 2)
+    return net, frontend_for(net).synthetic_inputs(net, num=1, batch=batch, grid=grid)[0]
+
+
 def make_model(model: str, size: tuple):
     """The model and one training batch (the family's synthetic inputs for SD3 and Flux;
     Flux packs 2 x 2 latent patches, so its token grid is ``side / 2``)."""
     if model == "unet":
         channels, side, batch = size
         return make_unet(channels), make_inputs(side, batch)
+    if model in ("qwen-image", "z-image"):
+        return make_qwen_text_dit(model, size)
     blocks, width, side, batch = size
     net = make_sd3(blocks, width, side) if model == "sd3" else make_flux(blocks, width)
     kwargs = {"batch": batch} if model == "sd3" else {"batch": batch, "grid": (side // 2, side // 2)}
@@ -279,8 +343,8 @@ def bench_size(
     peft_rounds = [t[0] for t in times["PEFT LoRA"]]
     flops = {label: step.flops() for label, step in steps.items()}
     print(
-        f"\n### {model} {name}: {SIZES[model][name]} (UNet: channels, latent side, batch; SD3/Flux: "
-        f"blocks, width, latent side, batch), rank {rank}, targets {' '.join(targets)}"
+        f"\n### {model} {name}: {SIZES[model][name]} (UNet: channels, latent side, batch; SD3/Flux/"
+        f"Qwen-Image/Z-Image: blocks, width, latent side, batch), rank {rank}, targets {' '.join(targets)}"
         f"{', torch.compile (inductor)' if compiled else ''}\n"
     )
     print(
@@ -326,7 +390,7 @@ def main() -> None:
         "--sizes",
         nargs="+",
         choices=sorted({size for sizes in SIZES.values() for size in sizes}),
-        help="model sizes (default: every size of --model but full-width; wide, full-width: SD3 and Flux only)",
+        help="model sizes (default: every size of --model but full-width; wide: SD3 and Flux only)",
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rank", type=int, default=8)
