@@ -697,6 +697,7 @@ def plot(tables: dict[Cell, dict], args: argparse.Namespace, width: int, path: P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullLocator
 
     types = sorted(
         {METHODS[m].res_type for m in args.methods if METHODS[m].res_type}, key=["is", "bs", "ms"].index
@@ -730,7 +731,11 @@ def plot(tables: dict[Cell, dict], args: argparse.Namespace, width: int, path: P
                     )
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_xscale("log", base=2)
+            ax.set_xticks([c.depth for c in cells], [str(c.depth) for c in cells])
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
             what = "steps to PEFT LoRA's final loss" if measure == "steps" else "final loss"
             ax.set(
                 xlabel="depth (blocks)",
@@ -743,7 +748,7 @@ def plot(tables: dict[Cell, dict], args: argparse.Namespace, width: int, path: P
         "solid trained, dashed exported)",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
