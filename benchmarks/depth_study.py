@@ -32,7 +32,9 @@ to 0 at the last step). ``is`` has no ``pre_num`` (it always reads one predecess
 
 **Protocol.** Per cell (architecture, width, depth), each method's learning rate is the one of
 ``--lrs`` whose trained model ends with the lowest mean log held-out loss over ``--tune_seeds``
-(separate from the evaluation seeds); then each method runs ``--seeds`` at that rate. Every
+(separate from the evaluation seeds); where an end of the grid wins, the next rate beyond it (x2
+or /2) is tuned too, up to ``--lr_extensions`` times. Then each method runs ``--seeds`` at its
+rate. Every
 ``steps / --evals`` steps a run measures the held-out loss of the trained model (shortcuts in
 place) and of its exported plain LoRA (``merge_to_lora``, the calibrated merge fitted on 4
 training batches, loaded in place of the shortcuts with ``merged_view``); for PEFT LoRA the two
@@ -374,34 +376,60 @@ def cells_in_order(args: argparse.Namespace) -> tuple[list[Cell], list[Cell]]:
     return priority, [c for c in cells if c not in priority]
 
 
-def best_lrs(cell: Cell, args: argparse.Namespace) -> dict[str, float] | None:
-    """Per method, the learning rate of ``--lrs`` with the lowest mean log final held-out loss of
-    the trained model over ``--tune_seeds``; None until every tuning run of the cell is finished."""
-    chosen = {}
-    for method in args.methods:
+class Tuning(NamedTuple):
+    best: float | None  # the chosen rate; None until the tuning is finished
+    next: float | None  # the rate whose tuning runs are still missing; None when finished
+    edge: bool  # the best rate is the lowest or highest tried, even after every extension
+
+
+def tuning(cell: Cell, method: str, args: argparse.Namespace) -> Tuning:
+    """The learning rate of ``method`` in ``cell``: of the rates tried, the one whose trained model
+    ends with the lowest mean log held-out loss over ``--tune_seeds``. The rates tried are
+    ``--lrs``, extended by a factor of 2 beyond whichever end wins, up to ``--lr_extensions`` times
+    at each end, so that a method whose best rate lies outside the grid is not held back by it."""
+    rates = sorted(args.lrs)
+    extended = {"low": 0, "high": 0}
+    while True:
         scores = {}
-        for lr in args.lrs:
+        for lr in rates:
             runs = [
                 finished(run_path(args.results_dir, cell, "tune", method, lr, s), args)
                 for s in args.tune_seeds
             ]
             if None in runs:
-                return None
-            scores[lr] = float(
-                np.mean([math.log(r["trained"][-1]) if r["trained"][-1] > 0 else -math.inf for r in runs])
-            )
-        chosen[method] = min(args.lrs, key=lambda lr: (scores[lr], lr))
-    return chosen
+                return Tuning(None, lr, False)
+            scores[lr] = float(np.mean([math.log(max(r["trained"][-1], 1e-30)) for r in runs]))
+        best = min(rates, key=lambda lr: (scores[lr], lr))
+        if best == rates[0] and extended["low"] < args.lr_extensions:
+            extended["low"] += 1
+            rates.insert(0, best / 2)
+        elif best == rates[-1] and extended["high"] < args.lr_extensions:
+            extended["high"] += 1
+            rates.append(best * 2)
+        else:
+            return Tuning(best, None, best in (rates[0], rates[-1]))
+
+
+def best_lrs(cell: Cell, args: argparse.Namespace) -> dict[str, float] | None:
+    """Per method, its :func:`tuning` rate; None until every method's tuning is finished."""
+    chosen = {method: tuning(cell, method, args).best for method in args.methods}
+    return None if None in chosen.values() else chosen
 
 
 def planned_runs(args: argparse.Namespace) -> Iterator[tuple[Cell, str, str, float, int]]:
-    """``(cell, phase, method, lr, seed)`` in the study's order; the evaluation runs of a cell are
-    planned once its tuning is finished (they follow it in the order, so it is by then)."""
+    """``(cell, phase, method, lr, seed)`` in the study's order. A cell's tuning runs the grid
+    first, then each method's extensions one rate at a time (each planned once the rates before it
+    are finished: :func:`run_study` runs every yielded run before asking for the next), and its
+    evaluation runs are planned once the tuning is finished."""
 
     def tune(cell):
-        for seed in args.tune_seeds:
+        for seed in args.tune_seeds:  # seed by seed: one task per seed
             for method in args.methods:
                 for lr in args.lrs:
+                    yield cell, "tune", method, lr, seed
+        for method in args.methods:
+            while (lr := tuning(cell, method, args).next) is not None:
+                for seed in args.tune_seeds:
                     yield cell, "tune", method, lr, seed
 
     def evaluate(cell):
@@ -545,7 +573,7 @@ def cell_table(cell: Cell, args: argparse.Namespace) -> dict | None:
         errors = [r["merge_error"] for r in by_seed.values() if r.get("merge_error") is not None]
         row["merge_error"] = float(np.median(errors)) if errors else None
     absolute = {str(f): median_interval([loss_at(r, "trained", f) for r in base.values()]) for f in FRACTIONS}
-    edge = {m: lr in (min(args.lrs), max(args.lrs)) for m, lr in lrs.items()}
+    edge = {m: tuning(cell, m, args).edge for m in lrs}
     return {"lrs": lrs, "edge": edge, "rows": rows, "baseline_loss": absolute}
 
 
@@ -595,18 +623,13 @@ def _fmt(value: tuple[float, float, float] | None) -> str:
 
 
 def status_lines(args: argparse.Namespace) -> list[str]:
-    """Per cell of the study: tuning runs and evaluation runs finished out of planned."""
+    """Per cell of the study: tuning runs finished (and whether the tuning is), evaluation runs
+    finished out of planned."""
     lines = []
     priority, rest = cells_in_order(args)
-    tune_total = len(args.methods) * len(args.lrs) * len(args.tune_seeds)
     for cell in priority + rest:
-        tuned = sum(
-            run_path(args.results_dir, cell, "tune", m, lr, s).is_file()
-            for m in args.methods
-            for lr in args.lrs
-            for s in args.tune_seeds
-        )
-        lrs = best_lrs(cell, args) if tuned == tune_total else None
+        tuned = len(list((args.results_dir / cell.name / "tune").glob("*.json")))
+        lrs = best_lrs(cell, args)
         evaluated = 0
         if lrs is not None:
             evaluated = sum(
@@ -614,9 +637,8 @@ def status_lines(args: argparse.Namespace) -> list[str]:
                 for m in args.methods
                 for s in args.seeds
             )
-        lines.append(
-            f"| {cell.name} | {tuned}/{tune_total} | {evaluated}/{len(args.methods) * len(args.seeds)} |"
-        )
+        total = len(args.methods) * len(args.seeds)
+        lines.append(f"| {cell.name} | {tuned} ({'done' if lrs else 'not done'}) | {evaluated}/{total} |")
     return ["| cell | tuning runs | evaluation runs |", "|---|---|---|", *lines]
 
 
@@ -635,7 +657,8 @@ def markdown(tables: dict[Cell, dict], args: argparse.Namespace) -> str:
         "steps: steps to reach PEFT LoRA's final loss over PEFT LoRA's own (a run that never reaches "
         "it counts at the last step; `(k n.r.)`: k such runs). **Bold**: the interval is wholly "
         f"below 1, *italic*: wholly above (from at least {MIN_SEEDS} paired seeds). Trained: the model with its shortcuts; exported: the plain LoRA of `merge_to_lora` "
-        "(calibrated merge). The `peft-lora` rows give its own loss (not a ratio).\n",
+        "(calibrated merge). The `peft-lora` rows give its own loss (not a ratio). lr: the tuned rate; `(edge)`: the "
+        "lowest or highest rate tried, even after the grid's extensions.\n",
         "## Status\n",
         *status_lines(args),
         "",
@@ -670,7 +693,7 @@ def table_rows(cell: Cell, table: dict, kind: str) -> list[str]:
     for method, row in table["rows"].items():
         if not row["seeds"]:
             continue
-        lr = f"{table['lrs'][method]:g}" + (" (grid edge)" if table["edge"][method] else "")
+        lr = f"{table['lrs'][method]:g}" + (" (edge)" if table["edge"][method] else "")
         seeds = len(row["paired"])
         if method == BASELINE:
             cells = [_fmt(table["baseline_loss"][str(f)]) for f in FRACTIONS] + ["1"]
@@ -783,6 +806,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tune_seeds", nargs="+", type=int, default=[1000, 1001], help="learning-rate tuning seeds"
     )
     p.add_argument("--lrs", nargs="+", type=float, default=[1.25e-3, 2.5e-3, 5e-3, 1e-2])
+    p.add_argument(
+        "--lr_extensions",
+        type=int,
+        default=2,
+        help="tune at up to this many further rates (each x2 or /2) beyond a grid end that wins",
+    )
     p.add_argument("--steps", type=int, default=200, help="the step budget of every run")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--tokens", type=int, default=8, help="tokens per input sequence")
@@ -802,6 +831,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--evals {args.evals} must be a multiple of 4 that divides --steps {args.steps}")
     if min(args.widths) < HEAD_DIM or any(w % HEAD_DIM for w in args.widths):
         p.error(f"--widths must be multiples of {HEAD_DIM} (the head size)")
+    if args.lr_extensions < 0:
+        p.error("--lr_extensions must be >= 0")
     if args.rank < 1 or args.teacher_rank < 1 or args.batch_size > args.train_size:
         p.error("--rank and --teacher_rank must be >= 1 and --batch_size at most --train_size")
     shared = sorted(set(args.seeds) & set(args.tune_seeds))

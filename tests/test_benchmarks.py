@@ -570,7 +570,7 @@ _DEPTH_ARGV += ["--tokens", "4", "--train_size", "32", "--eval_size", "8"]
 
 def test_depth_study_runs_both_architectures_writes_one_file_per_run_and_resumes(tmp_path, capsys):
     argv = [*_DEPTH_ARGV, "--results_dir", str(tmp_path), "--methods", "peft-lora", "is", "ms-m3-cosine"]
-    argv += ["--seeds", "0", "1", "--tune_seeds", "7", "--lrs", "1e-3", "1e-2"]
+    argv += ["--seeds", "0", "1", "--tune_seeds", "7", "--lrs", "1e-3", "1e-2", "--lr_extensions", "0"]
     depth_study.main(argv)
     tune = sorted(tmp_path.glob("*/tune/*.json"))
     evaluated = sorted(tmp_path.glob("*/eval/*.json"))
@@ -635,7 +635,18 @@ def test_depth_study_report_pairs_each_seed_with_peft_lora_and_tunes_on_the_mean
     seeds = [0, 1, 2, 3, 4]
     args = depth_study.parse_args(
         [*_DEPTH_ARGV, "--results_dir", str(tmp_path), "--archs", "residual", "--methods", "peft-lora", "is"]
-        + ["--seeds", *map(str, seeds), "--tune_seeds", "7", "8", "--lrs", "0.001", "0.01"]
+        + [
+            "--seeds",
+            *map(str, seeds),
+            "--tune_seeds",
+            "7",
+            "8",
+            "--lrs",
+            "0.001",
+            "0.01",
+            "--lr_extensions",
+            "0",
+        ]
     )
     cell = depth_study.Cell("residual", 16, 2)
     # tuning: final losses (0.1, 0.9) at 0.001 and (0.35, 0.35) at 0.01. The mean log loss picks
@@ -674,8 +685,32 @@ def test_depth_study_report_pairs_each_seed_with_peft_lora_and_tunes_on_the_mean
     found = depth_study.verdicts({cell: table})
     assert len(found["gain"]) == 4 and found["loss"] == []  # the trained model's 3 losses and steps
     text = (depth_study.report(args), (tmp_path / "depth_study.md").read_text())[1]
-    assert f"| 2 | is | 0.001 (grid edge) | 5 | **{0.8:.3g} [{0.8:.3g}, {0.8:.3g}]** |" in text
-    assert "| residual-w16-d2 | 8/8 | 11/10 |" not in text and "| residual-w16-d2 | 8/8 | 10/10 |" in text
+    assert f"| 2 | is | 0.001 (edge) | 5 | **{0.8:.3g} [{0.8:.3g}, {0.8:.3g}]** |" in text
+    assert "| residual-w16-d2 | 8 (done) | 10/10 |" in text  # seed 9 is not an evaluation seed
+
+
+def test_depth_study_tunes_beyond_the_grid_end_that_wins(tmp_path):
+    args = depth_study.parse_args(
+        [*_DEPTH_ARGV, "--results_dir", str(tmp_path), "--archs", "residual", "--methods", "peft-lora"]
+        + ["--tune_seeds", "100", "--lrs", "0.002", "0.004", "--lr_extensions", "2"]
+    )
+    cell = depth_study.Cell("residual", 16, 2)
+    planned = depth_study.planned_runs(args)
+    assert [next(planned)[3] for _ in range(2)] == [0.002, 0.004]
+    _depth_run(args, cell, "peft-lora", 0.002, 100, [1, 1, 1, 1, 0.2])
+    _depth_run(args, cell, "peft-lora", 0.004, 100, [1, 1, 1, 1, 0.3])
+    # the lower end wins: 0.001 is tuned next, and it wins too: 0.0005, the last extension
+    assert next(planned)[2:] == ("peft-lora", 0.001, 100)
+    _depth_run(args, cell, "peft-lora", 0.001, 100, [1, 1, 1, 1, 0.1])
+    assert depth_study.tuning(cell, "peft-lora", args) == (None, 0.0005, False)
+    assert next(planned)[2:] == ("peft-lora", 0.0005, 100)
+    _depth_run(args, cell, "peft-lora", 0.0005, 100, [1, 1, 1, 1, 0.05])
+    # still the lowest after 2 extensions: chosen, marked as an edge; the evaluation runs follow
+    assert depth_study.tuning(cell, "peft-lora", args) == (0.0005, None, True)
+    assert next(planned) == (cell, "eval", "peft-lora", 0.0005, 0)
+    # a rate inside the tried ones is no edge
+    _depth_run(args, cell, "peft-lora", 0.0005, 100, [1, 1, 1, 1, 0.5])
+    assert depth_study.tuning(cell, "peft-lora", args) == (0.001, None, False)
 
 
 def test_depth_study_median_interval_and_verdicts_need_enough_seeds():
