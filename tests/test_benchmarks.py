@@ -562,3 +562,165 @@ def test_bench_memory_measures_each_variant_in_its_own_process_and_resumes(tmp_p
     row = bench_memory.run_one(args, "sd15-64-1", "floor", "plain")
     assert row["over_limit_gib"] == 0.05
     assert "over 0.1" in bench_memory.table("sd15-64-1", {("floor", "plain"): row})
+
+
+# -- benchmarks/depth_study.py ----------------------------------------------------------
+depth_study = _load("depth_study")
+
+_DEPTH_ARGV = ["--widths", "16", "--depths", "2", "--steps", "4", "--evals", "4", "--batch_size", "8"]
+_DEPTH_ARGV += ["--tokens", "4", "--train_size", "32", "--eval_size", "8"]
+
+
+def test_depth_study_runs_both_architectures_writes_one_file_per_run_and_resumes(tmp_path, capsys):
+    argv = [*_DEPTH_ARGV, "--results_dir", str(tmp_path), "--methods", "peft-lora", "is", "ms-m3-cosine"]
+    argv += ["--seeds", "0", "1", "--tune_seeds", "7", "--lrs", "1e-3", "1e-2", "--lr_extensions", "0"]
+    depth_study.main(argv)
+    tune = sorted(tmp_path.glob("*/tune/*.json"))
+    evaluated = sorted(tmp_path.glob("*/eval/*.json"))
+    # 2 architectures x 3 methods x 2 rates x 1 tuning seed; 2 x 3 methods x 2 seeds at one rate each
+    assert len(tune) == 12 and len(evaluated) == 12
+    assert {p.parent.parent.name for p in evaluated} == {"residual-w16-d2", "plain-w16-d2"}
+    for path in evaluated:
+        run = json.loads(path.read_text())
+        assert run["steps"] == [0, 1, 2, 3, 4]
+        # B = 0 at step 0: the student is the base, whose loss is the unit
+        assert run["trained"][0] == pytest.approx(1.0) and run["exported"][0] == pytest.approx(1.0)
+        if run["method"] == "peft-lora":  # PEFT's LoRA is its own export
+            assert run["exported"] == run["trained"] and run["merge_error"] is None
+        if run["method"] == "ms-m3-cosine":  # shortcut scale 0 at the last step: an exact export
+            assert run["exported"][-1] == pytest.approx(run["trained"][-1], rel=1e-3)
+            assert run["merge_error"] < 1e-4
+    assert all("exported" not in json.loads(p.read_text()) for p in tune)
+    assert (tmp_path / "depth_study.md").is_file() and (tmp_path / "depth_study_w16.png").is_file()
+    # the same command again runs nothing: every run is finished
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/*.json")}
+    args = depth_study.parse_args(argv)
+    assert depth_study.run_study(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/*.json")} == before
+    # a result made with other settings is refused by name, not mixed in
+    with pytest.raises(
+        SystemExit, match=r"seed7\.json: made with other settings \(steps 4; this study: steps 8\)"
+    ):
+        depth_study.main([*argv, "--steps", "8", "--report_only"])
+
+
+def test_depth_study_steps_to_reach_interpolates_in_log_loss():
+    steps = [0, 25, 50]
+    # crossing 0.3 between (25, 0.5) and (50, 0.2): 25 + 25 (ln 0.5 - ln 0.3) / (ln 0.5 - ln 0.2)
+    expected = 25 + 25 * (np.log(0.5) - np.log(0.3)) / (np.log(0.5) - np.log(0.2))
+    assert depth_study.steps_to_reach(steps, [1.0, 0.5, 0.2], 0.3) == pytest.approx(expected)
+    assert depth_study.steps_to_reach(steps, [1.0, 0.5, 0.2], 0.2) == pytest.approx(50)
+    assert depth_study.steps_to_reach(steps, [1.0, 0.5, 0.4], 0.3) is None
+    assert depth_study.steps_to_reach(steps, [1.0, 0.5, 0.4], 1.0) == 0
+
+
+def _depth_run(args, cell, method, lr, seed, trained, exported=None):
+    """Write a hand-made result file where the study keeps it."""
+    phase = "tune" if exported is None else "eval"
+    run = {
+        "cell": cell._asdict(),
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "settings": dict(zip(depth_study.SETTINGS, depth_study.settings_of(args))),
+        "steps": [0, 1, 2, 3, 4],
+        "trained": trained,
+        "seconds": 1.0,
+    }
+    if exported is not None:
+        run.update(exported=exported, merge_error=0.01)
+    path = depth_study.run_path(args.results_dir, cell, phase, method, lr, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run))
+
+
+def test_depth_study_report_pairs_each_seed_with_peft_lora_and_tunes_on_the_mean_log_loss(tmp_path):
+    seeds = [0, 1, 2, 3, 4]
+    args = depth_study.parse_args(
+        [*_DEPTH_ARGV, "--results_dir", str(tmp_path), "--archs", "residual", "--methods", "peft-lora", "is"]
+        + [
+            "--seeds",
+            *map(str, seeds),
+            "--tune_seeds",
+            "7",
+            "8",
+            "--lrs",
+            "0.001",
+            "0.01",
+            "--lr_extensions",
+            "0",
+        ]
+    )
+    cell = depth_study.Cell("residual", 16, 2)
+    # tuning: final losses (0.1, 0.9) at 0.001 and (0.35, 0.35) at 0.01. The mean log loss picks
+    # 0.001 (ln 0.3 < ln 0.35) where the mean loss would pick 0.01 (0.5 > 0.35); PEFT LoRA's
+    # (0.2, 0.2) at 0.01 beats its (0.3, 0.3) at 0.001
+    for seed, (a, b) in zip([7, 8], [(0.1, 0.35), (0.9, 0.35)]):
+        _depth_run(args, cell, "is", 0.001, seed, [1, 1, 1, 1, a])
+        _depth_run(args, cell, "is", 0.01, seed, [1, 1, 1, 1, b])
+        _depth_run(args, cell, "peft-lora", 0.001, seed, [1, 1, 1, 1, 0.3])
+        _depth_run(args, cell, "peft-lora", 0.01, seed, [1, 1, 1, 1, 0.2])
+    assert depth_study.best_lrs(cell, args) == {"peft-lora": 0.01, "is": 0.001}
+    # evaluation: PEFT LoRA's loss halves every step from k (seed k: k = 1 + seed / 10); is runs
+    # ahead by a factor c_s^-1 per step at the trained model, and its export is PEFT LoRA's curve
+    for seed in seeds:
+        k = 1 + seed / 10
+        peft = [k * 0.5**i for i in range(5)]
+        peft[0] = 1.0
+        _depth_run(args, cell, "peft-lora", 0.01, seed, peft, peft)
+        trained = [1.0] + [k * 0.4**i for i in range(1, 5)]
+        _depth_run(args, cell, "is", 0.001, seed, trained, peft)
+    _depth_run(args, cell, "is", 0.001, 9, [1, 1, 1, 1, 1], [1, 1, 1, 1, 1])  # no PEFT run: not paired
+    table = depth_study.cell_table(cell, args)
+    row = table["rows"]["is"]
+    assert row["paired"] == seeds
+    # loss ratios (k 0.4^i) / (k 0.5^i) = 0.8^i, at step 1 (25 %), 2 (50 %) and 4 (100 %), in every seed
+    for measure, i in (("0.25", 1), ("0.5", 2), ("1.0", 4)):
+        assert row["trained"][measure] == pytest.approx((0.8**i,) * 3)
+        assert row["exported"][measure] == pytest.approx((1.0, 1.0, 1.0))
+    # PEFT LoRA reaches its final loss k 0.5^4 at step 4; is crosses it between steps 3 and 4:
+    # 3 + (ln (k 0.4^3) - ln (k 0.5^4)) / (ln (k 0.4^3) - ln (k 0.4^4)), the same for every k
+    crossing = 3 + (3 * np.log(0.4) - 4 * np.log(0.5)) / (3 * np.log(0.4) - 4 * np.log(0.4))
+    assert row["trained"]["steps"] == pytest.approx((crossing / 4,) * 3)
+    assert row["exported"]["steps"] == pytest.approx((1.0, 1.0, 1.0)) and row["exported"]["censored"] == 0
+    # PEFT LoRA's own final loss, median over seeds k = 1 .. 1.4: 1.2 / 16
+    assert table["baseline_loss"]["1.0"][0] == pytest.approx(1.2 / 16)
+    found = depth_study.verdicts({cell: table})
+    assert len(found["gain"]) == 4 and found["loss"] == []  # the trained model's 3 losses and steps
+    text = (depth_study.report(args), (tmp_path / "depth_study.md").read_text())[1]
+    assert f"| 2 | is | 0.001 (edge) | 5 | **{0.8:.3g} [{0.8:.3g}, {0.8:.3g}]** |" in text
+    assert "| residual-w16-d2 | 8 (done) | 10/10 |" in text  # seed 9 is not an evaluation seed
+
+
+def test_depth_study_tunes_beyond_the_grid_end_that_wins(tmp_path):
+    args = depth_study.parse_args(
+        [*_DEPTH_ARGV, "--results_dir", str(tmp_path), "--archs", "residual", "--methods", "peft-lora"]
+        + ["--tune_seeds", "100", "--lrs", "0.002", "0.004", "--lr_extensions", "2"]
+    )
+    cell = depth_study.Cell("residual", 16, 2)
+    planned = depth_study.planned_runs(args)
+    assert [next(planned)[3] for _ in range(2)] == [0.002, 0.004]
+    _depth_run(args, cell, "peft-lora", 0.002, 100, [1, 1, 1, 1, 0.2])
+    _depth_run(args, cell, "peft-lora", 0.004, 100, [1, 1, 1, 1, 0.3])
+    # the lower end wins: 0.001 is tuned next, and it wins too: 0.0005, the last extension
+    assert next(planned)[2:] == ("peft-lora", 0.001, 100)
+    _depth_run(args, cell, "peft-lora", 0.001, 100, [1, 1, 1, 1, 0.1])
+    assert depth_study.tuning(cell, "peft-lora", args) == (None, 0.0005, False)
+    assert next(planned)[2:] == ("peft-lora", 0.0005, 100)
+    _depth_run(args, cell, "peft-lora", 0.0005, 100, [1, 1, 1, 1, 0.05])
+    # still the lowest after 2 extensions: chosen, marked as an edge; the evaluation runs follow
+    assert depth_study.tuning(cell, "peft-lora", args) == (0.0005, None, True)
+    assert next(planned) == (cell, "eval", "peft-lora", 0.0005, 0)
+    # a rate inside the tried ones is no edge
+    _depth_run(args, cell, "peft-lora", 0.0005, 100, [1, 1, 1, 1, 0.5])
+    assert depth_study.tuning(cell, "peft-lora", args) == (0.001, None, False)
+
+
+def test_depth_study_median_interval_and_verdicts_need_enough_seeds():
+    # two values a < b: a resample's median is a, (a + b) / 2 or b with P 1/4, 1/2, 1/4
+    assert depth_study.median_interval([0.5, 0.9]) == pytest.approx((0.7, 0.5, 0.9))
+    assert depth_study.median_interval([0.5]) is None
+    assert depth_study.verdict((0.8, 0.7, 0.9), 5) == "gain"
+    assert depth_study.verdict((1.2, 1.1, 1.3), 5) == "loss"
+    assert depth_study.verdict((0.8, 0.7, 1.1), 5) is None
+    assert depth_study.verdict((0.8, 0.7, 0.9), 4) is None  # too few seeds to call it
