@@ -27,7 +27,7 @@ squared error to the teacher's outputs with Adam at a constant learning rate.
 **Methods.** ``peft-lora``: the ``peft`` library's LoRA (``LoraConfig`` + ``inject_adapter_in_model``,
 alpha = rank), the baseline. ResLoRA (``add_reslora``): ``is``; ``bs`` and ``ms`` with ``pre_num`` 1
 and 3 (``-m3``); each with the constant shortcut scale and with the ``cosine`` schedule of
-:mod:`reslora_diffusers.training.schedule` (``-cosine``: full shortcuts for the first half, decayed
+:mod:`reslora_diffusers.core.schedule` (``-cosine``: full shortcuts for the first half, decayed
 to 0 at the last step). ``is`` has no ``pre_num`` (it always reads one predecessor).
 
 **Protocol.** Per cell (architecture, width, depth), each method's learning rate is the one of
@@ -86,8 +86,8 @@ from reslora_diffusers import (  # noqa: E402
     set_shortcut_scale,
     trainable_parameters,
 )
+from reslora_diffusers.core.schedule import shortcut_scale_at  # noqa: E402
 from reslora_diffusers.merge import eval_mode, merged_view, relative_error  # noqa: E402
-from reslora_diffusers.training.schedule import shortcut_scale_at  # noqa: E402
 from reslora_diffusers.utils.io import atomic_path  # noqa: E402
 
 logger = logging.getLogger("depth_study")
