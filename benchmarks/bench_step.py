@@ -18,7 +18,7 @@ times an inference forward of the base UNet against the UNet with the merged LoR
 
     python benchmarks/bench_step.py [--model unet|sd3|flux|qwen-image|z-image] [--sizes small mid wide] [--rounds 7]
                                     [--targets attention|attention+ff] [--variants none:1 bs:5 ...]
-                                    [--compile]
+                                    [--compile] [--gradient_checkpointing on|both]
 
 ``--compile`` puts every variant (PEFT LoRA too) through ``torch.compile`` (inductor) first;
 the first step's time, which holds the compilation, is the table's "compile s" column. Inductor's
@@ -38,6 +38,14 @@ Qwen-Image (``attention+ff``: and both streams' MLPs) and Z-Image (its ``to_q/to
 ``attention+ff``: and its SwiGLU ``w1/w2/w3``) have ``small`` (width 64) and ``full-width`` (the
 released widths, Qwen-Image 3072 and Z-Image 3840): two dual-stream blocks for Qwen-Image, one
 noise and one context refiner and two main blocks for Z-Image, so that every chain has a link.
+
+``--gradient_checkpointing on`` turns on every variant's gradient checkpointing (the model's own
+``enable_gradient_checkpointing()``; PEFT LoRA too), ``both`` runs every variant plain and
+checkpointed in the same rotation and adds a table of what checkpointing costs each variant:
+per round, ``checkpointed step / plain step`` of the variant over the same ratio of PEFT LoRA,
+median and 95 % interval. Above 1, checkpointing costs that variant more time than it costs PEFT
+LoRA (a ResLoRA block that runs again in backward reads its kept shortcut values, and ``is``
+computes one more rank-r product per block).
 
 All variants share one copy of the frozen weights (``bench_gpu.shared_copy``), so the
 full-width models fit in memory once.
@@ -128,6 +136,9 @@ SIZES = {
     "z-image": {"small": (2, 64, 16, 2), "full-width": (2, 3840, 16, 1)},
 }
 RESLORA = [("none", 1), ("is", 1), ("bs", 1), ("bs", 3), ("bs", 5), ("ms", 1), ("ms", 3), ("ms", 5)]
+#: the label suffix of a checkpointed variant, and the modes of each --gradient_checkpointing
+CHECKPOINTED = " (checkpointed)"
+CHECKPOINTING_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
 def parse_variant(text: str) -> tuple[str, int]:
@@ -260,8 +271,10 @@ class Step:
     """One training step of a variant, with its optimizer (``compiled``: through ``torch.compile``;
     the first call compiles)."""
 
-    def __init__(self, unet, params, inputs, compiled: bool = False) -> None:
+    def __init__(self, unet, params, inputs, compiled: bool = False, checkpointed: bool = False) -> None:
         self.unet, self.inputs = unet.train(), inputs
+        if checkpointed:
+            unet.enable_gradient_checkpointing()
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         with torch.no_grad():
             self.target = torch.randn_like(output_tensor(unet(**inputs)))  # also ResLoRA's traced pass
@@ -305,6 +318,20 @@ def paired_ratio(times: list[float], reference: list[float]) -> str:
     return f"{median:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def checkpointing_cost(times: dict, variant: str) -> str:
+    """``median [low, high]`` over rounds of ``(ck / plain of variant) / (ck / plain of PEFT LoRA)``
+    (wall times of ``times[label] = [(wall, cpu), ...]``, the four steps of one round together):
+    what checkpointing costs ``variant`` relative to what it costs PEFT LoRA."""
+    def wall(label: str) -> list[float]:
+        return [t[0] for t in times[label]]
+
+    plain, ck = wall(variant), wall(variant + CHECKPOINTED)
+    peft, peft_ck = wall("PEFT LoRA"), wall("PEFT LoRA" + CHECKPOINTED)
+    costs = [(c / p) / (pc / pp) for p, c, pp, pc in zip(plain, ck, peft, peft_ck, strict=True)]
+    median, low, high = bootstrap_interval(costs, statistic=np.median)
+    return f"{median:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def forward_time(unet, inputs, rounds: int) -> list[float]:
     times = []
     with torch.no_grad():
@@ -323,14 +350,20 @@ def bench_size(
     targets: list[str],
     variants: list[tuple[str, int]] = RESLORA,
     compiled: bool = False,
+    checkpointing: str = "off",
 ) -> None:
     base, inputs = make_model(model, SIZES[model][name])
+    modes = CHECKPOINTING_MODES[checkpointing]
     if compiled:
-        fresh_compile_cache(len(variants) + 1)
-    steps = {"PEFT LoRA": Step(*peft_variant(base, rank, targets), inputs, compiled)}
-    for res_type, pre_num in variants:
-        label = get_shortcut(res_type, pre_num).title
-        steps[label] = Step(*reslora_variant(base, rank, res_type, pre_num, targets), inputs, compiled)
+        fresh_compile_cache(len(modes) * (len(variants) + 1))
+    steps = {}
+    for checkpointed in modes:
+        suffix = CHECKPOINTED if checkpointed else ""
+        steps["PEFT LoRA" + suffix] = Step(*peft_variant(base, rank, targets), inputs, compiled, checkpointed)
+        for res_type, pre_num in variants:
+            label = get_shortcut(res_type, pre_num).title + suffix
+            made = reslora_variant(base, rank, res_type, pre_num, targets)
+            steps[label] = Step(*made, inputs, compiled, checkpointed)
     first = {label: step()[0] for label, step in steps.items()}  # warm-up (compiles when compiled)
     for step in steps.values():
         step()
@@ -338,34 +371,23 @@ def bench_size(
     for i in range(rounds):
         for label in rotated(list(steps), i):
             times[label].append(steps[label]())
-    peft_wall = statistics.median(t[0] for t in times["PEFT LoRA"])
-    peft_cpu = statistics.median(t[1] for t in times["PEFT LoRA"])
-    peft_rounds = [t[0] for t in times["PEFT LoRA"]]
     flops = {label: step.flops() for label, step in steps.items()}
     print(
         f"\n### {model} {name}: {SIZES[model][name]} (UNet: channels, latent side, batch; SD3/Flux/"
         f"Qwen-Image/Z-Image: blocks, width, latent side, batch), rank {rank}, targets {' '.join(targets)}"
-        f"{', torch.compile (inductor)' if compiled else ''}\n"
+        f"{', torch.compile (inductor)' if compiled else ''}"
+        f"{', gradient checkpointing ' + checkpointing if checkpointing != 'off' else ''}"
     )
-    print(
-        "| variant | median wall ms | ratio to PEFT | paired ratio [95 % CI] | median CPU ms | CPU ratio to PEFT "
-        "| FLOP ratio to PEFT | saved for backward MiB"
-        + (" | compile s | compile ratio to PEFT |" if compiled else " |")
-    )
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if compiled else ""))
-    for label, ts in times.items():
-        wall = statistics.median(t[0] for t in ts)
-        cpu = statistics.median(t[1] for t in ts)
-        saved = "n/a" if compiled else f"{steps[label].saved_mib():.1f}"  # hooks do not reach compiled graphs
-        paired = paired_ratio([t[0] for t in ts], peft_rounds)
-        row = (
-            f"| {label} | {wall * 1e3:.1f} | {wall / peft_wall:.3f} | {paired} | {cpu * 1e3:.1f} "
-            f"| {cpu / peft_cpu:.3f} | {flops[label] / flops['PEFT LoRA']:.3f} | {saved} |"
-        )
-        if compiled:
-            row += f" {first[label]:.1f} | {first[label] / first['PEFT LoRA']:.2f} |"
-        print(row)
-    if compiled:
+    for checkpointed in modes:
+        suffix = CHECKPOINTED if checkpointed else ""
+        labels = [label for label in steps if label.endswith(CHECKPOINTED) == checkpointed]
+        print_table({k: times[k] for k in labels}, steps, flops, first, "PEFT LoRA" + suffix, compiled)
+    if len(modes) == 2:
+        print("\nWhat checkpointing costs each variant, over what it costs PEFT LoRA (paired by round):\n")
+        print("| variant | checkpointed / plain over PEFT LoRA's [95 % CI] |\n|---|---|")
+        for label in (k for k in times if not k.endswith(CHECKPOINTED) and k != "PEFT LoRA"):
+            print(f"| {label} | {checkpointing_cost(times, label)} |")
+    if compiled or "ResLoRA bs m=5" not in steps:
         return
 
     # inference: the base model vs the model with a merged (bs, m=5) ResLoRA fused into its weights
@@ -381,6 +403,32 @@ def bench_size(
             fwd[key] += forward_time(model, inputs, 1)
     b, f = statistics.median(fwd["base"]), statistics.median(fwd["fused"])
     print(f"\nInference forward: base {b * 1e3:.1f} ms, fused ResLoRA {f * 1e3:.1f} ms, ratio {f / b:.3f}")
+
+
+def print_table(times: dict, steps: dict, flops: dict, first: dict, peft: str, compiled: bool) -> None:
+    """One markdown table of ``times``' variants, each against ``peft``'s steps of the same rounds."""
+    peft_wall = statistics.median(t[0] for t in times[peft])
+    peft_cpu = statistics.median(t[1] for t in times[peft])
+    peft_rounds = [t[0] for t in times[peft]]
+    print()
+    print(
+        "| variant | median wall ms | ratio to PEFT | paired ratio [95 % CI] | median CPU ms | CPU ratio to PEFT "
+        "| FLOP ratio to PEFT | saved for backward MiB"
+        + (" | compile s | compile ratio to PEFT |" if compiled else " |")
+    )
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if compiled else ""))
+    for label, ts in times.items():
+        wall = statistics.median(t[0] for t in ts)
+        cpu = statistics.median(t[1] for t in ts)
+        saved = "n/a" if compiled else f"{steps[label].saved_mib():.1f}"  # hooks do not reach compiled graphs
+        paired = paired_ratio([t[0] for t in ts], peft_rounds)
+        row = (
+            f"| {label} | {wall * 1e3:.1f} | {wall / peft_wall:.3f} | {paired} | {cpu * 1e3:.1f} "
+            f"| {cpu / peft_cpu:.3f} | {flops[label] / flops[peft]:.3f} | {saved} |"
+        )
+        if compiled:
+            row += f" {first[label]:.1f} | {first[label] / first[peft]:.2f} |"
+        print(row)
 
 
 def main() -> None:
@@ -405,6 +453,12 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="every variant through torch.compile (inductor)"
     )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        choices=sorted(CHECKPOINTING_MODES),
+        default="off",
+        help="every variant checkpointed (on), or plain and checkpointed side by side (both)",
+    )
     args = parser.parse_args()
     if args.compile:
         inductor_config.force_disable_caches = True
@@ -417,7 +471,16 @@ def main() -> None:
         )
     for name in sizes:
         targets = TARGET_SETS[args.model][args.targets]
-        bench_size(args.model, name, args.rounds, args.rank, targets, args.variants, args.compile)
+        bench_size(
+            args.model,
+            name,
+            args.rounds,
+            args.rank,
+            targets,
+            args.variants,
+            args.compile,
+            args.gradient_checkpointing,
+        )
 
 
 if __name__ == "__main__":

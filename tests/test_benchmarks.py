@@ -437,6 +437,43 @@ def test_bench_step_counts_the_extra_products_of_a_block_shortcut():
     assert all(p.grad is None for p in bs.opt.param_groups[0]["params"])
 
 
+def test_bench_step_checkpointing_cost_is_the_variants_ratio_over_peft_lora_s_per_round():
+    bench_step = _load("bench_step")
+    ck = bench_step.CHECKPOINTED
+    # round 1: checkpointing costs PEFT 1.2x and bs 1.5x -> 1.25; round 2 (machine twice as slow
+    # for every step) the same ratios -> 1.25; round 3: 1.2x and 1.2x -> 1.0
+    times = {
+        "PEFT LoRA": [(1.0, 0), (2.0, 0), (1.0, 0)],
+        "PEFT LoRA" + ck: [(1.2, 0), (2.4, 0), (1.2, 0)],
+        "bs": [(1.0, 0), (2.0, 0), (1.0, 0)],
+        "bs" + ck: [(1.5, 0), (3.0, 0), (1.2, 0)],
+    }
+    assert bench_step.checkpointing_cost(times, "bs") == "1.250 [1.000, 1.250]"
+
+
+def test_bench_step_runs_plain_and_checkpointed_side_by_side(capsys):
+    bench_step = _load("bench_step")
+    bench_step.bench_size("sd3", "small", 2, 4, ["to_q"], [("ms", 1)], checkpointing="both")
+    out = capsys.readouterr().out
+    ck = bench_step.CHECKPOINTED
+    for label in ("PEFT LoRA", "ResLoRA ms m=1", "PEFT LoRA" + ck, "ResLoRA ms m=1" + ck):
+        assert f"| {label} |" in out
+    assert "gradient checkpointing both" in out
+    cost = out.split("What checkpointing costs")[1]
+    assert "| ResLoRA ms m=1 |" in cost and "PEFT LoRA |" not in cost
+
+
+def test_bench_step_checkpointed_step_runs_the_blocks_again_in_backward():
+    bench_step = _load("bench_step")
+    base, inputs = bench_step.make_model("sd3", (2, 64, 8, 1))
+    plain = bench_step.Step(*bench_step.reslora_variant(base, 4, "ms", 1, ["to_q"]), inputs)
+    ck = bench_step.Step(*bench_step.reslora_variant(base, 4, "ms", 1, ["to_q"]), inputs, checkpointed=True)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in plain.unet.modules())
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ck.unet.modules())
+    # a forward of each checkpointed block again: more FLOPs than the plain step, less than two
+    assert plain.flops() < ck.flops() < 2 * plain.flops()
+
+
 def test_bootstrap_interval_of_the_median():
     # values 0, 0, 1: a resample's median is 1 when it holds two or three 1s, P = 7/27 > 2.5 %
     median, low, high = compare.bootstrap_interval([0.0, 0.0, 1.0], statistic=np.median)
