@@ -322,6 +322,7 @@ def checkpointing_cost(times: dict, variant: str) -> str:
     """``median [low, high]`` over rounds of ``(ck / plain of variant) / (ck / plain of PEFT LoRA)``
     (wall times of ``times[label] = [(wall, cpu), ...]``, the four steps of one round together):
     what checkpointing costs ``variant`` relative to what it costs PEFT LoRA."""
+
     def wall(label: str) -> list[float]:
         return [t[0] for t in times[label]]
 
