@@ -53,6 +53,10 @@ class Objective(ABC):
     denoiser_title = "denoiser"
     #: script flags this objective does not read: refused when set to another value than their default
     unused_flags: tuple[str, ...] = ()
+    #: video objectives train on clips of ``1 + k * frame_step`` frames (the VAE's temporal
+    #: compression), ``default_frames`` of them unless ``--num_frames`` says; 0: images
+    frame_step = 0
+    default_frames = 0
 
     def __init__(self, pipe, args: argparse.Namespace, family) -> None:
         self.args = args
@@ -66,14 +70,21 @@ class Objective(ABC):
             model.requires_grad_(False)
         vae = self.models["vae"]
         #: pixels per latent
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        #: clean latents are ``(z - shift_factor) * scaling_factor`` (SD's VAEs have no shift)
+        self.vae_scale = self.vae_factor(vae)
+        #: clean latents are ``(z - shift_factor) * scaling_factor`` (SD's VAEs have no shift; VAEs
+        #: normalised per channel, FLUX.2's and Wan's, have neither: their objectives override
+        #: :meth:`clean_latents`)
         self.shift_factor = vae.config.get("shift_factor") or 0.0
-        self.scaling_factor = vae.config.scaling_factor
+        self.scaling_factor = vae.config.get("scaling_factor", 1.0)
         #: each text encoder's tokenizer (``text_encoder_2`` -> ``tokenizer_2``)
         self.tokenizers = {
             name: getattr(pipe, name.replace("text_encoder", "tokenizer")) for name in self.text_encoder_names
         }
+
+    def vae_factor(self, vae: nn.Module) -> int:
+        """Pixels per latent side: ``2 ** (levels - 1)`` (an image VAE downsamples at every
+        level but the last)."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
     def denoiser(self) -> str:
