@@ -8,14 +8,16 @@ fresh process (random weights in the published architectures, no download).
     python benchmarks/bench_memory.py --scale 0.05 --configs sd15-128-1    # toy size (the test)
 
 Configs are ``PRESET-PIXELS-BATCH`` for the presets of ``scripts/make_random_pipeline.py``
-(``sd15``, ``sdxl``, ``sd3``, ``flux``); ``--scale`` shrinks the denoiser by that script's rule
+(``sd15``, ``sdxl``, ``sd3``, ``flux``, ``flux2``, ``wan``); ``--scale`` shrinks the denoiser by that script's rule
 (the image stays at the pixels given). The denoiser alone is built (the text encoders and the
 VAE run before it and are freed, or are cached, in a real run), directly in the base dtype
 (``--dtype``, default bf16; no float32 copy ever exists), frozen; the adapters and AdamW's
 state are float32; the forward runs under bf16 autocast, as ``train_text_to_image.py
 --mixed_precision bf16`` trains. The inputs are what the training script feeds the denoiser:
 noisy latents at ``pixels / 8``, a timestep, 77 CLIP text states (SD3: 77 + 256 T5 tokens,
-Flux: 512 T5 tokens; SDXL's pooled text and time ids; Flux's ids and guidance).
+Flux: 512 T5 tokens; SDXL's pooled text and time ids; Flux's ids and guidance; FLUX.2: 512
+Mistral tokens, its ids and guidance; Wan: a clip of ``WAN_FRAMES`` frames, the training
+script's default, and 512 UMT5 tokens).
 
 Variants: ``floor`` (the frozen model, gradients for its input only: what no adapter goes
 under), ``peft`` (diffusers' ``add_adapter``, PEFT LoRA) and ResLoRA ``none``, ``is``, ``bs``
@@ -55,6 +57,10 @@ VARIANTS = (FLOOR, PEFT, *RESLORA)
 MODES = ("plain", "checkpointed")
 #: T5 tokens the pipelines encode prompts to by default, beside 77 CLIP tokens
 T5_TOKENS = {"sd3": 256, "flux": 512}
+#: FLUX.2's and Wan's text tokens (Mistral's and UMT5's, their pipelines' defaults), Wan's frames
+#: per clip (the training script's default ``--num_frames``: 9 latent frames)
+LM_TOKENS = {"flux2": 512, "wan": 512}
+WAN_FRAMES = 33
 
 
 def parse_config(name: str) -> tuple[str, int, int]:
@@ -111,7 +117,8 @@ def build_denoiser(preset: str, scale: float, dtype):
     from reslora_diffusers.data.random_pipelines import denoiser_config
 
     cls = {"sd15": UNet2DConditionModel, "sdxl": UNet2DConditionModel}.get(preset)
-    cls = cls or {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[preset]
+    cls = cls or {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}.get(preset)
+    cls = cls or _transformer_classes()[preset]
     torch.manual_seed(0)
     saved = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in the base dtype: no float32 copy at any time
@@ -122,6 +129,12 @@ def build_denoiser(preset: str, scale: float, dtype):
     return model.requires_grad_(False)
 
 
+def _transformer_classes() -> dict:
+    from diffusers import Flux2Transformer2DModel, WanTransformer3DModel
+
+    return {"flux2": Flux2Transformer2DModel, "wan": WanTransformer3DModel}
+
+
 def make_inputs(model, preset: str, side: int, batch: int) -> dict:
     """The denoiser's keyword arguments for ``batch`` images of ``side`` pixels (module doc)."""
     import torch
@@ -130,6 +143,16 @@ def make_inputs(model, preset: str, side: int, batch: int) -> dict:
 
     latent = side // 8
     frontend = frontend_for(model)
+    if preset == "flux2":  # 2 x 2 patches of the latents as tokens
+        grid = (latent // 2, latent // 2)
+        return frontend.synthetic_inputs(model, num=1, batch=batch, text_tokens=LM_TOKENS[preset], grid=grid)[
+            0
+        ]
+    if preset == "wan":  # 1 + (frames - 1) / 4 latent frames
+        frames = 1 + (WAN_FRAMES - 1) // 4
+        return frontend.synthetic_inputs(
+            model, num=1, batch=batch, text_tokens=LM_TOKENS[preset], frames=frames, grid=(latent, latent)
+        )[0]
     if preset == "flux":
         grid = (latent // 2, latent // 2)
         return frontend.synthetic_inputs(model, num=1, batch=batch, text_tokens=T5_TOKENS["flux"], grid=grid)[
@@ -153,8 +176,16 @@ def make_inputs(model, preset: str, side: int, batch: int) -> dict:
 
 def default_targets(preset: str) -> list[str]:
     """What ``train_text_to_image.py`` adapts by default for the family."""
-    from reslora_diffusers.frontends import DEFAULT_UNET_TARGETS, DIT_ATTENTION_TARGETS
+    from reslora_diffusers.frontends import (
+        DEFAULT_UNET_TARGETS,
+        DIT_ATTENTION_TARGETS,
+        FLUX2_ATTENTION_TARGETS,
+        WAN_ATTENTION_TARGETS,
+    )
 
+    own = {"flux2": FLUX2_ATTENTION_TARGETS, "wan": WAN_ATTENTION_TARGETS}
+    if preset in own:
+        return list(own[preset])
     return list(DEFAULT_UNET_TARGETS if preset in ("sd15", "sdxl") else DIT_ATTENTION_TARGETS)
 
 
@@ -167,6 +198,9 @@ def add_variant(model, variant: str, rank: int, targets: list[str]) -> list:
     if variant == FLOOR:
         return []
     if variant == PEFT:
+        from reslora_diffusers.training.peft_baseline import peft_target_modules
+
+        targets = peft_target_modules(model, targets)  # FLUX.2's attn.to_out: its linears alone
         model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
         params = [p for p in model.parameters() if p.requires_grad]
     else:

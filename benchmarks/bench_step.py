@@ -1,5 +1,5 @@
-"""Training-step time of ResLoRA against diffusers' PEFT LoRA on a UNet, an SD3 or a Flux
-transformer, measured side by side.
+"""Training-step time of ResLoRA against diffusers' PEFT LoRA on a UNet, an SD3, Flux, FLUX.2 or
+Wan transformer, measured side by side.
 
 Every variant trains the same model config (random weights, no download) on the same inputs:
 forward + backward + AdamW step, rank and targets equal. Variants run interleaved, one step
@@ -16,7 +16,7 @@ bootstrap interval: a slow stretch of the machine slows both steps of a round al
 pairing removes most of the drift that the ratio of two medians carries. It also
 times an inference forward of the base UNet against the UNet with the merged LoRA fused in.
 
-    python benchmarks/bench_step.py [--model unet|sd3|flux] [--sizes small mid wide] [--rounds 7]
+    python benchmarks/bench_step.py [--model unet|sd3|flux|flux2|wan] [--sizes small mid wide] [--rounds 7]
                                     [--targets attention|attention+ff] [--variants none:1 bs:5 ...]
                                     [--compile]
 
@@ -34,6 +34,12 @@ of ``small``/``mid`` (64, 128) give the adapters' products 6-12 % of each projec
 ``full-width`` has the released models' widths themselves, with two or three blocks (not in the
 default sizes: a Flux step there takes seconds).
 
+FLUX.2 and Wan train their families' default targets (the attention projections of every
+block: FLUX.2's double blocks' of both streams and its single blocks' fused ``to_qkv_mlp_proj``/
+``attn.to_out``; Wan's self- and cross-attention), ``attention+ff`` adding their feed-forward
+layers. Their ``full-width`` sizes have the released widths (FLUX.2 [dev] 6144: one double and
+one single block; Wan 2.1 14B 5120: one block of a 2-latent-frame clip).
+
 All variants share one copy of the frozen weights (``bench_gpu.shared_copy``), so the
 full-width models fit in memory once.
 """
@@ -50,7 +56,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch._inductor.config as inductor_config
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import (
+    Flux2Transformer2DModel,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    WanTransformer3DModel,
+)
 from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,11 +72,16 @@ from reslora_diffusers.export import fuse_lora
 from reslora_diffusers.frontends import (
     DIT_ATTENTION_TARGETS,
     DIT_FEEDFORWARD_TARGETS,
+    FLUX2_ATTENTION_TARGETS,
+    FLUX2_FEEDFORWARD_TARGETS,
     UNET_FEEDFORWARD_TARGETS,
     UNET_TARGETS,
+    WAN_ATTENTION_TARGETS,
+    WAN_FEEDFORWARD_TARGETS,
     frontend_for,
 )
 from reslora_diffusers.merge.error import output_tensor
+from reslora_diffusers.training.peft_baseline import peft_target_modules
 from reslora_diffusers.training.speed import compile_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,6 +98,14 @@ TARGET_SETS = {
     "flux": {
         "attention": list(DIT_ATTENTION_TARGETS),
         "attention+ff": [*DIT_ATTENTION_TARGETS, *DIT_FEEDFORWARD_TARGETS, "proj_mlp"],
+    },
+    "flux2": {
+        "attention": list(FLUX2_ATTENTION_TARGETS),
+        "attention+ff": [*FLUX2_ATTENTION_TARGETS, *FLUX2_FEEDFORWARD_TARGETS],
+    },
+    "wan": {
+        "attention": list(WAN_ATTENTION_TARGETS),
+        "attention+ff": [*WAN_ATTENTION_TARGETS, *WAN_FEEDFORWARD_TARGETS],
     },
 }
 SIZES = {
@@ -100,7 +125,12 @@ SIZES = {
         "wide": (2, 512, 16, 2),
         "full-width": (1, 3072, 16, 1),
     },
+    # FLUX.2: `blocks` double and as many single blocks; Wan: `blocks` blocks, 2 latent frames
+    "flux2": {"small": (2, 64, 16, 2), "full-width": (1, 6144, 16, 1)},
+    "wan": {"small": (2, 64, 16, 2), "full-width": (1, 5120, 16, 1)},
 }
+#: the attention head size of the FLUX.2 and Wan sizes: the released 128, 32 on the toy widths
+HEAD = {"small": 32, "full-width": 128}
 RESLORA = [("none", 1), ("is", 1), ("bs", 1), ("bs", 3), ("bs", 5), ("ms", 1), ("ms", 3), ("ms", 5)]
 
 
@@ -156,13 +186,48 @@ def make_flux(blocks: int, width: int) -> FluxTransformer2DModel:
     )
 
 
-def make_model(model: str, size: tuple):
-    """The model and one training batch (the family's synthetic inputs for SD3 and Flux;
-    Flux packs 2 x 2 latent patches, so its token grid is ``side / 2``)."""
+def make_flux2(blocks: int, width: int, head: int) -> Flux2Transformer2DModel:
+    """``blocks`` double-stream and as many single-stream blocks of FLUX.2 [dev]'s layout (MLP
+    ratio 3, 128 input channels, guidance embedding), heads of ``head``."""
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(
+        in_channels=128,
+        num_layers=blocks,
+        num_single_layers=blocks,
+        attention_head_dim=head,
+        num_attention_heads=width // head,
+        joint_attention_dim=64,
+        axes_dims_rope=(head // 4,) * 4,
+        guidance_embeds=True,
+    )
+
+
+def make_wan(blocks: int, width: int, head: int) -> WanTransformer3DModel:
+    """``blocks`` blocks of Wan 2.1's layout (feed-forward 2.7 x the width, as 13824 / 5120)."""
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        num_attention_heads=width // head,
+        attention_head_dim=head,
+        in_channels=16,
+        out_channels=16,
+        text_dim=64,
+        ffn_dim=round(width * 2.7),
+        num_layers=blocks,
+    )
+
+
+def make_model(model: str, size: tuple, name: str = "small"):
+    """The model and one training batch (the family's synthetic inputs for the transformers;
+    Flux and FLUX.2 pack 2 x 2 latent patches, so their token grid is ``side / 2``; Wan's clip
+    has 2 latent frames of ``side`` latents, patched 2 x 2 by the model)."""
     if model == "unet":
         channels, side, batch = size
         return make_unet(channels), make_inputs(side, batch)
     blocks, width, side, batch = size
+    if model in ("flux2", "wan"):
+        net = (make_flux2 if model == "flux2" else make_wan)(blocks, width, HEAD[name])
+        grid = (side // 2, side // 2) if model == "flux2" else (side, side)
+        return net, frontend_for(net).synthetic_inputs(net, num=1, batch=batch, grid=grid)[0]
     net = make_sd3(blocks, width, side) if model == "sd3" else make_flux(blocks, width)
     kwargs = {"batch": batch} if model == "sd3" else {"batch": batch, "grid": (side // 2, side // 2)}
     return net, frontend_for(net).synthetic_inputs(net, num=1, **kwargs)[0]
@@ -180,6 +245,7 @@ def make_inputs(side: int, batch: int) -> dict:
 def peft_variant(base, rank: int, targets: list[str]):
     unet = shared_copy(base)
     unet.requires_grad_(False)
+    targets = peft_target_modules(unet, targets)  # FLUX.2's attn.to_out: its linears alone
     unet.add_adapter(
         LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
     )
@@ -260,7 +326,7 @@ def bench_size(
     variants: list[tuple[str, int]] = RESLORA,
     compiled: bool = False,
 ) -> None:
-    base, inputs = make_model(model, SIZES[model][name])
+    base, inputs = make_model(model, SIZES[model][name], name)
     if compiled:
         fresh_compile_cache(len(variants) + 1)
     steps = {"PEFT LoRA": Step(*peft_variant(base, rank, targets), inputs, compiled)}
@@ -279,7 +345,7 @@ def bench_size(
     peft_rounds = [t[0] for t in times["PEFT LoRA"]]
     flops = {label: step.flops() for label, step in steps.items()}
     print(
-        f"\n### {model} {name}: {SIZES[model][name]} (UNet: channels, latent side, batch; SD3/Flux: "
+        f"\n### {model} {name}: {SIZES[model][name]} (UNet: channels, latent side, batch; transformers: "
         f"blocks, width, latent side, batch), rank {rank}, targets {' '.join(targets)}"
         f"{', torch.compile (inductor)' if compiled else ''}\n"
     )
@@ -326,7 +392,8 @@ def main() -> None:
         "--sizes",
         nargs="+",
         choices=sorted({size for sizes in SIZES.values() for size in sizes}),
-        help="model sizes (default: every size of --model but full-width; wide, full-width: SD3 and Flux only)",
+        help="model sizes (default: every size of --model but full-width; wide: SD3 and Flux only; "
+        "full-width: the transformers only)",
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rank", type=int, default=8)

@@ -236,3 +236,21 @@ def test_merge_cli_writes_both_files_and_fuses(base, tmp_path):
         merge_main([str(ckpt), "--base", str(base), "--output", str(tmp_path / "k"), "--format", "kohya"])
         == 2
     )
+
+
+def test_the_peft_baseline_adapts_the_default_targets(base, data, tmp_path):
+    """``--use_peft``: the single blocks' ``attn.to_out`` linears by their paths (a double block's
+    ``attn.to_out`` is a ModuleList PEFT cannot adapt), saved by ``Flux2Pipeline.save_lora_weights``."""
+    out = tmp_path / "peft"
+    summary = run_dit(base, data, out, "--use_peft", "--max_train_steps", "1", "--learning_rate", "1e-2")
+    assert "merge_error" not in summary
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(out)
+    adapted = {
+        p.removesuffix(".base_layer") for p, m in pipe.transformer.named_modules() if hasattr(m, "lora_A")
+    }
+    assert "single_transformer_blocks.1.attn.to_out" in adapted
+    assert (
+        "transformer_blocks.0.attn.to_out.0" in adapted and "transformer_blocks.0.ff.linear_in" not in adapted
+    )
+    assert len(adapted) == 2 * 8 + 2 * 2  # the default targets of 2 double and 2 single blocks
