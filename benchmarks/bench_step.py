@@ -1,5 +1,5 @@
-"""Training-step time of ResLoRA against diffusers' PEFT LoRA on a UNet, an SD3, Flux, FLUX.2 or
-Wan transformer, measured side by side.
+"""Training-step time of ResLoRA against diffusers' PEFT LoRA on a UNet, an SD3, Flux, Qwen-Image,
+Z-Image, FLUX.2 or Wan transformer, measured side by side.
 
 Every variant trains the same model config (random weights, no download) on the same inputs:
 forward + backward + AdamW step, rank and targets equal. Variants run interleaved, one step
@@ -16,7 +16,8 @@ bootstrap interval: a slow stretch of the machine slows both steps of a round al
 pairing removes most of the drift that the ratio of two medians carries. It also
 times an inference forward of the base UNet against the UNet with the merged LoRA fused in.
 
-    python benchmarks/bench_step.py [--model unet|sd3|flux|flux2|wan] [--sizes small mid wide] [--rounds 7]
+    python benchmarks/bench_step.py [--model unet|sd3|flux|qwen-image|z-image|flux2|wan]
+                                    [--sizes small mid wide] [--rounds 7]
                                     [--targets attention|attention+ff] [--variants none:1 bs:5 ...]
                                     [--compile]
 
@@ -40,6 +41,11 @@ block: FLUX.2's double blocks' of both streams and its single blocks' fused ``to
 layers. Their ``full-width`` sizes have the released widths (FLUX.2 [dev] 6144: one double and
 one single block; Wan 2.1 14B 5120: one block of a 2-latent-frame clip).
 
+Qwen-Image (``attention+ff``: and both streams' MLPs) and Z-Image (its ``to_q/to_k/to_v/to_out.0``;
+``attention+ff``: and its SwiGLU ``w1/w2/w3``) have ``small`` (width 64) and ``full-width`` (the
+released widths, Qwen-Image 3072 and Z-Image 3840): two dual-stream blocks for Qwen-Image, one
+noise and one context refiner and two main blocks for Z-Image, so that every chain has a link.
+
 All variants share one copy of the frozen weights (``bench_gpu.shared_copy``), so the
 full-width models fit in memory once.
 """
@@ -59,9 +65,11 @@ import torch._inductor.config as inductor_config
 from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     WanTransformer3DModel,
+    ZImageTransformer2DModel,
 )
 from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
@@ -74,10 +82,13 @@ from reslora_diffusers.frontends import (
     DIT_FEEDFORWARD_TARGETS,
     FLUX2_ATTENTION_TARGETS,
     FLUX2_FEEDFORWARD_TARGETS,
+    QWEN_IMAGE_FEEDFORWARD_TARGETS,
     UNET_FEEDFORWARD_TARGETS,
     UNET_TARGETS,
     WAN_ATTENTION_TARGETS,
     WAN_FEEDFORWARD_TARGETS,
+    Z_IMAGE_ATTENTION_TARGETS,
+    Z_IMAGE_FEEDFORWARD_TARGETS,
     frontend_for,
 )
 from reslora_diffusers.merge.error import output_tensor
@@ -98,6 +109,14 @@ TARGET_SETS = {
     "flux": {
         "attention": list(DIT_ATTENTION_TARGETS),
         "attention+ff": [*DIT_ATTENTION_TARGETS, *DIT_FEEDFORWARD_TARGETS, "proj_mlp"],
+    },
+    "qwen-image": {
+        "attention": list(DIT_ATTENTION_TARGETS),
+        "attention+ff": [*DIT_ATTENTION_TARGETS, *QWEN_IMAGE_FEEDFORWARD_TARGETS],
+    },
+    "z-image": {
+        "attention": list(Z_IMAGE_ATTENTION_TARGETS),
+        "attention+ff": [*Z_IMAGE_ATTENTION_TARGETS, *Z_IMAGE_FEEDFORWARD_TARGETS],
     },
     "flux2": {
         "attention": list(FLUX2_ATTENTION_TARGETS),
@@ -125,6 +144,10 @@ SIZES = {
         "wide": (2, 512, 16, 2),
         "full-width": (1, 3072, 16, 1),
     },
+    # Qwen-Image: (dual-stream blocks, width, latent side, batch); Z-Image: (main blocks, width,
+    # latent side, batch) with one noise and one context refiner
+    "qwen-image": {"small": (2, 64, 16, 2), "full-width": (2, 3072, 16, 1)},
+    "z-image": {"small": (2, 64, 16, 2), "full-width": (2, 3840, 16, 1)},
     # FLUX.2: `blocks` double and as many single blocks; Wan: `blocks` blocks, 2 latent frames
     "flux2": {"small": (2, 64, 16, 2), "full-width": (1, 6144, 16, 1)},
     "wan": {"small": (2, 64, 16, 2), "full-width": (1, 5120, 16, 1)},
@@ -216,6 +239,42 @@ def make_wan(blocks: int, width: int, head: int) -> WanTransformer3DModel:
     )
 
 
+def make_qwen_image(blocks: int, width: int) -> QwenImageTransformer2DModel:
+    """``blocks`` dual-stream blocks of ``width`` (heads of 32), text states of 64 features."""
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(
+        num_layers=blocks,
+        attention_head_dim=32,
+        num_attention_heads=width // 32,
+        joint_attention_dim=64,
+        axes_dims_rope=(8, 12, 12),
+    )
+
+
+def make_z_image(blocks: int, width: int) -> ZImageTransformer2DModel:
+    """One noise and one context refiner and ``blocks`` main blocks of ``width`` (heads of 32),
+    captions of 64 features."""
+    torch.manual_seed(0)
+    return ZImageTransformer2DModel(
+        dim=width,
+        n_layers=blocks,
+        n_refiner_layers=1,
+        n_heads=width // 32,
+        n_kv_heads=width // 32,
+        cap_feat_dim=64,
+        axes_dims=[8, 12, 12],
+    )
+
+
+def make_qwen_text_dit(model: str, size: tuple):
+    """A Qwen-Image or Z-Image transformer and its synthetic batch: ``side / 2`` x ``side / 2``
+    patch tokens and 16 text tokens (Qwen-Image) or 40 caption tokens (Z-Image)."""
+    blocks, width, side, batch = size
+    net = make_qwen_image(blocks, width) if model == "qwen-image" else make_z_image(blocks, width)
+    grid = (side // 2, side // 2)
+    return net, frontend_for(net).synthetic_inputs(net, num=1, batch=batch, grid=grid)[0]
+
+
 def make_model(model: str, size: tuple, name: str = "small"):
     """The model and one training batch (the family's synthetic inputs for the transformers;
     Flux and FLUX.2 pack 2 x 2 latent patches, so their token grid is ``side / 2``; Wan's clip
@@ -223,6 +282,8 @@ def make_model(model: str, size: tuple, name: str = "small"):
     if model == "unet":
         channels, side, batch = size
         return make_unet(channels), make_inputs(side, batch)
+    if model in ("qwen-image", "z-image"):
+        return make_qwen_text_dit(model, size)
     blocks, width, side, batch = size
     if model in ("flux2", "wan"):
         net = (make_flux2 if model == "flux2" else make_wan)(blocks, width, HEAD[name])

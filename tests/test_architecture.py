@@ -73,6 +73,9 @@ def test_every_package_and_module_has_a_floor():
 #: what only a diffusion family's own file names: its components beyond the first text encoder,
 #: its LoRA-scale keyword, its name (kohya-ss key tables, keyed by family, are export/kohya.py's)
 FAMILY_NAMES = {
+    "attention_kwargs",
+    "qwen_image",
+    "z_image",
     "text_encoder_2",
     "text_encoder_3",
     "cross_attention_kwargs",
@@ -86,6 +89,8 @@ FAMILY_NAMES = {
     "transformer_2",
 }
 FAMILY_FILES = {
+    "frontends/qwen_image.py",
+    "frontends/z_image.py",
     "frontends/sd.py",
     "frontends/sdxl.py",
     "frontends/sd3.py",

@@ -1,5 +1,5 @@
 """Pipelines with random weights in the published architectures: SD 1.5, SDXL, SD3 medium, Flux dev,
-FLUX.2 [dev] and Wan 2.1 text-to-video 14B.
+Qwen-Image, Z-Image, FLUX.2 [dev] and Wan 2.1 text-to-video 14B.
 
 The numbers are those of the published model configs (``unet/config.json``,
 ``transformer/config.json``, ``vae/config.json``, the text encoders' ``config.json``), written
@@ -15,7 +15,10 @@ benchmarks can then be timed at the real sizes. ``scale`` shrinks them for CPU r
 
 Every text encoder uses the project's own CLIP-format tokenizer (:func:`.tokenizer.write_tokenizer`);
 the T5 encoder is a one-layer T5 of the transformer's ``joint_attention_dim`` width with that
-tokenizer standing in for T5's (the pipelines only need its output width).
+tokenizer standing in for T5's (the pipelines only need its output width). Qwen-Image's and
+Z-Image's text encoders (Qwen2.5-VL-7B, Qwen3-4B) are theirs at the scaled size, with our
+vocabulary as a Qwen2 tokenizer (:func:`.qwen_tokenizer.qwen_tokenizer`): Qwen-Image's prompt
+template and Z-Image's chat template need that tokenizer class and layout.
 
 FLUX.2 and Wan have their text encoders in full (Mistral Small 3.x, UMT5-XXL: their widths and
 depths scale like the others', their vocabularies are our tokenizer's), since their states are
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-PRESETS = ("sd15", "sdxl", "sd3", "flux", "flux2", "wan")
+PRESETS = ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image", "flux2", "wan")
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,49 @@ def _t5_width(preset: str, scale: float) -> int:
     return width
 
 
+def qwen_image_transformer_config(scale: float = 1.0) -> dict:
+    """Qwen-Image ``transformer/config.json``: 60 dual-stream blocks, 24 heads x 128 (RoPE axes
+    16/56/56), joint attention 3584 (Qwen2.5-VL-7B's width), 16 latent channels in 2 x 2 patches
+    (64 in), no guidance embedding."""
+    s = _check_scale(scale)
+    return {
+        "patch_size": 2,
+        "in_channels": 64,
+        "out_channels": 16,
+        "num_layers": s.count(60),
+        "attention_head_dim": 128,
+        "num_attention_heads": s.count(24),
+        "joint_attention_dim": qwen2_5_vl_config(scale)["text_config"]["hidden_size"],
+        "guidance_embeds": False,
+        "axes_dims_rope": [16, 56, 56],
+    }
+
+
+def z_image_transformer_config(scale: float = 1.0) -> dict:
+    """Z-Image (Turbo) ``transformer/config.json``: 2 noise- and 2 context-refiner blocks, 30
+    main blocks, 30 heads x 128 (RoPE axes 32/48/48 over 1536/512/512 positions, theta 256),
+    captions of 2560 features (Qwen3-4B's width), 2 x 2 patches of 16 latent channels."""
+    s = _check_scale(scale)
+    heads = s.count(30)
+    return {
+        "all_patch_size": [2],
+        "all_f_patch_size": [1],
+        "in_channels": 16,
+        "dim": heads * 128,
+        "n_layers": s.count(30),
+        "n_refiner_layers": s.count(2),
+        "n_heads": heads,
+        "n_kv_heads": heads,
+        "norm_eps": 1e-05,
+        "qk_norm": True,
+        "cap_feat_dim": qwen3_config(scale)["hidden_size"],
+        "rope_theta": 256.0,
+        "t_scale": 1000.0,
+        "axes_dims": [32, 48, 48],
+        "axes_lens": [1536, 512, 512],
+    }
+
+
 # ----------------------------------------------------------------------------- VAEs and text encoders
 
 
@@ -183,6 +229,96 @@ def vae_config(preset: str, scale: float = 1.0) -> dict:
             use_post_quant_conv=False,
         )
     return config
+
+
+# fmt: off
+#: Qwen-Image's per-channel latent means and standard deviations (``vae/config.json``)
+QWEN_IMAGE_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+QWEN_IMAGE_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+# fmt: on
+
+
+def qwen_image_vae_config(scale: float = 1.0) -> dict:
+    """Qwen-Image ``vae/config.json`` (Wan 2.1's causal video VAE): base 96 channels x (1, 2, 4, 4),
+    2 residual blocks per level, time downsampled at the last two levels, 16 latent channels
+    normalised by their published means and standard deviations."""
+    s = _check_scale(scale)
+    return {
+        "base_dim": s.width(96),
+        "z_dim": 16,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_scales": [],
+        "temperal_downsample": [False, True, True],
+        "dropout": 0.0,
+        "latents_mean": list(QWEN_IMAGE_LATENTS_MEAN),
+        "latents_std": list(QWEN_IMAGE_LATENTS_STD),
+    }
+
+
+def z_image_vae_config(scale: float = 1.0) -> dict:
+    """Z-Image's VAE is Flux's (16 latent channels, scaling 0.3611, shift 0.1159)."""
+    return vae_config("flux", scale)
+
+
+def qwen2_5_vl_config(scale: float = 1.0) -> dict:
+    """Qwen2.5-VL-7B-Instruct's ``config.json`` (Qwen-Image's ``text_encoder``): a 28-layer decoder of
+    width 3584 (28 heads x 128, 4 key-value heads, MLP 18944, multimodal RoPE sections 16/24/24)
+    and its 32-block vision tower (width 1280, 16 heads, MLP 3420, window attention with full
+    attention every 8th block), without the vocabulary (the tokenizer's)."""
+    s = _check_scale(scale)
+    depth = s.count(32)
+    return {
+        "text_config": {
+            "hidden_size": s.count(28) * 128,
+            "intermediate_size": s.width(18944),
+            "num_hidden_layers": s.count(28),
+            "num_attention_heads": s.count(28),
+            "num_key_value_heads": s.count(4),
+            "max_position_embeddings": 128000,
+            "rms_norm_eps": 1e-06,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+            "tie_word_embeddings": False,
+        },
+        "vision_config": {
+            "depth": depth,
+            "hidden_size": s.count(16) * 80,
+            "intermediate_size": s.count(3420),  # not a multiple of 32: scaled as a count
+            "num_heads": s.count(16),
+            "out_hidden_size": s.count(28) * 128,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": sorted({(i + 1) * depth // 4 - 1 for i in range(4)} - {-1}),
+            "tokens_per_second": 2,
+        },
+        "tie_word_embeddings": False,
+    }
+
+
+def qwen3_config(scale: float = 1.0) -> dict:
+    """Qwen3-4B's ``config.json`` (Z-Image's ``text_encoder``): 36 layers of width 2560, 32 heads and
+    8 key-value heads of 128, MLP 9728, tied embeddings, without the vocabulary (the tokenizer's)."""
+    s = _check_scale(scale)
+    return {
+        "hidden_size": s.width(2560),
+        "intermediate_size": s.width(9728),
+        "num_hidden_layers": s.count(36),
+        "num_attention_heads": s.count(32),
+        "num_key_value_heads": s.count(8),
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+    }
 
 
 def _clip_text_config(scale: float, heads: int, layers: int, act: str) -> dict:
@@ -433,13 +569,16 @@ def _random_wan(tok, scale: float):
 def assemble_pipeline(preset: str, tokenizer, denoiser, vae, text_encoders: list, scheduler=None):
     """The diffusers pipeline of ``preset`` from its models: ``denoiser`` (UNet or transformer),
     ``vae`` and ``text_encoders`` in the pipeline's order (SD 1.5: CLIP-L; SDXL: CLIP-L, CLIP-G;
-    SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5), ``tokenizer`` for every text encoder;
+    SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5; the others: their one), ``tokenizer`` for every text encoder;
     ``scheduler`` default: the preset's. What :func:`build_random_pipeline` builds at a scale,
     and the tests' tiny pipelines at sizes no scale reaches (fewer resolution levels)."""
     import diffusers
 
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: allowed {' | '.join(PRESETS)}")
+    if preset in ("flux2", "wan"):  # one text encoder, a scheduler of their own
+        assemble = assemble_flux2_pipeline if preset == "flux2" else assemble_wan_pipeline
+        return assemble(tokenizer, denoiser, vae, *text_encoders, scheduler=scheduler)
     if preset in ("sd15", "sdxl"):
         scheduler = scheduler or _sd_scheduler()
     else:
@@ -454,14 +593,29 @@ def assemble_pipeline(preset: str, tokenizer, denoiser, vae, text_encoders: list
         )
     if preset == "sdxl":
         return diffusers.StableDiffusionXLPipeline(unet=denoiser, vae=vae, scheduler=scheduler, **models)
+    if preset == "qwen-image":
+        return diffusers.QwenImagePipeline(transformer=denoiser, vae=vae, scheduler=scheduler, **models)
+    if preset == "z-image":
+        return diffusers.ZImagePipeline(transformer=denoiser, vae=vae, scheduler=scheduler, **models)
     pipeline_class = diffusers.StableDiffusion3Pipeline if preset == "sd3" else diffusers.FluxPipeline
     return pipeline_class(transformer=denoiser, vae=vae, scheduler=scheduler, **models)
 
 
-#: the flow-matching schedulers of SD3 medium and Flux dev
+#: the flow-matching schedulers of SD3 medium, Flux dev, Qwen-Image and Z-Image
 _FLOW_SCHEDULERS = {
     "sd3": {"shift": 3.0},
     "flux": {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15},
+    "qwen-image": {
+        "shift": 1.0,
+        "use_dynamic_shifting": True,
+        "time_shift_type": "exponential",
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 8192,
+        "base_shift": 0.5,
+        "max_shift": 0.9,
+        "shift_terminal": 0.02,
+    },
+    "z-image": {"shift": 3.0},
 }
 
 
@@ -474,6 +628,8 @@ def build_random_pipeline(preset: str, tokenizer_dir: str | Path, scale: float =
 
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: allowed {' | '.join(PRESETS)}")
+    if preset in ("qwen-image", "z-image"):
+        return _build_qwen_text_pipeline(preset, scale)
     tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(tokenizer_dir)))
     ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     ids["pad_token_id"] = tok.pad_token_id
@@ -506,6 +662,50 @@ def build_random_pipeline(preset: str, tokenizer_dir: str | Path, scale: float =
 
 #: the presets whose text encoders are built in full (module doc)
 _OWN_TEXT_ENCODERS = {"flux2": _random_flux2, "wan": _random_wan}
+
+
+def _build_qwen_text_pipeline(preset: str, scale: float):
+    """Qwen-Image (Qwen2.5-VL text encoder, video VAE) or Z-Image (Qwen3 text encoder, Flux's VAE)
+    with our vocabulary as a Qwen2 tokenizer."""
+    import diffusers
+
+    from .qwen_tokenizer import qwen_tokenizer
+
+    tok = qwen_tokenizer()
+    if preset == "qwen-image":
+        transformer = diffusers.QwenImageTransformer2DModel(**qwen_image_transformer_config(scale))
+        vae = diffusers.AutoencoderKLQwenImage(**qwen_image_vae_config(scale))
+        encoder = qwen2_5_vl_encoder(qwen2_5_vl_config(scale), tok)
+    else:
+        transformer = diffusers.ZImageTransformer2DModel(**z_image_transformer_config(scale))
+        vae = diffusers.AutoencoderKL(**z_image_vae_config(scale))
+        encoder = qwen3_encoder(qwen3_config(scale), tok)
+    return assemble_pipeline(preset, tok, transformer, vae, [encoder])
+
+
+def _token_ids(tok) -> dict:
+    """Qwen's special-token ids in ``tok``: ``<|endoftext|>`` begins and pads, ``<|im_end|>`` ends."""
+    from .qwen_tokenizer import END_OF_TEXT, IM_END
+
+    text, end = tok.convert_tokens_to_ids([END_OF_TEXT, IM_END])
+    return {"vocab_size": len(tok), "bos_token_id": text, "eos_token_id": end, "pad_token_id": text}
+
+
+def qwen2_5_vl_encoder(config: dict, tok):
+    """``Qwen2_5_VLForConditionalGeneration`` of a :func:`qwen2_5_vl_config` for the tokenizer ``tok``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = _token_ids(tok)
+    text = {**config["text_config"], **ids}
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**{**config, "text_config": text}, **ids))
+
+
+def qwen3_encoder(config: dict, tok):
+    """``Qwen3Model`` (the decoder without its LM head, as Z-Image loads it) of a
+    :func:`qwen3_config` for the tokenizer ``tok``."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    return Qwen3Model(Qwen3Config(**config, **_token_ids(tok)))
 
 
 def _sd_scheduler():
@@ -542,6 +742,8 @@ def denoiser_config(preset: str, scale: float = 1.0) -> dict:
         "sdxl": sdxl_unet_config,
         "sd3": sd3_transformer_config,
         "flux": flux_transformer_config,
+        "qwen-image": qwen_image_transformer_config,
+        "z-image": z_image_transformer_config,
         "flux2": flux2_transformer_config,
         "wan": wan_transformer_config,
     }[preset](scale)

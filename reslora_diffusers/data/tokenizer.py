@@ -25,7 +25,7 @@ _END = "</w>"
 VOCAB_WORDS: tuple[str, ...] = tuple(sorted({"a", "on", "background", *COLORS, *BACKGROUNDS, *ALL_SHAPES}))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2 reversible byte -> printable character table."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -51,9 +51,10 @@ def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
     return tuple(merged)
 
 
-def learn_merges(words: tuple[str, ...] = VOCAB_WORDS) -> list[tuple[str, str]]:
-    """Byte-pair merges (most frequent pair first, ties alphabetical) until each word is one symbol."""
-    corpus = [(*word[:-1], word[-1] + _END) for word in words]
+def learn_merges(words: tuple[str, ...] = VOCAB_WORDS, end_of_word: str = _END) -> list[tuple[str, str]]:
+    """Byte-pair merges (most frequent pair first, ties alphabetical) until each word is one symbol;
+    ``end_of_word`` marks a word's last symbol (CLIP's ``</w>``; byte-level BPE has none)."""
+    corpus = [(*word[:-1], word[-1] + end_of_word) for word in words]
     merges: list[tuple[str, str]] = []
     while any(len(symbols) > 1 for symbols in corpus):
         counts = Counter(pair for symbols in corpus for pair in zip(symbols, symbols[1:], strict=False))
@@ -65,7 +66,7 @@ def learn_merges(words: tuple[str, ...] = VOCAB_WORDS) -> list[tuple[str, str]]:
 
 def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     """CLIP vocabulary order: byte symbols, word-final byte symbols, merges, special tokens."""
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + _END for s in symbols] + ["".join(pair) for pair in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
     return {token: index for index, token in enumerate(tokens)}

@@ -8,8 +8,9 @@
 * :mod:`.transformers_lm`: transformers language models, targets by ``model_type``;
 * :mod:`.clip_text`: CLIP text encoders; :mod:`.t5_text`: T5 encoders;
 * the diffusion families, each its model family, pipeline family and training objective:
-  :mod:`.sd` (SD 1.x/2.x), :mod:`.sdxl`, :mod:`.sd3` and :mod:`.flux` (sharing :mod:`.dit`),
-  :mod:`.flux2` (FLUX.2), :mod:`.wan` (Wan 2.x text-to-video).
+  :mod:`.sd` (SD 1.x/2.x), :mod:`.sdxl`, :mod:`.sd3` and :mod:`.flux` (sharing :mod:`.dit`);
+  :mod:`.qwen_image` (Qwen-Image), :mod:`.z_image` (Z-Image), :mod:`.flux2` (FLUX.2) and
+  :mod:`.wan` (Wan 2.x text-to-video).
 
 A new diffusion family is one more file of this kind, imported below.
 """
@@ -31,6 +32,7 @@ from .pipelines import (
     remove_reslora_from_pipeline,
     reslora_components,
 )
+from .qwen_image import QWEN_IMAGE_FEEDFORWARD_TARGETS, QWEN_IMAGE_PIPELINES, QWEN_IMAGE_TRANSFORMER
 from .sd import (
     DEFAULT_UNET_TARGETS,
     SD_PIPELINES,
@@ -44,6 +46,12 @@ from .sdxl import SDXL_PIPELINES, SDXL_UNET
 from .t5_text import T5_TEXT
 from .transformers_lm import PRESETS, TRANSFORMERS_LM, preset_targets
 from .wan import WAN_ATTENTION_TARGETS, WAN_FEEDFORWARD_TARGETS, WAN_PIPELINES, WAN_TRANSFORMER
+from .z_image import (
+    Z_IMAGE_ATTENTION_TARGETS,
+    Z_IMAGE_FEEDFORWARD_TARGETS,
+    Z_IMAGE_PIPELINES,
+    Z_IMAGE_TRANSFORMER,
+)
 
 __all__ = [
     "CLIP_TEXT",
@@ -60,6 +68,9 @@ __all__ = [
     "FLUX_TRANSFORMER",
     "GENERIC",
     "PRESETS",
+    "QWEN_IMAGE_FEEDFORWARD_TARGETS",
+    "QWEN_IMAGE_PIPELINES",
+    "QWEN_IMAGE_TRANSFORMER",
     "SD3_PIPELINES",
     "SD3_TRANSFORMER",
     "SDXL_PIPELINES",
@@ -75,6 +86,10 @@ __all__ = [
     "WAN_FEEDFORWARD_TARGETS",
     "WAN_PIPELINES",
     "WAN_TRANSFORMER",
+    "Z_IMAGE_ATTENTION_TARGETS",
+    "Z_IMAGE_FEEDFORWARD_TARGETS",
+    "Z_IMAGE_PIPELINES",
+    "Z_IMAGE_TRANSFORMER",
     "FrontEnd",
     "PipelineFamily",
     "add_reslora_to_pipeline",

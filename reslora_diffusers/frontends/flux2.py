@@ -132,10 +132,13 @@ class Flux2FlowMatching(FlowMatchingObjective):
 
     def clean_latents(self, parameters, generator=None):
         """The posterior's mode (diffusers' FLUX.2 script and the pipeline's image encoding take
-        it, drawing nothing) in 2 x 2 patches, ``(z - mean) / std`` by the batch-norm statistics."""
-        mode = parameters.chunk(2, dim=1)[0]
-        mean, std = (t.to(mode) for t in (self.latent_mean, self.latent_std))
-        return ((patchify(mode) - mean) / std).contiguous()
+        it, drawing nothing), :meth:`normalize_latents`."""
+        return self.normalize_latents(parameters.chunk(2, dim=1)[0]).contiguous()
+
+    def normalize_latents(self, z):
+        """``z`` in 2 x 2 patches, ``(patches - mean) / std`` by the VAE's batch-norm statistics."""
+        mean, std = (t.to(z) for t in (self.latent_mean, self.latent_std))
+        return (patchify(z) - mean) / std
 
     def encode_text(self, models, captions, input_ids=None):
         from diffusers.pipelines.flux2.pipeline_flux2 import format_input

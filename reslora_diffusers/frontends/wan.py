@@ -105,9 +105,14 @@ class WanFlowMatching(FlowMatchingObjective):
         #: a clip's frames are ``1 + k * frame_step``: the VAE's temporal compression
         self.frame_step = vae.config.scale_factor_temporal
 
-    def vae_factor(self, vae: nn.Module) -> int:
+    @staticmethod
+    def vae_downsampling(vae: nn.Module) -> int:
         """The video VAE's spatial compression, as its config states it."""
         return vae.config.scale_factor_spatial
+
+    @property
+    def latent_channels(self) -> int:
+        return self.models["vae"].config.z_dim
 
     def latent_multiple(self) -> int:
         """The transformer's spatial patch size."""
@@ -120,14 +125,10 @@ class WanFlowMatching(FlowMatchingObjective):
         """480: the height of ``WanPipeline``'s default 480 x 832 video (the 14B models also take 720)."""
         return inspect.signature(self.pipeline_class.__call__).parameters["height"].default
 
-    def clean_latents(self, parameters, generator=None):
-        """The posterior's sample (its mean with a ``generator``), ``(z - mean) / std`` per channel."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        posterior = DiagonalGaussianDistribution(parameters)
-        z = posterior.mean if generator is not None else posterior.sample()
+    def normalize_latents(self, z):
+        """``(z - latents_mean) / latents_std``, per channel."""
         mean, std = (t.to(z) for t in (self.latent_mean, self.latent_std))
-        return ((z - mean) / std).contiguous()
+        return (z - mean) / std
 
     def encode_text(self, models, captions, input_ids=None):
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean

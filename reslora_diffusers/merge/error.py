@@ -25,18 +25,28 @@ def run_batch(model: nn.Module, batch: Batch):
 
 
 def output_tensor(out) -> torch.Tensor:
-    """The main tensor of a model output (a tensor, ``.sample``, ``.logits``, a dict or tuple)."""
+    """The main tensor of a model output (a tensor, ``.sample``, ``.logits``, a dict or tuple);
+    where that is a list of one tensor per sample (Z-Image's transformer), the list stacked."""
     if isinstance(out, torch.Tensor):
         return out
     for attr in ("sample", "logits", "last_hidden_state"):
-        value = getattr(out, attr, None)
-        if isinstance(value, torch.Tensor):
+        value = _tensor_of(getattr(out, attr, None))
+        if value is not None:
             return value
     if isinstance(out, dict):
         out = list(out.values())
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
+    if isinstance(out, (tuple, list)) and out and _tensor_of(out[0]) is not None:
+        return _tensor_of(out[0])
     raise TypeError(f"cannot find the output tensor in a {type(out).__name__}")
+
+
+def _tensor_of(value) -> torch.Tensor | None:
+    """``value`` if a tensor, a list of tensors stacked, else None."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return torch.stack(value)
+    return None
 
 
 @contextlib.contextmanager

@@ -15,11 +15,13 @@ from .flow_matching import (
     WEIGHTING_SCHEMES,
     FlowBatch,
     FlowMatchingObjective,
+    dynamic_shift_mu,
     flow_matching_loss,
     loss_weights,
     noisy_latents,
     sample_sigmas,
     sample_u,
+    shifted_scheduler,
 )
 
 __all__ = [
@@ -31,12 +33,14 @@ __all__ = [
     "Objective",
     "denoising_loss",
     "denoising_target",
+    "dynamic_shift_mu",
     "flow_matching_loss",
     "loss_weights",
     "min_snr_weights",
     "noisy_latents",
     "sample_sigmas",
     "sample_u",
+    "shifted_scheduler",
     "snr",
     "tokenize",
 ]

@@ -70,21 +70,15 @@ class Objective(ABC):
             model.requires_grad_(False)
         vae = self.models["vae"]
         #: pixels per latent
-        self.vae_scale = self.vae_factor(vae)
-        #: clean latents are ``(z - shift_factor) * scaling_factor`` (SD's VAEs have no shift; VAEs
-        #: normalised per channel, FLUX.2's and Wan's, have neither: their objectives override
-        #: :meth:`clean_latents`)
+        self.vae_scale = self.vae_downsampling(vae)
+        #: clean latents are ``(z - shift_factor) * scaling_factor`` (SD's VAEs have no shift; a
+        #: family whose VAE normalises otherwise overrides :meth:`normalize_latents`)
         self.shift_factor = vae.config.get("shift_factor") or 0.0
         self.scaling_factor = vae.config.get("scaling_factor", 1.0)
         #: each text encoder's tokenizer (``text_encoder_2`` -> ``tokenizer_2``)
         self.tokenizers = {
             name: getattr(pipe, name.replace("text_encoder", "tokenizer")) for name in self.text_encoder_names
         }
-
-    def vae_factor(self, vae: nn.Module) -> int:
-        """Pixels per latent side: ``2 ** (levels - 1)`` (an image VAE downsamples at every
-        level but the last)."""
-        return 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
     def denoiser(self) -> str:
@@ -188,6 +182,16 @@ class Objective(ABC):
         return tokenize(self.tokenizers[name], captions, self.token_length(name))
 
     @staticmethod
+    def vae_downsampling(vae: nn.Module) -> int:
+        """Pixels per latent of the pipeline's VAE: ``2 ** (levels - 1)`` of an ``AutoencoderKL``."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latents (its posterior's parameters have twice as many)."""
+        return self.models["vae"].config.latent_channels
+
+    @staticmethod
     def device(models: dict[str, nn.Module]) -> torch.device:
         """Where the models run (the VAE is never wrapped by DDP or torch.compile)."""
         return models["vae"].device
@@ -200,7 +204,7 @@ class Objective(ABC):
     def clean_latents(
         self, parameters: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """The denoiser's ``x0 = (z - shift_factor) * scaling_factor``: ``z`` a sample of the
+        """The denoiser's ``x0`` (:meth:`normalize_latents` of ``z``): ``z`` a sample of the
         posterior drawn from the global random state (training, as diffusers' scripts), or its
         mean when a ``generator`` is given (the merge report's fixed inputs)."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -209,7 +213,11 @@ class Objective(ABC):
         z = posterior.mean if generator is not None else posterior.sample()
         # contiguous: the VAE's convolutions may return channels-last strides, and randn_like
         # follows the strides, so the noise would depend on where the latents came from
-        return ((z - self.shift_factor) * self.scaling_factor).contiguous()
+        return self.normalize_latents(z).contiguous()
+
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latents of VAE latents ``z``: ``(z - shift_factor) * scaling_factor``."""
+        return (z - self.shift_factor) * self.scaling_factor
 
     def encode_pixels(
         self,

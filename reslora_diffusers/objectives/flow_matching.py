@@ -66,6 +66,25 @@ def sample_sigmas(scheduler, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return scheduler.timesteps[index], scheduler.sigmas[index]
 
 
+def dynamic_shift_mu(scheduler, image_seq_len: int) -> float:
+    """The pipelines' ``mu`` for an image of ``image_seq_len`` tokens: linear from ``base_shift``
+    at ``base_image_seq_len`` tokens to ``max_shift`` at ``max_image_seq_len`` (scheduler config)."""
+    c = scheduler.config
+    slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+    return c.base_shift + slope * (image_seq_len - c.base_image_seq_len)
+
+
+def shifted_scheduler(scheduler, image_seq_len: int):
+    """A copy of a dynamically shifting ``FlowMatchEulerDiscreteScheduler`` whose discrete sigmas
+    are those its ``set_timesteps`` gives with ``num_train_timesteps`` steps at the ``mu`` of
+    ``image_seq_len`` tokens (:func:`dynamic_shift_mu`): ``time_shift(mu, 1, sigma)`` of the
+    unshifted sigmas ``1 .. 1/N``, stretched to ``shift_terminal`` where the config has one, as the
+    pipelines sample at that image size."""
+    shifted = type(scheduler).from_config(scheduler.config)
+    shifted.set_timesteps(scheduler.config.num_train_timesteps, mu=dynamic_shift_mu(scheduler, image_seq_len))
+    return shifted
+
+
 def loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     """``w(sigma)`` of ``scheme`` (module doc)."""
     check_scheme(scheme)
@@ -189,10 +208,17 @@ class FlowMatchingObjective(Objective):
             self.args.mode_scale,
             generator=generator,
         )
-        timesteps, sigmas = (t.to(latents.device) for t in sample_sigmas(self.scheduler, u))
+        schedule = self.training_scheduler(latents)
+        timesteps, sigmas = (t.to(latents.device) for t in sample_sigmas(schedule, u))
         noisy = noisy_latents(latents, noise, sigmas)
         inputs = self.transformer_inputs(noisy, timesteps, text)
         return FlowBatch(inputs, self.layout(latents), self.layout(noise), sigmas)
+
+    def training_scheduler(self, latents: torch.Tensor):
+        """The scheduler whose discrete sigmas training draws from for clean ``latents``
+        ``(B, C, H, W)``: the pipeline's own, its static ``shift`` already in its sigmas (a family
+        that shifts by the image size, as its pipeline does, returns :func:`shifted_scheduler`)."""
+        return self.scheduler
 
     def token_length(self, name: str) -> int:
         """CLIP: the tokenizer's length (77); T5: ``max_sequence_length``."""

@@ -136,10 +136,12 @@ class LatentCache:
     """VAE posterior parameters per (image, crop); ``load(index, plan)`` for the dataset. It holds
     no model (data-loader workers get a copy of it)."""
 
-    def __init__(self, root: Path, dataset: TextImageDataset, vae: nn.Module, vae_scale: int) -> None:
+    def __init__(
+        self, root: Path, dataset: TextImageDataset, vae: nn.Module, vae_scale: int, latent_channels: int
+    ) -> None:
         self.store = EntryStore(Path(root) / "latents")
         self.vae_scale = vae_scale
-        self.channels = 2 * vae.config.latent_channels
+        self.channels = 2 * latent_channels
         self.model_key = {"vae": fingerprint(vae), "dtype": str(vae.dtype)}
         self.names = [
             s if isinstance(s, str) else f"image {i} of {dataset.data.origin}"
@@ -276,7 +278,7 @@ def build_caches(
     latent_cache = text_cache = None
     if latents:
         vae = models["vae"]
-        latent_cache = LatentCache(root, dataset, vae, objective.vae_scale)
+        latent_cache = LatentCache(root, dataset, vae, objective.vae_scale, objective.latent_channels)
         encode = lambda pixels: objective.latent_distribution(vae, pixels)  # noqa: E731
         stats["latents"] = latent_cache.build(dataset, encode, batch_size)
     if text:
