@@ -9,10 +9,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
 
 from reslora_diffusers import (
     ResLoRAConfig,
@@ -194,6 +197,24 @@ def test_a_run_exports_files_the_pipeline_loads_to_the_trained_model(base, data,
         assert (got - want).norm() / want.norm() < 1e-5, weight_name  # bs merges exactly
 
 
+def test_caches_train_as_the_uncached_run(base, data, tmp_path):
+    """--cache_latents (the posterior's parameters; the VAE's batch norm holds a 0-d buffer, which
+    its fingerprint reads too) and --cache_text_embeddings (Mistral's states at 512 tokens): the
+    same losses as without the caches."""
+    extra = ["--max_train_steps", "2", "--learning_rate", "1e-2", "--checkpointing_steps", "2"]
+    run_dit(base, data, tmp_path / "plain", *extra)
+    cached = ["--cache_latents", "--cache_text_embeddings", "--cache_dir", str(tmp_path / "cache")]
+    run_dit(base, data, tmp_path / "cached", *extra, *cached)
+    assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 4
+    np.testing.assert_allclose(_losses(tmp_path / "cached"), _losses(tmp_path / "plain"), rtol=1e-5)
+
+
+def test_text_encoder_training_is_refused(base):
+    """``Flux2LoraLoaderMixin`` loads the transformer's weights alone."""
+    with pytest.raises(ValueError, match="--train_text_encoder does not apply to flux2 pipelines"):
+        _objective(base, "--train_text_encoder")
+
+
 def test_resume_matches_the_uninterrupted_run(base, data, tmp_path):
     # 4 images in batches of 2: the step-2 checkpoint ends an epoch; flips, dropout, sigmas and
     # is's norm windows draw from the restored states
@@ -254,3 +275,35 @@ def test_the_peft_baseline_adapts_the_default_targets(base, data, tmp_path):
         "transformer_blocks.0.attn.to_out.0" in adapted and "transformer_blocks.0.ff.linear_in" not in adapted
     )
     assert len(adapted) == 2 * 8 + 2 * 2  # the default targets of 2 double and 2 single blocks
+
+
+def test_the_key_layout_is_the_pipelines_own_and_its_scale_keyword_scales_it(base, data, tmp_path):
+    """The file's keys are those ``Flux2Pipeline.save_lora_weights`` writes for a PEFT LoRA of the
+    same targets (the script's ``--use_peft`` run), ``load_lora_weights`` loads every one of them
+    with our shapes, and the family's keyword (``attention_kwargs``) scales the loaded LoRA:
+    scale 0 draws the base's image, scale 1 another."""
+    flags = ["--max_train_steps", "1", "--learning_rate", "1e-1"]
+    run_dit(base, data, tmp_path / "reslora", *flags, "--res_type", "bs")
+    run_dit(base, data, tmp_path / "peft", *flags, "--use_peft")
+    ours = load_file(tmp_path / "reslora" / "pytorch_lora_weights.safetensors")
+    theirs = load_file(tmp_path / "peft" / "pytorch_lora_weights.safetensors")
+    assert set(ours) == set(theirs) and all(k.startswith("transformer.") for k in ours)
+
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    scales = pipeline_family(pipe).lora_scale_kwargs
+
+    def draw(**kwargs):
+        generator = torch.Generator().manual_seed(0)
+        args = {"num_inference_steps": 2, "height": 16, "width": 16, "output_type": "pt"}
+        return pipe(prompt=PROMPT, generator=generator, **args, **kwargs).images
+
+    plain = draw()
+    pipe.load_lora_weights(tmp_path / "reslora", adapter_name="trained")
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="trained")
+    assert {f"transformer.{k}": tuple(v.shape) for k, v in loaded.items()} == {
+        k: tuple(v.shape) for k, v in ours.items()
+    }
+    assert scales(0.5) == {"attention_kwargs": {"scale": 0.5}}
+    torch.testing.assert_close(draw(**scales(0.0)), plain)
+    assert (draw(**scales(1.0)) - plain).abs().max() > 1e-4

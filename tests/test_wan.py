@@ -14,7 +14,9 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, WanPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling
+from peft.utils import get_peft_model_state_dict
 from PIL import Image
+from safetensors.torch import load_file
 
 from reslora_diffusers import (
     ResLoRAConfig,
@@ -210,6 +212,8 @@ def test_frame_and_data_flags_are_checked(base, clips, tmp_path, data):
         (["--num_frames", "8"], "--num_frames 8 must be 1 + a multiple of 4"),
         (["--num_frames", "9", "--cache_latents"], "--cache_latents keeps image latents"),
         (["--num_frames", "9", "--guidance_scale", "2"], "--guidance_scale does not apply to wan pipelines"),
+        # WanLoraLoaderMixin loads the transformers' weights alone
+        (["--train_text_encoder"], "--train_text_encoder does not apply to wan pipelines"),
     ):
         message_got = error(
             base, clips, tmp_path / "out", *wan, "--resolution", str(SIDE), *flags, defaults=False
@@ -305,6 +309,17 @@ def test_metadata_captions_train_too(base, tmp_path):
     assert summary["steps"] == 1 and math.isfinite(summary["final_loss"])
 
 
+def test_cached_text_states_train_as_the_uncached_run(base, clips, tmp_path):
+    """--cache_text_embeddings: UMT5's states of every caption once (the clips' latents are
+    encoded every step), the same losses as without the cache."""
+    extra = ["--max_train_steps", "2", "--learning_rate", "1e-2", "--res_type", "bs"]
+    run_wan(base, clips, tmp_path / "plain", *extra)
+    cached = ["--cache_text_embeddings", "--cache_dir", str(tmp_path / "cache")]
+    run_wan(base, clips, tmp_path / "cached", *extra, *cached)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["text"]
+    np.testing.assert_allclose(_losses(tmp_path / "cached"), _losses(tmp_path / "plain"), rtol=1e-5)
+
+
 def test_resume_matches_the_uninterrupted_run(base, clips, tmp_path):
     extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--res_type", "ms", "--random_flip"]
     extra += ["--lora_dropout", "0.1", "--learning_rate", "1e-2"]
@@ -368,3 +383,36 @@ def test_a_second_expert_exports_alone_and_loads_into_transformer_2(base, tmp_pa
     two.save_pretrained(tmp_path / "wan22")
     with pytest.raises(ValueError, match="two experts"):
         script.load_models(script.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "wan22")]))
+
+
+def test_the_key_layout_is_the_pipelines_own_and_its_scale_keyword_scales_it(base, clips, tmp_path):
+    """The file's keys are those ``WanPipeline.save_lora_weights`` writes for a PEFT LoRA of the
+    same targets (the script's ``--use_peft`` run), ``load_lora_weights`` loads every one of them
+    with our shapes, and the family's keyword (``attention_kwargs``) scales the loaded LoRA:
+    scale 0 draws the base's video, scale 1 another."""
+    flags = ["--max_train_steps", "1", "--learning_rate", "1e-1"]
+    run_wan(base, clips, tmp_path / "reslora", *flags, "--res_type", "bs")
+    run_wan(base, clips, tmp_path / "peft", *flags, "--use_peft")
+    ours = load_file(tmp_path / "reslora" / "pytorch_lora_weights.safetensors")
+    theirs = load_file(tmp_path / "peft" / "pytorch_lora_weights.safetensors")
+    assert set(ours) == set(theirs) and all(k.startswith("transformer.") for k in ours)
+    assert len({k.rsplit(".lora_", 1)[0] for k in ours}) == 3 * 8  # 3 blocks, both attentions' 4
+
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    scales = pipeline_family(pipe).lora_scale_kwargs
+
+    def draw(**kwargs):
+        generator = torch.Generator().manual_seed(0)
+        args = {"num_inference_steps": 2, "height": SIDE, "width": SIDE, "num_frames": 5, "output_type": "pt"}
+        return pipe(prompt=PROMPT, generator=generator, **args, **kwargs).frames
+
+    plain = draw()
+    pipe.load_lora_weights(tmp_path / "reslora", adapter_name="trained")
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="trained")
+    assert {f"transformer.{k}": tuple(v.shape) for k, v in loaded.items()} == {
+        k: tuple(v.shape) for k, v in ours.items()
+    }
+    assert scales(0.5) == {"attention_kwargs": {"scale": 0.5}}
+    torch.testing.assert_close(draw(**scales(0.0)), plain)
+    assert (draw(**scales(1.0)) - plain).abs().max() > 1e-4

@@ -110,6 +110,8 @@ class Flux2FlowMatching(FlowMatchingObjective):
     ``use_dynamic_shifting``), as in that script."""
 
     target_modules = FLUX2_ATTENTION_TARGETS
+    #: no text-encoder LoRA (the pipeline's loader loads the transformer's alone)
+    unused_flags = (*FlowMatchingObjective.unused_flags, "train_text_encoder")
 
     def __init__(self, pipe, args, family) -> None:
         super().__init__(pipe, args, family)

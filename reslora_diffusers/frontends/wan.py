@@ -77,7 +77,8 @@ class WanFlowMatching(FlowMatchingObjective):
     each prompt's own tokens."""
 
     target_modules = WAN_ATTENTION_TARGETS
-    unused_flags = (*FlowMatchingObjective.unused_flags, "guidance_scale")
+    #: no guidance embedding; no text-encoder LoRA (the pipeline's loader loads the transformers' alone)
+    unused_flags = (*FlowMatchingObjective.unused_flags, "guidance_scale", "train_text_encoder")
     default_frames = WAN_TRAIN_FRAMES
 
     def __init__(self, pipe, args, family) -> None:
