@@ -19,7 +19,7 @@ times an inference forward of the base UNet against the UNet with the merged LoR
     python benchmarks/bench_step.py [--model unet|sd3|flux|qwen-image|z-image|flux2|wan]
                                     [--sizes small mid wide] [--rounds 7]
                                     [--targets attention|attention+ff] [--variants none:1 bs:5 ...]
-                                    [--compile]
+                                    [--compile] [--no_inference]
 
 ``--compile`` puts every variant (PEFT LoRA too) through ``torch.compile`` (inductor) first;
 the first step's time, which holds the compilation, is the table's "compile s" column. Inductor's
@@ -38,8 +38,13 @@ default sizes: a Flux step there takes seconds).
 FLUX.2 and Wan train their families' default targets (the attention projections of every
 block: FLUX.2's double blocks' of both streams and its single blocks' fused ``to_qkv_mlp_proj``/
 ``attn.to_out``; Wan's self- and cross-attention), ``attention+ff`` adding their feed-forward
-layers. Their ``full-width`` sizes have the released widths (FLUX.2 [dev] 6144: one double and
-one single block; Wan 2.1 14B 5120: one block of a 2-latent-frame clip).
+layers. Their ``full-width`` sizes have the released widths and two blocks, so that every
+chain has a link: Wan 2.1 14B's 5120 on a clip of 2 latent frames, and FLUX.2 [dev]'s 6144 with
+two single-stream blocks (48 of its 56 blocks; their fused ``to_qkv_mlp_proj``/``attn.to_out``
+are FLUX.2's own targets, while its double blocks' are Flux's, measured at Flux's width above).
+That FLUX.2 is 1.7 B parameters, 6.3 GiB in float32, most of it the modulation layers every
+size has; each double block adds 2.0 GiB. ``--no_inference`` skips the inference forward, which
+copies the model twice more.
 
 Qwen-Image (``attention+ff``: and both streams' MLPs) and Z-Image (its ``to_q/to_k/to_v/to_out.0``;
 ``attention+ff``: and its SwiGLU ``w1/w2/w3``) have ``small`` (width 64) and ``full-width`` (the
@@ -148,9 +153,9 @@ SIZES = {
     # latent side, batch) with one noise and one context refiner
     "qwen-image": {"small": (2, 64, 16, 2), "full-width": (2, 3072, 16, 1)},
     "z-image": {"small": (2, 64, 16, 2), "full-width": (2, 3840, 16, 1)},
-    # FLUX.2: `blocks` double and as many single blocks; Wan: `blocks` blocks, 2 latent frames
-    "flux2": {"small": (2, 64, 16, 2), "full-width": (1, 6144, 16, 1)},
-    "wan": {"small": (2, 64, 16, 2), "full-width": (1, 5120, 16, 1)},
+    # FLUX.2: ((double, single) blocks, width, latent side, batch); Wan: `blocks` blocks, 2 latent frames
+    "flux2": {"small": ((2, 4), 64, 16, 2), "full-width": ((0, 2), 6144, 16, 1)},
+    "wan": {"small": (2, 64, 16, 2), "full-width": (2, 5120, 16, 1)},
 }
 #: the attention head size of the FLUX.2 and Wan sizes: the released 128, 32 on the toy widths
 HEAD = {"small": 32, "full-width": 128}
@@ -209,14 +214,15 @@ def make_flux(blocks: int, width: int) -> FluxTransformer2DModel:
     )
 
 
-def make_flux2(blocks: int, width: int, head: int) -> Flux2Transformer2DModel:
-    """``blocks`` double-stream and as many single-stream blocks of FLUX.2 [dev]'s layout (MLP
-    ratio 3, 128 input channels, guidance embedding), heads of ``head``."""
+def make_flux2(blocks: tuple[int, int], width: int, head: int) -> Flux2Transformer2DModel:
+    """``blocks`` = (double-stream, single-stream) blocks of FLUX.2 [dev]'s layout (8 and 48
+    there; MLP ratio 3, 128 input channels, guidance embedding), heads of ``head``."""
     torch.manual_seed(0)
+    double, single = blocks
     return Flux2Transformer2DModel(
         in_channels=128,
-        num_layers=blocks,
-        num_single_layers=blocks,
+        num_layers=double,
+        num_single_layers=single,
         attention_head_dim=head,
         num_attention_heads=width // head,
         joint_attention_dim=64,
@@ -386,6 +392,7 @@ def bench_size(
     targets: list[str],
     variants: list[tuple[str, int]] = RESLORA,
     compiled: bool = False,
+    inference: bool = True,
 ) -> None:
     base, inputs = make_model(model, SIZES[model][name], name)
     if compiled:
@@ -428,7 +435,7 @@ def bench_size(
         if compiled:
             row += f" {first[label]:.1f} | {first[label] / first['PEFT LoRA']:.2f} |"
         print(row)
-    if compiled:
+    if compiled or not inference:
         return
 
     # inference: the base model vs the model with a merged (bs, m=5) ResLoRA fused into its weights
@@ -469,7 +476,17 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="every variant through torch.compile (inductor)"
     )
+    parser.add_argument(
+        "--no_inference",
+        action="store_true",
+        help="skip the inference forward of the base against the fused model, which holds two more "
+        "copies of the model (FLUX.2 full-width: 8.8 GB each in float32)",
+    )
     args = parser.parse_args()
+    if ("bs", 5) not in args.variants and not (args.compile or args.no_inference):
+        parser.error(
+            "the inference forward fuses the bs:5 variant: add bs:5 to --variants or pass --no_inference"
+        )
     if args.compile:
         inductor_config.force_disable_caches = True
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -481,7 +498,16 @@ def main() -> None:
         )
     for name in sizes:
         targets = TARGET_SETS[args.model][args.targets]
-        bench_size(args.model, name, args.rounds, args.rank, targets, args.variants, args.compile)
+        bench_size(
+            args.model,
+            name,
+            args.rounds,
+            args.rank,
+            targets,
+            args.variants,
+            args.compile,
+            not args.no_inference,
+        )
 
 
 if __name__ == "__main__":
