@@ -3,6 +3,7 @@ training script does, and ``bench_step.py``'s PEFT LoRA adapts the very modules 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reslora_diffusers.core import get_state
@@ -46,3 +47,13 @@ def test_bench_step_peft_adapts_the_modules_reslora_does():
         )
         wall, cpu = step()
         assert wall > 0 and cpu > 0
+
+
+def test_bench_step_names_the_variant_its_inference_forward_needs(monkeypatch, capsys):
+    """The inference forward fuses the ``bs:5`` variant: without it, and without
+    ``--no_inference``, the run stops before building a model, naming both."""
+    argv = ["bench_step.py", "--model", "wan", "--sizes", "small", "--variants", "none:1"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit):
+        bench_step.main()
+    assert "add bs:5 to --variants or pass --no_inference" in capsys.readouterr().err
