@@ -54,7 +54,7 @@ from reslora_diffusers.core.schedule import SCHEDULES, check_schedule, shortcut_
 from reslora_diffusers.data import default_base_model_path, default_finetune_data_dir, finetune_prompts
 from reslora_diffusers.eval import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS, generate, prompt_accuracies
 from reslora_diffusers.eval.analysis import parse_prompt
-from reslora_diffusers.frontends import UNET_CONV_TARGETS, pipeline_families
+from reslora_diffusers.frontends import UNET_CONV_TARGETS, pipeline_families, pipeline_family
 from reslora_diffusers.merge import DEFAULT_DISTILL_STEPS
 from reslora_diffusers.objectives import WEIGHTING_SCHEMES, Objective
 from reslora_diffusers.training.cache import build_caches, default_cache_dir
@@ -111,6 +111,12 @@ from reslora_diffusers.training.speed import (
     make_adamw,
     trace_chains,
 )
+from reslora_diffusers.training.video import (
+    TextVideoDataset,
+    check_num_frames,
+    describe_clips,
+    load_video_captions,
+)
 from reslora_diffusers.utils.errors import one_line
 from reslora_diffusers.utils.io import DiskFullError, atomic_path
 from reslora_diffusers.utils.quiet import loading_pipeline
@@ -162,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(kohya-ss layout) instead of metadata.jsonl",
     )
     p.add_argument("--max_train_samples", type=int, default=None)
+    p.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="video families: frames per clip, 1 + a multiple of the VAE's temporal factor (default: "
+        f"{_family_defaults('default_frames')}); a shorter clip trains on the most it has, a still image on one",
+    )
     p.add_argument(
         "--resolution",
         type=int,
@@ -466,7 +479,9 @@ def _metric_applies(prompts: list[str] | None) -> bool:
 
 def load_training_data(args: argparse.Namespace, objective: Objective, resolution: int):
     """``(data, dataset)``: the image-caption rows the flags name and the training dataset over
-    them, in its buckets."""
+    them, in its buckets (clips and their frames for a video objective)."""
+    if objective.frame_step:
+        return load_training_clips(args, objective, resolution)
     data = load_image_captions(
         args.dataset_name,
         args.train_data_dir,
@@ -481,6 +496,49 @@ def load_training_data(args: argparse.Namespace, objective: Objective, resolutio
         data,
         objective.tokenizer,
         training_buckets(args, objective, resolution),
+        random_crop=args.random_crop,
+        random_flip=args.random_flip,
+        caption_dropout_rate=args.caption_dropout_rate,
+    )
+    return data, dataset
+
+
+def check_frame_args(args: argparse.Namespace, objective: Objective) -> None:
+    """``--num_frames`` for video objectives (their default filled in), and the flags clips
+    cannot take: ``--dataset_name`` and ``--cache_latents`` (``ValueError`` naming the flag)."""
+    if not objective.frame_step:
+        if args.num_frames is not None:
+            raise ValueError(
+                f"--num_frames applies to video pipelines; {objective.family.name} pipelines draw images"
+            )
+        return
+    if args.num_frames is None:
+        args.num_frames = objective.default_frames
+    check_num_frames(args.num_frames, objective.frame_step)
+    if args.dataset_name is not None:
+        raise ValueError("--dataset_name: video clips are read from --train_data_dir (README, Wan)")
+    if args.cache_latents:
+        raise ValueError("--cache_latents keeps image latents; video clips are encoded every step")
+
+
+def load_training_clips(args: argparse.Namespace, objective: Objective, resolution: int):
+    """``(clips, dataset)`` of a video objective: the clips of ``--train_data_dir``, their captions
+    and frames (``training/video.py``)."""
+    data = load_video_captions(
+        args.train_data_dir,
+        args.caption_column,
+        args.num_frames,
+        objective.frame_step,
+        args.max_train_samples,
+        args.seed,
+        args.caption_extension,
+    )
+    dataset = TextVideoDataset(
+        data,
+        objective.tokenizer,
+        training_buckets(args, objective, resolution),
+        args.num_frames,
+        objective.frame_step,
         random_crop=args.random_crop,
         random_flip=args.random_flip,
         caption_dropout_rate=args.caption_dropout_rate,
@@ -687,6 +745,8 @@ def run_validation(args, pipe, step: int, name: str, resolution: int) -> dict:
     """Generate ``--num_validation_images`` seeds x the prompts, save the grid, score it."""
     prompts = args.validation_prompt
     seeds = list(range(args.num_validation_images))
+    # a video family's frame count: its videos show as their first, middle and last frame
+    extra = pipeline_family(pipe).generation_kwargs()
     # minutes on a loaded CPU: a bar over the denoising steps shows it is moving
     bar = tqdm(
         total=len(seeds) * BASE_NUM_INFERENCE_STEPS, desc=f"validation {name}", unit="step", leave=False
@@ -703,12 +763,13 @@ def run_validation(args, pipe, step: int, name: str, resolution: int) -> dict:
                 resolution,
                 resolution,
                 progress=bar,
+                **extra,
             )
     grid_path = RunFolder(args.output_dir).grid(name)
     with atomic_path(grid_path) as tmp:  # a full disk is one line naming the grid
         labelled_grid(images, [f"seed {seed}" for seed in seeds], prompts).save(tmp, format="PNG")
     record = {"step": step, "validation_grid": grid_path.relative_to(args.output_dir).as_posix()}
-    if _metric_applies(prompts):
+    if _metric_applies(prompts) and not extra:  # the metric reads images, not frame strips
         # the open-set shape call, and the nearest-template reading for comparison
         record.update(prompt_accuracies(images, prompts * len(seeds)))
     record["images"] = images
@@ -838,6 +899,7 @@ def train_in_output_dir(args: argparse.Namespace, argv: list[str], accelerator: 
         objective = load_models(args, given_flags(argv))
     resolution = args.resolution or objective.default_resolution()
     objective.check_resolution(resolution)
+    check_frame_args(args, objective)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
@@ -857,7 +919,8 @@ def train_in_output_dir(args: argparse.Namespace, argv: list[str], accelerator: 
 
     with accelerator.main_process_first():
         data, dataset = load_training_data(args, objective, resolution)
-        for line in describe_buckets(dataset):  # one line per bucket, one for the skipped images
+        describe = describe_clips if objective.frame_step else describe_buckets
+        for line in describe(dataset):  # one line per bucket, one for the skipped images
             logger.info(line)
         cache_training_inputs(args, objective, dataset)
     sampler = BucketBatchSampler(dataset.bucket_of, args.train_batch_size, args.seed)

@@ -164,6 +164,8 @@ GALLERY_COLUMNS = 6
 GRID_SIDE = 128
 #: images per model the page starts with
 IMAGES_PER_MODEL = 2
+#: what a video's cell shows (the image metric reads still images, not frame strips)
+VIDEO_CAPTION = "first, middle and last frame"
 
 
 class PipelineCache:
@@ -418,6 +420,8 @@ def render(
                 problems.append(f"**{label}** (not a usable LoRA for {where}, not shown): {one_line(err)}")
                 continue
             model = f"{label} on {where}" if lora else label
+            # a video family's frame count: each video shows as its first, middle and last frame
+            video = pipeline_family(pipe).generation_kwargs()
             try:
                 images = generate(
                     pipe,
@@ -425,7 +429,8 @@ def render(
                     seeds,
                     num_inference_steps=int(steps),
                     guidance_scale=float(guidance),
-                    negative_prompt=[negative_prompt] * n if negative_prompt else None,
+                    **({"negative_prompt": [negative_prompt] * n} if negative_prompt else {}),
+                    **video,
                     **(lora_scale_kwargs(pipe, float(lora_scale)) if lora else {}),
                 )
             except Exception as err:  # each model fails alone: the others' images are still shown
@@ -433,7 +438,7 @@ def render(
                 problems.append(f"**{model}**: {one_line(err)}")
                 continue
             cells = [
-                (image, f"seed {image_seed} | {score_caption(image, prompt)}")
+                (image, f"seed {image_seed} | {VIDEO_CAPTION if video else score_caption(image, prompt)}")
                 for image, image_seed in zip(images, seeds)
             ]
             gallery += [(crisp(image), f"{model} | {caption}") for image, caption in cells]
@@ -461,8 +466,9 @@ def comparison_grid(rows) -> str:
             )
             for image, caption in cells:
                 seed_text, _, reading = caption.partition(" | ")
+                width = round(GRID_SIDE * image.width / image.height)  # a video's frames side by side
                 parts.append(
-                    f'<figure><img src="{_data_url(image)}" width="{GRID_SIDE}" height="{GRID_SIDE}" '
+                    f'<figure><img src="{_data_url(image)}" width="{width}" height="{GRID_SIDE}" '
                     f'alt="{html.escape(label)}, {html.escape(seed_text)}">'
                     f"<figcaption><b>{html.escape(seed_text)}</b> {html.escape(reading)}</figcaption></figure>"
                 )

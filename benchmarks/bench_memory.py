@@ -8,8 +8,8 @@ fresh process (random weights in the published architectures, no download).
     python benchmarks/bench_memory.py --scale 0.05 --configs sd15-128-1    # toy size (the test)
 
 Configs are ``PRESET-PIXELS-BATCH`` for the presets of ``scripts/make_random_pipeline.py``
-(``sd15``, ``sdxl``, ``sd3``, ``flux``, ``qwen-image``, ``z-image``; a preset's own hyphen
-stays in it: ``qwen-image-512-1``); ``--scale`` shrinks the denoiser by that script's rule
+(``sd15``, ``sdxl``, ``sd3``, ``flux``, ``qwen-image``, ``z-image``, ``flux2``, ``wan``; a
+preset's own hyphen stays in it: ``qwen-image-512-1``); ``--scale`` shrinks the denoiser by that script's rule
 (the image stays at the pixels given). The denoiser alone is built (the text encoders and the
 VAE run before it and are freed, or are cached, in a real run), directly in the base dtype
 (``--dtype``, default bf16; no float32 copy ever exists), frozen; the adapters and AdamW's
@@ -17,7 +17,9 @@ state are float32; the forward runs under bf16 autocast, as ``train_text_to_imag
 --mixed_precision bf16`` trains. The inputs are what the training script feeds the denoiser:
 noisy latents at ``pixels / 8``, a timestep, 77 CLIP text states (SD3: 77 + 256 T5 tokens,
 Flux: 512 T5 tokens; SDXL's pooled text and time ids; Flux's ids and guidance; Qwen-Image and
-Z-Image: the states of a 128-token caption, as their pipelines drop the padding).
+Z-Image: the states of a 128-token caption, as their pipelines drop the padding; FLUX.2: 512
+Mistral tokens, its ids and guidance; Wan: a clip of ``WAN_FRAMES`` frames, the training
+script's default, and 512 UMT5 tokens, as its pipeline pads them).
 
 Variants: ``floor`` (the frozen model, gradients for its input only: what no adapter goes
 under), ``peft`` (diffusers' ``add_adapter``, PEFT LoRA) and ResLoRA ``none``, ``is``, ``bs``
@@ -55,10 +57,25 @@ FLOOR, PEFT = "floor", "peft"
 RESLORA = ("none", "is", "bs:1", "bs:5", "ms:1", "ms:5")
 VARIANTS = (FLOOR, PEFT, *RESLORA)
 MODES = ("plain", "checkpointed")
+#: each preset's denoiser class in diffusers
+DENOISER_CLASSES = {
+    "sd15": "UNet2DConditionModel",
+    "sdxl": "UNet2DConditionModel",
+    "sd3": "SD3Transformer2DModel",
+    "flux": "FluxTransformer2DModel",
+    "qwen-image": "QwenImageTransformer2DModel",
+    "z-image": "ZImageTransformer2DModel",
+    "flux2": "Flux2Transformer2DModel",
+    "wan": "WanTransformer3DModel",
+}
 #: T5 tokens the pipelines encode prompts to by default, beside 77 CLIP tokens
 T5_TOKENS = {"sd3": 256, "flux": 512}
 #: caption tokens of Qwen-Image and Z-Image, whose pipelines keep each prompt's own tokens
 CAPTION_TOKENS = {"qwen-image": 128, "z-image": 128}
+#: FLUX.2's and Wan's text tokens (Mistral's and UMT5's, their pipelines' defaults), Wan's frames
+#: per clip (the training script's default ``--num_frames``: 9 latent frames)
+LM_TOKENS = {"flux2": 512, "wan": 512}
+WAN_FRAMES = 33
 
 
 def parse_config(name: str) -> tuple[str, int, int]:
@@ -68,6 +85,8 @@ def parse_config(name: str) -> tuple[str, int, int]:
         side, size = int(pixels), int(batch)
     except ValueError as err:
         raise ValueError(f"config {name!r}: expected PRESET-PIXELS-BATCH such as sdxl-1024-1") from err
+    if preset not in DENOISER_CLASSES:
+        raise ValueError(f"config {name!r}: preset {preset!r}, allowed {' | '.join(DENOISER_CLASSES)}")
     if side % 16:
         raise ValueError(f"config {name!r}: pixels must be a multiple of 16")
     return preset, side, size
@@ -109,20 +128,12 @@ def _watchdog(limit_gib: float) -> None:
 
 
 def build_denoiser(preset: str, scale: float, dtype):
+    import diffusers
     import torch
-    from diffusers import (
-        FluxTransformer2DModel,
-        QwenImageTransformer2DModel,
-        SD3Transformer2DModel,
-        UNet2DConditionModel,
-        ZImageTransformer2DModel,
-    )
 
     from reslora_diffusers.data.random_pipelines import denoiser_config
 
-    cls = {"sd15": UNet2DConditionModel, "sdxl": UNet2DConditionModel}.get(preset)
-    cls = cls or {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}.get(preset)
-    cls = cls or {"qwen-image": QwenImageTransformer2DModel, "z-image": ZImageTransformer2DModel}[preset]
+    cls = getattr(diffusers, DENOISER_CLASSES[preset])
     torch.manual_seed(0)
     saved = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in the base dtype: no float32 copy at any time
@@ -145,6 +156,16 @@ def make_inputs(model, preset: str, side: int, batch: int) -> dict:
         grid = (latent // 2, latent // 2)
         tokens = CAPTION_TOKENS[preset]
         return frontend.synthetic_inputs(model, num=1, batch=batch, text_tokens=tokens, grid=grid)[0]
+    if preset == "flux2":  # 2 x 2 patches of the latents as tokens
+        grid = (latent // 2, latent // 2)
+        return frontend.synthetic_inputs(model, num=1, batch=batch, text_tokens=LM_TOKENS[preset], grid=grid)[
+            0
+        ]
+    if preset == "wan":  # 1 + (frames - 1) / 4 latent frames
+        frames = 1 + (WAN_FRAMES - 1) // 4
+        return frontend.synthetic_inputs(
+            model, num=1, batch=batch, text_tokens=LM_TOKENS[preset], frames=frames, grid=(latent, latent)
+        )[0]
     if preset == "flux":
         grid = (latent // 2, latent // 2)
         return frontend.synthetic_inputs(model, num=1, batch=batch, text_tokens=T5_TOKENS["flux"], grid=grid)[
@@ -171,11 +192,18 @@ def default_targets(preset: str) -> list[str]:
     from reslora_diffusers.frontends import (
         DEFAULT_UNET_TARGETS,
         DIT_ATTENTION_TARGETS,
+        FLUX2_ATTENTION_TARGETS,
+        WAN_ATTENTION_TARGETS,
         Z_IMAGE_ATTENTION_TARGETS,
     )
 
-    if preset == "z-image":
-        return list(Z_IMAGE_ATTENTION_TARGETS)
+    own = {
+        "flux2": FLUX2_ATTENTION_TARGETS,
+        "wan": WAN_ATTENTION_TARGETS,
+        "z-image": Z_IMAGE_ATTENTION_TARGETS,
+    }
+    if preset in own:
+        return list(own[preset])
     return list(DEFAULT_UNET_TARGETS if preset in ("sd15", "sdxl") else DIT_ATTENTION_TARGETS)
 
 
@@ -188,6 +216,9 @@ def add_variant(model, variant: str, rank: int, targets: list[str]) -> list:
     if variant == FLOOR:
         return []
     if variant == PEFT:
+        from reslora_diffusers.training.peft_baseline import peft_target_modules
+
+        targets = peft_target_modules(model, targets)  # FLUX.2's attn.to_out: its linears alone
         model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
         params = [p for p in model.parameters() if p.requires_grad]
     else:

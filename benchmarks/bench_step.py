@@ -1,5 +1,5 @@
-"""Training-step time of ResLoRA against diffusers' PEFT LoRA on a UNet, an SD3, Flux, Qwen-Image
-or Z-Image transformer, measured side by side.
+"""Training-step time of ResLoRA against diffusers' PEFT LoRA on a UNet, an SD3, Flux, Qwen-Image,
+Z-Image, FLUX.2 or Wan transformer, measured side by side.
 
 Every variant trains the same model config (random weights, no download) on the same inputs:
 forward + backward + AdamW step, rank and targets equal. Variants run interleaved, one step
@@ -16,9 +16,10 @@ bootstrap interval: a slow stretch of the machine slows both steps of a round al
 pairing removes most of the drift that the ratio of two medians carries. It also
 times an inference forward of the base UNet against the UNet with the merged LoRA fused in.
 
-    python benchmarks/bench_step.py [--model unet|sd3|flux|qwen-image|z-image] [--sizes small mid wide] [--rounds 7]
+    python benchmarks/bench_step.py [--model unet|sd3|flux|qwen-image|z-image|flux2|wan]
+                                    [--sizes small mid wide] [--rounds 7]
                                     [--targets attention|attention+ff] [--variants none:1 bs:5 ...]
-                                    [--compile] [--gradient_checkpointing on|both]
+                                    [--compile] [--no_inference] [--gradient_checkpointing on|both]
 
 ``--compile`` puts every variant (PEFT LoRA too) through ``torch.compile`` (inductor) first;
 the first step's time, which holds the compilation, is the table's "compile s" column. Inductor's
@@ -33,6 +34,17 @@ model's share (SD3 medium: width 1536, Flux: 3072, LoRA ranks 16-64), where the 
 of ``small``/``mid`` (64, 128) give the adapters' products 6-12 % of each projection's work;
 ``full-width`` has the released models' widths themselves, with two or three blocks (not in the
 default sizes: a Flux step there takes seconds).
+
+FLUX.2 and Wan train their families' default targets (the attention projections of every
+block: FLUX.2's double blocks' of both streams and its single blocks' fused ``to_qkv_mlp_proj``/
+``attn.to_out``; Wan's self- and cross-attention), ``attention+ff`` adding their feed-forward
+layers. Their ``full-width`` sizes have the released widths and two blocks, so that every
+chain has a link: Wan 2.1 14B's 5120 on a clip of 2 latent frames, and FLUX.2 [dev]'s 6144 with
+two single-stream blocks (48 of its 56 blocks; their fused ``to_qkv_mlp_proj``/``attn.to_out``
+are FLUX.2's own targets, while its double blocks' are Flux's, measured at Flux's width above).
+That FLUX.2 is 1.7 B parameters, 6.3 GiB in float32, most of it the modulation layers every
+size has; each double block adds 2.0 GiB. ``--no_inference`` skips the inference forward, which
+copies the model twice more.
 
 Qwen-Image (``attention+ff``: and both streams' MLPs) and Z-Image (its ``to_q/to_k/to_v/to_out.0``;
 ``attention+ff``: and its SwiGLU ``w1/w2/w3``) have ``small`` (width 64) and ``full-width`` (the
@@ -64,10 +76,12 @@ import numpy as np
 import torch
 import torch._inductor.config as inductor_config
 from diffusers import (
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
+    WanTransformer3DModel,
     ZImageTransformer2DModel,
 )
 from peft import LoraConfig
@@ -79,14 +93,19 @@ from reslora_diffusers.export import fuse_lora
 from reslora_diffusers.frontends import (
     DIT_ATTENTION_TARGETS,
     DIT_FEEDFORWARD_TARGETS,
+    FLUX2_ATTENTION_TARGETS,
+    FLUX2_FEEDFORWARD_TARGETS,
     QWEN_IMAGE_FEEDFORWARD_TARGETS,
     UNET_FEEDFORWARD_TARGETS,
     UNET_TARGETS,
+    WAN_ATTENTION_TARGETS,
+    WAN_FEEDFORWARD_TARGETS,
     Z_IMAGE_ATTENTION_TARGETS,
     Z_IMAGE_FEEDFORWARD_TARGETS,
     frontend_for,
 )
 from reslora_diffusers.merge.error import output_tensor
+from reslora_diffusers.training.peft_baseline import peft_target_modules
 from reslora_diffusers.training.speed import compile_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -112,6 +131,14 @@ TARGET_SETS = {
         "attention": list(Z_IMAGE_ATTENTION_TARGETS),
         "attention+ff": [*Z_IMAGE_ATTENTION_TARGETS, *Z_IMAGE_FEEDFORWARD_TARGETS],
     },
+    "flux2": {
+        "attention": list(FLUX2_ATTENTION_TARGETS),
+        "attention+ff": [*FLUX2_ATTENTION_TARGETS, *FLUX2_FEEDFORWARD_TARGETS],
+    },
+    "wan": {
+        "attention": list(WAN_ATTENTION_TARGETS),
+        "attention+ff": [*WAN_ATTENTION_TARGETS, *WAN_FEEDFORWARD_TARGETS],
+    },
 }
 SIZES = {
     # UNet: (block_out_channels, latent side, batch); SD3/Flux: (blocks, width, latent side, batch)
@@ -134,7 +161,12 @@ SIZES = {
     # latent side, batch) with one noise and one context refiner
     "qwen-image": {"small": (2, 64, 16, 2), "full-width": (2, 3072, 16, 1)},
     "z-image": {"small": (2, 64, 16, 2), "full-width": (2, 3840, 16, 1)},
+    # FLUX.2: ((double, single) blocks, width, latent side, batch); Wan: `blocks` blocks, 2 latent frames
+    "flux2": {"small": ((2, 4), 64, 16, 2), "full-width": ((0, 2), 6144, 16, 1)},
+    "wan": {"small": (2, 64, 16, 2), "full-width": (2, 5120, 16, 1)},
 }
+#: the attention head size of the FLUX.2 and Wan sizes: the released 128, 32 on the toy widths
+HEAD = {"small": 32, "full-width": 128}
 RESLORA = [("none", 1), ("is", 1), ("bs", 1), ("bs", 3), ("bs", 5), ("ms", 1), ("ms", 3), ("ms", 5)]
 #: the label suffix of a checkpointed variant, and the modes of each --gradient_checkpointing
 CHECKPOINTED = " (checkpointed)"
@@ -193,6 +225,37 @@ def make_flux(blocks: int, width: int) -> FluxTransformer2DModel:
     )
 
 
+def make_flux2(blocks: tuple[int, int], width: int, head: int) -> Flux2Transformer2DModel:
+    """``blocks`` = (double-stream, single-stream) blocks of FLUX.2 [dev]'s layout (8 and 48
+    there; MLP ratio 3, 128 input channels, guidance embedding), heads of ``head``."""
+    torch.manual_seed(0)
+    double, single = blocks
+    return Flux2Transformer2DModel(
+        in_channels=128,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=head,
+        num_attention_heads=width // head,
+        joint_attention_dim=64,
+        axes_dims_rope=(head // 4,) * 4,
+        guidance_embeds=True,
+    )
+
+
+def make_wan(blocks: int, width: int, head: int) -> WanTransformer3DModel:
+    """``blocks`` blocks of Wan 2.1's layout (feed-forward 2.7 x the width, as 13824 / 5120)."""
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        num_attention_heads=width // head,
+        attention_head_dim=head,
+        in_channels=16,
+        out_channels=16,
+        text_dim=64,
+        ffn_dim=round(width * 2.7),
+        num_layers=blocks,
+    )
+
+
 def make_qwen_image(blocks: int, width: int) -> QwenImageTransformer2DModel:
     """``blocks`` dual-stream blocks of ``width`` (heads of 32), text states of 64 features."""
     torch.manual_seed(0)
@@ -229,15 +292,20 @@ def make_qwen_text_dit(model: str, size: tuple):
     return net, frontend_for(net).synthetic_inputs(net, num=1, batch=batch, grid=grid)[0]
 
 
-def make_model(model: str, size: tuple):
-    """The model and one training batch (the family's synthetic inputs for SD3 and Flux;
-    Flux packs 2 x 2 latent patches, so its token grid is ``side / 2``)."""
+def make_model(model: str, size: tuple, name: str = "small"):
+    """The model and one training batch (the family's synthetic inputs for the transformers;
+    Flux and FLUX.2 pack 2 x 2 latent patches, so their token grid is ``side / 2``; Wan's clip
+    has 2 latent frames of ``side`` latents, patched 2 x 2 by the model)."""
     if model == "unet":
         channels, side, batch = size
         return make_unet(channels), make_inputs(side, batch)
     if model in ("qwen-image", "z-image"):
         return make_qwen_text_dit(model, size)
     blocks, width, side, batch = size
+    if model in ("flux2", "wan"):
+        net = (make_flux2 if model == "flux2" else make_wan)(blocks, width, HEAD[name])
+        grid = (side // 2, side // 2) if model == "flux2" else (side, side)
+        return net, frontend_for(net).synthetic_inputs(net, num=1, batch=batch, grid=grid)[0]
     net = make_sd3(blocks, width, side) if model == "sd3" else make_flux(blocks, width)
     kwargs = {"batch": batch} if model == "sd3" else {"batch": batch, "grid": (side // 2, side // 2)}
     return net, frontend_for(net).synthetic_inputs(net, num=1, **kwargs)[0]
@@ -255,6 +323,7 @@ def make_inputs(side: int, batch: int) -> dict:
 def peft_variant(base, rank: int, targets: list[str]):
     unet = shared_copy(base)
     unet.requires_grad_(False)
+    targets = peft_target_modules(unet, targets)  # FLUX.2's attn.to_out: its linears alone
     unet.add_adapter(
         LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
     )
@@ -351,9 +420,10 @@ def bench_size(
     targets: list[str],
     variants: list[tuple[str, int]] = RESLORA,
     compiled: bool = False,
+    inference: bool = True,
     checkpointing: str = "off",
 ) -> None:
-    base, inputs = make_model(model, SIZES[model][name])
+    base, inputs = make_model(model, SIZES[model][name], name)
     modes = CHECKPOINTING_MODES[checkpointing]
     if compiled:
         fresh_compile_cache(len(modes) * (len(variants) + 1))
@@ -374,8 +444,8 @@ def bench_size(
             times[label].append(steps[label]())
     flops = {label: step.flops() for label, step in steps.items()}
     print(
-        f"\n### {model} {name}: {SIZES[model][name]} (UNet: channels, latent side, batch; SD3/Flux/"
-        f"Qwen-Image/Z-Image: blocks, width, latent side, batch), rank {rank}, targets {' '.join(targets)}"
+        f"\n### {model} {name}: {SIZES[model][name]} (UNet: channels, latent side, batch; transformers: "
+        f"blocks, width, latent side, batch), rank {rank}, targets {' '.join(targets)}"
         f"{', torch.compile (inductor)' if compiled else ''}"
         f"{', gradient checkpointing ' + checkpointing if checkpointing != 'off' else ''}"
     )
@@ -388,7 +458,7 @@ def bench_size(
         print("| variant | checkpointed / plain over PEFT LoRA's [95 % CI] |\n|---|---|")
         for label in (k for k in times if not k.endswith(CHECKPOINTED) and k != "PEFT LoRA"):
             print(f"| {label} | {checkpointing_cost(times, label)} |")
-    if compiled or "ResLoRA bs m=5" not in steps:
+    if compiled or not inference:
         return
 
     # inference: the base model vs the model with a merged (bs, m=5) ResLoRA fused into its weights
@@ -439,7 +509,8 @@ def main() -> None:
         "--sizes",
         nargs="+",
         choices=sorted({size for sizes in SIZES.values() for size in sizes}),
-        help="model sizes (default: every size of --model but full-width; wide: SD3 and Flux only)",
+        help="model sizes (default: every size of --model but full-width; wide: SD3 and Flux only; "
+        "full-width: the transformers only)",
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rank", type=int, default=8)
@@ -455,12 +526,22 @@ def main() -> None:
         "--compile", action="store_true", help="every variant through torch.compile (inductor)"
     )
     parser.add_argument(
+        "--no_inference",
+        action="store_true",
+        help="skip the inference forward of the base against the fused model, which holds two more "
+        "copies of the model (FLUX.2 full-width: 8.8 GB each in float32)",
+    )
+    parser.add_argument(
         "--gradient_checkpointing",
         choices=sorted(CHECKPOINTING_MODES),
         default="off",
         help="every variant checkpointed (on), or plain and checkpointed side by side (both)",
     )
     args = parser.parse_args()
+    if ("bs", 5) not in args.variants and not (args.compile or args.no_inference):
+        parser.error(
+            "the inference forward fuses the bs:5 variant: add bs:5 to --variants or pass --no_inference"
+        )
     if args.compile:
         inductor_config.force_disable_caches = True
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -480,6 +561,7 @@ def main() -> None:
             targets,
             args.variants,
             args.compile,
+            not args.no_inference,
             args.gradient_checkpointing,
         )
 

@@ -1,10 +1,10 @@
 """``reslora-merge``: turn a ResLoRA checkpoint into standard LoRA files (and a fused pipeline).
 
 reslora-merge CHECKPOINT --base MODEL_DIR --output DIR [--merge input|weight|calibrated|sequential|distill]
-              [--distill_steps N] [--format diffusers|kohya|both] [--rank R] [--fuse] [--overwrite]
+              [--distill_steps N] [--format diffusers|kohya|comfyui|both] [--rank R] [--fuse] [--overwrite]
 
 ``--format`` takes any registered LoRA format (:mod:`reslora_diffusers.export.formats`), or
-``both`` for every one of them.
+``both`` for every one of them that applies to the base's pipeline family.
 
 The calibrated merges (and distill, which fits on the same batches) run on the pipeline
 family's synthetic inputs here: random latents, timesteps and text states, not training data.
@@ -30,9 +30,24 @@ from .utils.safety import check_finite_file
 
 
 def format_choices() -> dict[str, tuple[str, ...]]:
-    """``--format``: each registered format by its name, and ``both``: every one of them."""
+    """``--format``: each registered format by its name, and ``both``: every one of them (those
+    that apply to the pipeline family are written: :func:`chosen_formats`)."""
     names = tuple(f.name for f in lora_formats())
     return {**{name: (name,) for name in names}, "both": names}
+
+
+def chosen_formats(choice: str | None, comps: dict) -> tuple[str, ...] | None:
+    """The formats ``--format choice`` writes for the pipeline components ``comps``: the one
+    named, for ``both`` every registered format that applies to their family, None (the
+    family's own) when not given."""
+    from .frontends import components_family
+
+    if choice is None:
+        return None
+    if choice != "both":
+        return format_choices()[choice]
+    family = components_family(comps)
+    return tuple(f.name for f in lora_formats() if f.applies_to(family))
 
 
 def merge_parser() -> argparse.ArgumentParser:
@@ -51,7 +66,8 @@ def merge_parser() -> argparse.ArgumentParser:
         "--format",
         choices=sorted(format_choices()),
         default=None,
-        help="default: every format of the pipeline family (both for SD/SDXL, diffusers for SD3 and Flux)",
+        help="default: every format of the pipeline family (diffusers and kohya for SD/SDXL, diffusers for SD3 "
+        "and Flux, diffusers and comfyui for FLUX.2 and Wan)",
     )
     p.add_argument(
         "--distill_steps",
@@ -127,7 +143,7 @@ def merge_into(args: argparse.Namespace, ckpt: Path, output: Path) -> dict:
         if module is None:
             raise ValueError(f"{ckpt}: checkpoint has component {name!r}, the base pipeline has none")
         comps[name] = module
-    formats = check_formats(format_choices()[args.format] if args.format else None, comps)
+    formats = check_formats(chosen_formats(args.format, comps), comps)
     load_reslora_checkpoint(comps, ckpt)
     merged, report = merge_components(
         comps,

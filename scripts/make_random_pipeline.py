@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Write a diffusers pipeline folder with random weights in a published architecture.
 
-    python scripts/make_random_pipeline.py --preset sd15|sdxl|sd3|flux|qwen-image|z-image OUTPUT [--scale F] [--dtype bf16]
+    python scripts/make_random_pipeline.py --preset sd15|sdxl|sd3|flux|qwen-image|z-image|flux2|wan OUTPUT
+                                           [--scale F] [--dtype bf16]
 
-The configs are SD 1.5's, SDXL base's, SD3 medium's, Flux dev's, Qwen-Image's and Z-Image's
-(numbers in ``reslora_diffusers/data/random_pipelines.py``); ``--scale`` shrinks widths and depths
-for CPU runs. The folder loads with ``DiffusionPipeline.from_pretrained`` and trains with
-``train_text_to_image.py --pretrained_model_name_or_path OUTPUT``, so the training script and
-the benchmarks can be timed at full size without a download. The weights are random: the
+The configs are SD 1.5's, SDXL base's, SD3 medium's, Flux dev's, Qwen-Image's, Z-Image's,
+FLUX.2 [dev]'s and Wan 2.1 T2V 14B's (numbers in ``reslora_diffusers/data/random_pipelines.py``);
+``--scale`` shrinks widths and depths for CPU runs. The folder loads with
+``DiffusionPipeline.from_pretrained`` and trains with ``train_text_to_image.py
+--pretrained_model_name_or_path OUTPUT``, so the training script and the benchmarks can be timed
+at full size without a download. The weights are random: the
 numbers it produces are timings and memory, never image quality.
 """
 

@@ -84,6 +84,9 @@ FAMILY_NAMES = {
     "stable_diffusion_xl",
     "stable_diffusion_3",
     "flux",
+    "flux2",
+    "wan",
+    "transformer_2",
 }
 FAMILY_FILES = {
     "frontends/qwen_image.py",
@@ -93,6 +96,9 @@ FAMILY_FILES = {
     "frontends/sd3.py",
     "frontends/flux.py",
     "export/kohya.py",
+    "frontends/flux2.py",
+    "frontends/wan.py",
+    "export/comfyui.py",
 }
 
 

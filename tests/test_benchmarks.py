@@ -453,7 +453,7 @@ def test_bench_step_checkpointing_cost_is_the_variants_ratio_over_peft_lora_s_pe
 
 def test_bench_step_runs_plain_and_checkpointed_side_by_side(capsys):
     bench_step = _load("bench_step")
-    bench_step.bench_size("sd3", "small", 2, 4, ["to_q"], [("ms", 1)], checkpointing="both")
+    bench_step.bench_size("sd3", "small", 2, 4, ["to_q"], [("ms", 1)], inference=False, checkpointing="both")
     out = capsys.readouterr().out
     ck = bench_step.CHECKPOINTED
     for label in ("PEFT LoRA", "ResLoRA ms m=1", "PEFT LoRA" + ck, "ResLoRA ms m=1" + ck):

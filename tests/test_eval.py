@@ -73,7 +73,7 @@ class _RenderingPipeline:
     def set_progress_bar_config(self, **kwargs):
         self._progress_bar_config = kwargs
 
-    def __call__(self, prompt, generator, num_inference_steps, guidance_scale, height, width):
+    def __call__(self, prompt, generator, num_inference_steps, guidance_scale, height=None, width=None):
         images = []
         for text, gen in zip(prompt, generator, strict=True):
             parsed = parse_prompt(text)

@@ -91,12 +91,13 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     spec = importlib.util.spec_from_file_location("make_random_pipeline", SCRIPT)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    for preset in rp.PRESETS:
+    for preset in PIPELINES:
         cli.main(["--preset", preset, str(root / preset), "--scale", "0.05"])
-    return {preset: root / preset for preset in rp.PRESETS}
+    return {preset: root / preset for preset in PIPELINES}
 
 
-@pytest.mark.parametrize("preset", rp.PRESETS)
+# the FLUX.2 and Wan presets: tests/test_random_flux2_wan.py
+@pytest.mark.parametrize("preset", PIPELINES)
 def test_scaled_folders_load_as_their_pipeline_and_denoise(folders, preset):
     pipe = DiffusionPipeline.from_pretrained(folders[preset])
     assert type(pipe) is PIPELINES[preset]

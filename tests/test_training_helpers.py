@@ -199,6 +199,7 @@ def test_run_folder_reads_its_log_and_names_its_files(tmp_path, caplog):
     assert {p.name for p in run.lora_files().values()} == {
         "pytorch_lora_weights.safetensors",
         "lora_kohya.safetensors",
+        "lora_comfyui.safetensors",
     }
     (run.path / "checkpoint-4").mkdir()
     run.grid("final").parent.mkdir()

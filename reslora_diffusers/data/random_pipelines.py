@@ -1,5 +1,5 @@
 """Pipelines with random weights in the published architectures: SD 1.5, SDXL, SD3 medium, Flux dev,
-Qwen-Image, Z-Image.
+Qwen-Image, Z-Image, FLUX.2 [dev] and Wan 2.1 text-to-video 14B.
 
 The numbers are those of the published model configs (``unet/config.json``,
 ``transformer/config.json``, ``vae/config.json``, the text encoders' ``config.json``), written
@@ -19,6 +19,13 @@ tokenizer standing in for T5's (the pipelines only need its output width). Qwen-
 Z-Image's text encoders (Qwen2.5-VL-7B, Qwen3-4B) are theirs at the scaled size, with our
 vocabulary as a Qwen2 tokenizer (:func:`.qwen_tokenizer.qwen_tokenizer`): Qwen-Image's prompt
 template and Z-Image's chat template need that tokenizer class and layout.
+
+FLUX.2 and Wan have their text encoders in full (Mistral Small 3.x, UMT5-XXL: their widths and
+depths scale like the others', their vocabularies are our tokenizer's), since their states are
+the transformer's text input; Mistral keeps at least 30 layers, because ``Flux2Pipeline`` reads
+its hidden states 10, 20 and 30. FLUX.2's tokenizer is ours with Mistral's chat format
+(:func:`.tokenizer.add_mistral_chat_format`; the released ``PixtralProcessor`` needs torchvision,
+and the pipeline encodes prompts through any tokenizer's ``apply_chat_template``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-PRESETS = ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image")
+PRESETS = ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image", "flux2", "wan")
 
 
 @dataclass(frozen=True)
@@ -339,19 +346,239 @@ def clip_g_config(scale: float = 1.0) -> dict:
     return _clip_text_config(scale, heads=20, layers=32, act="gelu")
 
 
+# ----------------------------------------------------------------------------- FLUX.2 [dev]
+
+
+def flux2_transformer_config(scale: float = 1.0) -> dict:
+    """FLUX.2 [dev] ``transformer/config.json``: 8 double-stream and 48 single-stream blocks,
+    48 heads x 128 (RoPE axes 32 x 4, theta 2000), MLP ratio 3, 128 input channels (the VAE's
+    32 channels in 2 x 2 patches), joint attention 15360 (three hidden states of Mistral Small
+    3.x side by side), guidance embedding."""
+    s = _check_scale(scale)
+    return {
+        "patch_size": 1,
+        "in_channels": 128,
+        "num_layers": s.count(8),
+        "num_single_layers": s.count(48),
+        "attention_head_dim": 128,
+        "num_attention_heads": s.count(48),
+        "joint_attention_dim": FLUX2_TEXT_LAYERS * mistral3_text_config(scale)["hidden_size"],
+        "timestep_guidance_channels": 256,
+        "mlp_ratio": 3.0,
+        "axes_dims_rope": [32, 32, 32, 32],
+        "rope_theta": 2000,
+        "guidance_embeds": True,
+    }
+
+
+#: ``Flux2Pipeline`` joins Mistral's hidden states 10, 20 and 30 (``text_encoder_out_layers``)
+FLUX2_TEXT_LAYERS = 3
+#: so a scaled Mistral keeps at least this many layers
+FLUX2_MIN_TEXT_LAYERS = 30
+
+
+def mistral3_text_config(scale: float = 1.0) -> dict:
+    """Mistral Small 3.2 24B's language model (FLUX.2's ``text_encoder``): width 5120, 40 layers,
+    32 query and 8 key/value heads of 128, MLP 32768, RoPE theta 1e9, vocabulary 131072 (ours
+    replaces it); at least 30 layers when scaled (module doc)."""
+    s = _check_scale(scale)
+    return {
+        "vocab_size": 131072,
+        "hidden_size": s.width(5120),
+        "intermediate_size": s.width(32768),
+        "num_hidden_layers": max(FLUX2_MIN_TEXT_LAYERS, s.count(40)),
+        "num_attention_heads": s.count(32),
+        "num_key_value_heads": s.count(8),
+        "head_dim": 128,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e9,
+        "sliding_window": None,
+    }
+
+
+def pixtral_vision_config(scale: float = 1.0) -> dict:
+    """Its Pixtral vision tower (unused by text prompts, part of the released weights): width
+    1024, 24 layers, 16 heads of 64, MLP 4096, patches of 14 px, images up to 1540 px."""
+    s = _check_scale(scale)
+    return {
+        "hidden_size": s.count(16) * 64,
+        "intermediate_size": s.count(16) * 64 * 4,
+        "num_hidden_layers": s.count(24),
+        "num_attention_heads": s.count(16),
+        "head_dim": 64,
+        "patch_size": 14,
+        "image_size": 1540,
+        "rope_theta": 10000.0,
+    }
+
+
+def mistral3_config(scale: float = 1.0, vocab_size: int | None = None) -> dict:
+    """``Mistral3ForConditionalGeneration``'s config (language model, vision tower, a projector
+    merging 2 x 2 patches, untied output embedding)."""
+    text = mistral3_text_config(scale)
+    if vocab_size is not None:
+        text["vocab_size"] = vocab_size
+    return {
+        "text_config": text,
+        "vision_config": pixtral_vision_config(scale),
+        "spatial_merge_size": 2,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": False,
+        "image_token_index": 10,
+        "vision_feature_layer": -1,
+        "tie_word_embeddings": False,
+    }
+
+
+def flux2_vae_config(scale: float = 1.0) -> dict:
+    """FLUX.2's ``AutoencoderKLFlux2``: the SD VAE's 128/256/512/512 channels with 32 latent
+    channels, whose 2 x 2 patches a batch norm of 128 features normalises."""
+    s = _check_scale(scale)
+    return {
+        "block_out_channels": [s.width(c) for c in (128, 256, 512, 512)],
+        "latent_channels": 32,
+        "norm_num_groups": s.groups,
+        "layers_per_block": 2,
+        "batch_norm_eps": 1e-4,
+    }
+
+
+# ----------------------------------------------------------------------------- Wan 2.1 T2V 14B
+
+
+def wan_transformer_config(scale: float = 1.0) -> dict:
+    """Wan 2.1 text-to-video 14B ``transformer/config.json`` (also each of Wan 2.2 T2V A14B's
+    two experts): 40 blocks, 40 heads x 128, feed-forward 13824, patches 1 x 2 x 2 of 16 latent
+    channels, text 4096 (UMT5-XXL), RMS QK norm across heads."""
+    s = _check_scale(scale)
+    return {
+        "patch_size": [1, 2, 2],
+        "num_attention_heads": s.count(40),
+        "attention_head_dim": 128,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": umt5_config(scale)["d_model"],
+        "freq_dim": 256,
+        "ffn_dim": s.width(13824),
+        "num_layers": s.count(40),
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 1024,
+    }
+
+
+def umt5_config(scale: float = 1.0, vocab_size: int = 256384) -> dict:
+    """UMT5-XXL's encoder (Wan's ``text_encoder``): width 4096, 24 layers, 64 heads of 64,
+    gated-GELU feed-forward 10240, relative attention 32 buckets up to 128."""
+    s = _check_scale(scale)
+    return {
+        "vocab_size": vocab_size,
+        "d_model": s.count(64) * 64,
+        "d_kv": 64,
+        "d_ff": s.width(10240),
+        "num_layers": s.count(24),
+        "num_heads": s.count(64),
+        "feed_forward_proj": "gated-gelu",
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "dropout_rate": 0.1,
+        "tie_word_embeddings": False,
+    }
+
+
+def wan_vae_config(scale: float = 1.0) -> dict:
+    """Wan 2.1's ``AutoencoderKLWan``: base width 96 (x 1, 2, 4, 4), 16 latent channels, 8 x
+    spatial and 4 x temporal compression, and the released per-channel latent mean and std
+    (diffusers' defaults)."""
+    _check_scale(scale)
+    return {
+        "base_dim": max(8, round(96 * scale / 8) * 8),  # RMS norms: no group count to respect
+        "z_dim": 16,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "temperal_downsample": [False, True, True],
+        "scale_factor_temporal": 4,
+        "scale_factor_spatial": 8,
+    }
+
+
+#: Wan 2.1's scheduler: UniPC on flow sigmas shifted by 3 (``flow_shift``)
+WAN_SCHEDULER = {
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "num_train_timesteps": 1000,
+    "flow_shift": 3.0,
+}
+
+
+def assemble_flux2_pipeline(tokenizer, transformer, vae, text_encoder, scheduler=None):
+    """``Flux2Pipeline`` from its models; ``tokenizer`` in Mistral's chat format
+    (:func:`.tokenizer.add_mistral_chat_format`, module doc); ``scheduler`` default: FLUX.2
+    [dev]'s (Flux dev's dynamic shifting)."""
+    import diffusers
+
+    scheduler = scheduler or diffusers.FlowMatchEulerDiscreteScheduler(**_FLOW_SCHEDULERS["flux"])
+    return diffusers.Flux2Pipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+    )
+
+
+def assemble_wan_pipeline(tokenizer, transformer, vae, text_encoder, scheduler=None):
+    """``WanPipeline`` from its models (``tokenizer`` standing in for UMT5's); ``scheduler``
+    default: Wan 2.1's (:data:`WAN_SCHEDULER`)."""
+    import diffusers
+
+    scheduler = scheduler or diffusers.UniPCMultistepScheduler(**WAN_SCHEDULER)
+    return diffusers.WanPipeline(
+        transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+    )
+
+
+def _random_flux2(tok, scale: float):
+    import diffusers
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from .tokenizer import add_mistral_chat_format
+
+    transformer = diffusers.Flux2Transformer2DModel(**flux2_transformer_config(scale))
+    vae = diffusers.AutoencoderKLFlux2(**flux2_vae_config(scale))
+    add_mistral_chat_format(tok)
+    encoder = Mistral3ForConditionalGeneration(Mistral3Config(**mistral3_config(scale, len(tok))))
+    return assemble_flux2_pipeline(tok, transformer, vae, encoder)
+
+
+def _random_wan(tok, scale: float):
+    import diffusers
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    transformer = diffusers.WanTransformer3DModel(**wan_transformer_config(scale))
+    vae = diffusers.AutoencoderKLWan(**wan_vae_config(scale))
+    encoder = UMT5EncoderModel(UMT5Config(**umt5_config(scale, len(tok))))
+    return assemble_wan_pipeline(tok, transformer, vae, encoder)
+
+
 # ----------------------------------------------------------------------------- pipelines
 
 
 def assemble_pipeline(preset: str, tokenizer, denoiser, vae, text_encoders: list, scheduler=None):
     """The diffusers pipeline of ``preset`` from its models: ``denoiser`` (UNet or transformer),
     ``vae`` and ``text_encoders`` in the pipeline's order (SD 1.5: CLIP-L; SDXL: CLIP-L, CLIP-G;
-    SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5), ``tokenizer`` for every text encoder;
+    SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5; the others: their one), ``tokenizer`` for every text encoder;
     ``scheduler`` default: the preset's. What :func:`build_random_pipeline` builds at a scale,
     and the tests' tiny pipelines at sizes no scale reaches (fewer resolution levels)."""
     import diffusers
 
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: allowed {' | '.join(PRESETS)}")
+    if preset in ("flux2", "wan"):  # one text encoder, a scheduler of their own
+        assemble = assemble_flux2_pipeline if preset == "flux2" else assemble_wan_pipeline
+        return assemble(tokenizer, denoiser, vae, *text_encoders, scheduler=scheduler)
     if preset in ("sd15", "sdxl"):
         scheduler = scheduler or _sd_scheduler()
     else:
@@ -410,6 +637,8 @@ def build_random_pipeline(preset: str, tokenizer_dir: str | Path, scale: float =
     def clip(config: dict, cls=CLIPTextModel):
         return cls(CLIPTextConfig(**config, **ids))
 
+    if preset in _OWN_TEXT_ENCODERS:
+        return _OWN_TEXT_ENCODERS[preset](tok, scale)
     vae = diffusers.AutoencoderKL(**vae_config(preset, scale))
     if preset == "sd15":
         unet = diffusers.UNet2DConditionModel(**sd15_unet_config(scale))
@@ -429,6 +658,10 @@ def build_random_pipeline(preset: str, tokenizer_dir: str | Path, scale: float =
     transformer = diffusers.FluxTransformer2DModel(**flux_transformer_config(scale))
     encoders = [clip(clip_l_config(scale)), _t5(transformer.config.joint_attention_dim, len(tok))]
     return assemble_pipeline(preset, tok, transformer, vae, encoders)
+
+
+#: the presets whose text encoders are built in full (module doc)
+_OWN_TEXT_ENCODERS = {"flux2": _random_flux2, "wan": _random_wan}
 
 
 def _build_qwen_text_pipeline(preset: str, scale: float):
@@ -511,6 +744,8 @@ def denoiser_config(preset: str, scale: float = 1.0) -> dict:
         "flux": flux_transformer_config,
         "qwen-image": qwen_image_transformer_config,
         "z-image": z_image_transformer_config,
+        "flux2": flux2_transformer_config,
+        "wan": wan_transformer_config,
     }[preset](scale)
 
 

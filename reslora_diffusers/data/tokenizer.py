@@ -89,3 +89,37 @@ def write_tokenizer(out_dir: str | Path, words: tuple[str, ...] = VOCAB_WORDS) -
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+#: Mistral's control tokens (its chat format's markers, and the image tokens that
+#: ``Flux2Pipeline`` strips from prompts by name), added to our vocabulary as special tokens
+MISTRAL_CONTROL_TOKENS = (
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+)
+#: Mistral Small 3.x's chat format: ``<bos>[SYSTEM_PROMPT]system[/SYSTEM_PROMPT][INST]user[/INST]``,
+#: an assistant turn followed by ``<eos>``; a message's text is its ``text`` parts joined (the
+#: content-list messages that ``Flux2Pipeline.encode_prompt`` sends)
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('') %}{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def add_mistral_chat_format(tokenizer):
+    """``tokenizer`` (in place) with Mistral's control tokens and chat template, so that a
+    pipeline that encodes prompts through ``tokenizer.apply_chat_template`` in Mistral's format
+    (``Flux2Pipeline``) runs on our vocabulary. Returns it."""
+    tokenizer.add_special_tokens({"additional_special_tokens": list(MISTRAL_CONTROL_TOKENS)})
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer

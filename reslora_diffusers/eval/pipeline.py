@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS
@@ -40,7 +41,9 @@ def generate(
 
     An image thus depends on its prompt and seed only, not on the batch it is made in.
     ``progress``, if given, advances by one per denoising step (the pipeline's own bar stays off);
-    ``pipe_kwargs`` go to the pipeline call (``negative_prompt``, ``cross_attention_kwargs``...).
+    ``pipe_kwargs`` go to the pipeline call (``negative_prompt``, ``cross_attention_kwargs``,
+    ``num_frames``...). ``height``/``width`` left None are the pipeline's defaults. A video
+    pipeline's video is its first, middle and last frame side by side (:func:`key_frames`).
     """
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     callback = {}
@@ -56,13 +59,32 @@ def generate(
             prompt=list(prompts),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            height=height,
-            width=width,
             generator=generators,
+            **{k: v for k, v in (("height", height), ("width", width)) if v is not None},
             **callback,
             **pipe_kwargs,
         )
+    if getattr(output, "frames", None) is not None:  # video pipelines (WanPipelineOutput)
+        return [key_frames(video) for video in output.frames]
     return output.images
+
+
+def key_frames(video) -> Image.Image:
+    """A video's first, middle (``(F - 1) // 2``) and last frame side by side, left to right;
+    ``video`` as video pipelines return it: ``(F, H, W, 3)`` floats in [0, 1] or PIL frames."""
+    frames = [
+        f
+        if isinstance(f, Image.Image)
+        else Image.fromarray(np.clip(np.rint(np.asarray(f) * 255), 0, 255).astype(np.uint8))
+        for f in video
+    ]
+    picked = [frames[0], frames[(len(frames) - 1) // 2], frames[-1]]
+    strip = Image.new("RGB", (sum(f.width for f in picked), picked[0].height))
+    left = 0
+    for frame in picked:
+        strip.paste(frame.convert("RGB"), (left, 0))
+        left += frame.width
+    return strip
 
 
 def evaluate_pipeline(

@@ -1,7 +1,8 @@
 """Standard LoRA files out: one file per format, PEFT adapter folders, loading with checks.
 
 * :mod:`.formats`: the :class:`LoRAFormat` contract and the registry (:func:`register_format`);
-* :mod:`.diffusers`, :mod:`.kohya`: the formats (kohya-ss key tables keyed by pipeline family);
+* :mod:`.diffusers`, :mod:`.kohya`, :mod:`.comfyui`: the formats (kohya-ss and ComfyUI key tables
+  keyed by pipeline family);
 * :mod:`.pipeline`: :func:`export_lora`, merging a pipeline's components and writing every format
   and the merge report; :func:`fuse_lora`;
 * :mod:`.peft`: PEFT adapter folders for transformers models;
@@ -10,6 +11,7 @@
 LoRA key names are :mod:`reslora_diffusers.core.keys`.
 """
 
+from .comfyui import COMFYUI, COMFYUI_FILE
 from .diffusers import DIFFUSERS, DIFFUSERS_FILE
 from .formats import REPORT_FILE, LoRAFormat, get_format, lora_formats, register_format, unregister_format
 from .kohya import KOHYA, KOHYA_FILE
@@ -17,6 +19,8 @@ from .peft import export_peft_adapter
 from .pipeline import export_lora, fuse_lora
 
 __all__ = [
+    "COMFYUI",
+    "COMFYUI_FILE",
     "DIFFUSERS",
     "DIFFUSERS_FILE",
     "KOHYA",

@@ -15,13 +15,16 @@ import torch.nn as nn
 
 from ..core.keys import prefixed
 from ..utils.safety import save_safetensors
+from .comfyui import COMFYUI_PREFIX
 from .formats import ComponentLoRAs, LoRAFormat, register_format
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
 def _lora_keys(keys: Iterable[str]) -> list[str]:
-    return [k for k in keys if ".lora_A." in k or ".lora_B." in k]
+    """``lora_A``/``lora_B`` keys of pipeline components (ComfyUI's ``diffusion_model.`` keys,
+    spelled alike, are the ComfyUI format's)."""
+    return [k for k in keys if (".lora_A." in k or ".lora_B." in k) and not k.startswith(COMFYUI_PREFIX)]
 
 
 class DiffusersFormat(LoRAFormat):

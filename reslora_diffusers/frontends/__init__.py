@@ -9,7 +9,8 @@
 * :mod:`.clip_text`: CLIP text encoders; :mod:`.t5_text`: T5 encoders;
 * the diffusion families, each its model family, pipeline family and training objective:
   :mod:`.sd` (SD 1.x/2.x), :mod:`.sdxl`, :mod:`.sd3` and :mod:`.flux` (sharing :mod:`.dit`);
-  :mod:`.qwen_image` (Qwen-Image) and :mod:`.z_image` (Z-Image).
+  :mod:`.qwen_image` (Qwen-Image), :mod:`.z_image` (Z-Image), :mod:`.flux2` (FLUX.2) and
+  :mod:`.wan` (Wan 2.x text-to-video).
 
 A new diffusion family is one more file of this kind, imported below.
 """
@@ -18,6 +19,7 @@ from .base import GENERIC, FrontEnd, frontend_for, register_frontend
 from .clip_text import CLIP_TEXT
 from .dit import DIT_ATTENTION_TARGETS, DIT_FEEDFORWARD_TARGETS, DIT_IMAGE_FEEDFORWARD_TARGETS
 from .flux import FLUX_FEEDFORWARD_TARGETS, FLUX_PIPELINES, FLUX_TRANSFORMER
+from .flux2 import FLUX2_ATTENTION_TARGETS, FLUX2_FEEDFORWARD_TARGETS, FLUX2_PIPELINES, FLUX2_TRANSFORMER
 from .pipelines import (
     PipelineFamily,
     add_reslora_to_pipeline,
@@ -43,6 +45,7 @@ from .sd3 import SD3_PIPELINES, SD3_TRANSFORMER
 from .sdxl import SDXL_PIPELINES, SDXL_UNET
 from .t5_text import T5_TEXT
 from .transformers_lm import PRESETS, TRANSFORMERS_LM, preset_targets
+from .wan import WAN_ATTENTION_TARGETS, WAN_FEEDFORWARD_TARGETS, WAN_PIPELINES, WAN_TRANSFORMER
 from .z_image import (
     Z_IMAGE_ATTENTION_TARGETS,
     Z_IMAGE_FEEDFORWARD_TARGETS,
@@ -56,6 +59,10 @@ __all__ = [
     "DIT_ATTENTION_TARGETS",
     "DIT_FEEDFORWARD_TARGETS",
     "DIT_IMAGE_FEEDFORWARD_TARGETS",
+    "FLUX2_ATTENTION_TARGETS",
+    "FLUX2_FEEDFORWARD_TARGETS",
+    "FLUX2_PIPELINES",
+    "FLUX2_TRANSFORMER",
     "FLUX_FEEDFORWARD_TARGETS",
     "FLUX_PIPELINES",
     "FLUX_TRANSFORMER",
@@ -75,6 +82,10 @@ __all__ = [
     "UNET_CONV_TARGETS",
     "UNET_FEEDFORWARD_TARGETS",
     "UNET_TARGETS",
+    "WAN_ATTENTION_TARGETS",
+    "WAN_FEEDFORWARD_TARGETS",
+    "WAN_PIPELINES",
+    "WAN_TRANSFORMER",
     "Z_IMAGE_ATTENTION_TARGETS",
     "Z_IMAGE_FEEDFORWARD_TARGETS",
     "Z_IMAGE_PIPELINES",

@@ -69,6 +69,11 @@ class PipelineFamily:
         """The pipeline call's keyword arguments that scale every loaded LoRA by ``scale``."""
         return {self.lora_scale_kwarg: {"scale": scale}}
 
+    def generation_kwargs(self) -> dict:
+        """Keyword arguments of the pipeline call beyond a text-to-image one's, for the demo and
+        validation (a video family's frame count); none by default."""
+        return {}
+
     def check_components(self, components: dict[str, nn.Module]) -> None:
         """Refuse components the family's LoRA files cannot carry, naming the first."""
         extra = sorted(set(components) - set(self.components))

@@ -53,6 +53,10 @@ class Objective(ABC):
     denoiser_title = "denoiser"
     #: script flags this objective does not read: refused when set to another value than their default
     unused_flags: tuple[str, ...] = ()
+    #: video objectives train on clips of ``1 + k * frame_step`` frames (the VAE's temporal
+    #: compression), ``default_frames`` of them unless ``--num_frames`` says; 0: images
+    frame_step = 0
+    default_frames = 0
 
     def __init__(self, pipe, args: argparse.Namespace, family) -> None:
         self.args = args

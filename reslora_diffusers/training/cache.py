@@ -44,11 +44,14 @@ CACHE_FORMAT = 1
 
 
 def fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the model's state dict: every tensor's name, dtype, shape and bytes."""
+    """SHA-256 over the model's state dict: every tensor's name, dtype, shape and bytes (a 0-d
+    tensor, such as a batch norm's ``num_batches_tracked``, flattened first: only a tensor with
+    an axis can be viewed as bytes)."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

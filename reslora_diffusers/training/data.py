@@ -315,6 +315,11 @@ def load_image(source: str | bytes) -> Image.Image:
     with open_image(source) as image:
         image.load()
         image = ImageOps.exif_transpose(image)
+    return rgb(image)
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB (:func:`load_image`'s conversions; a video clip's frames too)."""
     if image.mode in WIDE_MODES:
         values = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")

@@ -9,10 +9,21 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from ..core import find_targets, layer_class_for, matches_target
 from ..frontends import CLIP_TEXT
 from ..utils.io import atomic_dir
 from ..utils.safety import check_finite, load_safetensors, save_safetensors
 from .run_folder import RunFolder
+
+
+def peft_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
+    """``targets`` as PEFT's ``target_modules`` for ``model``: unchanged, unless a target also
+    names a module PEFT cannot adapt (FLUX.2's ``attn.to_out`` is a single block's linear and a
+    double block's ``ModuleList``), then the paths of the layers ResLoRA adapts for them."""
+    named = [m for path, m in model.named_modules() if matches_target(path, targets)]
+    if all(layer_class_for(m) is not None for m in named):
+        return list(targets)
+    return [path for path, _ in find_targets(model, targets)]
 
 
 def add_peft_lora(
@@ -27,7 +38,9 @@ def add_peft_lora(
             r=rank,
             lora_alpha=alpha,
             lora_dropout=dropout,
-            target_modules=targets if name == denoiser else list(CLIP_TEXT.targets),
+            target_modules=peft_target_modules(model, targets)
+            if name == denoiser
+            else list(CLIP_TEXT.targets),
         )
         # diffusers' add_adapter on the UNet/transformer; transformers' own add_adapter wants
         # a newer PEFT than diffusers does, so text encoders get PEFT's injection directly
