@@ -443,12 +443,14 @@ def test_bench_step_checkpointing_cost_is_the_variants_ratio_over_peft_lora_s_pe
     # round 1: checkpointing costs PEFT 1.2x and bs 1.5x -> 1.25; round 2 (machine twice as slow
     # for every step) the same ratios -> 1.25; round 3: 1.2x and 1.2x -> 1.0
     times = {
-        "PEFT LoRA": [(1.0, 0), (2.0, 0), (1.0, 0)],
-        "PEFT LoRA" + ck: [(1.2, 0), (2.4, 0), (1.2, 0)],
-        "bs": [(1.0, 0), (2.0, 0), (1.0, 0)],
-        "bs" + ck: [(1.5, 0), (3.0, 0), (1.2, 0)],
+        "PEFT LoRA": [(1.0, 1.0), (2.0, 1.0), (1.0, 1.0)],
+        "PEFT LoRA" + ck: [(1.2, 1.0), (2.4, 1.0), (1.2, 1.0)],
+        "bs": [(1.0, 1.0), (2.0, 1.0), (1.0, 1.0)],
+        "bs" + ck: [(1.5, 2.0), (3.0, 2.0), (1.2, 2.0)],
     }
     assert bench_step.checkpointing_cost(times, "bs") == "1.250 [1.000, 1.250]"
+    # CPU time (the second clock): checkpointing doubles bs's and leaves PEFT LoRA's alone
+    assert bench_step.checkpointing_cost(times, "bs", clock=1) == "2.000 [2.000, 2.000]"
 
 
 def test_bench_step_runs_plain_and_checkpointed_side_by_side(capsys):
