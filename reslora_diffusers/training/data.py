@@ -148,27 +148,38 @@ def _dataset_rows(
     return rows, origin
 
 
-def _caption_file_rows(data_dir: Path, extension: str) -> tuple[list, str]:
-    """Every image under ``data_dir`` (sorted) with the text of ``<image stem><extension>``."""
+def check_caption_extension(extension: str) -> None:
+    """Refuse a ``--caption_extension`` that is not a file extension such as ``.txt``."""
     if not extension.startswith(".") or len(extension) < 2:
         raise ValueError(f"--caption_extension {extension!r} must be a file extension such as .txt")
+
+
+def read_caption_file(sample: Path, text_file: Path, extension: str) -> str:
+    """The caption of ``sample`` (an image, a clip or a frame folder) in ``text_file``, stripped;
+    a missing, non-UTF-8 or empty file is refused naming it."""
+    if not text_file.is_file():
+        raise ValueError(f"{sample}: no caption file {text_file.name} (--caption_extension {extension})")
+    try:
+        caption = text_file.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{text_file}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if not caption:
+        raise ValueError(f"{text_file}: the caption of {sample.name} is empty")
+    return caption
+
+
+def _caption_file_rows(data_dir: Path, extension: str) -> tuple[list, str]:
+    """Every image under ``data_dir`` (sorted) with the text of ``<image stem><extension>``."""
+    check_caption_extension(extension)
     if not data_dir.is_dir():
         raise ValueError(f"--train_data_dir: folder {data_dir} does not exist")
     images = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not images:
         raise ValueError(f"--train_data_dir: no images in {data_dir}")
-    rows = []
-    for image in images:
-        text_file = image.with_suffix(extension)
-        if not text_file.is_file():
-            raise ValueError(f"{image}: no caption file {text_file.name} (--caption_extension {extension})")
-        try:
-            caption = text_file.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{text_file}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-        if not caption:
-            raise ValueError(f"{text_file}: the caption of {image.name} is empty")
-        rows.append((str(image), str(image), caption))
+    rows = [
+        (str(image), str(image), read_caption_file(image, image.with_suffix(extension), extension))
+        for image in images
+    ]
     return rows, f"folder {data_dir}"
 
 

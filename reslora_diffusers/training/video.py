@@ -40,9 +40,11 @@ from .data import (
     IMAGE_EXTENSIONS,
     ImageCaptions,
     TextImageDataset,
+    check_caption_extension,
     crop_pixels,
     load_image,
     nearest_bucket,
+    read_caption_file,
     rgb,
 )
 
@@ -152,8 +154,7 @@ def load_video_captions(
 def _caption_file_rows(data_dir: Path, extension: str) -> list[tuple[str | None, str, str]]:
     """Clips with the text of ``<clip><extension>`` beside them: files of :data:`CLIP_EXTENSIONS`
     and folders that have such a caption file (frame folders; their frames are not clips)."""
-    if not extension.startswith(".") or len(extension) < 2:
-        raise ValueError(f"--caption_extension {extension!r} must be a file extension such as .txt")
+    check_caption_extension(extension)
     folders = sorted(
         p for p in data_dir.rglob("*") if p.is_dir() and p.with_name(p.name + extension).is_file()
     )
@@ -171,15 +172,7 @@ def _caption_file_rows(data_dir: Path, extension: str) -> list[tuple[str | None,
     rows = []
     for clip in clips:
         text_file = clip.with_name(clip.name + extension) if clip.is_dir() else clip.with_suffix(extension)
-        if not text_file.is_file():
-            raise ValueError(f"{clip}: no caption file {text_file.name} (--caption_extension {extension})")
-        try:
-            caption = text_file.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{text_file}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-        if not caption:
-            raise ValueError(f"{text_file}: the caption of {clip.name} is empty")
-        rows.append((str(clip), str(clip), caption))
+        rows.append((str(clip), str(clip), read_caption_file(clip, text_file, extension)))
     return rows
 
 
