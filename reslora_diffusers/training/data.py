@@ -217,6 +217,24 @@ def _load_dataset(dataset_name: str | None, train_data_dir: str | Path | None, r
     return dataset, f"folder {data_dir}"
 
 
+def metadata_records(metadata: Path) -> Iterator[tuple[int, object]]:
+    """``(row number, parsed JSON)`` of each non-blank line of a ``metadata.jsonl``; a file that
+    is not UTF-8 or a row that is not JSON is refused naming it."""
+    try:
+        lines = metadata.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"--train_data_dir: {metadata} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--train_data_dir: {metadata} row {number} is not JSON ({err})") from err
+
+
 def _check_metadata_rows(data_dir: Path, images: list[Path]) -> None:
     """Name what ``imagefolder`` fails on with a generic error or passes over in silence: a
     ``metadata.jsonl`` that is not UTF-8, a row that is not JSON, a ``file_name`` that leaves the
@@ -226,20 +244,8 @@ def _check_metadata_rows(data_dir: Path, images: list[Path]) -> None:
         return
     # imagefolder also reads metadata files in subfolders, each naming files beside it
     nested = any(p.parent != data_dir for p in data_dir.rglob("metadata.jsonl"))
-    try:
-        lines = metadata.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"--train_data_dir: {metadata} is not UTF-8 text ({err.reason} at byte {err.start})"
-        ) from err
     listed = set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--train_data_dir: {metadata} row {number} is not JSON ({err})") from err
+    for number, row in metadata_records(metadata):
         name = row.get("file_name") if isinstance(row, dict) else None
         if isinstance(name, str) and (Path(name).is_absolute() or ".." in Path(name).parts):
             raise ValueError(

@@ -24,7 +24,6 @@ front and the frames it trains on decoded: an unreadable clip is skipped and nam
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -43,6 +42,7 @@ from .data import (
     check_caption_extension,
     crop_pixels,
     load_image,
+    metadata_records,
     nearest_bucket,
     read_caption_file,
     rgb,
@@ -184,20 +184,8 @@ def _metadata_rows(data_dir: Path, column: str) -> list[tuple[str | None, str, s
             f"--train_data_dir: {data_dir} has no metadata.jsonl; give it one (file_name, {column}) or put a "
             "caption file beside each clip (--caption_extension .txt)"
         )
-    try:
-        lines = metadata.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"--train_data_dir: {metadata} is not UTF-8 text ({err.reason} at byte {err.start})"
-        ) from err
     rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--train_data_dir: {metadata} row {number} is not JSON ({err})") from err
+    for number, row in metadata_records(metadata):
         name = row.get("file_name") if isinstance(row, dict) else None
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             raise ValueError(
