@@ -137,6 +137,29 @@ def test_script_writes_a_pipeline_that_loads_matches_the_builders_and_draws(toy_
     assert len(row.strip("|").split("|")) == 8 and all(
         cell.strip().endswith("%") for cell in row.split("|")[3:-1]
     )
+    # a toy run of 4 steps is far below the bar, and the card says so with its figures
+    numbers = json.loads((toy_base.parent / "work" / "numbers.json").read_text())["accuracy"]
+    assert (
+        f"**Below its bar on the open-set reading**: held-out pairs {numbers['heldout']['accuracy']:.1%}"
+        in card
+    )
+
+
+def test_bar_verdict_names_each_set_below_its_bar_on_the_open_set_reading():
+    def acc(heldout, seen, lenient=1.0):
+        return {
+            name: {"accuracy": value, "accuracy_lenient": lenient}
+            for name, value in (("heldout", heldout), ("seen", seen))
+        }
+
+    assert pretrain.bar_verdict(acc(0.90, 0.95)) == "The base meets its bar on the open-set reading."
+    assert pretrain.bar_verdict(acc(0.722, 0.96)) == (
+        "**Below its bar on the open-set reading**: held-out pairs 72.2% (bar 90%)."
+    )
+    # the nearest-template reading does not count: 100 % there, 94.4 % open-set on seen pairs
+    assert pretrain.bar_verdict(acc(0.95, 0.944)) == (
+        "**Below its bar on the open-set reading**: seen pairs 94.4% (bar 95%)."
+    )
 
 
 @pytest.mark.slow
