@@ -612,22 +612,29 @@ def evaluate(pipe, args: argparse.Namespace) -> dict:
     return numbers
 
 
-#: The accuracy part of both model cards (``{rows}``: one row per prompt set, from ``write_model_card``).
 #: the base's bar on the open-set reading: the lowest prompt accuracy per evaluation set
 ACCURACY_BAR = {"heldout": 0.90, "seen": 0.95}
+#: the evaluation sets' names in the model card
+SET_TITLES = {"heldout": "held-out pairs", "seen": "seen pairs", "finetune_concept": FINETUNE_SHAPE}
 
-ACCURACY_SECTION = """Prompt accuracy (colour, shape and background all read correctly by
+#: The accuracy part of both model cards (``{rows}``: one row per prompt set, ``{bar}``: the
+#: verdict on :data:`ACCURACY_BAR`, both from ``write_model_card``).
+ACCURACY_SECTION = (
+    """Prompt accuracy (colour, shape and background all read correctly by
 `reslora_diffusers.eval.analyse_image`), at the settings above. The shape is read by the
 open-set call (the best template needs IoU >= 0.80 and a 0.05 lead, else "unknown"), the
-reading the base's bar (held-out >= 90 %, seen >= 95 %) is set on; the nearest template, which
-names any blob after some shape, stands beside it:
-
+reading the base's bar (held-out >= %(heldout).0f %%, seen >= %(seen).0f %%) is set on; the nearest
+template, which names any blob after some shape, stands beside it:
+"""
+    % {name: 100 * bar for name, bar in ACCURACY_BAR.items()}
+    + """
 | prompts | images | accuracy | accuracy (nearest template) | colour | shape | shape (nearest template) | background |
 |---|---|---|---|---|---|---|---|
 {rows}
 
 {bar}
 """
+)
 
 MODEL_CARD = (
     """# tiny-sd: the embedded coloured-shapes base of reslora-diffusers
@@ -699,9 +706,8 @@ def extension_note(extended_from: list[int]) -> str:
 
 def bar_verdict(accuracy: dict[str, dict]) -> str:
     """One sentence: does the open-set prompt accuracy of each set reach :data:`ACCURACY_BAR`?"""
-    titles = {"heldout": "held-out pairs", "seen": "seen pairs"}
     misses = [
-        f"{titles[name]} {accuracy[name]['accuracy']:.1%} (bar {bar:.0%})"
+        f"{SET_TITLES[name]} {accuracy[name]['accuracy']:.1%} (bar {bar:.0%})"
         for name, bar in ACCURACY_BAR.items()
         if accuracy[name]["accuracy"] < bar
     ]
@@ -712,8 +718,7 @@ def bar_verdict(accuracy: dict[str, dict]) -> str:
 
 def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: Path) -> None:
     base = BASES[args.family]
-    titles = {"heldout": "held-out pairs", "seen": "seen pairs", "finetune_concept": FINETUNE_SHAPE}
-    labels = {name: f"{titles[name]} (seeds 0-{len(seeds) - 1})" for name, _, seeds in eval_sets(args)}
+    labels = {name: f"{SET_TITLES[name]} (seeds 0-{len(seeds) - 1})" for name, _, seeds in eval_sets(args)}
     rows = "\n".join(
         f"| {labels[name]} | {n['images']} | {n['accuracy']:.1%} | {n['accuracy_lenient']:.1%} "
         f"| {n['color_accuracy']:.1%} | {n['shape_accuracy']:.1%} | {n['shape_accuracy_lenient']:.1%} "
