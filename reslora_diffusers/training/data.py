@@ -235,6 +235,12 @@ def metadata_records(metadata: Path) -> Iterator[tuple[int, object]]:
             raise ValueError(f"--train_data_dir: {metadata} row {number} is not JSON ({err})") from err
 
 
+def leaves_folder(file_name: str) -> bool:
+    """Whether a metadata row's relative ``file_name`` points outside its folder (absolute, or
+    through ``..``)."""
+    return Path(file_name).is_absolute() or ".." in Path(file_name).parts
+
+
 def _check_metadata_rows(data_dir: Path, images: list[Path]) -> None:
     """Name what ``imagefolder`` fails on with a generic error or passes over in silence: a
     ``metadata.jsonl`` that is not UTF-8, a row that is not JSON, a ``file_name`` that leaves the
@@ -247,7 +253,7 @@ def _check_metadata_rows(data_dir: Path, images: list[Path]) -> None:
     listed = set()
     for number, row in metadata_records(metadata):
         name = row.get("file_name") if isinstance(row, dict) else None
-        if isinstance(name, str) and (Path(name).is_absolute() or ".." in Path(name).parts):
+        if isinstance(name, str) and leaves_folder(name):
             raise ValueError(
                 f"--train_data_dir: {metadata} row {number}: file_name {name!r} points outside {data_dir}"
             )

@@ -41,6 +41,7 @@ from .data import (
     TextImageDataset,
     check_caption_extension,
     crop_pixels,
+    leaves_folder,
     load_image,
     metadata_records,
     nearest_bucket,
@@ -187,7 +188,7 @@ def _metadata_rows(data_dir: Path, column: str) -> list[tuple[str | None, str, s
     rows = []
     for number, row in metadata_records(metadata):
         name = row.get("file_name") if isinstance(row, dict) else None
-        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        if not isinstance(name, str) or leaves_folder(name):
             raise ValueError(
                 f"--train_data_dir: {metadata} row {number}: file_name {name!r} must name a clip or frame "
                 f"folder inside {data_dir}"
