@@ -16,6 +16,15 @@ rank-``teacher_rank`` change ``dW = B A`` in every projection of every block (``
 rank-``--rank`` adapter on the same six projections of every block, so the best loss is 0 (at
 the teacher). Inputs are Gaussian token sequences.
 
+**Library models** (the depth users fine-tune, 24 blocks by default): ``llama``, transformers'
+``LlamaModel`` (RMSNorm, causal rotary attention, SwiGLU MLP; residual blocks) fed Gaussian
+embeddings, adapted on ``q/k/v/o_proj`` and ``gate/up/down_proj``; ``sd3``, diffusers'
+``SD3Transformer2DModel`` (joint image-text blocks with adaLN modulation; residual) fed Gaussian
+latents (4 x 8 x 8), text states, pooled text and a timestep, adapted on the joint attention and both
+feed-forward streams (this project's DiT targets). Their linear layers are drawn ``N(0, 1/fan_in)``
+as above, and teacher and students are built the same way. They run PEFT LoRA, the default
+``ms``-cosine and the configurations that gained on the ``plain`` stacks (``ms``, ``bs``).
+
 A seed draws the base network, the teacher's changes, the training and held-out inputs and the
 order of the training batches; every method of a seed sees the same (runs of one seed are
 paired), and each method's adapters are initialised from ``torch.manual_seed(seed)``.
@@ -63,6 +72,7 @@ import functools
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -87,15 +97,32 @@ from reslora_diffusers import (  # noqa: E402
     trainable_parameters,
 )
 from reslora_diffusers.core.schedule import shortcut_scale_at  # noqa: E402
+from reslora_diffusers.frontends.dit import DIT_ATTENTION_TARGETS, DIT_FEEDFORWARD_TARGETS  # noqa: E402
+from reslora_diffusers.frontends.transformers_lm import PRESETS  # noqa: E402
 from reslora_diffusers.merge import eval_mode, merged_view, relative_error  # noqa: E402
 from reslora_diffusers.utils.io import atomic_path  # noqa: E402
 
 logger = logging.getLogger("depth_study")
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 HEAD_DIM = 16
-ARCHS = ("residual", "plain")
+#: the synthetic stacks of :class:`DeepNet`
+STACKS = ("residual", "plain")
+#: real blocks from the libraries users fine-tune: :class:`LlamaNet`, :class:`SD3Net`
+LIBRARY_ARCHS = ("llama", "sd3")
+ARCHS = STACKS + LIBRARY_ARCHS
 DEPTHS = (2, 4, 8, 16, 32, 64)
+#: the depths an architecture runs unless ``--depths`` says otherwise: the library models at the
+#: depth of the models users train (24 layers: a 1B-class LM; SD3-medium's DiT)
+DEFAULT_DEPTHS = {**dict.fromkeys(STACKS, DEPTHS), **dict.fromkeys(LIBRARY_ARCHS, (24,))}
+#: the adapted projections per architecture: every projection of every block (the library models:
+#: the targets this project's front ends default to for them, feed-forward layers included)
+TARGETS = {
+    **dict.fromkeys(STACKS, ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")),
+    "llama": PRESETS["llama"],
+    "sd3": DIT_ATTENTION_TARGETS + DIT_FEEDFORWARD_TARGETS,
+}
+#: the SD3 DiT's latent side (4 channels, patches of 2: 16 image tokens beside ``--tokens`` text tokens)
+SD3_LATENT = 8
 WIDTHS = (64, 128)
 #: the cells run first (after their tuning), as (arch, width, depth)
 PRIORITY = tuple(("residual", 64, d) for d in (4, 16, 64))
@@ -116,6 +143,10 @@ for _type, _pre in (("is", 1), ("bs", 1), ("bs", 3), ("ms", 1), ("ms", 3)):
     for _schedule in ("constant", "cosine"):
         _name = _type + ("-m3" if _pre == 3 else "") + ("-cosine" if _schedule == "cosine" else "")
         METHODS[_name] = Method(_type, _pre, _schedule)
+#: what the library models run unless ``--methods`` says otherwise: PEFT LoRA, the default
+#: (``ms``-cosine), and what gained on the plain stacks (``ms``: fewest steps at depth 8; ``bs``:
+#: lowest final loss at depth 16, exported exactly)
+LIBRARY_METHODS = (BASELINE, "ms", "ms-cosine", "bs")
 #: what each result file records of the study's settings; a file must match them to be used
 SETTINGS = ("steps", "batch_size", "tokens", "train_size", "eval_size", "evals", "rank", "teacher_rank")
 SETTINGS += ("teacher_scale",)
@@ -171,10 +202,10 @@ class Block(nn.Module):
 
 
 class DeepNet(nn.Module):
+    """``depth`` :class:`Block` s and a final LayerNorm: ``residual`` or ``plain`` (:data:`STACKS`)."""
+
     def __init__(self, cell: Cell) -> None:
         super().__init__()
-        if cell.arch not in ARCHS:
-            raise ValueError(f"architecture {cell.arch!r} is unknown; allowed: {' | '.join(ARCHS)}")
         self.blocks = nn.ModuleList(Block(cell.width, cell.arch == "residual") for _ in range(cell.depth))
         self.ln_f = nn.LayerNorm(cell.width)
 
@@ -184,18 +215,104 @@ class DeepNet(nn.Module):
         return self.ln_f(x)
 
 
-def target_layers(model: nn.Module) -> Iterator[nn.Linear]:
-    """The adapted projections of every block, in module order."""
+class LlamaNet(nn.Module):
+    """transformers' ``LlamaModel`` (pre-norm residual blocks: RMSNorm, causal rotary attention,
+    SwiGLU MLP ``4 x width`` wide; a final RMSNorm), fed Gaussian embeddings; its hidden states out."""
+
+    def __init__(self, cell: Cell) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaModel
+
+        heads = cell.width // HEAD_DIM
+        config = LlamaConfig(
+            vocab_size=8,  # the embedding table is not used: inputs are embeddings
+            hidden_size=cell.width,
+            intermediate_size=4 * cell.width,
+            num_hidden_layers=cell.depth,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=64,
+        )
+        self.model = LlamaModel(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs_embeds=x).last_hidden_state
+
+
+class SD3Net(nn.Module):
+    """diffusers' ``SD3Transformer2DModel`` (MMDiT joint blocks with adaLN modulation from the
+    timestep and pooled text; residual) at width ``width``; its velocity prediction out."""
+
+    def __init__(self, cell: Cell) -> None:
+        super().__init__()
+        from diffusers import SD3Transformer2DModel
+
+        self.model = SD3Transformer2DModel(
+            sample_size=SD3_LATENT,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=cell.depth,
+            attention_head_dim=HEAD_DIM,
+            num_attention_heads=cell.width // HEAD_DIM,
+            joint_attention_dim=cell.width,
+            caption_projection_dim=cell.width,
+            pooled_projection_dim=cell.width,
+            pos_embed_max_size=SD3_LATENT,
+        )
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep) -> torch.Tensor:
+        return self.model(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+
+def build_network(cell: Cell) -> nn.Module:
+    """The frozen network of ``cell``; its ``forward`` takes the keys of :func:`make_inputs`."""
+    if cell.arch in STACKS:
+        return DeepNet(cell)
+    if cell.arch == "llama":
+        return LlamaNet(cell)
+    if cell.arch == "sd3":
+        return SD3Net(cell)
+    raise ValueError(f"architecture {cell.arch!r} is unknown; allowed: {' | '.join(ARCHS)}")
+
+
+def make_inputs(cell: Cell, n: int, tokens: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """``n`` Gaussian inputs of ``cell``'s network (the SD3 DiT: latents, text states, pooled text
+    and a timestep uniform in [0, 1000))."""
+    if cell.arch != "sd3":
+        return {"x": torch.randn(n, tokens, cell.width, generator=gen)}
+    return {
+        "hidden_states": torch.randn(n, 4, SD3_LATENT, SD3_LATENT, generator=gen),
+        "encoder_hidden_states": torch.randn(n, tokens, cell.width, generator=gen),
+        "pooled_projections": torch.randn(n, cell.width, generator=gen),
+        "timestep": 1000 * torch.rand(n, generator=gen),
+    }
+
+
+def take(inputs: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
+    """The samples ``index`` (an index tensor or a slice) of every input."""
+    return {k: v[index] for k, v in inputs.items()}
+
+
+def target_layers(model: nn.Module, arch: str) -> Iterator[nn.Linear]:
+    """The adapted projections (:data:`TARGETS` of ``arch``) of every block, in module order."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in TARGETS[arch]):
             yield module
 
 
 class Task(NamedTuple):
-    base: DeepNet
-    train_x: torch.Tensor
+    base: nn.Module
+    targets: tuple[str, ...]
+    train_x: dict[str, torch.Tensor]  # the network's inputs by name (:func:`make_inputs`)
     train_y: torch.Tensor
-    eval_x: torch.Tensor
+    eval_x: dict[str, torch.Tensor]
     eval_y: torch.Tensor
     #: ``||base(x) - teacher(x)||^2`` on the held-out inputs: the loss's unit
     eval_norm: float
@@ -208,28 +325,29 @@ def make_task(cell: Cell, seed: int, settings: tuple) -> Task:
     order of ``seed`` (``settings``: :data:`SETTINGS` values, in order)."""
     s = dict(zip(SETTINGS, settings))
     gen = torch.Generator().manual_seed(seed)
-    base = DeepNet(cell).requires_grad_(False)
+    base = build_network(cell).requires_grad_(False)
     with torch.no_grad():
         for module in base.modules():
             if isinstance(module, nn.Linear):
                 module.weight.copy_(
                     torch.randn(module.weight.shape, generator=gen) / math.sqrt(module.in_features)
                 )
-                module.bias.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
         teacher = copy.deepcopy(base)
         r = s["teacher_rank"]
-        for layer in target_layers(teacher):
+        for layer in target_layers(teacher, cell.arch):
             a = torch.randn(r, layer.in_features, generator=gen) / math.sqrt(layer.in_features)
             b = torch.randn(layer.out_features, r, generator=gen) * (s["teacher_scale"] / math.sqrt(r))
             layer.weight.add_(b @ a)
-        train_x = torch.randn(s["train_size"], s["tokens"], cell.width, generator=gen)
-        eval_x = torch.randn(s["eval_size"], s["tokens"], cell.width, generator=gen)
-        train_y, eval_y = teacher(train_x), teacher(eval_x)
-        eval_norm = float((base(eval_x) - eval_y).square().sum())
+        train_x = make_inputs(cell, s["train_size"], s["tokens"], gen)
+        eval_x = make_inputs(cell, s["eval_size"], s["tokens"], gen)
+        train_y, eval_y = teacher(**train_x), teacher(**eval_x)
+        eval_norm = float((base(**eval_x) - eval_y).square().sum())
     epochs = -(-s["steps"] * s["batch_size"] // s["train_size"])
     order = torch.cat([torch.randperm(s["train_size"], generator=gen) for _ in range(epochs)])
     order = order[: s["steps"] * s["batch_size"]].view(s["steps"], s["batch_size"])
-    return Task(base, train_x, train_y, eval_x, eval_y, eval_norm, order)
+    return Task(base, TARGETS[cell.arch], train_x, train_y, eval_x, eval_y, eval_norm, order)
 
 
 def student(task: Task, method: Method, rank: int, seed: int) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -239,10 +357,10 @@ def student(task: Task, method: Method, rank: int, seed: int) -> tuple[nn.Module
     if method.res_type is None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS)), model)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(task.targets)), model)
         return model, [p for p in model.parameters() if p.requires_grad]
     config = ResLoRAConfig(
-        rank=rank, res_type=method.res_type, pre_num=method.pre_num, target_modules=list(TARGETS)
+        rank=rank, res_type=method.res_type, pre_num=method.pre_num, target_modules=list(task.targets)
     )
     add_reslora(model, config)
     return model, trainable_parameters(model)
@@ -251,13 +369,15 @@ def student(task: Task, method: Method, rank: int, seed: int) -> tuple[nn.Module
 def held_out_loss(model: nn.Module, task: Task) -> float:
     """``||model(x) - teacher(x)||^2 / ||base(x) - teacher(x)||^2`` on the held-out inputs (eval mode)."""
     with eval_mode(model):
-        return float((model(task.eval_x) - task.eval_y).square().sum()) / task.eval_norm
+        return float((model(**task.eval_x) - task.eval_y).square().sum()) / task.eval_norm
 
 
 def exported_loss(model: nn.Module, task: Task, batch_size: int) -> tuple[float, dict]:
     """The held-out loss of the plain LoRA that ``merge_to_lora`` (calibrated merge on the first
     :data:`CALIBRATION_BATCHES` training batches) exports from ``model``, and that LoRA."""
-    calibration = list(task.train_x[: CALIBRATION_BATCHES * batch_size].split(batch_size))
+    calibration = [
+        take(task.train_x, slice(i * batch_size, (i + 1) * batch_size)) for i in range(CALIBRATION_BATCHES)
+    ]
     merged = merge_to_lora(model, "calibrated", calibration=calibration)
     with merged_view(model, merged):
         return held_out_loss(model, task), merged
@@ -314,7 +434,7 @@ def train_run(
         if method.res_type is not None and method.schedule != "constant":
             set_shortcut_scale(model, shortcut_scale_at(step + 1, args.steps, method.schedule))
         batch = task.order[step]
-        loss = F.mse_loss(model(task.train_x[batch]), task.train_y[batch])
+        loss = F.mse_loss(model(**take(task.train_x, batch)), task.train_y[batch])
         if not torch.isfinite(loss):
             diverged = True
             continue
@@ -371,7 +491,7 @@ def finished(path: Path, args: argparse.Namespace) -> dict | None:
 def cells_in_order(args: argparse.Namespace) -> tuple[list[Cell], list[Cell]]:
     """``(priority, rest)``: the cells of ``--archs x --widths x --depths``, the :data:`PRIORITY`
     ones first, the rest by width, architecture and depth."""
-    cells = [Cell(a, w, d) for w in args.widths for a in args.archs for d in args.depths]
+    cells = [Cell(a, w, d) for w in args.widths for a in args.archs for d in args.depths or DEFAULT_DEPTHS[a]]
     priority = [c for c in map(Cell._make, PRIORITY) if c in cells]
     return priority, [c for c in cells if c not in priority]
 
@@ -410,9 +530,14 @@ def tuning(cell: Cell, method: str, args: argparse.Namespace) -> Tuning:
             return Tuning(best, None, best in (rates[0], rates[-1]))
 
 
+def methods_of(cell: Cell, args: argparse.Namespace) -> list[str]:
+    """The methods run in ``cell``: ``--methods``, else all (stacks) or :data:`LIBRARY_METHODS`."""
+    return args.methods or list(METHODS if cell.arch in STACKS else LIBRARY_METHODS)
+
+
 def best_lrs(cell: Cell, args: argparse.Namespace) -> dict[str, float] | None:
     """Per method, its :func:`tuning` rate; None until every method's tuning is finished."""
-    chosen = {method: tuning(cell, method, args).best for method in args.methods}
+    chosen = {method: tuning(cell, method, args).best for method in methods_of(cell, args)}
     return None if None in chosen.values() else chosen
 
 
@@ -424,10 +549,10 @@ def planned_runs(args: argparse.Namespace) -> Iterator[tuple[Cell, str, str, flo
 
     def tune(cell):
         for seed in args.tune_seeds:  # seed by seed: one task per seed
-            for method in args.methods:
+            for method in methods_of(cell, args):
                 for lr in args.lrs:
                     yield cell, "tune", method, lr, seed
-        for method in args.methods:
+        for method in methods_of(cell, args):
             while (lr := tuning(cell, method, args).next) is not None:
                 for seed in args.tune_seeds:
                     yield cell, "tune", method, lr, seed
@@ -437,7 +562,7 @@ def planned_runs(args: argparse.Namespace) -> Iterator[tuple[Cell, str, str, flo
         if lrs is None:
             return
         for seed in args.seeds:
-            for method in args.methods:
+            for method in methods_of(cell, args):
                 yield cell, "eval", method, lrs[method], seed
 
     priority, rest = cells_in_order(args)
@@ -551,7 +676,7 @@ def cell_table(cell: Cell, args: argparse.Namespace) -> dict | None:
     if lrs is None:
         return None
     runs = {}
-    for method in args.methods:
+    for method in methods_of(cell, args):
         by_seed = {}
         for seed in args.seeds:
             run = finished(run_path(args.results_dir, cell, "eval", method, lrs[method], seed), args)
@@ -622,22 +747,34 @@ def _fmt(value: tuple[float, float, float] | None) -> str:
 # tables and plot
 
 
+def cells_begun(results_dir: Path) -> list[Cell]:
+    """Every cell with a folder of runs in ``results_dir``, by :data:`ARCHS` order, width and depth:
+    the report covers them all, whichever ``--archs``/``--widths``/``--depths`` ran this time."""
+    cells = []
+    for path in results_dir.iterdir() if results_dir.is_dir() else ():
+        match = re.fullmatch(r"([a-z0-9]+)-w(\d+)-d(\d+)", path.name)
+        if match and match[1] in ARCHS and path.is_dir():
+            cells.append(Cell(match[1], int(match[2]), int(match[3])))
+    return sorted(cells, key=lambda c: (ARCHS.index(c.arch), c.width, c.depth))
+
+
 def status_lines(args: argparse.Namespace) -> list[str]:
-    """Per cell of the study: tuning runs finished (and whether the tuning is), evaluation runs
-    finished out of planned."""
+    """Per cell begun or planned by this command: tuning runs finished (and whether the tuning
+    is), evaluation runs finished out of planned."""
     lines = []
     priority, rest = cells_in_order(args)
-    for cell in priority + rest:
+    begun = cells_begun(args.results_dir)
+    for cell in begun + [c for c in priority + rest if c not in begun]:
         tuned = len(list((args.results_dir / cell.name / "tune").glob("*.json")))
         lrs = best_lrs(cell, args)
         evaluated = 0
         if lrs is not None:
             evaluated = sum(
                 run_path(args.results_dir, cell, "eval", m, lrs[m], s).is_file()
-                for m in args.methods
+                for m in methods_of(cell, args)
                 for s in args.seeds
             )
-        total = len(args.methods) * len(args.seeds)
+        total = len(methods_of(cell, args)) * len(args.seeds)
         lines.append(f"| {cell.name} | {tuned} ({'done' if lrs else 'not done'}) | {evaluated}/{total} |")
     return ["| cell | tuning runs | evaluation runs |", "|---|---|---|", *lines]
 
@@ -672,8 +809,8 @@ def markdown(tables: dict[Cell, dict], args: argparse.Namespace) -> str:
     ]
     body = []
     for kind in ("trained", "exported"):
-        for arch in args.archs:
-            for width in args.widths:
+        for arch in ARCHS:
+            for width in sorted({c.width for c in tables}):
                 cells = [c for c in tables if c.arch == arch and c.width == width]
                 if not cells:
                     continue
@@ -714,7 +851,7 @@ def _marked(value, seeds: int) -> str:
 
 
 def plot(tables: dict[Cell, dict], args: argparse.Namespace, width: int, path: Path) -> None:
-    """Rows: architecture x (steps ratio, final-loss ratio); columns: shortcut type; one line per
+    """Rows: stack architecture x (steps ratio, final-loss ratio); columns: shortcut type; one line per
     variant (solid: trained, dashed: exported), median with its 95 % interval against depth."""
     import matplotlib
 
@@ -722,10 +859,11 @@ def plot(tables: dict[Cell, dict], args: argparse.Namespace, width: int, path: P
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, NullLocator
 
+    methods = args.methods or list(METHODS)
     types = sorted(
-        {METHODS[m].res_type for m in args.methods if METHODS[m].res_type}, key=["is", "bs", "ms"].index
+        {METHODS[m].res_type for m in methods if METHODS[m].res_type}, key=["is", "bs", "ms"].index
     )
-    archs = [a for a in args.archs if any(c.arch == a and c.width == width for c in tables)]
+    archs = [a for a in STACKS if any(c.arch == a and c.width == width for c in tables)]
     rows = [(a, m) for a in archs for m in ("steps", 1.0)]
     fig, axes = plt.subplots(
         len(rows), len(types), figsize=(4.2 * len(types), 3.2 * len(rows)), squeeze=False
@@ -733,7 +871,7 @@ def plot(tables: dict[Cell, dict], args: argparse.Namespace, width: int, path: P
     for (arch, measure), ax_row in zip(rows, axes):
         cells = sorted((c for c in tables if c.arch == arch and c.width == width), key=lambda c: c.depth)
         for res_type, ax in zip(types, ax_row):
-            for i, method in enumerate(m for m in args.methods if METHODS[m].res_type == res_type):
+            for i, method in enumerate(m for m in methods if METHODS[m].res_type == res_type):
                 for kind, style in (("trained", "-"), ("exported", "--")):
                     points = [(c.depth, tables[c]["rows"][method][kind][str(measure)]) for c in cells]
                     points = [(d, v) for d, v in points if v is not None]
@@ -779,14 +917,13 @@ def plot(tables: dict[Cell, dict], args: argparse.Namespace, width: int, path: P
 
 def report(args: argparse.Namespace) -> str:
     """Write ``depth_study.md``, ``depth_study.json`` and one plot per width of the finished runs."""
-    priority, rest = cells_in_order(args)
-    tables = {c: t for c in priority + rest if (t := cell_table(c, args)) is not None}
+    tables = {c: t for c in cells_begun(args.results_dir) if (t := cell_table(c, args)) is not None}
     text = markdown(tables, args)
     with atomic_path(args.results_dir / "depth_study.md") as tmp:
         tmp.write_text(text)
     with atomic_path(args.results_dir / "depth_study.json") as tmp:
         tmp.write_text(json.dumps({c.name: t for c, t in tables.items()}, indent=1))
-    for width in args.widths:
+    for width in sorted({c.width for c in tables if c.arch in STACKS}):
         if any(c.width == width and t["rows"][BASELINE]["seeds"] for c, t in tables.items()):
             plot(tables, args, width, args.results_dir / f"depth_study_w{width}.png")
     return text
@@ -799,8 +936,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS))
-    p.add_argument("--depths", nargs="+", type=int, default=list(DEPTHS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument(
+        "--depths", nargs="+", type=int, help="default: 2-64 for the stacks, 24 for the library models"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        help="default: all for the stacks, " + " ".join(LIBRARY_METHODS) + " for the library models",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=list(range(10)), help="evaluation seeds")
     p.add_argument(
         "--tune_seeds", nargs="+", type=int, default=[1000, 1001], help="learning-rate tuning seeds"
@@ -825,7 +969,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_minutes", type=float, default=None, help="start no run after this many minutes")
     p.add_argument("--report_only", action="store_true", help="run nothing: report the finished runs")
     args = p.parse_args(argv)
-    if BASELINE not in args.methods:
+    if args.methods and BASELINE not in args.methods:
         p.error(f"--methods must include the baseline {BASELINE}")
     if args.evals % 4 or not 0 < args.evals <= args.steps or args.steps % args.evals:
         p.error(f"--evals {args.evals} must be a multiple of 4 that divides --steps {args.steps}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -610,8 +611,9 @@ _DEPTH_ARGV = ["--widths", "16", "--depths", "2", "--steps", "4", "--evals", "4"
 _DEPTH_ARGV += ["--tokens", "4", "--train_size", "32", "--eval_size", "8"]
 
 
-def test_depth_study_runs_both_architectures_writes_one_file_per_run_and_resumes(tmp_path, capsys):
-    argv = [*_DEPTH_ARGV, "--results_dir", str(tmp_path), "--methods", "peft-lora", "is", "ms-m3-cosine"]
+def test_depth_study_runs_both_stacks_writes_one_file_per_run_and_resumes(tmp_path, capsys):
+    argv = [*_DEPTH_ARGV, "--results_dir", str(tmp_path), "--archs", "residual", "plain"]
+    argv += ["--methods", "peft-lora", "is", "ms-m3-cosine"]
     argv += ["--seeds", "0", "1", "--tune_seeds", "7", "--lrs", "1e-3", "1e-2", "--lr_extensions", "0"]
     depth_study.main(argv)
     tune = sorted(tmp_path.glob("*/tune/*.json"))
@@ -641,6 +643,76 @@ def test_depth_study_runs_both_architectures_writes_one_file_per_run_and_resumes
         SystemExit, match=r"seed7\.json: made with other settings \(steps 4; this study: steps 8\)"
     ):
         depth_study.main([*argv, "--steps", "8", "--report_only"])
+
+
+@pytest.mark.parametrize(
+    "arch, per_block, last_block",
+    [
+        ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None),
+        # SD3's last joint block updates the image stream only: no context output or feed-forward
+        (
+            "sd3",
+            ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+            + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+            [
+                "to_q",
+                "to_k",
+                "to_v",
+                "to_out.0",
+                "add_q_proj",
+                "add_k_proj",
+                "add_v_proj",
+                "ff.net.0.proj",
+                "ff.net.2",
+            ],
+        ),
+    ],
+)
+def test_depth_study_library_models_adapt_every_block_and_start_at_the_base(
+    tmp_path, arch, per_block, last_block
+):
+    argv = [
+        *_DEPTH_ARGV,
+        "--results_dir",
+        str(tmp_path),
+        "--archs",
+        arch,
+        "--seeds",
+        "0",
+        "--tune_seeds",
+        "7",
+    ]
+    argv += ["--lrs", "1e-3", "--lr_extensions", "0"]
+    args = depth_study.parse_args(argv)
+    cell = depth_study.Cell(arch, 16, 2)
+    task = depth_study.make_task(cell, 0, depth_study.settings_of(args))
+    # the teacher changes, and each student adapts, every targeted projection of both blocks
+    blocks = "layers" if arch == "llama" else "transformer_blocks"
+    expected = {(0, t) for t in per_block} | {(1, t) for t in last_block or per_block}
+    names = {m: n for n, m in task.base.named_modules()}
+    found = set()
+    for layer in depth_study.target_layers(task.base, arch):
+        name = names[layer]
+        index = int(re.search(rf"{blocks}\.(\d+)\.", name)[1])
+        found |= {(index, t) for t in per_block if name.endswith("." + t)}
+    assert found == expected and len(list(depth_study.target_layers(task.base, arch))) == len(expected)
+    for method in ("peft-lora", "ms"):
+        model, params = depth_study.student(task, depth_study.METHODS[method], 4, 0)
+        assert len(params) == 2 * len(expected)  # one A and one B per projection
+    depth_study.main(argv)
+    # the library models run PEFT LoRA, the default and the stacks' best unless told otherwise
+    assert sorted(p.name for p in tmp_path.glob(f"{cell.name}/eval/*.json")) == sorted(
+        f"{m}-lr0.001-seed0.json" for m in ("peft-lora", "ms", "ms-cosine", "bs")
+    )
+    for path in tmp_path.glob(f"{cell.name}/eval/*.json"):
+        run = json.loads(path.read_text())
+        # B = 0 at step 0: the student is the base, whose distance to the teacher is the unit
+        assert run["trained"][0] == pytest.approx(1.0) and run["exported"][0] == pytest.approx(1.0)
+        assert run["trained"][-1] != run["trained"][0]  # it trained
+        if run["method"] == "ms-cosine":  # shortcut scale 0 at the last step: an exact export
+            assert run["exported"][-1] == pytest.approx(run["trained"][-1], rel=1e-3)
+    text = (tmp_path / "depth_study.md").read_text()
+    assert f"## {arch}, width 16, trained" in text and f"| {cell.name} | 4 (done) | 4/4 |" in text
 
 
 def test_depth_study_steps_to_reach_interpolates_in_log_loss():
