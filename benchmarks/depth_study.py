@@ -111,9 +111,13 @@ STACKS = ("residual", "plain")
 LIBRARY_ARCHS = ("llama", "sd3")
 ARCHS = STACKS + LIBRARY_ARCHS
 DEPTHS = (2, 4, 8, 16, 32, 64)
+WIDTHS = (64, 128)
 #: the depths an architecture runs unless ``--depths`` says otherwise: the library models at the
 #: depth of the models users train (24 layers: a 1B-class LM; SD3-medium's DiT)
 DEFAULT_DEPTHS = {**dict.fromkeys(STACKS, DEPTHS), **dict.fromkeys(LIBRARY_ARCHS, (24,))}
+#: the widths likewise (the library models at the stacks' narrower width, where their runs took
+#: 20-40 s of one thread at depth 24)
+DEFAULT_WIDTHS = {**dict.fromkeys(STACKS, WIDTHS), **dict.fromkeys(LIBRARY_ARCHS, (64,))}
 #: the adapted projections per architecture: every projection of every block (the library models:
 #: the targets this project's front ends default to for them, feed-forward layers included)
 TARGETS = {
@@ -123,7 +127,6 @@ TARGETS = {
 }
 #: the SD3 DiT's latent side (4 channels, patches of 2: 16 image tokens beside ``--tokens`` text tokens)
 SD3_LATENT = 8
-WIDTHS = (64, 128)
 #: the cells run first (after their tuning), as (arch, width, depth)
 PRIORITY = tuple(("residual", 64, d) for d in (4, 16, 64))
 #: the fractions of the step budget at which losses are compared
@@ -491,7 +494,13 @@ def finished(path: Path, args: argparse.Namespace) -> dict | None:
 def cells_in_order(args: argparse.Namespace) -> tuple[list[Cell], list[Cell]]:
     """``(priority, rest)``: the cells of ``--archs x --widths x --depths``, the :data:`PRIORITY`
     ones first, the rest by width, architecture and depth."""
-    cells = [Cell(a, w, d) for w in args.widths for a in args.archs for d in args.depths or DEFAULT_DEPTHS[a]]
+    cells = [
+        Cell(a, w, d)
+        for w in sorted(set(args.widths or WIDTHS))
+        for a in args.archs
+        if w in (args.widths or DEFAULT_WIDTHS[a])
+        for d in args.depths or DEFAULT_DEPTHS[a]
+    ]
     priority = [c for c in map(Cell._make, PRIORITY) if c in cells]
     return priority, [c for c in cells if c not in priority]
 
@@ -935,7 +944,9 @@ def report(args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
-    p.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS))
+    p.add_argument(
+        "--widths", nargs="+", type=int, help="default: 64 and 128 for the stacks, 64 for the library models"
+    )
     p.add_argument(
         "--depths", nargs="+", type=int, help="default: 2-64 for the stacks, 24 for the library models"
     )
@@ -973,7 +984,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--methods must include the baseline {BASELINE}")
     if args.evals % 4 or not 0 < args.evals <= args.steps or args.steps % args.evals:
         p.error(f"--evals {args.evals} must be a multiple of 4 that divides --steps {args.steps}")
-    if min(args.widths) < HEAD_DIM or any(w % HEAD_DIM for w in args.widths):
+    if args.widths and (min(args.widths) < HEAD_DIM or any(w % HEAD_DIM for w in args.widths)):
         p.error(f"--widths must be multiples of {HEAD_DIM} (the head size)")
     if args.lr_extensions < 0:
         p.error("--lr_extensions must be >= 0")
