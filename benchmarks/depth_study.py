@@ -113,7 +113,7 @@ ARCHS = STACKS + LIBRARY_ARCHS
 DEPTHS = (2, 4, 8, 16, 32, 64)
 WIDTHS = (64, 128)
 #: the depths an architecture runs unless ``--depths`` says otherwise: the library models at the
-#: depth of the models users train (24 layers: a 1B-class LM; SD3-medium's DiT)
+#: depth of the models users train (24 blocks: Qwen2.5-0.5B's layers; SD3-medium's DiT)
 DEFAULT_DEPTHS = {**dict.fromkeys(STACKS, DEPTHS), **dict.fromkeys(LIBRARY_ARCHS, (24,))}
 #: the widths likewise (the library models at the stacks' narrower width, where their runs took
 #: 20-40 s of one thread at depth 24)
