@@ -1,5 +1,8 @@
 """The committed tiny base pipeline: what it is made of, that it loads, and what it draws."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -80,18 +83,14 @@ def test_base_draws_heldout_pairs_but_not_the_new_concept(pipe):
 def test_kept_candidate_base_is_a_complete_pipeline_whose_vae_continues_the_denoiser_stage():
     """``scripts/pretrain_state/``: the candidate base on the longer-trained VAE (kept between
     machines) loads as the shipped base's architecture, and its ``vae/`` is a VAE stage's output."""
-    import json
-    from pathlib import Path
-
     folder = (
         Path(__file__).resolve().parent.parent / "scripts" / "pretrain_state" / "tiny-sd-vae6000-unet4500"
     )
     candidate = StableDiffusionPipeline.from_pretrained(folder)
     assert public_config(candidate.unet.config) == public_config(build_unet().config)
     vae = build_vae(candidate.vae.config.scaling_factor)
-    vae.load_state_dict(
-        type(vae).from_pretrained(folder / "vae").state_dict()
-    )  # what the denoiser stage does
+    # what the denoiser stage does with a work dir's vae/
+    vae.load_state_dict(type(vae).from_pretrained(folder / "vae").state_dict())
     assert json.loads((folder / "vae" / "numbers.json").read_text())["vae_minutes"] > 60
     card = (folder / "README.md").read_text()
     assert "VAE 6000 steps" in card and "extended from 3000 steps" in card
