@@ -204,8 +204,15 @@ class Block(nn.Module):
         return x + m if self.residual else m
 
 
+def token_inputs(cell: Cell, n: int, tokens: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """``n`` Gaussian sequences of ``tokens`` vectors of width ``width``: a token network's inputs."""
+    return {"x": torch.randn(n, tokens, cell.width, generator=gen)}
+
+
 class DeepNet(nn.Module):
     """``depth`` :class:`Block` s and a final LayerNorm: ``residual`` or ``plain`` (:data:`STACKS`)."""
+
+    inputs = staticmethod(token_inputs)
 
     def __init__(self, cell: Cell) -> None:
         super().__init__()
@@ -221,6 +228,8 @@ class DeepNet(nn.Module):
 class LlamaNet(nn.Module):
     """transformers' ``LlamaModel`` (pre-norm residual blocks: RMSNorm, causal rotary attention,
     SwiGLU MLP ``4 x width`` wide; a final RMSNorm), fed Gaussian embeddings; its hidden states out."""
+
+    inputs = staticmethod(token_inputs)
 
     def __init__(self, cell: Cell) -> None:
         super().__init__()
@@ -273,29 +282,19 @@ class SD3Net(nn.Module):
             return_dict=False,
         )[0]
 
+    @staticmethod
+    def inputs(cell: Cell, n: int, tokens: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """``n`` Gaussian latents, text states and pooled text, and timesteps uniform in [0, 1000)."""
+        return {
+            "hidden_states": torch.randn(n, 4, SD3_LATENT, SD3_LATENT, generator=gen),
+            "encoder_hidden_states": torch.randn(n, tokens, cell.width, generator=gen),
+            "pooled_projections": torch.randn(n, cell.width, generator=gen),
+            "timestep": 1000 * torch.rand(n, generator=gen),
+        }
 
-def build_network(cell: Cell) -> nn.Module:
-    """The frozen network of ``cell``; its ``forward`` takes the keys of :func:`make_inputs`."""
-    if cell.arch in STACKS:
-        return DeepNet(cell)
-    if cell.arch == "llama":
-        return LlamaNet(cell)
-    if cell.arch == "sd3":
-        return SD3Net(cell)
-    raise ValueError(f"architecture {cell.arch!r} is unknown; allowed: {' | '.join(ARCHS)}")
 
-
-def make_inputs(cell: Cell, n: int, tokens: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """``n`` Gaussian inputs of ``cell``'s network (the SD3 DiT: latents, text states, pooled text
-    and a timestep uniform in [0, 1000))."""
-    if cell.arch != "sd3":
-        return {"x": torch.randn(n, tokens, cell.width, generator=gen)}
-    return {
-        "hidden_states": torch.randn(n, 4, SD3_LATENT, SD3_LATENT, generator=gen),
-        "encoder_hidden_states": torch.randn(n, tokens, cell.width, generator=gen),
-        "pooled_projections": torch.randn(n, cell.width, generator=gen),
-        "timestep": 1000 * torch.rand(n, generator=gen),
-    }
+#: the network class of each architecture; its ``forward`` takes the keys its ``inputs`` draws
+NETWORKS = {**dict.fromkeys(STACKS, DeepNet), "llama": LlamaNet, "sd3": SD3Net}
 
 
 def take(inputs: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
@@ -313,7 +312,7 @@ def target_layers(model: nn.Module, arch: str) -> Iterator[nn.Linear]:
 class Task(NamedTuple):
     base: nn.Module
     targets: tuple[str, ...]
-    train_x: dict[str, torch.Tensor]  # the network's inputs by name (:func:`make_inputs`)
+    train_x: dict[str, torch.Tensor]  # the network's inputs by name (its class's ``inputs``)
     train_y: torch.Tensor
     eval_x: dict[str, torch.Tensor]
     eval_y: torch.Tensor
@@ -328,7 +327,8 @@ def make_task(cell: Cell, seed: int, settings: tuple) -> Task:
     order of ``seed`` (``settings``: :data:`SETTINGS` values, in order)."""
     s = dict(zip(SETTINGS, settings))
     gen = torch.Generator().manual_seed(seed)
-    base = build_network(cell).requires_grad_(False)
+    network = NETWORKS[cell.arch]
+    base = network(cell).requires_grad_(False)
     with torch.no_grad():
         for module in base.modules():
             if isinstance(module, nn.Linear):
@@ -343,8 +343,8 @@ def make_task(cell: Cell, seed: int, settings: tuple) -> Task:
             a = torch.randn(r, layer.in_features, generator=gen) / math.sqrt(layer.in_features)
             b = torch.randn(layer.out_features, r, generator=gen) * (s["teacher_scale"] / math.sqrt(r))
             layer.weight.add_(b @ a)
-        train_x = make_inputs(cell, s["train_size"], s["tokens"], gen)
-        eval_x = make_inputs(cell, s["eval_size"], s["tokens"], gen)
+        train_x = network.inputs(cell, s["train_size"], s["tokens"], gen)
+        eval_x = network.inputs(cell, s["eval_size"], s["tokens"], gen)
         train_y, eval_y = teacher(**train_x), teacher(**eval_x)
         eval_norm = float((base(**eval_x) - eval_y).square().sum())
     epochs = -(-s["steps"] * s["batch_size"] // s["train_size"])
