@@ -328,6 +328,9 @@ def make_task(cell: Cell, seed: int, settings: tuple) -> Task:
     s = dict(zip(SETTINGS, settings))
     gen = torch.Generator().manual_seed(seed)
     network = NETWORKS[cell.arch]
+    # the parameters the loop below does not re-draw (SD3's patch-embedding convolution) come from
+    # torch's global generator, whose start differs from process to process: fix it per seed
+    torch.manual_seed(seed)
     base = network(cell).requires_grad_(False)
     with torch.no_grad():
         for module in base.modules():
