@@ -171,6 +171,30 @@ def test_a_run_kept_in_the_results_dir_counts_as_done(tmp_path):
     )
 
 
+def test_the_locon_cosine_recipe_reaches_the_training_script_and_the_users_flags_win(tmp_path):
+    script = compare.load_train_script()
+    common = ["--output_dir", str(tmp_path)]
+    plain = script.parse_args(compare.train_argv("bs", 0, compare.parse_args(common)))
+    assert plain.target_modules is None and plain.lr_scheduler == "constant"  # the script's defaults
+    args = compare.parse_args([*common, "--recipe", "locon-cosine"])
+    locon = script.parse_args(compare.train_argv("bs", 0, args))
+    expected = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    expected += ["conv1", "conv2", "conv_shortcut", "conv"]
+    assert locon.target_modules == expected and locon.lr_scheduler == "cosine"
+    assert locon.res_type == "bs" and locon.seed == 0
+    args = compare.parse_args([*common, "--recipe", "locon-cosine", "--", "--lr_scheduler", "linear"])
+    assert script.parse_args(compare.train_argv("peft-lora", 1, args)).lr_scheduler == "linear"
+
+
+def test_the_locon_cosine_recipe_refuses_a_base_without_a_unet(tmp_path, capsys):
+    for base in ("dit", str(tmp_path)):
+        with pytest.raises(SystemExit):
+            compare.parse_args(["--recipe", "locon-cosine", "--base", base])
+        assert "is not a UNet base" in capsys.readouterr().err
+    (tmp_path / "unet").mkdir()
+    assert compare.parse_args(["--recipe", "locon-cosine", "--base", str(tmp_path)]).base == str(tmp_path)
+
+
 def test_report_only_pairs_each_method_over_the_seeds_it_has_finished(tmp_path, capsys):
     def result(loss: float, open_set: float, distill: bool = False) -> dict:
         cell = {"prompt_accuracy": open_set, "prompt_accuracy_lenient": 2 * open_set}
