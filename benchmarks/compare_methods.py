@@ -55,6 +55,8 @@ from reslora_diffusers.frontends import (  # noqa: E402
 from reslora_diffusers.training.run_folder import RunFolder  # noqa: E402
 from reslora_diffusers.utils.io import atomic_path  # noqa: E402
 
+#: the default targets plus the resnet and sampler convolutions (LoCon-style)
+LOCON_TARGETS = [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS, *UNET_CONV_TARGETS]
 CONSTANT = ["--shortcut_schedule", "constant"]  # shortcuts at full scale to the end
 COSINE = ["--shortcut_schedule", "cosine"]  # shortcuts decaying to 0 over the second half
 METHODS = {
@@ -63,9 +65,7 @@ METHODS = {
     "is": ["--res_type", "is", *CONSTANT],
     "bs": ["--res_type", "bs", "--pre_num", "1", *CONSTANT],
     "ms": ["--res_type", "ms", "--pre_num", "1", *CONSTANT],
-    # the default targets plus the resnet and sampler convolutions (LoCon-style)
-    "bs+conv": ["--res_type", "bs", "--pre_num", "1", *CONSTANT, "--target_modules"]
-    + [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS, *UNET_CONV_TARGETS],
+    "bs+conv": ["--res_type", "bs", "--pre_num", "1", *CONSTANT, "--target_modules", *LOCON_TARGETS],
     # the trained model is a plain LoRA at the end: an exact export
     "is-cosine": ["--res_type", "is", *COSINE],
     "bs-cosine": ["--res_type", "bs", "--pre_num", "1", *COSINE],
@@ -82,8 +82,7 @@ RECIPES = {
     # the resnet and sampler convolutions too (LoCon-style) and a cosine decay of the learning
     # rate: on the candidate base (scripts/pretrain_state) PEFT LoRA's file reads 67 % open-set at
     # step 800 of 1600 (0 % with "script", whose constant rate falls apart there by step 1200)
-    "locon-cosine": ["--lr_scheduler", "cosine", "--target_modules"]
-    + [*UNET_TARGETS, *UNET_FEEDFORWARD_TARGETS, *UNET_CONV_TARGETS],
+    "locon-cosine": ["--lr_scheduler", "cosine", "--target_modules", *LOCON_TARGETS],
 }
 DEFAULT_METHODS = ["peft-lora", "bs", "is", "ms", "bs-cosine", "is-cosine", "ms-cosine"]
 #: runs also exported with merge="distill" (the other merges of bs and of a decayed schedule are exact)
