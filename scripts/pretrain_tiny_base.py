@@ -680,8 +680,8 @@ It is not a general text-to-image model.
 | objective | rectified flow: target `eps - x0`, logit-normal sigmas (`reslora_diffusers.objectives.flow_matching`) |
 | vocabulary | {vocab} ({concept!r} is in the vocabulary but never trained) |
 | transformer | {layers} joint blocks of width {width}, {transformer:.2f} M parameters |
-| text encoders | two CLIP encoders, {text_encoder:.2f} M + {text_encoder_2:.2f} M (the first started from `tiny-sd`'s), and a one-layer T5, {text_encoder_3:.2f} M; all three read our vocabulary, the T5 `<bos> words <eos>` padded with `<eos>` to 256 tokens |
-| VAE | `tiny-sd`'s trained VAE ({vae:.2f} M, not retrained); latents `(z - shift_factor) * scaling_factor`, shift_factor {shift_factor}, scaling_factor {scaling_factor} |
+| text encoders | two CLIP encoders, {text_encoder:.2f} M + {text_encoder_2:.2f} M (the first started from {source}'s), and a one-layer T5, {text_encoder_3:.2f} M; all three read our vocabulary, the T5 `<bos> words <eos>` padded with `<eos>` to 256 tokens |
+| VAE | {source}'s trained VAE ({vae:.2f} M, not retrained); latents `(z - shift_factor) * scaling_factor`, shift_factor {shift_factor}, scaling_factor {scaling_factor} |
 | held-out colour x shape pairs | {heldout_pairs} |
 | training | {num_images} images, seed {seed}; transformer + text encoders {transformer_steps} steps{extension}, batch {batch}, lr {transformer_lr} |
 | training time | {minutes:.0f} min on {hardware} |
@@ -716,6 +716,11 @@ def bar_verdict(accuracy: dict[str, dict]) -> str:
     return f"**Below its bar on the open-set reading**: {', '.join(misses)}."
 
 
+def init_source(args: argparse.Namespace) -> str:
+    """The sd3 card's name for ``--init-from``: `tiny-sd` for the shipped UNet base, else the folder."""
+    return "`tiny-sd`" if Path(args.init_from) == default_base_model_path() else f"`{args.init_from}`"
+
+
 def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: Path) -> None:
     base = BASES[args.family]
     labels = {name: f"{SET_TITLES[name]} (seeds 0-{len(seeds) - 1})" for name, _, seeds in eval_sets(args)}
@@ -737,6 +742,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         guidance=BASE_GUIDANCE_SCALE,
         prediction_type=pipe.scheduler.config.get("prediction_type"),
         shift=pipe.scheduler.config.get("shift"),
+        source=init_source(args),
         vocab=", ".join(VOCAB_WORDS),
         concept=FINETUNE_SHAPE,
         **millions,

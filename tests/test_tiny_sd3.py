@@ -130,6 +130,7 @@ def test_script_writes_a_pipeline_that_loads_matches_the_builders_and_draws(toy_
     card = (toy_base / "README.md").read_text()
     assert "| training | 16 images, seed 0; transformer + text encoders 4 steps, batch 4" in card
     assert "| training time | 0 min on cpu (1 threads) |" in card
+    assert "| VAE | `tiny-sd`'s trained VAE" in card  # the default --init-from, named as shipped
     assert "| held-out pairs (seeds 0-0) | 9 |" in card and "| cross (seeds 0-0) | 15 |" in card
     # both shape readings: accuracy, nearest-template accuracy, colour, shape x 2, background
     assert "| accuracy | accuracy (nearest template) |" in card
@@ -324,3 +325,11 @@ def test_the_unet_family_pretrains_through_the_librarys_denoising_loss(tmp_path)
     assert "UNet + text encoder 3 steps" in (tmp_path / "base" / "README.md").read_text()
     numbers = json.loads((tmp_path / "work" / "numbers.json").read_text())
     assert math.isfinite(numbers["unet_loss"]) and numbers["unet_loss"] > 0
+
+
+def test_the_card_names_another_init_from_folder_as_its_source(tmp_path):
+    # a base started from a candidate folder must not claim the shipped tiny-sd's VAE
+    default = pretrain.parse_args(["--family", "sd3"])
+    assert pretrain.init_source(default) == "`tiny-sd`"
+    other = pretrain.parse_args(["--family", "sd3", "--init-from", str(tmp_path)])
+    assert pretrain.init_source(other) == f"`{tmp_path}`"
