@@ -718,7 +718,7 @@ def bar_verdict(accuracy: dict[str, dict]) -> str:
 
 def init_source(args: argparse.Namespace) -> str:
     """The sd3 card's name for ``--init-from``: `tiny-sd` for the shipped UNet base, else the folder."""
-    return "`tiny-sd`" if Path(args.init_from) == default_base_model_path() else f"`{args.init_from}`"
+    return "`tiny-sd`" if args.init_from == default_base_model_path() else f"`{args.init_from}`"
 
 
 def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: Path) -> None:
