@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from reslora_diffusers.data import finetune_prompts  # noqa: E402
 from reslora_diffusers.frontends import (  # noqa: E402
+    DIT_ATTENTION_TARGETS,
+    DIT_FEEDFORWARD_TARGETS,
     UNET_CONV_TARGETS,
     UNET_FEEDFORWARD_TARGETS,
     UNET_TARGETS,
@@ -74,15 +76,30 @@ METHODS = {
     "bs-m3": ["--res_type", "bs", "--pre_num", "3", *CONSTANT],
     "ms-m3": ["--res_type", "ms", "--pre_num", "3", *CONSTANT],
 }
-#: Fine-tuning recipes for a UNet base: train_text_to_image.py flags that come after a method's
-#: own and before the user's (which win).
+
+
+class Recipe(NamedTuple):
+    """Fine-tuning flags for one kind of base: train_text_to_image.py flags that come after a
+    method's own and before the user's (which win)."""
+
+    denoiser: str | None  # the base's denoiser folder it is for ("unet", "transformer"); None: any
+    flags: list[str]
+
+
 RECIPES = {
     # the training script's defaults: attention and feed-forward projections, constant rate
-    "script": [],
+    "script": Recipe(None, []),
     # the resnet and sampler convolutions too (LoCon-style) and a cosine decay of the learning
     # rate: on the candidate base (scripts/pretrain_state) PEFT LoRA's file reads 67 % open-set at
     # step 800 of 1600 (0 % with "script", whose constant rate falls apart there by step 1200)
-    "locon-cosine": ["--lr_scheduler", "cosine", "--target_modules", *LOCON_TARGETS],
+    "locon-cosine": Recipe("unet", ["--lr_scheduler", "cosine", "--target_modules", *LOCON_TARGETS]),
+    # both streams' attention and feed-forward layers and a cosine decay: on the DiT base retrained
+    # on the sharper VAE PEFT LoRA's file reads 50 % open-set at step 2000 on one seed (13 % with the script's
+    # image-stream targets and constant rate; benchmarks/results/dit_recipe_probes)
+    "dit-ff-cosine": Recipe(
+        "transformer",
+        ["--lr_scheduler", "cosine", "--target_modules", *DIT_ATTENTION_TARGETS, *DIT_FEEDFORWARD_TARGETS],
+    ),
 }
 DEFAULT_METHODS = ["peft-lora", "bs", "is", "ms", "bs-cosine", "is-cosine", "ms-cosine"]
 #: runs also exported with merge="distill" (the other merges of bs and of a decayed schedule are exact)
@@ -123,8 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--recipe",
         choices=list(RECIPES),
         default="script",
-        help="script: the training script's defaults; locon-cosine: + the UNet's convolutions and a "
-        "cosine learning-rate decay (UNet bases only)",
+        help="script: the training script's defaults; locon-cosine (UNet bases): + the UNet's "
+        "convolutions and a cosine learning-rate decay; dit-ff-cosine (DiT bases): both streams' "
+        "attention and feed-forward layers and a cosine learning-rate decay",
     )
     p.add_argument(
         "--report_only",
@@ -134,8 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("train_args", nargs="*", help="more flags for train_text_to_image.py, after --")
     args = p.parse_args(argv)
-    if RECIPES[args.recipe] and not is_unet_base(args.base):
-        p.error(f"--recipe {args.recipe} trains UNet convolutions; --base {args.base} is not a UNet base")
+    wanted, found = RECIPES[args.recipe].denoiser, base_denoiser(args.base)
+    if wanted not in (None, found):
+        p.error(f"--recipe {args.recipe} is for a base with a {wanted}; --base {args.base} has a {found}")
     if not 0 < args.compare_step < args.max_train_steps or args.compare_step % args.validation_steps:
         p.error(
             f"--compare_step {args.compare_step} must be below --max_train_steps and a multiple of "
@@ -203,7 +222,7 @@ def train_argv(method: str, seed: int, args: argparse.Namespace) -> list[str]:
     # the checkpoint at --compare_step is what is exported there
     argv += ["--checkpointing_steps", str(args.compare_step)]
     argv += ["--overwrite_output_dir"]  # a run folder without result.json is an interrupted run: redo it
-    return argv + base_args(args.base) + RECIPES[args.recipe] + args.train_args
+    return argv + base_args(args.base) + RECIPES[args.recipe].flags + args.train_args
 
 
 def measure_run(
@@ -374,9 +393,13 @@ def base_args(base: str) -> list[str]:
     return ["--pretrained_model_name_or_path", str(default_dit_base_path() if base == "dit" else base)]
 
 
-def is_unet_base(base: str) -> bool:
-    """Whether ``--base`` is a UNet pipeline: the embedded one, or a folder with a ``unet``."""
-    return base == "unet" or (base != "dit" and (Path(base) / "unet").is_dir())
+def base_denoiser(base: str) -> str | None:
+    """The denoiser of ``--base``: ``unet`` or ``transformer`` (the embedded bases, or a folder's
+    denoiser subfolder); None for a folder with neither."""
+    named = {"unet": "unet", "dit": "transformer"}
+    if base in named:
+        return named[base]
+    return next((name for name in ("unet", "transformer") if (Path(base) / name).is_dir()), None)
 
 
 def denoiser_of(summary: dict) -> str | None:

@@ -187,12 +187,28 @@ def test_the_locon_cosine_recipe_reaches_the_training_script_and_the_users_flags
 
 
 def test_the_locon_cosine_recipe_refuses_a_base_without_a_unet(tmp_path, capsys):
-    for base in ("dit", str(tmp_path)):
+    for base, found in (("dit", "transformer"), (str(tmp_path), None)):
         with pytest.raises(SystemExit):
             compare.parse_args(["--recipe", "locon-cosine", "--base", base])
-        assert "is not a UNet base" in capsys.readouterr().err
+        assert f"is for a base with a unet; --base {base} has a {found}" in capsys.readouterr().err
     (tmp_path / "unet").mkdir()
     assert compare.parse_args(["--recipe", "locon-cosine", "--base", str(tmp_path)]).base == str(tmp_path)
+
+
+def test_the_dit_recipe_trains_both_streams_with_a_cosine_rate_on_dit_bases_only(tmp_path, capsys):
+    script = compare.load_train_script()
+    args = compare.parse_args(["--output_dir", str(tmp_path), "--base", "dit", "--recipe", "dit-ff-cosine"])
+    dit = script.parse_args(compare.train_argv("ms-cosine", 2, args))
+    attention = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    feedforward = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+    assert dit.target_modules == attention + feedforward and dit.lr_scheduler == "cosine"
+    assert dit.res_type == "ms" and dit.shortcut_schedule == "cosine" and dit.seed == 2
+    folder = tmp_path / "base"
+    (folder / "transformer").mkdir(parents=True)
+    assert compare.parse_args(["--recipe", "dit-ff-cosine", "--base", str(folder)]).base == str(folder)
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--recipe", "dit-ff-cosine", "--base", "unet"])
+    assert "is for a base with a transformer; --base unet has a unet" in capsys.readouterr().err
 
 
 def test_report_only_pairs_each_method_over_the_seeds_it_has_finished(tmp_path, capsys):
