@@ -71,8 +71,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each")
     p.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "compare_lm")
+    p.add_argument(
+        "--method_lr",
+        nargs="+",
+        default=[],
+        metavar="METHOD=LR",
+        help="a method's own --learning_rate (each method at its tuned rate), over the examples' "
+        "and the flags after --",
+    )
     p.add_argument("example_args", nargs="*", help="more flags for the examples, after --")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.method_lr = method_rates(p, args.method_lr)
+    return args
+
+
+def method_rates(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, float]:
+    """``{method: rate}`` from ``METHOD=LR`` pairs (a parser error names a malformed one)."""
+    rates = {}
+    for pair in pairs:
+        method, _, rate = pair.partition("=")
+        try:
+            rates[method] = float(rate)
+        except ValueError:
+            parser.error(f"--method_lr {pair}: expected METHOD=LR with a number, e.g. lora=6e-3")
+        if method not in METHODS:
+            parser.error(f"--method_lr {pair}: unknown method {method!r}; known: {', '.join(METHODS)}")
+    return rates
 
 
 def load_example(script: str):
@@ -86,14 +110,12 @@ def run_one(example: str, method: str, seed: int, args: argparse.Namespace) -> d
     """One example, method and seed (one torch thread): ``{"trained": metric, "exports":
     {merge: {"exported": metric, "merge_error": e}}, "seconds": wall time}``, kept as
     ``result.json`` in the run folder (written whole or not at all)."""
-    out = args.output_dir / example / f"{method}-seed{seed}"
-    path = out / "result.json"
+    path = run_dir(example, method, seed, args) / "result.json"
     if path.is_file():
         return json.loads(path.read_text())
     spec = EXAMPLES[example]
-    argv = [*METHODS[method], "--seed", str(seed), "--output_dir", str(out), "--num_threads", "1"]
     start = time.time()
-    (scores,) = load_example(spec.script).main([*argv, *args.example_args]).values()
+    (scores,) = load_example(spec.script).main(example_argv(example, method, seed, args)).values()
     result = {
         "trained": scores[spec.metric],
         "exports": {
@@ -105,6 +127,21 @@ def run_one(example: str, method: str, seed: int, args: argparse.Namespace) -> d
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(result, indent=1))
     return result
+
+
+def run_dir(example: str, method: str, seed: int, args: argparse.Namespace) -> Path:
+    return args.output_dir / example / f"{method}-seed{seed}"
+
+
+def example_argv(example: str, method: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """The example's flags for one run: the method's, the seed and folder, the flags after ``--``,
+    then the method's own ``--method_lr`` (argparse keeps the last of a repeated flag)."""
+    out = run_dir(example, method, seed, args)
+    argv = [*METHODS[method], "--seed", str(seed), "--output_dir", str(out), "--num_threads", "1"]
+    argv += args.example_args
+    if method in args.method_lr:
+        argv += ["--learning_rate", str(args.method_lr[method])]
+    return argv
 
 
 def interval_rows(results: dict[str, list[dict]]) -> dict[str, dict]:
@@ -131,12 +168,15 @@ def interval_rows(results: dict[str, list[dict]]) -> dict[str, dict]:
     return rows
 
 
-def markdown(tables: dict[str, dict], seeds: list[int]) -> str:
+def markdown(tables: dict[str, dict], seeds: list[int], rates: dict[str, float] | None = None) -> str:
+    rates_text = ", ".join(f"{m} {r:g}" for m, r in (rates or {}).items())
     lines = [
         f"Seeds {seeds}; mean over seeds [95 % bootstrap interval]. Trained: the model with its "
         "shortcuts; exported: the PEFT adapter loaded with `PeftModel.from_pretrained`; difference: "
         f"exported minus {BASELINE}'s export of the same seed; merge error: relative output error "
-        "of the export on held-out batches.\n"
+        "of the export on held-out batches."
+        + (f" Learning rates of their own: {rates_text}." if rates_text else "")
+        + "\n"
     ]
     for example, rows in tables.items():
         spec = EXAMPLES[example]
@@ -179,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         e: interval_rows({m: [futures[(e, m, s)].result() for s in args.seeds] for m in args.methods})
         for e in args.examples
     }
-    text = markdown(tables, args.seeds)
+    text = markdown(tables, args.seeds, args.method_lr)
     (args.output_dir / "compare_lm.md").write_text(text)
     (args.output_dir / "compare_lm.json").write_text(json.dumps(tables, indent=1))
     print(text)

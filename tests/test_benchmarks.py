@@ -557,6 +557,27 @@ def test_lm_intervals_pair_each_export_with_the_baseline_of_its_seed():
     )
 
 
+def test_each_method_trains_at_its_own_learning_rate_over_the_common_flags(tmp_path, capsys):
+    nlg = compare_lm.load_example("nlg_causal_lm")
+    argv = ["--examples", "nlg", "--output_dir", str(tmp_path), "--method_lr", "lora=6e-3", "bs=0.003"]
+    args = compare_lm.parse_args([*argv, "--", "--learning_rate", "1e-3", "--max_train_steps", "30"])
+    assert args.method_lr == {"lora": 6e-3, "bs": 3e-3}
+    lora = nlg.parse_args(compare_lm.example_argv("nlg", "lora", 4, args))
+    assert (lora.learning_rate, lora.max_train_steps, lora.seed, lora.res_type) == (6e-3, 30, 4, ["none"])
+    assert nlg.parse_args(compare_lm.example_argv("nlg", "bs", 4, args)).learning_rate == 3e-3
+    assert nlg.parse_args(compare_lm.example_argv("nlg", "ms-cosine", 4, args)).learning_rate == 1e-3
+    text = compare_lm.markdown({}, [4], args.method_lr)
+    assert "Learning rates of their own: lora 0.006, bs 0.003." in text
+    for bad, message in (
+        ("lora", "expected METHOD=LR"),
+        ("lora=fast", "expected METHOD=LR"),
+        ("dora=1e-3", "unknown method 'dora'"),
+    ):
+        with pytest.raises(SystemExit):
+            compare_lm.parse_args(["--method_lr", bad])
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_lm_comparison_runs_the_examples_and_resumes(tmp_path):
     argv = ["--examples", "nlu", "--methods", "lora", "is", "--seeds", "0", "--output_dir", str(tmp_path)]
