@@ -130,6 +130,7 @@ def run_one(example: str, method: str, seed: int, args: argparse.Namespace) -> d
 
 
 def run_dir(example: str, method: str, seed: int, args: argparse.Namespace) -> Path:
+    """The run folder of one example, method and seed under ``--output_dir``."""
     return args.output_dir / example / f"{method}-seed{seed}"
 
 
