@@ -94,8 +94,9 @@ RECIPES = {
     # step 800 of 1600 (0 % with "script", whose constant rate falls apart there by step 1200)
     "locon-cosine": Recipe("unet", ["--lr_scheduler", "cosine", "--target_modules", *LOCON_TARGETS]),
     # both streams' attention and feed-forward layers and a cosine decay: on the DiT base retrained
-    # on the sharper VAE PEFT LoRA's file reads 50 % open-set at step 2000 on one seed (13 % with the script's
-    # image-stream targets and constant rate; benchmarks/results/dit_recipe_probes)
+    # on the sharper VAE PEFT LoRA's file reads 34.7 % open-set at step 2000 over 5 seeds (13 % on
+    # one seed with the script's image-stream targets and constant rate; benchmarks/results/
+    # dit_recipe_probes, compare_methods_dit_v2)
     "dit-ff-cosine": Recipe(
         "transformer",
         ["--lr_scheduler", "cosine", "--target_modules", *DIT_ATTENTION_TARGETS, *DIT_FEEDFORWARD_TARGETS],
