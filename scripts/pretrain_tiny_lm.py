@@ -119,10 +119,14 @@ def held_out(n: int, seed: int, texts: list[str]) -> dict[str, list[dict]]:
     examples = [
         e for e in arithmetic_examples(20 * n, seed=seed) if e["question"].partition("?")[0] not in seen
     ]
-    return {
+    kinds = {
         "add": [e for e in examples if not is_take_away(e["question"])][:n],
         "take_away": [e for e in examples if is_take_away(e["question"])][:n],
     }
+    short = {kind: len(found) for kind, found in kinds.items() if len(found) < n}
+    if short:  # a card that says n questions must have read n
+        raise ValueError(f"only {short} questions outside the corpus among {20 * n} drawn; ask for fewer")
+    return kinds
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:

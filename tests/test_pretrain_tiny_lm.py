@@ -50,6 +50,9 @@ def test_held_out_questions_are_not_in_the_corpus_and_split_by_kind():
         for example in examples:
             assert example["question"].split("?")[0] not in prefixes
             assert (" - " in example["answer"]) == (kind == "take_away")
+    with pytest.raises(ValueError, match="questions outside the corpus"):
+        # 8000 draws hold about 240 questions that add outside a corpus holding most of them
+        pretrain.held_out(400, seed=1000, texts=pretrain.corpus(80000, seed=0))
 
 
 def test_the_learning_rate_warms_up_linearly_then_decays_on_a_cosine_to_zero():
