@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 from reslora_diffusers import add_reslora
 from reslora_diffusers.data.text_tasks import (
     arithmetic_examples,
-    final_answer,
+    greedy_exact_match,
     tiny_llama_config,
     word_tokenizer,
 )
@@ -135,24 +135,8 @@ def build_base(args: argparse.Namespace, tokenizer):
 
 def exact_match(model, tokenizer, examples: Dataset, args: argparse.Namespace, batch_size: int = 64) -> float:
     """Share of questions whose generated final answer (after ``####``) equals the reference."""
-    model.eval()
-    device = next(model.parameters()).device
-    hits = 0
-    for start in range(0, len(examples), batch_size):
-        rows = examples.select(range(start, min(len(examples), start + batch_size)))
-        prompts = [prompt_ids(tokenizer, q, args.prompt_template) for q in rows["question"]]
-        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(device)
-        with torch.no_grad():
-            generated = model.generate(
-                **batch,
-                max_new_tokens=args.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        hits += sum(final_answer(t) == final_answer(a) for t, a in zip(texts, rows["answer"]))
-    return hits / len(examples)
+    prompts = [prompt_ids(tokenizer, q, args.prompt_template) for q in examples["question"]]
+    return greedy_exact_match(model, tokenizer, prompts, examples["answer"], args.max_new_tokens, batch_size)
 
 
 def run_method(args, res_type: str, tokenizer, splits: DatasetDict, train: Dataset) -> dict:

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from reslora_diffusers.data.text_tasks import (  # noqa: E402
     arithmetic_examples,
-    final_answer,
+    greedy_exact_match,
     tiny_llama_config,
     word_tokenizer,
 )
@@ -95,24 +95,6 @@ def batches(texts: list[str], tokenizer, batch_size: int, steps: int, seed: int)
         yield batch
 
 
-def answer_accuracy(model, tokenizer, examples: list[dict]) -> float:
-    """Share of questions whose greedy continuation has the right final answer (after ``####``),
-    prompted as the NLG example prompts them (``<s>`` and the question)."""
-    prompts = [[tokenizer.bos_token_id, *tokenizer(e["question"])["input_ids"]] for e in examples]
-    batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(
-            **batch,
-            max_new_tokens=16,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return sum(final_answer(t) == final_answer(e["answer"]) for t, e in zip(texts, examples)) / len(examples)
-
-
 def held_out(n: int, seed: int, texts: list[str]) -> dict[str, list[dict]]:
     """``n`` NLG-style questions of each kind drawn with ``seed``, none of them in ``texts``."""
     seen = {t.partition("?")[0] for t in texts}
@@ -162,7 +144,17 @@ def train(args: argparse.Namespace) -> dict:
             logger.info("step %d/%d: loss %.4f", step + 1, args.steps, sum(losses[-50:]) / len(losses[-50:]))
     minutes = (time.time() - start) / 60
     questions = held_out(args.eval_examples, args.seed + 1000, texts)
-    accuracy = {kind: answer_accuracy(model, tokenizer, ex) for kind, ex in questions.items()}
+    # prompted as the NLG example prompts them: <s> and the question
+    prompts = {
+        k: [[tokenizer.bos_token_id, *tokenizer(e["question"])["input_ids"]] for e in ex]
+        for k, ex in questions.items()
+    }
+    accuracy = {
+        kind: greedy_exact_match(
+            model, tokenizer, prompts[kind], [e["answer"] for e in ex], max_new_tokens=16
+        )
+        for kind, ex in questions.items()
+    }
     numbers = {"loss": sum(losses[-50:]) / len(losses[-50:]), "minutes": minutes, "exact_match": accuracy}
     save(model, tokenizer, numbers, args)
     return numbers

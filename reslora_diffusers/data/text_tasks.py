@@ -5,6 +5,7 @@ examples, so that they run with no model or dataset download.
   clauses, where ``not`` flips a clause (``the plot was not bad`` is positive).
 * :func:`arithmetic_examples`: GSM8K-style ``question`` / ``answer`` pairs about adding
   and taking away things; the answer ends with ``#### <number>`` as in GSM8K.
+* :func:`greedy_exact_match`: GSM8K's exact match of a causal LM's greedy answers.
 """
 
 from __future__ import annotations
@@ -108,6 +109,34 @@ def arithmetic_examples(n: int, seed: int = 0, max_value: int = 9) -> list[dict]
 def final_answer(text: str) -> str:
     """The GSM8K final answer: what follows the last ``####``, digits joined."""
     return "".join(text.rpartition("####")[2].split())
+
+
+def greedy_exact_match(
+    model, tokenizer, prompts: list[list[int]], answers: list[str], max_new_tokens: int, batch_size: int = 64
+) -> float:
+    """Share of ``prompts`` (token ids) whose greedy continuation has the final answer of the
+    matching reference: ``final_answer(generated) == final_answer(answer)``, GSM8K's exact match.
+    Prompts are left-padded in batches of ``batch_size`` on the model's device."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    hits = 0
+    for start in range(0, len(prompts), batch_size):
+        rows = {"input_ids": prompts[start : start + batch_size]}
+        batch = tokenizer.pad(rows, padding_side="left", return_tensors="pt").to(device)
+        with torch.no_grad():
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        references = answers[start : start + batch_size]
+        hits += sum(final_answer(t) == final_answer(a) for t, a in zip(texts, references, strict=True))
+    return hits / len(prompts)
 
 
 def _tiny_sizes(vocab_size: int) -> dict:
