@@ -3,7 +3,6 @@ the script's tests share (the fixtures they use are in ``conftest.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,22 +16,15 @@ from safetensors.torch import load_file
 
 from reslora_diffusers.data import default_finetune_data_dir
 from reslora_diffusers.training.run_folder import RunFolder
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_text_to_image.py"
 PROMPT = "a red cross on a white background"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_text_to_image", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 #: ``train_text_to_image.py``, loaded once
-script = _load_script()
+script = load_script(SCRIPT)
 
 
 def subset(out: Path, num: int) -> Path:

@@ -4,7 +4,6 @@ the Trainer callback, and the PEFT export checked with PEFT's own loader."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from reslora_diffusers.core import get_state, shortcut_scale
 from reslora_diffusers.frontends import PRESETS
 from reslora_diffusers.integrations.trainer import ResLoRACallback
 from tests.reference import factors_of, reference_hooks
+from tests.scripts import load_script
 from tests.tiny_lms import V, ids, out, tiny, with_reslora
 
 # models this small run fastest on one thread (and do not oversubscribe a shared CPU)
@@ -338,11 +338,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _example(name: str):
-    path = EXAMPLES / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py")
 
 
 @pytest.mark.slow

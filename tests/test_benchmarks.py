@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # a worker process finds the module's functions by its name
-    spec.loader.exec_module(module)
-    return module
+    """A benchmark as a module (registered by name: a worker process finds its functions there)."""
+    return load_script(ROOT / "benchmarks" / f"{name}.py")
 
 
 compare = _load("compare_methods")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -11,17 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain = _load(ROOT / "scripts" / "pretrain_tiny_lm.py", "pretrain_tiny_lm")
+pretrain = load_script(ROOT / "scripts" / "pretrain_tiny_lm.py")
 
 
 def test_the_corpus_adds_in_words_and_takes_away_only_in_bare_equations():
@@ -97,7 +91,7 @@ def test_a_toy_run_writes_a_folder_that_the_nlg_example_fine_tunes(tmp_path):
     card = (out / "README.md").read_text()
     assert "--layers 2 --steps 30" in card and f"{100 * numbers['exact_match']['add']:.1f} %" in card
 
-    nlg = _load(ROOT / "examples" / "nlg_causal_lm.py", "nlg_causal_lm")
+    nlg = load_script(ROOT / "examples" / "nlg_causal_lm.py")
     argv = ["--model_name_or_path", str(out), "--max_train_steps", "2", "--max_train_samples", "32"]
     argv += ["--max_eval_samples", "4", "--res_type", "none", "--output_dir", str(tmp_path / "nlg")]
     results = nlg.main(argv)

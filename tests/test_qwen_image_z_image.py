@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +45,7 @@ from reslora_diffusers.frontends import (
 from reslora_diffusers.merge.error import output_tensor
 from tests.reference import reference_hooks
 from tests.runs import PROMPT, assert_same_weights, from_checkpoint, run_dit, script, subset
+from tests.scripts import load_script
 from tests.tiny_dits import DIT_VAE_SCALE, DIT_VAE_SHIFT
 from tests.tiny_qwen_dits import (
     QWEN_LATENTS_MEAN,
@@ -527,16 +526,7 @@ def test_the_demo_draws_each_familys_lora_on_its_own_base(bases, runs, monkeypat
 
 
 def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(Path(spec.origin).parent))  # bench_step imports its neighbours by name
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(Path(spec.origin).parent))
-    return module
+    return load_script(Path(__file__).parent.parent / "benchmarks" / f"{name}.py")
 
 
 @pytest.mark.parametrize("model", ["qwen-image", "z-image"])

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from transformers import Mistral3Config, Mistral3ForConditionalGeneration, UMT5C
 
 from reslora_diffusers.data import random_pipelines as rp
 from tests.runs import script, subset
+from tests.scripts import load_script
 from tests.tiny_wan import clip_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +52,7 @@ def test_full_size_configs_have_the_released_parameter_counts():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("random")
-    spec = importlib.util.spec_from_file_location("make_random_pipeline", SCRIPT)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script(SCRIPT)
     for preset in PRESETS:
         cli.main(["--preset", preset, str(root / preset), "--scale", "0.05"])
     return {preset: root / preset for preset in PRESETS}

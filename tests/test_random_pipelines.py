@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,7 @@ from transformers import (
 
 from reslora_diffusers.data import random_pipelines as rp
 from tests.runs import script, subset
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "make_random_pipeline.py"
@@ -88,9 +88,7 @@ def test_qwen_image_and_z_image_configs_have_the_published_parameter_counts():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("random")
-    spec = importlib.util.spec_from_file_location("make_random_pipeline", SCRIPT)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script(SCRIPT)
     for preset in PIPELINES:
         cli.main(["--preset", preset, str(root / preset), "--scale", "0.05"])
     return {preset: root / preset for preset in PIPELINES}

@@ -9,10 +9,8 @@ checks in ``tests/test_tiny_dit_base.py``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +35,7 @@ from reslora_diffusers.data import (
 from reslora_diffusers.eval import evaluate_pipeline
 from tests.bases import assert_export_loads_and_changes_the_image, public_config, transformers_config
 from tests.runs import PROMPT, run_dit, subset
+from tests.scripts import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
@@ -47,15 +46,7 @@ TOY += ["--checkpoint-every", "2", "--eval-seeds", "1", "--eval-steps", "2", "--
 TRAINED = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain = _load(ROOT / "scripts" / "pretrain_tiny_base.py", "pretrain_tiny_base")
+pretrain = load_script(ROOT / "scripts" / "pretrain_tiny_base.py")
 
 
 def _pretrain(work: Path, out: Path, *extra: str) -> None:
@@ -257,7 +248,7 @@ def test_training_script_fine_tunes_the_base_and_its_pipeline_loads_the_export(t
     assert_export_loads_and_changes_the_image(toy_base, toy_lora)
 
 
-compare = _load(ROOT / "benchmarks" / "compare_methods.py", "compare_methods")
+compare = load_script(ROOT / "benchmarks" / "compare_methods.py")
 
 
 @pytest.mark.slow

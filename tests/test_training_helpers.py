@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -22,6 +21,7 @@ from reslora_diffusers.training.grid import labelled_grid
 from reslora_diffusers.training.run_folder import RunFolder
 from reslora_diffusers.utils.quiet import dropped_log_messages
 from tests.runs import ROOT, script
+from tests.scripts import load_script
 
 COLOURS = [(200, 0, 0), (0, 160, 0), (0, 0, 200), (200, 200, 0), (120, 0, 160), (0, 150, 150)]
 
@@ -210,9 +210,7 @@ def test_run_folder_reads_its_log_and_names_its_files(tmp_path, caplog):
 # -- ResLoRA's flags -------------------------------------------------------------------------
 def _example_parser():
     """The language-model examples' flags (``examples/lm_common.py``, as the examples build them)."""
-    spec = importlib.util.spec_from_file_location("lm_common", ROOT / "examples" / "lm_common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(ROOT / "examples" / "lm_common.py")
     parser = argparse.ArgumentParser()
     module.add_method_arguments(parser, learning_rate=1e-3, max_train_steps=1)
     return parser
