@@ -16,7 +16,6 @@ from reslora_diffusers import (
     add_reslora,
     chain_structure,
     export_lora,
-    remove_reslora,
     save_reslora_checkpoint,
 )
 from reslora_diffusers.cli import merge_main
@@ -25,11 +24,9 @@ from reslora_diffusers.export import export_peft_adapter
 from reslora_diffusers.frontends import (
     DIT_ATTENTION_TARGETS,
     FLUX_FEEDFORWARD_TARGETS,
-    frontend_for,
     pipeline_components,
 )
 from reslora_diffusers.merge import merged_view
-from reslora_diffusers.merge.error import output_tensor
 from tests.reference import reference_hooks
 from tests.tiny_dits import (
     tiny_flux_pipeline,
@@ -39,19 +36,11 @@ from tests.tiny_dits import (
     tiny_t5,
 )
 from tests.toys import randomize_lora
+from tests.transformer_checks import assert_starts_at_base_and_comes_off_exactly, forward, inputs
 
 TYPES = ["none", "is", "bs", "ms"]
 MAKERS = {"sd3": tiny_sd3_transformer, "flux": tiny_flux_transformer}
 PIPES = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
-
-
-def run(module, batch):
-    """The output the merge report measures (``.sample``, ``last_hidden_state``...)."""
-    return output_tensor(module(**batch))
-
-
-def inputs(model, num=1, seed=0):
-    return frontend_for(model).synthetic_inputs(model, num=num, seed=seed)
 
 
 def text_batches(n=2, seed=0):
@@ -71,19 +60,7 @@ def train_forwards(module, batches):
 @pytest.mark.parametrize("family", MAKERS)
 @pytest.mark.parametrize("res_type", TYPES)
 def test_init_is_bit_identical_and_removal_exact(family, res_type):
-    model = MAKERS[family]()
-    batch = inputs(model)[0]
-    processors = {k: type(p) for k, p in model.attn_processors.items()}
-    with torch.no_grad():
-        before = run(model, batch)
-        add_reslora(model, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2))
-        assert torch.equal(run(model, batch), before)  # B = 0: the branch adds exact zeros
-        # diffusers' own processors stay and call the wrapped projections
-        assert {k: type(p) for k, p in model.attn_processors.items()} == processors
-        randomize_lora(model, scale=0.2)
-        assert (run(model, batch) - before).abs().max() > 1e-3
-        remove_reslora(model)
-        assert torch.equal(run(model, batch), before)
+    assert_starts_at_base_and_comes_off_exactly(MAKERS[family](), res_type)
 
 
 @pytest.mark.parametrize("family", MAKERS)
@@ -96,16 +73,16 @@ def test_outputs_and_gradients_follow_the_written_out_formula(family, res_type):
     randomize_lora(model, scale=0.2)
     batch = inputs(model)[0]
     with torch.no_grad():
-        run(model, batch)  # trace the chains
+        forward(model, batch)  # trace the chains
     blocks = get_state(model).blocks
     factors = {
         p: (b.lora_A.detach().clone().requires_grad_(), b.lora_B.detach().clone().requires_grad_())
         for p, b in blocks.items()
     }
-    weights = torch.randn(run(plain, batch).shape, generator=torch.Generator().manual_seed(1))
-    got = run(model.train(), batch)
+    weights = torch.randn(forward(plain, batch).shape, generator=torch.Generator().manual_seed(1))
+    got = forward(model.train(), batch)
     with reference_hooks(plain.train(), factors, config.scaling, res_type, pre_num=2) as ref:
-        want = run(ref, batch)
+        want = forward(ref, batch)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     (got * weights).sum().backward()
     (want * weights).sum().backward()
@@ -117,7 +94,7 @@ def test_outputs_and_gradients_follow_the_written_out_formula(family, res_type):
 def _segments(model, res_type, targets=None):
     add_reslora(model, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2, target_modules=targets))
     with torch.no_grad():
-        run(model, inputs(model)[0])
+        forward(model, inputs(model)[0])
     return {k: [len(s) for s in v["segments"]] for k, v in chain_structure(model).items()}
 
 
@@ -207,10 +184,10 @@ def test_load_lora_weights_gives_the_merged_model(tmp_path, family, res_type):
     for name, module in comps.items():
         batch = held[name][0]
         with torch.no_grad():
-            reslora_out = run(module, batch)
+            reslora_out = forward(module, batch)
             with merged_view(module, _lora_of(out, name, module)):
-                merged_out = run(module, batch)
-            got = run(getattr(fresh, name), batch)
+                merged_out = forward(module, batch)
+            got = forward(getattr(fresh, name), batch)
         torch.testing.assert_close(got, merged_out, rtol=1e-4, atol=1e-5)
         err = float((got - reslora_out).norm() / reslora_out.norm())
         if res_type in ("none", "bs"):
@@ -236,7 +213,7 @@ def test_merge_report_on_synthetic_transformer_inputs(tmp_path, family):
 def test_export_refuses_kohya_and_t5_for_transformer_pipelines(tmp_path):
     model = add_reslora(tiny_flux_transformer(), ResLoRAConfig(rank=2))
     with torch.no_grad():
-        run(model, inputs(model)[0])
+        forward(model, inputs(model)[0])
     with pytest.raises(ValueError, match="no kohya-ss file for flux pipelines"):
         export_lora(tmp_path / "x", transformer=model, formats=("kohya",))
     t5 = add_reslora(tiny_t5(), ResLoRAConfig(rank=2))
@@ -279,7 +256,7 @@ def test_peft_export_of_the_transformer_loads_into_peft(tmp_path, family):
     assert config["r"] == 2 and config["rank_pattern"]  # bs stacks ranks 2, 4, 6 along a chain
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     with torch.no_grad():
-        torch.testing.assert_close(run(loaded, batch), run(model, batch), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(forward(loaded, batch), forward(model, batch), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", PIPES)
@@ -307,8 +284,8 @@ def test_merge_cli_and_fuse(tmp_path, family):
     )
     batch = inputs(pipe.transformer)[0]
     with torch.no_grad():
-        want = run(pipe.transformer, batch)  # bs merges exactly: the ResLoRA model itself
-        torch.testing.assert_close(run(fused.transformer, batch), want, rtol=1e-4, atol=1e-5)
+        want = forward(pipe.transformer, batch)  # bs merges exactly: the ResLoRA model itself
+        torch.testing.assert_close(forward(fused.transformer, batch), want, rtol=1e-4, atol=1e-5)
     assert (
         merge_main([str(ckpt), "--base", str(base_dir), "--output", str(tmp_path / "k"), "--format", "kohya"])
         == 2

@@ -22,7 +22,6 @@ from reslora_diffusers import (
     add_reslora,
     chain_structure,
     load_reslora_checkpoint,
-    remove_reslora,
     save_reslora_checkpoint,
 )
 from reslora_diffusers.cli import merge_main
@@ -33,10 +32,10 @@ from reslora_diffusers.frontends import (
     frontend_for,
     pipeline_family,
 )
-from reslora_diffusers.merge.error import output_tensor
 from tests.runs import PROMPT, assert_same_weights, from_checkpoint, run_dit, script, subset
 from tests.tiny_flux2 import tiny_flux2_pipeline, tiny_flux2_transformer
 from tests.toys import randomize_lora
+from tests.transformer_checks import assert_starts_at_base_and_comes_off_exactly, forward, inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
@@ -55,15 +54,6 @@ def data(tmp_path_factory) -> Path:
     return subset(tmp_path_factory.mktemp("flux2-data") / "set", 4)
 
 
-def _run(model, batch):
-    with torch.no_grad():
-        return output_tensor(model(**batch))
-
-
-def _inputs(model, seed=0):
-    return frontend_for(model).synthetic_inputs(model, num=1, seed=seed)[0]
-
-
 def test_the_family_and_its_model_are_recognised(base):
     pipe = DiffusionPipeline.from_pretrained(base)
     assert type(pipe) is Flux2Pipeline and pipeline_family(pipe) is FLUX2_PIPELINES
@@ -75,17 +65,7 @@ def test_the_family_and_its_model_are_recognised(base):
 
 @pytest.mark.parametrize("res_type", TYPES)
 def test_every_type_starts_at_the_base_model_and_comes_off_exactly(res_type):
-    model = tiny_flux2_transformer()
-    batch = _inputs(model)
-    processors = {k: type(p) for k, p in model.attn_processors.items()}
-    before = _run(model, batch)
-    add_reslora(model, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2))
-    assert torch.equal(_run(model, batch), before)  # B = 0: the branches add exact zeros
-    assert {k: type(p) for k, p in model.attn_processors.items()} == processors
-    randomize_lora(model, scale=0.2)
-    assert (_run(model, batch) - before).abs().max() > 1e-3
-    remove_reslora(model)
-    assert torch.equal(_run(model, batch), before)
+    assert_starts_at_base_and_comes_off_exactly(tiny_flux2_transformer(), res_type)
 
 
 @pytest.mark.parametrize("res_type", ["is", "bs", "ms"])
@@ -98,7 +78,7 @@ def test_every_role_is_one_chain_through_its_blocks(res_type):
         None if res_type != "bs" else [*FLUX2_PIPELINES.objective.target_modules, *FLUX2_FEEDFORWARD_TARGETS]
     )
     add_reslora(model, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2, target_modules=targets))
-    _run(model.train(), _inputs(model))
+    forward(model.train(), inputs(model)[0])
     chains = chain_structure(model)
     double = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     expected = {f"attn.{role}": 3 for role in double}
@@ -187,12 +167,12 @@ def test_a_run_exports_files_the_pipeline_loads_to_the_trained_model(base, data,
     trained = DiffusionPipeline.from_pretrained(base).transformer
     load_reslora_checkpoint({"transformer": trained}, out / "reslora_checkpoint.safetensors")
     plain = DiffusionPipeline.from_pretrained(base)
-    batch = _inputs(trained)
-    want, untouched = _run(trained, batch), _run(plain.transformer, batch)
+    batch = inputs(trained)[0]
+    want, untouched = forward(trained, batch), forward(plain.transformer, batch)
     for weight_name in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"):
         pipe = DiffusionPipeline.from_pretrained(base)
         pipe.load_lora_weights(out, weight_name=weight_name)
-        got = _run(pipe.transformer, batch)
+        got = forward(pipe.transformer, batch)
         assert (got - untouched).abs().max() > 0, weight_name
         assert (got - want).norm() / want.norm() < 1e-5, weight_name  # bs merges exactly
 
@@ -233,8 +213,8 @@ def test_merge_cli_writes_both_files_and_fuses(base, tmp_path):
     targets = [*FLUX2_PIPELINES.objective.target_modules, *FLUX2_FEEDFORWARD_TARGETS]
     add_reslora(pipe.transformer, ResLoRAConfig(rank=2, res_type="bs", pre_num=2, target_modules=targets))
     randomize_lora(pipe.transformer, scale=0.1)
-    batch = _inputs(pipe.transformer)
-    _run(pipe.transformer.train(), batch)
+    batch = inputs(pipe.transformer)[0]
+    forward(pipe.transformer.train(), batch)
     pipe.transformer.eval()
     ckpt = save_reslora_checkpoint({"transformer": pipe.transformer}, tmp_path / "r.safetensors")
     out = tmp_path / "merged"
@@ -250,8 +230,8 @@ def test_merge_cli_writes_both_files_and_fuses(base, tmp_path):
     assert sum(p.numel() for p in fused.transformer.parameters()) == sum(
         p.numel() for p in plain.transformer.parameters()
     )
-    want = _run(pipe.transformer, batch)  # bs merges exactly: the ResLoRA model itself
-    torch.testing.assert_close(_run(fused.transformer, batch), want, rtol=1e-4, atol=1e-5)
+    want = forward(pipe.transformer, batch)  # bs merges exactly: the ResLoRA model itself
+    torch.testing.assert_close(forward(fused.transformer, batch), want, rtol=1e-4, atol=1e-5)
     # kohya-ss names exist for UNet pipelines only
     assert (
         merge_main([str(ckpt), "--base", str(base), "--output", str(tmp_path / "k"), "--format", "kohya"])

@@ -30,7 +30,6 @@ from reslora_diffusers import (
     add_reslora,
     chain_structure,
     load_reslora_checkpoint,
-    remove_reslora,
 )
 from reslora_diffusers.cli import merge_main
 from reslora_diffusers.core import get_state
@@ -42,7 +41,6 @@ from reslora_diffusers.frontends import (
     frontend_for,
     pipeline_family,
 )
-from reslora_diffusers.merge.error import output_tensor
 from tests.reference import reference_hooks
 from tests.runs import PROMPT, assert_same_weights, from_checkpoint, run_dit, script, subset
 from tests.scripts import load_script
@@ -56,6 +54,7 @@ from tests.tiny_qwen_dits import (
     tiny_z_image_transformer,
 )
 from tests.toys import randomize_lora
+from tests.transformer_checks import assert_starts_at_base_and_comes_off_exactly, forward, inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,19 +62,6 @@ TYPES = ["none", "is", "bs", "ms"]
 PIPES = {"qwen-image": tiny_qwen_image_pipeline, "z-image": tiny_z_image_pipeline}
 MAKERS = {"qwen-image": tiny_qwen_image_transformer, "z-image": tiny_z_image_transformer}
 CAPTIONS = [PROMPT, "a blue circle on a black background", "a green square"]
-
-
-def run(module, batch):
-    """The transformer's output as one tensor (Z-Image's per-image list stacked)."""
-    return output_tensor(module(**batch))
-
-
-def inputs(model, num=1, seed=0):
-    return frontend_for(model).synthetic_inputs(model, num=num, seed=seed)
-
-
-def _processors(model) -> dict[str, type]:
-    return {name: type(m.processor) for name, m in model.named_modules() if hasattr(m, "processor")}
 
 
 def _segments(model) -> dict[str, list[int]]:
@@ -113,18 +99,7 @@ def test_each_family_is_declared_with_its_pipeline_and_transformer():
 @pytest.mark.parametrize("family", MAKERS)
 @pytest.mark.parametrize("res_type", TYPES)
 def test_init_is_bit_identical_and_removal_exact(family, res_type):
-    model = MAKERS[family]()
-    batch = inputs(model)[0]
-    processors = _processors(model)
-    with torch.no_grad():
-        before = run(model, batch)
-        add_reslora(model, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2))
-        assert torch.equal(run(model, batch), before)  # B = 0: the branch adds exact zeros
-        assert _processors(model) == processors  # diffusers' own, calling the wrapped layers
-        randomize_lora(model, scale=0.2)
-        assert (run(model, batch) - before).abs().max() > 1e-3
-        remove_reslora(model)
-        assert torch.equal(run(model, batch), before)
+    assert_starts_at_base_and_comes_off_exactly(MAKERS[family](), res_type)
 
 
 @pytest.mark.parametrize("family", MAKERS)
@@ -137,16 +112,16 @@ def test_outputs_and_gradients_follow_the_written_out_formula(family, res_type):
     randomize_lora(model, scale=0.2)
     batch = inputs(model)[0]
     with torch.no_grad():
-        run(model, batch)  # trace the chains (Z-Image's are traced already)
+        forward(model, batch)  # trace the chains (Z-Image's are traced already)
     blocks = get_state(model).blocks
     factors = {
         p: (b.lora_A.detach().clone().requires_grad_(), b.lora_B.detach().clone().requires_grad_())
         for p, b in blocks.items()
     }
-    weights = torch.randn(run(plain, batch).shape, generator=torch.Generator().manual_seed(1))
-    got = run(model.train(), batch)
+    weights = torch.randn(forward(plain, batch).shape, generator=torch.Generator().manual_seed(1))
+    got = forward(model.train(), batch)
     with reference_hooks(plain.train(), factors, config.scaling, res_type, pre_num=2) as ref:
-        want = run(ref, batch)
+        want = forward(ref, batch)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     (got * weights).sum().backward()
     (want * weights).sum().backward()
@@ -162,7 +137,7 @@ def test_qwen_image_chains_run_unbroken_through_every_block(res_type):
     targets = [*frontend_for(model).default_targets(model), *QWEN_IMAGE_FEEDFORWARD_TARGETS]
     add_reslora(model, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2, target_modules=targets))
     with torch.no_grad():
-        run(model, inputs(model)[0])
+        forward(model, inputs(model)[0])
     segments = _segments(model)
     assert len(segments) == 12 and all(s == [3] for s in segments.values()), segments
 
@@ -179,7 +154,7 @@ def test_z_image_chains_are_traced_when_attached_whatever_the_first_batch(res_ty
     traced = chain_structure(model)
     same = frontend_for(model).synthetic_inputs(model, num=1, text_tokens=20, grid=(4, 4))[0]
     with torch.no_grad():
-        run(model, same)  # 16 image tokens and 20 / 15 caption tokens: 32 each after padding
+        forward(model, same)  # 16 image tokens and 20 / 15 caption tokens: 32 each after padding
     assert chain_structure(model) == traced
     want = [7] if res_type == "bs" else [2, 2, 3]
     assert len(traced) == 7 and all(s == want for s in _segments(model).values())
@@ -392,7 +367,7 @@ def test_run_exports_a_lora_the_pipeline_loads_to_the_trained_model(bases, runs,
     trained = _trained(bases[family], out)
     batch = inputs(trained)[0]
     with torch.no_grad():
-        loaded, untouched, want = (run(m, batch) for m in (pipe.transformer, plain, trained))
+        loaded, untouched, want = (forward(m, batch) for m in (pipe.transformer, plain, trained))
     assert (loaded - untouched).abs().max() > 0
     assert (loaded - want).norm() / want.norm() < 1e-4
 
@@ -462,7 +437,7 @@ def test_merge_cli_and_fuse_on_the_runs_checkpoint(bases, runs, tmp_path, family
     )
     batch = inputs(trained)[0]
     with torch.no_grad():
-        torch.testing.assert_close(run(fused, batch), run(trained, batch), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(forward(fused, batch), forward(trained, batch), rtol=1e-4, atol=1e-5)
     assert (
         merge_main(
             [str(ckpt), "--base", str(bases[family]), "--output", str(tmp_path / "k"), "--format", "kohya"]

@@ -24,7 +24,6 @@ from reslora_diffusers import (
     chain_structure,
     export_lora,
     load_reslora_checkpoint,
-    remove_reslora,
     save_reslora_checkpoint,
 )
 from reslora_diffusers.cli import merge_main
@@ -35,12 +34,12 @@ from reslora_diffusers.frontends import (
     frontend_for,
     pipeline_family,
 )
-from reslora_diffusers.merge.error import output_tensor
 from reslora_diffusers.training.data import crop_pixels, plan_crop
 from reslora_diffusers.training.video import TextVideoDataset, load_video_captions
 from tests.runs import PROMPT, assert_same_weights, error, from_checkpoint, run, script
 from tests.tiny_wan import SIDE, clip_folder, tiny_wan_pipeline, tiny_wan_transformer
 from tests.toys import randomize_lora
+from tests.transformer_checks import assert_starts_at_base_and_comes_off_exactly, forward, inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
@@ -70,15 +69,6 @@ def clips(tmp_path_factory) -> Path:
     return clip_folder(tmp_path_factory.mktemp("wan-data") / "clips")
 
 
-def _run(model, batch):
-    with torch.no_grad():
-        return output_tensor(model(**batch))
-
-
-def _inputs(model, seed=0):
-    return frontend_for(model).synthetic_inputs(model, num=1, seed=seed)[0]
-
-
 def run_wan(base: Path, data: Path, out: Path, *extra: str) -> dict:
     return run(base, data, out, *WAN_ARGS, "--caption_extension", ".txt", *extra)
 
@@ -92,15 +82,7 @@ def test_the_family_and_its_model_are_recognised(base):
 
 @pytest.mark.parametrize("res_type", TYPES)
 def test_every_type_starts_at_the_base_model_and_comes_off_exactly(res_type):
-    model = tiny_wan_transformer()
-    batch = _inputs(model)
-    before = _run(model, batch)
-    add_reslora(model, ResLoRAConfig(rank=2, res_type=res_type, pre_num=2))
-    assert torch.equal(_run(model, batch), before)
-    randomize_lora(model, scale=0.2)
-    assert (_run(model, batch) - before).abs().max() > 1e-3
-    remove_reslora(model)
-    assert torch.equal(_run(model, batch), before)
+    assert_starts_at_base_and_comes_off_exactly(tiny_wan_transformer(), res_type)
 
 
 @pytest.mark.parametrize("res_type", ["is", "bs", "ms"])
@@ -117,7 +99,7 @@ def test_every_role_is_one_chain_through_all_blocks(res_type):
             target_modules=["to_q", "to_k", "to_v", "to_out.0", *WAN_FEEDFORWARD_TARGETS],
         ),
     )
-    _run(model.train(), _inputs(model))
+    forward(model.train(), inputs(model)[0])
     segments = {name: [len(s) for s in chain["segments"]] for name, chain in chain_structure(model).items()}
     roles = [f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")]
     assert segments == {role: [4] for role in [*roles, *WAN_FEEDFORWARD_TARGETS]}
@@ -132,7 +114,7 @@ def test_cross_attention_keys_read_the_text_states_so_is_merges_exactly(tmp_path
         ResLoRAConfig(rank=2, res_type="is", record_norms=True, target_modules=["attn2.to_k", "attn2.to_v"]),
     )
     randomize_lora(model, scale=0.2)
-    batches = frontend_for(model).synthetic_inputs(model, num=3)
+    batches = inputs(model, num=3)
     model.train()
     with torch.no_grad():
         for batch in batches:
@@ -292,13 +274,13 @@ def test_a_run_on_clips_exports_files_the_pipeline_loads_to_the_trained_model(ba
 
     trained = DiffusionPipeline.from_pretrained(base).transformer
     load_reslora_checkpoint({"transformer": trained}, out / "reslora_checkpoint.safetensors")
-    batch = _inputs(trained)
-    want = _run(trained, batch)
-    untouched = _run(DiffusionPipeline.from_pretrained(base).transformer, batch)
+    batch = inputs(trained)[0]
+    want = forward(trained, batch)
+    untouched = forward(DiffusionPipeline.from_pretrained(base).transformer, batch)
     for weight_name in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"):
         pipe = DiffusionPipeline.from_pretrained(base)
         pipe.load_lora_weights(out, weight_name=weight_name)
-        got = _run(pipe.transformer, batch)
+        got = forward(pipe.transformer, batch)
         assert (got - untouched).abs().max() > 0, weight_name
         assert (got - want).norm() / want.norm() < 1e-5, weight_name
 
@@ -335,8 +317,8 @@ def test_merge_cli_writes_both_files_and_fuses(base, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(base)
     add_reslora(pipe.transformer, ResLoRAConfig(rank=2, res_type="bs", pre_num=2))
     randomize_lora(pipe.transformer, scale=0.1)
-    batch = _inputs(pipe.transformer)
-    _run(pipe.transformer.train(), batch)
+    batch = inputs(pipe.transformer)[0]
+    forward(pipe.transformer.train(), batch)
     pipe.transformer.eval()
     ckpt = save_reslora_checkpoint({"transformer": pipe.transformer}, tmp_path / "r.safetensors")
     out = tmp_path / "merged"
@@ -351,7 +333,7 @@ def test_merge_cli_writes_both_files_and_fuses(base, tmp_path):
     }
     fused = DiffusionPipeline.from_pretrained(out / "fused_pipeline")
     torch.testing.assert_close(
-        _run(fused.transformer, batch), _run(pipe.transformer, batch), rtol=1e-4, atol=1e-5
+        forward(fused.transformer, batch), forward(pipe.transformer, batch), rtol=1e-4, atol=1e-5
     )
 
 
@@ -362,7 +344,7 @@ def test_a_second_expert_exports_alone_and_loads_into_transformer_2(base, tmp_pa
     pipe = DiffusionPipeline.from_pretrained(base)
     expert = add_reslora(tiny_wan_transformer(seed=1), ResLoRAConfig(rank=2, res_type="bs"))
     randomize_lora(expert, scale=0.1)
-    _run(expert, _inputs(expert))
+    forward(expert, inputs(expert)[0])
     with pytest.raises(ValueError, match="a Wan LoRA file holds one transformer"):
         export_lora(
             tmp_path / "both",
@@ -378,8 +360,10 @@ def test_a_second_expert_exports_alone_and_loads_into_transformer_2(base, tmp_pa
         boundary_ratio=0.875,
     )
     two.load_lora_weights(tmp_path / "low", load_into_transformer_2=True)
-    batch = _inputs(expert)
-    torch.testing.assert_close(_run(two.transformer_2, batch), _run(expert, batch), rtol=1e-4, atol=1e-5)
+    batch = inputs(expert)[0]
+    torch.testing.assert_close(
+        forward(two.transformer_2, batch), forward(expert, batch), rtol=1e-4, atol=1e-5
+    )
     two.save_pretrained(tmp_path / "wan22")
     with pytest.raises(ValueError, match="two experts"):
         script.load_models(script.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "wan22")]))
