@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 NAMES = ("tom", "ann", "bob", "eva", "sam", "mia", "leo", "zoe")
 ITEMS = ("apples", "books", "coins", "cards", "pens", "shells")
 NOUNS = ("movie", "plot", "acting", "music", "story", "cast", "ending", "script")
@@ -117,8 +119,6 @@ def greedy_exact_match(
     """Share of ``prompts`` (token ids) whose greedy continuation has the final answer of the
     matching reference: ``final_answer(generated) == final_answer(answer)``, GSM8K's exact match.
     Prompts are left-padded in batches of ``batch_size`` on the model's device."""
-    import torch
-
     model.eval()
     device = next(model.parameters()).device
     hits = 0
