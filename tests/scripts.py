@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
 
 def load_script(path: Path, name: str | None = None) -> ModuleType:
     """Run the file at ``path`` as the module ``name`` (default: the file's stem) and return it.
@@ -26,3 +28,8 @@ def load_script(path: Path, name: str | None = None) -> ModuleType:
     finally:
         sys.path.remove(folder)
     return module
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as the module ``name`` (:func:`load_script`)."""
+    return load_script(BENCHMARKS / f"{name}.py")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from reslora_diffusers.core import get_state
-from tests.test_benchmarks import _load
+from tests.scripts import load_benchmark
 
-bench_memory = _load("bench_memory")
-bench_step = _load("bench_step")
+bench_memory = load_benchmark("bench_memory")
+bench_step = load_benchmark("bench_step")
 
 
 def test_bench_memory_feeds_flux2_and_wan_what_the_training_script_does():

@@ -11,17 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.scripts import load_script
+from tests.scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str):
-    """A benchmark as a module (registered by name: a worker process finds its functions there)."""
-    return load_script(ROOT / "benchmarks" / f"{name}.py")
-
-
-compare = _load("compare_methods")
+compare = load_benchmark("compare_methods")
 
 
 def _run(losses, accuracy, unmerged=None, merge_error=None):
@@ -255,7 +247,7 @@ def test_report_only_pairs_each_method_over_the_seeds_it_has_finished(tmp_path, 
     assert not (out / "ms-seed1" / "train_log.jsonl").exists()  # nothing was trained
 
 
-bench_load = _load("bench_load")
+bench_load = load_benchmark("bench_load")
 
 
 def test_bench_load_times_steps_from_the_log_and_reports_the_ratios():
@@ -282,7 +274,7 @@ def test_bench_load_times_steps_from_the_log_and_reports_the_ratios():
     assert passive[2:] == ["--cpu_threads", "auto"] and env["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
-bench_gpu = _load("bench_gpu")
+bench_gpu = load_benchmark("bench_gpu")
 
 
 @pytest.mark.slow
@@ -347,13 +339,15 @@ def test_bench_gpu_variants_share_one_copy_of_the_frozen_weights():
 
 @pytest.mark.slow
 def test_profile_step_prints_the_top_operators_of_an_eager_step(capsys):
-    _load("profile_step").main(["--modes", "eager", "--steps", "1", "--rows", "4", "--scale", "0.05"])
+    load_benchmark("profile_step").main(
+        ["--modes", "eager", "--steps", "1", "--rows", "4", "--scale", "0.05"]
+    )
     out = capsys.readouterr().out
     assert "### eager step, top 4 operators" in out and "Self CPU" in out
     assert "aten::" in out
 
 
-merge_error = _load("merge_error")
+merge_error = load_benchmark("merge_error")
 
 
 def test_merge_error_study_measures_the_error_against_the_whole_output_and_the_adapters_change():
@@ -408,7 +402,7 @@ def test_merge_error_study_measures_the_error_against_the_whole_output_and_the_a
 
 
 def test_bench_step_pairs_each_round_with_peft_of_the_same_round():
-    bench_step = _load("bench_step")
+    bench_step = load_benchmark("bench_step")
     # the machine halves its speed in the second round: both variants slow alike, the paired
     # ratio stays 1.1 while the ratio of the two medians would mix the rounds
     assert bench_step.paired_ratio([1.1, 2.2, 1.1], [1.0, 2.0, 1.0]) == "1.100 [1.100, 1.100]"
@@ -419,7 +413,7 @@ def test_bench_step_pairs_each_round_with_peft_of_the_same_round():
 
 
 def test_rotated_order_puts_every_variant_in_every_slot_once_per_cycle():
-    rotated = _load("bench_gpu").rotated
+    rotated = load_benchmark("bench_gpu").rotated
     variants = ["peft", "none", "bs5", "ms5"]
     orders = [rotated(variants, i) for i in range(len(variants))]
     for order in orders:
@@ -432,7 +426,7 @@ def test_rotated_order_puts_every_variant_in_every_slot_once_per_cycle():
 
 def test_bench_step_variants_share_the_frozen_weights_and_train_their_own():
     # the full-width sizes fit in memory only because every variant reads one copy of the base
-    bench_step = _load("bench_step")
+    bench_step = load_benchmark("bench_step")
     base, _ = bench_step.make_model("sd3", (1, 64, 8, 1))
     peft, peft_params = bench_step.peft_variant(base, 4, ["to_q"])
     reslora, reslora_params = bench_step.reslora_variant(base, 4, "bs", 1, ["to_q"])
@@ -448,8 +442,8 @@ def test_bench_step_variants_share_the_frozen_weights_and_train_their_own():
 def test_bench_is_groups_builds_is_with_its_q_k_v_groups_and_without_them():
     from reslora_diffusers.core.inject import get_state
 
-    bench_step = _load("bench_step")  # bench_is_groups imports it by name
-    groups = _load("bench_is_groups")
+    bench_step = load_benchmark("bench_step")  # bench_is_groups imports it by name
+    groups = load_benchmark("bench_is_groups")
     base, inputs = bench_step.make_model("unet", ((32, 64), 8, 1))
     targets = bench_step.TARGET_SETS["unet"]["attention"]
     built = {name: groups.variant(base, 4, name, 1, targets)[0] for name in ("is", groups.UNGROUPED)}
@@ -462,7 +456,7 @@ def test_bench_is_groups_builds_is_with_its_q_k_v_groups_and_without_them():
 
 
 def test_bench_step_counts_the_extra_products_of_a_block_shortcut():
-    bench_step = _load("bench_step")
+    bench_step = load_benchmark("bench_step")
     base, inputs = bench_step.make_model("sd3", (2, 64, 8, 1))  # 2 blocks: one bs link on to_q
     rank, width, tokens = 4, 64, (8 // 2) ** 2  # 2 x 2 patches of an 8 x 8 latent
     peft = bench_step.Step(*bench_step.peft_variant(base, rank, ["to_q"]), inputs)
@@ -476,7 +470,7 @@ def test_bench_step_counts_the_extra_products_of_a_block_shortcut():
 
 
 def test_bench_step_checkpointing_cost_is_the_variants_ratio_over_peft_lora_s_per_round():
-    bench_step = _load("bench_step")
+    bench_step = load_benchmark("bench_step")
     ck = bench_step.CHECKPOINTED
     # round 1: checkpointing costs PEFT 1.2x and bs 1.5x -> 1.25; round 2 (machine twice as slow
     # for every step) the same ratios -> 1.25; round 3: 1.2x and 1.2x -> 1.0
@@ -492,7 +486,7 @@ def test_bench_step_checkpointing_cost_is_the_variants_ratio_over_peft_lora_s_pe
 
 
 def test_bench_step_runs_plain_and_checkpointed_side_by_side(capsys):
-    bench_step = _load("bench_step")
+    bench_step = load_benchmark("bench_step")
     bench_step.bench_size("sd3", "small", 2, 4, ["to_q"], [("ms", 1)], inference=False, checkpointing="both")
     out = capsys.readouterr().out
     ck = bench_step.CHECKPOINTED
@@ -504,7 +498,7 @@ def test_bench_step_runs_plain_and_checkpointed_side_by_side(capsys):
 
 
 def test_bench_step_checkpointed_step_runs_the_blocks_again_in_backward():
-    bench_step = _load("bench_step")
+    bench_step = load_benchmark("bench_step")
     base, inputs = bench_step.make_model("sd3", (2, 64, 8, 1))
     plain = bench_step.Step(*bench_step.reslora_variant(base, 4, "ms", 1, ["to_q"]), inputs)
     ck = bench_step.Step(*bench_step.reslora_variant(base, 4, "ms", 1, ["to_q"]), inputs, checkpointed=True)
@@ -521,7 +515,7 @@ def test_bootstrap_interval_of_the_median():
 
 
 # -- benchmarks/compare_lm.py -----------------------------------------------------------
-compare_lm = _load("compare_lm")
+compare_lm = load_benchmark("compare_lm")
 
 
 def _lm_run(trained, exports):
@@ -593,7 +587,7 @@ def test_lm_comparison_runs_the_examples_and_resumes(tmp_path):
     assert (tmp_path / "compare_lm.md").read_text().count("| is") == 2
 
 
-bench_memory = _load("bench_memory")
+bench_memory = load_benchmark("bench_memory")
 
 
 @pytest.mark.parametrize("preset", ["sd15", "sdxl", "sd3", "flux"])
@@ -663,7 +657,7 @@ def test_bench_memory_measures_each_variant_in_its_own_process_and_resumes(tmp_p
 
 
 # -- benchmarks/depth_study.py ----------------------------------------------------------
-depth_study = _load("depth_study")
+depth_study = load_benchmark("depth_study")
 
 _DEPTH_ARGV = ["--widths", "16", "--depths", "2", "--steps", "4", "--evals", "4", "--batch_size", "8"]
 _DEPTH_ARGV += ["--tokens", "4", "--train_size", "32", "--eval_size", "8"]

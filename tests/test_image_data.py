@@ -32,7 +32,7 @@ from reslora_diffusers.training.data import (
     parse_buckets,
 )
 from tests.runs import assert_same_weights, error, from_checkpoint, script
-from tests.scripts import load_script
+from tests.scripts import load_benchmark
 from tests.tiny_dits import tiny_flux_pipeline, tiny_sd3_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
@@ -541,7 +541,7 @@ def test_data_flags_that_cannot_work_are_refused_in_one_line(bases, mixed, tmp_p
 
 
 def test_cache_benchmark_reads_step_times_and_builds_at_toy_size(tmp_path, capsys):
-    bench = load_script(ROOT / "benchmarks" / "bench_cache.py")
+    bench = load_benchmark("bench_cache")
     log = tmp_path / "train_log.jsonl"
     times = [0.0, 1.0, 1.5, 2.5, 2.9, 3.4]  # steps 3..6 take 0.5, 1.0, 0.4, 0.5 s
     log.write_text(

@@ -43,7 +43,7 @@ from reslora_diffusers.frontends import (
 )
 from tests.reference import reference_hooks
 from tests.runs import PROMPT, assert_same_weights, from_checkpoint, run_dit, script, subset
-from tests.scripts import load_script
+from tests.scripts import load_benchmark
 from tests.tiny_dits import DIT_VAE_SCALE, DIT_VAE_SHIFT
 from tests.tiny_qwen_dits import (
     QWEN_LATENTS_MEAN,
@@ -500,14 +500,10 @@ def test_the_demo_draws_each_familys_lora_on_its_own_base(bases, runs, monkeypat
 # ----------------------------------------------------------------------------- benchmark entries
 
 
-def _benchmark(name: str):
-    return load_script(Path(__file__).parent.parent / "benchmarks" / f"{name}.py")
-
-
 @pytest.mark.parametrize("model", ["qwen-image", "z-image"])
 def test_bench_step_trains_each_family_at_its_small_size(model):
     """PEFT LoRA and ResLoRA bs on the same targets (attention and feed-forward), every chain linked."""
-    bench_step = _benchmark("bench_step")
+    bench_step = load_benchmark("bench_step")
     base, batch = bench_step.make_model(model, bench_step.SIZES[model]["small"])
     targets = bench_step.TARGET_SETS[model]["attention+ff"]
     peft = bench_step.Step(*bench_step.peft_variant(base, 4, targets), batch)
@@ -524,7 +520,7 @@ def test_bench_step_trains_each_family_at_its_small_size(model):
 def test_bench_memory_feeds_each_transformer_a_captions_states_and_its_latent_tokens(preset):
     """128 caption tokens and (pixels / 16)^2 image tokens, built directly in bf16; the floor's
     gradients reach Z-Image's per-image latents."""
-    bench_memory = _benchmark("bench_memory")
+    bench_memory = load_benchmark("bench_memory")
     assert bench_memory.parse_config(f"{preset}-512-2") == (preset, 512, 2)
     model = bench_memory.build_denoiser(preset, 0.05, torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
