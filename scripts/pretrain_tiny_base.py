@@ -57,6 +57,7 @@ from reslora_diffusers.data import (
     BASE_RESOLUTION,
     FINETUNE_SHAPE,
     HELDOUT_COMBOS,
+    LATENT_CHANNELS,
     SD3_NUM_LAYERS,
     SD3_WIDTH,
     VOCAB_WORDS,
@@ -126,6 +127,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument(
+        "--latent-channels",
+        type=int,
+        default=LATENT_CHANNELS,
+        help="channels of the VAE's latents and of the denoiser's input and output (the sd3 family "
+        "takes --init-from's VAE, so the same number)",
+    )
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--snr-gamma", type=float, default=5.0)
@@ -646,7 +654,7 @@ model hub. It is not a general text-to-image model.
 
 | | |
 |---|---|
-| resolution | {resolution} x {resolution} px (latents 4 x {latent} x {latent}) |
+| resolution | {resolution} x {resolution} px (latents {channels} x {latent} x {latent}) |
 | inference | DPM-Solver++ (`scheduler/`), {steps} steps, guidance scale {guidance} |
 | prediction type | {prediction_type} (fine-tuning scripts must read `scheduler.config.prediction_type`) |
 | vocabulary | {vocab} ({concept!r} is in the vocabulary but never trained) |
@@ -675,7 +683,7 @@ It is not a general text-to-image model.
 
 | | |
 |---|---|
-| resolution | {resolution} x {resolution} px (latents 4 x {latent} x {latent}, 2 x 2 patches) |
+| resolution | {resolution} x {resolution} px (latents {channels} x {latent} x {latent}, 2 x 2 patches) |
 | inference | flow-matching Euler (`scheduler/`, shift {shift}), {steps} steps, guidance scale {guidance} |
 | objective | rectified flow: target `eps - x0`, logit-normal sigmas (`reslora_diffusers.objectives.flow_matching`) |
 | vocabulary | {vocab} ({concept!r} is in the vocabulary but never trained) |
@@ -738,6 +746,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
     card = base.card.format(
         resolution=BASE_RESOLUTION,
         latent=BASE_RESOLUTION // 2,
+        channels=pipe.vae.config.latent_channels,
         steps=args.eval_steps,
         guidance=BASE_GUIDANCE_SCALE,
         prediction_type=pipe.scheduler.config.get("prediction_type"),
@@ -798,13 +807,13 @@ def _load_weights(model: torch.nn.Module, state: dict, what: str) -> None:
 
 def build_unet_base(args: argparse.Namespace) -> StableDiffusionPipeline:
     """The untrained UNet base."""
-    return build_pipeline(args.work_dir / "tokenizer")
+    return build_pipeline(args.work_dir / "tokenizer", latent_channels=args.latent_channels)
 
 
 def build_sd3_base(args: argparse.Namespace) -> StableDiffusion3Pipeline:
     """The untrained SD3 base, its first CLIP encoder holding ``--init-from``'s text encoder
     (its text tower; the projection, which a ``CLIPTextModel`` lacks, stays new)."""
-    pipe = build_sd3_pipeline(args.work_dir / "tokenizer")
+    pipe = build_sd3_pipeline(args.work_dir / "tokenizer", latent_channels=args.latent_channels)
     base = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder").state_dict()
     tower = {key.removeprefix("text_model."): value for key, value in base.items()}  # transformers 4 keys
     _load_weights(pipe.text_encoder.text_model, tower, f"--init-from {args.init_from}: its text encoder")

@@ -28,6 +28,7 @@ from reslora_diffusers.data import (
     build_sd3_transformer,
     build_t5_encoder,
     build_tokenizer,
+    build_unet,
     default_base_model_path,
     default_dit_base_path,
     write_tokenizer,
@@ -305,15 +306,22 @@ def _unet_lora_file(folder: Path) -> Path:
 @pytest.mark.slow
 def test_the_unet_family_pretrains_through_the_librarys_denoising_loss(tmp_path):
     """``--family unet`` at the toy size: the VAE stage, then the UNet and text encoder trained by
-    ``objectives.denoising_loss`` (v-prediction, min-SNR), a pipeline that loads, and its card."""
+    ``objectives.denoising_loss`` (v-prediction, min-SNR), a pipeline that loads, and its card;
+    with 8 latent channels instead of the shipped base's 4."""
     toy = ["--family", "unet", "--num-images", "16", "--batch-size", "4", "--vae-steps", "2"]
     toy += ["--unet-steps", "3", "--checkpoint-every", "2", "--eval-seeds", "1", "--eval-steps", "2"]
+    toy += ["--latent-channels", "8"]
     pretrain.main(
         [*toy, "--threads", "1", "--work-dir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "base")]
     )
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert "UNet + text encoder 3 steps" in (tmp_path / "base" / "README.md").read_text()
+    assert public_config(pipe.unet.config) == public_config(build_unet(latent_channels=8).config)
+    assert pipe.vae.config.latent_channels == 8 and pipe.unet.config.in_channels == 8
+    card = (tmp_path / "base" / "README.md").read_text()
+    assert "UNet + text encoder 3 steps" in card and "(latents 8 x 16 x 16)" in card
+    latents = pipe("a red circle", num_inference_steps=2, output_type="latent").images
+    assert latents.shape == (1, 8, BASE_RESOLUTION // 2, BASE_RESOLUTION // 2)
     numbers = json.loads((tmp_path / "work" / "numbers.json").read_text())
     assert math.isfinite(numbers["unet_loss"]) and numbers["unet_loss"] > 0
 

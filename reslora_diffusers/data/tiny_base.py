@@ -32,6 +32,9 @@ BASE_GUIDANCE_SCALE = 4.0
 
 _VAE_CHANNELS = (32, 64)
 _TEXT_HIDDEN = 64
+#: Channels of the shipped base's latents; ``scripts/pretrain_tiny_base.py --latent-channels``
+#: builds others (more channels keep sharper corners through the VAE).
+LATENT_CHANNELS = 4
 
 
 def build_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
@@ -56,8 +59,8 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
-    """A 2-level VAE: 3 x 32 x 32 images <-> 4 x 16 x 16 latents."""
+def build_vae(scaling_factor: float = 1.0, latent_channels: int = LATENT_CHANNELS) -> AutoencoderKL:
+    """A 2-level VAE: 3 x 32 x 32 images <-> ``latent_channels`` x 16 x 16 latents."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -65,19 +68,19 @@ def build_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * len(_VAE_CHANNELS),
         block_out_channels=_VAE_CHANNELS,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=16,
         sample_size=BASE_RESOLUTION,
         scaling_factor=scaling_factor,
     )
 
 
-def build_unet() -> UNet2DConditionModel:
+def build_unet(latent_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
     """A 2-level UNet with cross-attention at every level (2 transformer blocks per down level)."""
     return UNet2DConditionModel(
         sample_size=BASE_RESOLUTION // 2,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64),
@@ -101,14 +104,16 @@ def build_scheduler() -> DPMSolverMultistepScheduler:
     )
 
 
-def build_pipeline(tokenizer_dir: str | Path, vae_scaling_factor: float = 1.0) -> StableDiffusionPipeline:
+def build_pipeline(
+    tokenizer_dir: str | Path, vae_scaling_factor: float = 1.0, latent_channels: int = LATENT_CHANNELS
+) -> StableDiffusionPipeline:
     """The untrained base pipeline (no safety checker), tokenizer files written to ``tokenizer_dir``."""
     tokenizer = build_tokenizer(tokenizer_dir)
     return StableDiffusionPipeline(
-        vae=build_vae(vae_scaling_factor),
+        vae=build_vae(vae_scaling_factor, latent_channels),
         text_encoder=build_text_encoder(tokenizer),
         tokenizer=tokenizer,
-        unet=build_unet(),
+        unet=build_unet(latent_channels),
         scheduler=build_scheduler(),
         safety_checker=None,
         feature_extractor=None,

@@ -6,7 +6,7 @@ trains it (starting from the tiny base's trained VAE and text encoder); the test
 shipped folder's configs against these functions.
 
 * transformer: :data:`SD3_NUM_LAYERS` joint blocks of width :data:`SD3_WIDTH` (2 heads x 32),
-  2 x 2 patches of the 4 x 16 x 16 latents (64 image tokens);
+  2 x 2 patches of the 4 x 16 x 16 latents (64 image tokens; ``latent_channels`` builds others);
 * VAE: :func:`.tiny_base.build_vae` with a ``shift_factor`` (SD3 decodes ``z / scaling + shift``);
 * text: two CLIP encoders with projection (SD3's CLIP-L and CLIP-G roles) of the tiny base's
   text-encoder config, and a one-layer T5 encoder. All three read the project's CLIP-format
@@ -25,7 +25,7 @@ from pathlib import Path
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 from ..utils.quiet import loading_pipeline
-from .tiny_base import BASE_RESOLUTION, build_text_encoder, build_tokenizer, build_vae
+from .tiny_base import BASE_RESOLUTION, LATENT_CHANNELS, build_text_encoder, build_tokenizer, build_vae
 
 # a pipeline class loads diffusers' pipeline modules, which set off transformers' notice about
 # torchvision (reslora_diffusers.utils.quiet.TORCHVISION_FALLBACK): dropped here
@@ -50,16 +50,16 @@ SD3_TEXT_WIDTH = 2 * CLIP_WIDTH
 SD3_SHIFT = 1.0
 
 
-def build_sd3_transformer() -> SD3Transformer2DModel:
-    """The SD3 (medium) transformer at tiny size: no dual attention, no QK norm, 4 latent channels.
+def build_sd3_transformer(latent_channels: int = LATENT_CHANNELS) -> SD3Transformer2DModel:
+    """The SD3 (medium) transformer at tiny size: no dual attention, no QK norm.
 
     Positions go up to 16 x 16 patches, so images up to twice the base resolution can be drawn.
     """
     return SD3Transformer2DModel(
         sample_size=BASE_RESOLUTION // 2,
         patch_size=2,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         num_layers=SD3_NUM_LAYERS,
         attention_head_dim=_HEAD_DIM,
         num_attention_heads=_HEADS,
@@ -70,9 +70,11 @@ def build_sd3_transformer() -> SD3Transformer2DModel:
     )
 
 
-def build_sd3_vae(scaling_factor: float = 1.0, shift_factor: float = 0.0) -> AutoencoderKL:
+def build_sd3_vae(
+    scaling_factor: float = 1.0, shift_factor: float = 0.0, latent_channels: int = LATENT_CHANNELS
+) -> AutoencoderKL:
     """The tiny base's VAE architecture with SD3's latent normalisation ``(z - shift) * scaling``."""
-    vae = build_vae(scaling_factor)
+    vae = build_vae(scaling_factor, latent_channels)
     vae.register_to_config(shift_factor=shift_factor)
     return vae
 
@@ -107,15 +109,18 @@ def build_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def build_sd3_pipeline(
-    tokenizer_dir: str | Path, vae_scaling_factor: float = 1.0, vae_shift_factor: float = 0.0
+    tokenizer_dir: str | Path,
+    vae_scaling_factor: float = 1.0,
+    vae_shift_factor: float = 0.0,
+    latent_channels: int = LATENT_CHANNELS,
 ) -> StableDiffusion3Pipeline:
     """The untrained tiny SD3 pipeline; tokenizer files written to ``tokenizer_dir`` (one
     tokenizer object serves all three encoders)."""
     tokenizer = build_tokenizer(tokenizer_dir)
     return StableDiffusion3Pipeline(
-        transformer=build_sd3_transformer(),
+        transformer=build_sd3_transformer(latent_channels),
         scheduler=build_flow_scheduler(),
-        vae=build_sd3_vae(vae_scaling_factor, vae_shift_factor),
+        vae=build_sd3_vae(vae_scaling_factor, vae_shift_factor, latent_channels),
         text_encoder=build_clip_encoder(tokenizer),
         tokenizer=tokenizer,
         text_encoder_2=build_clip_encoder(tokenizer),
