@@ -660,7 +660,7 @@ model hub. It is not a general text-to-image model.
 | vocabulary | {vocab} ({concept!r} is in the vocabulary but never trained) |
 | parameters | UNet {unet:.2f} M, VAE {vae:.2f} M, text encoder {text_encoder:.2f} M |
 | held-out colour x shape pairs | {heldout_pairs} |
-| training | {num_images} images, seed {seed}; VAE {vae_steps} steps, then UNet + text encoder {unet_steps} steps{extension}, batch {batch} |
+| training | {num_images} images, seed {seed}; VAE {vae_steps} steps (KL weight {kl_weight:g}), then UNet + text encoder {unet_steps} steps{extension}, batch {batch} |
 | training time | {minutes:.0f} min on {threads} CPU thread(s) |
 
 """
@@ -762,7 +762,9 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         heldout_pairs=", ".join(f"{c} {s}" for c, s in HELDOUT_COMBOS),
         num_images=args.num_images,
         seed=args.seed,
-        vae_steps=args.vae_steps,
+        # the VAE stage's own record (older work dirs lack it: the flags of this run then)
+        vae_steps=numbers.get("vae_steps", args.vae_steps),
+        kl_weight=numbers.get("kl_weight", args.kl_weight),
         unet_steps=args.unet_steps,
         transformer_steps=args.transformer_steps,
         transformer_lr=args.transformer_lr,
@@ -783,7 +785,7 @@ def vae_stage(pipe, images: torch.Tensor, args: argparse.Namespace) -> None:
     """Train the VAE and keep it (and its numbers) in the work dir for the denoiser stage."""
     start = time.time()
     numbers = train_vae(pipe.vae, images, args)
-    numbers["vae_minutes"] = (time.time() - start) / 60
+    numbers.update(vae_minutes=(time.time() - start) / 60, vae_steps=args.vae_steps, kl_weight=args.kl_weight)
     pipe.vae.save_pretrained(args.work_dir / "vae")
     (args.work_dir / "vae" / "numbers.json").write_text(json.dumps(numbers, indent=2))
 

@@ -307,10 +307,10 @@ def _unet_lora_file(folder: Path) -> Path:
 def test_the_unet_family_pretrains_through_the_librarys_denoising_loss(tmp_path):
     """``--family unet`` at the toy size: the VAE stage, then the UNet and text encoder trained by
     ``objectives.denoising_loss`` (v-prediction, min-SNR), a pipeline that loads, and its card;
-    with 8 latent channels instead of the shipped base's 4."""
+    with 8 latent channels instead of the shipped base's 4 and a weaker KL term."""
     toy = ["--family", "unet", "--num-images", "16", "--batch-size", "4", "--vae-steps", "2"]
     toy += ["--unet-steps", "3", "--checkpoint-every", "2", "--eval-seeds", "1", "--eval-steps", "2"]
-    toy += ["--latent-channels", "8"]
+    toy += ["--latent-channels", "8", "--kl-weight", "1e-8"]
     pretrain.main(
         [*toy, "--threads", "1", "--work-dir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "base")]
     )
@@ -319,7 +319,10 @@ def test_the_unet_family_pretrains_through_the_librarys_denoising_loss(tmp_path)
     assert public_config(pipe.unet.config) == public_config(build_unet(latent_channels=8).config)
     assert pipe.vae.config.latent_channels == 8 and pipe.unet.config.in_channels == 8
     card = (tmp_path / "base" / "README.md").read_text()
-    assert "UNet + text encoder 3 steps" in card and "(latents 8 x 16 x 16)" in card
+    assert "(latents 8 x 16 x 16)" in card
+    # the VAE stage's settings come from its own record in the work dir, as the card states them
+    assert json.loads((tmp_path / "work" / "vae" / "numbers.json").read_text())["kl_weight"] == 1e-8
+    assert "VAE 2 steps (KL weight 1e-08), then UNet + text encoder 3 steps" in card
     latents = pipe("a red circle", num_inference_steps=2, output_type="latent").images
     assert latents.shape == (1, 8, BASE_RESOLUTION // 2, BASE_RESOLUTION // 2)
     numbers = json.loads((tmp_path / "work" / "numbers.json").read_text())
