@@ -33,7 +33,7 @@ BASE_GUIDANCE_SCALE = 4.0
 _VAE_CHANNELS = (32, 64)
 _TEXT_HIDDEN = 64
 #: Channels of the shipped base's latents; ``scripts/pretrain_tiny_base.py --latent-channels``
-#: builds others (more channels keep sharper corners through the VAE).
+#: builds others (8 measured in ``scripts/pretrain_state/README.md``: hardly sharper at 6000 steps).
 LATENT_CHANNELS = 4
 
 
