@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import load_dataset
-from diffusers import DDPMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
@@ -130,9 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--latent-channels",
         type=int,
-        default=LATENT_CHANNELS,
-        help="channels of the VAE's latents and of the denoiser's input and output (the sd3 family "
-        "takes --init-from's VAE, so the same number)",
+        help=f"channels of the VAE's latents and of the denoiser's input and output (default: "
+        f"{LATENT_CHANNELS}; the sd3 family: those of --init-from's VAE, which it takes)",
     )
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -809,13 +808,27 @@ def _load_weights(model: torch.nn.Module, state: dict, what: str) -> None:
 
 def build_unet_base(args: argparse.Namespace) -> StableDiffusionPipeline:
     """The untrained UNet base."""
-    return build_pipeline(args.work_dir / "tokenizer", latent_channels=args.latent_channels)
+    return build_pipeline(
+        args.work_dir / "tokenizer", latent_channels=args.latent_channels or LATENT_CHANNELS
+    )
+
+
+def init_from_latent_channels(args: argparse.Namespace) -> int:
+    """The latent channels of ``--init-from``'s VAE (the sd3 base takes that VAE); a different
+    ``--latent-channels`` stops here with one line, before anything is built."""
+    channels = AutoencoderKL.load_config(args.init_from, subfolder="vae")["latent_channels"]
+    if args.latent_channels not in (None, channels):
+        raise SystemExit(
+            f"--latent-channels {args.latent_channels}: --init-from {args.init_from}'s VAE has "
+            f"{channels} latent channels, and the sd3 base takes that VAE"
+        )
+    return channels
 
 
 def build_sd3_base(args: argparse.Namespace) -> StableDiffusion3Pipeline:
     """The untrained SD3 base, its first CLIP encoder holding ``--init-from``'s text encoder
     (its text tower; the projection, which a ``CLIPTextModel`` lacks, stays new)."""
-    pipe = build_sd3_pipeline(args.work_dir / "tokenizer", latent_channels=args.latent_channels)
+    pipe = build_sd3_pipeline(args.work_dir / "tokenizer", latent_channels=init_from_latent_channels(args))
     base = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder").state_dict()
     tower = {key.removeprefix("text_model."): value for key, value in base.items()}  # transformers 4 keys
     _load_weights(pipe.text_encoder.text_model, tower, f"--init-from {args.init_from}: its text encoder")

@@ -29,6 +29,7 @@ from reslora_diffusers.data import (
     build_t5_encoder,
     build_tokenizer,
     build_unet,
+    build_vae,
     default_base_model_path,
     default_dit_base_path,
     write_tokenizer,
@@ -335,3 +336,13 @@ def test_the_card_names_another_init_from_folder_as_its_source(tmp_path):
     assert pretrain.init_source(default) == "`tiny-sd`"
     other = pretrain.parse_args(["--family", "sd3", "--init-from", str(tmp_path)])
     assert pretrain.init_source(other) == f"`{tmp_path}`"
+
+
+def test_the_sd3_base_takes_its_latent_channels_from_the_init_from_vae(tmp_path):
+    # the DiT base reuses --init-from's VAE, so its transformer must read that VAE's channels
+    build_vae(latent_channels=8).save_config(tmp_path / "vae")
+    sd3_from = ["--family", "sd3", "--init-from", str(tmp_path)]
+    assert pretrain.init_from_latent_channels(pretrain.parse_args(sd3_from)) == 8
+    assert pretrain.init_from_latent_channels(pretrain.parse_args([*sd3_from, "--latent-channels", "8"])) == 8
+    with pytest.raises(SystemExit, match=r"--latent-channels 4: .*VAE has 8 latent channels"):
+        pretrain.init_from_latent_channels(pretrain.parse_args([*sd3_from, "--latent-channels", "4"]))
