@@ -176,6 +176,63 @@ def score_exports(
     return scores
 
 
+def train_method(model, args: argparse.Namespace, res_type: str, out_dir: Path, train, collate):
+    """Train one ``--res_type`` method with the HF ``Trainer`` (``ResLoRACallback`` writing its
+    checkpoint and running ``--shortcut_schedule``) and print one line: steps, seconds, loss."""
+    from transformers import PrinterCallback, Trainer
+
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(args, out_dir),
+        train_dataset=train,
+        data_collator=collate,
+        callbacks=[reslora_callback(args)],
+    )
+    trainer.remove_callback(PrinterCallback)
+    result = trainer.train()
+    print(
+        f"{res_type}: {result.global_step} steps in {result.metrics['train_runtime']:.0f} s, "
+        f"loss {result.training_loss:.3f}"
+    )
+    return result
+
+
+def export_and_score(
+    model,
+    args: argparse.Namespace,
+    res_type: str,
+    out_dir: Path,
+    batches: tuple[list, list],
+    build_base: Callable,
+    score: Callable,
+    metric: str,
+) -> dict:
+    """:func:`export_adapters` then :func:`score_exports` (``batches`` = calibration, held out):
+    ``{"exports": {merge: {"merge_error": ..., "peft_<metric>": ...}}}`` with the first ``--merge``'s entries (the
+    adapter in ``peft_adapter``) at the top level too."""
+    calibration, held_out = batches
+    exports, errors = export_adapters(model, args, res_type, out_dir, calibration, held_out)
+    if errors is not None:
+        print(f"{res_type}: merge errors", errors)
+    scores = score_exports(exports, build_base, score, f"peft_{metric}")
+    return {"exports": scores, **scores[args.merge[0]]}
+
+
+def print_results(results: dict[str, dict], metric: str, header: str, footer: str) -> None:
+    """One row per method and merge: the trained model's score (``results[method][metric]``),
+    then its exported adapter's (``peft_<metric>``) and merge error."""
+    width = max(len(header), 9)
+    print(f"\n{'method':10} {header:>{width}} {'merge':>10} {'PEFT export':>12} {'merge error':>12}")
+    for res_type, r in results.items():
+        name = "LoRA" if res_type == "none" else f"ResLoRA {res_type}"
+        for merge, e in r["exports"].items():
+            print(
+                f"{name:10} {r[metric]:{width}.3f} {merge:>10} {e['peft_' + metric]:12.3f} "
+                f"{e['merge_error']:12.2e}"
+            )
+    print(footer)
+
+
 def model_batches(dataset, collate, batch_size: int, n_batches: int, device: torch.device) -> list[dict]:
     """The first ``n_batches`` batches of ``dataset`` as model keyword arguments (labels dropped)."""
     batches = []

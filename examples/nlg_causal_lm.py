@@ -27,7 +27,7 @@ from pathlib import Path
 import datasets
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from reslora_diffusers import add_reslora
 from reslora_diffusers.data.text_tasks import (
@@ -44,14 +44,13 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_common import (  # noqa: E402
     add_method_arguments,
-    export_adapters,
+    export_and_score,
     load_raw_dataset,
     method_config,
     model_batches,
-    reslora_callback,
-    score_exports,
+    print_results,
     set_threads,
-    training_arguments,
+    train_method,
 )
 
 
@@ -143,34 +142,24 @@ def run_method(args, res_type: str, tokenizer, splits: DatasetDict, train: Datas
     out_dir = args.output_dir / res_type
     model = add_reslora(build_base(args, tokenizer), method_config(args, res_type))
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(args, out_dir),
-        train_dataset=train,
-        data_collator=collate,
-        callbacks=[reslora_callback(args)],
-    )
-    trainer.remove_callback(PrinterCallback)
-    result = trainer.train()
-    print(
-        f"{res_type}: {result.global_step} steps in {result.metrics['train_runtime']:.0f} s, "
-        f"loss {result.training_loss:.3f}"
-    )
+    train_method(model, args, res_type, out_dir, train, collate)
     scores = {"exact_match": exact_match(model, tokenizer, splits["eval"], args)}
 
     device = next(model.parameters()).device
-    calibration = model_batches(train, collate, 64, 8, device)
-    held_out = model_batches(encoded(splits["eval"], tokenizer, args), collate, 64, 2, device)
-    exports, errors = export_adapters(model, args, res_type, out_dir, calibration, held_out)
-    if errors is not None:
-        print(f"{res_type}: merge errors", errors)
-    scores["exports"] = score_exports(
-        exports,
+    batches = (
+        model_batches(train, collate, 64, 8, device),  # calibration
+        model_batches(encoded(splits["eval"], tokenizer, args), collate, 64, 2, device),  # held out
+    )
+    scores |= export_and_score(
+        model,
+        args,
+        res_type,
+        out_dir,
+        batches,
         lambda: build_base(args, tokenizer),
         lambda peft_model: exact_match(peft_model.to(device), tokenizer, splits["eval"], args),
-        "peft_exact_match",
+        "exact_match",
     )
-    scores.update(scores["exports"][args.merge[0]])  # the first --merge: the adapter in peft_adapter
     return scores
 
 
@@ -187,15 +176,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     train = encoded(splits["train"], tokenizer, args)
 
     results = {rt: run_method(args, rt, tokenizer, splits, train) for rt in args.res_type}
-    print(f"\n{'method':10} {'exact match':>11} {'merge':>10} {'PEFT export':>12} {'merge error':>12}")
-    for rt, r in results.items():
-        name = "LoRA" if rt == "none" else f"ResLoRA {rt}"
-        for merge, e in r["exports"].items():
-            print(
-                f"{name:10} {r['exact_match']:11.3f} {merge:>10} {e['peft_exact_match']:12.3f} "
-                f"{e['merge_error']:12.2e}"
-            )
-    print(f"(adapters in {args.output_dir}/<method>/peft_adapter[_<merge>])")
+    print_results(
+        results,
+        "exact_match",
+        "exact match",
+        f"(adapters in {args.output_dir}/<method>/peft_adapter[_<merge>])",
+    )
     return results
 
 

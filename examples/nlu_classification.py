@@ -25,13 +25,7 @@ from pathlib import Path
 import datasets
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    PrinterCallback,
-    Trainer,
-)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from reslora_diffusers import add_reslora
 from reslora_diffusers.data.text_tasks import sentiment_examples, tiny_roberta_config, word_tokenizer
@@ -43,14 +37,13 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_common import (  # noqa: E402
     add_method_arguments,
-    export_adapters,
+    export_and_score,
     load_raw_dataset,
     method_config,
     model_batches,
-    reslora_callback,
-    score_exports,
+    print_results,
     set_threads,
-    training_arguments,
+    train_method,
 )
 
 
@@ -148,33 +141,24 @@ def run_method(args, res_type: str, tokenizer, data: DatasetDict, num_labels: in
         if name in args.modules_to_save:
             module.requires_grad_(True)
     collate = DataCollatorWithPadding(tokenizer)
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(args, out_dir),
-        train_dataset=data["train"],
-        data_collator=collate,
-        callbacks=[reslora_callback(args)],
-    )
-    trainer.remove_callback(PrinterCallback)
-    train = trainer.train()
-    print(
-        f"{res_type}: {train.global_step} steps in {train.metrics['train_runtime']:.0f} s, loss {train.training_loss:.3f}"
-    )
+    train_method(model, args, res_type, out_dir, data["train"], collate)
     result = {"accuracy": accuracy(model, data["eval"], collate)}
 
     device = next(model.parameters()).device
-    calibration = model_batches(data["train"], collate, 64, 8, device)
-    held_out = model_batches(data["eval"], collate, 64, 4, device)
-    exports, errors = export_adapters(model, args, res_type, out_dir, calibration, held_out)
-    if errors is not None:
-        print(f"{res_type}: merge errors", errors)
-    result["exports"] = score_exports(
-        exports,
+    batches = (
+        model_batches(data["train"], collate, 64, 8, device),  # calibration
+        model_batches(data["eval"], collate, 64, 4, device),  # held out
+    )
+    result |= export_and_score(
+        model,
+        args,
+        res_type,
+        out_dir,
+        batches,
         lambda: build_base(args, tokenizer, num_labels),
         lambda peft_model: accuracy(peft_model.to(device), data["eval"], collate),
-        "peft_accuracy",
+        "accuracy",
     )
-    result.update(result["exports"][args.merge[0]])  # the first --merge: the adapter in peft_adapter
     return result
 
 
@@ -192,15 +176,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     data = tokenize(splits, tokenizer, args)
 
     results = {rt: run_method(args, rt, tokenizer, data, num_labels) for rt in args.res_type}
-    print(f"\n{'method':10} {'accuracy':>9} {'merge':>10} {'PEFT export':>12} {'merge error':>12}")
-    for rt, r in results.items():
-        name = "LoRA" if rt == "none" else f"ResLoRA {rt}"
-        for merge, e in r["exports"].items():
-            print(
-                f"{name:10} {r['accuracy']:9.3f} {merge:>10} {e['peft_accuracy']:12.3f} {e['merge_error']:12.2e}"
-            )
     majority = max(Counter(data["eval"]["labels"]).values()) / len(data["eval"])
-    print(f"(majority class: {majority:.3f}; adapters in {args.output_dir}/<method>/peft_adapter[_<merge>])")
+    footer = (
+        f"(majority class: {majority:.3f}; adapters in {args.output_dir}/<method>/peft_adapter[_<merge>])"
+    )
+    print_results(results, "accuracy", "accuracy", footer)
     return results
 
 
