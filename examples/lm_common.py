@@ -1,6 +1,7 @@
 """What the NLU and NLG examples (the scripts beside this file) share: the method flags, the
-``TrainingArguments`` they map to, and model-ready batches for the merge (calibration and
-held-out output error)."""
+``TrainingArguments`` they map to, training one method with the ``Trainer``, model-ready batches
+for the merge (calibration and held-out output error), exporting and scoring the PEFT adapters,
+and the results table."""
 
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ def score_exports(
     return scores
 
 
-def train_method(model, args: argparse.Namespace, res_type: str, out_dir: Path, train, collate):
+def train_method(model, args: argparse.Namespace, res_type: str, out_dir: Path, train, collate) -> None:
     """Train one ``--res_type`` method with the HF ``Trainer`` (``ResLoRACallback`` writing its
     checkpoint and running ``--shortcut_schedule``) and print one line: steps, seconds, loss."""
     from transformers import PrinterCallback, Trainer
@@ -194,7 +195,6 @@ def train_method(model, args: argparse.Namespace, res_type: str, out_dir: Path, 
         f"{res_type}: {result.global_step} steps in {result.metrics['train_runtime']:.0f} s, "
         f"loss {result.training_loss:.3f}"
     )
-    return result
 
 
 def export_and_score(
@@ -208,8 +208,8 @@ def export_and_score(
     metric: str,
 ) -> dict:
     """:func:`export_adapters` then :func:`score_exports` (``batches`` = calibration, held out):
-    ``{"exports": {merge: {"merge_error": ..., "peft_<metric>": ...}}}`` with the first ``--merge``'s entries (the
-    adapter in ``peft_adapter``) at the top level too."""
+    ``{"exports": {merge: {"merge_error": ..., "peft_<metric>": ...}}}``, with the first
+    ``--merge``'s entries (the adapter in ``peft_adapter``) at the top level too."""
     calibration, held_out = batches
     exports, errors = export_adapters(model, args, res_type, out_dir, calibration, held_out)
     if errors is not None:
