@@ -218,9 +218,10 @@ def export_and_score(
     return {"exports": scores, **scores[args.merge[0]]}
 
 
-def print_results(results: dict[str, dict], metric: str, header: str, footer: str) -> None:
+def print_results(results: dict[str, dict], metric: str, footer: str) -> None:
     """One row per method and merge: the trained model's score (``results[method][metric]``),
     then its exported adapter's (``peft_<metric>``) and merge error."""
+    header = metric.replace("_", " ")
     width = max(len(header), 9)
     print(f"\n{'method':10} {header:>{width}} {'merge':>10} {'PEFT export':>12} {'merge error':>12}")
     for res_type, r in results.items():

@@ -176,12 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     train = encoded(splits["train"], tokenizer, args)
 
     results = {rt: run_method(args, rt, tokenizer, splits, train) for rt in args.res_type}
-    print_results(
-        results,
-        "exact_match",
-        "exact match",
-        f"(adapters in {args.output_dir}/<method>/peft_adapter[_<merge>])",
-    )
+    print_results(results, "exact_match", f"(adapters in {args.output_dir}/<method>/peft_adapter[_<merge>])")
     return results
 
 

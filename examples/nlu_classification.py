@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     footer = (
         f"(majority class: {majority:.3f}; adapters in {args.output_dir}/<method>/peft_adapter[_<merge>])"
     )
-    print_results(results, "accuracy", "accuracy", footer)
+    print_results(results, "accuracy", footer)
     return results
 
 
