@@ -60,6 +60,7 @@ from reslora_diffusers.data import (
     LATENT_CHANNELS,
     SD3_NUM_LAYERS,
     SD3_WIDTH,
+    UNET_CHANNELS,
     VOCAB_WORDS,
     build_pipeline,
     build_sd3_pipeline,
@@ -132,6 +133,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help=f"channels of the VAE's latents and of the denoiser's input and output (default: "
         f"{LATENT_CHANNELS}; the sd3 family: those of --init-from's VAE, which it takes)",
+    )
+    parser.add_argument(
+        "--unet-channels",
+        type=int,
+        nargs=2,
+        default=list(UNET_CHANNELS),
+        metavar=("LEVEL1", "LEVEL2"),
+        help=f"the UNet's widths at its two levels, multiples of 16 (default: {UNET_CHANNELS[0]} "
+        f"{UNET_CHANNELS[1]})",
     )
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -496,7 +506,7 @@ class UNetTrainer(DenoiserTrainer):
     for the scheduler's prediction type."""
 
     family = SD_PIPELINES
-    steps_flag, lr_flag, resume_flags = "unet_steps", "unet_lr", ("snr_gamma",)
+    steps_flag, lr_flag, resume_flags = "unet_steps", "unet_lr", ("snr_gamma", "unet_channels")
 
     def __init__(self, pipe, latents, captions, args):
         super().__init__(pipe, latents, captions, args)
@@ -809,7 +819,9 @@ def _load_weights(model: torch.nn.Module, state: dict, what: str) -> None:
 def build_unet_base(args: argparse.Namespace) -> StableDiffusionPipeline:
     """The untrained UNet base."""
     return build_pipeline(
-        args.work_dir / "tokenizer", latent_channels=args.latent_channels or LATENT_CHANNELS
+        args.work_dir / "tokenizer",
+        latent_channels=args.latent_channels or LATENT_CHANNELS,
+        unet_channels=tuple(args.unet_channels),
     )
 
 

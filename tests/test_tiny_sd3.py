@@ -308,16 +308,18 @@ def _unet_lora_file(folder: Path) -> Path:
 def test_the_unet_family_pretrains_through_the_librarys_denoising_loss(tmp_path):
     """``--family unet`` at the toy size: the VAE stage, then the UNet and text encoder trained by
     ``objectives.denoising_loss`` (v-prediction, min-SNR), a pipeline that loads, and its card;
-    with 8 latent channels instead of the shipped base's 4 and a weaker KL term."""
+    with 8 latent channels instead of the shipped base's 4, a weaker KL term and a UNet of other
+    widths, which its checkpoint keeps: a run of the shipped widths does not continue it."""
     toy = ["--family", "unet", "--num-images", "16", "--batch-size", "4", "--vae-steps", "2"]
     toy += ["--unet-steps", "3", "--checkpoint-every", "2", "--eval-seeds", "1", "--eval-steps", "2"]
-    toy += ["--latent-channels", "8", "--kl-weight", "1e-8"]
-    pretrain.main(
-        [*toy, "--threads", "1", "--work-dir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "base")]
-    )
+    toy += ["--latent-channels", "8", "--kl-weight", "1e-8", "--threads", "1"]
+    dirs = ["--work-dir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "base")]
+    pretrain.main([*toy, *dirs, "--unet-channels", "32", "48"])
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert public_config(pipe.unet.config) == public_config(build_unet(latent_channels=8).config)
+    wide = build_unet(latent_channels=8, block_out_channels=(32, 48))
+    assert public_config(pipe.unet.config) == public_config(wide.config)
+    assert list(pipe.unet.config.block_out_channels) == [32, 48]
     assert pipe.vae.config.latent_channels == 8 and pipe.unet.config.in_channels == 8
     card = (tmp_path / "base" / "README.md").read_text()
     assert "(latents 8 x 16 x 16)" in card
@@ -328,6 +330,10 @@ def test_the_unet_family_pretrains_through_the_librarys_denoising_loss(tmp_path)
     assert latents.shape == (1, 8, BASE_RESOLUTION // 2, BASE_RESOLUTION // 2)
     numbers = json.loads((tmp_path / "work" / "numbers.json").read_text())
     assert math.isfinite(numbers["unet_loss"]) and numbers["unet_loss"] > 0
+    with pytest.raises(
+        SystemExit, match=r"unet_checkpoint.pt was written with .*'unet_channels': \[32, 48\]"
+    ):
+        pretrain.main([*toy, *dirs, "--stage", "denoiser"])
 
 
 def test_the_card_names_another_init_from_folder_as_its_source(tmp_path):

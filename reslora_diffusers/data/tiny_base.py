@@ -35,6 +35,9 @@ _TEXT_HIDDEN = 64
 #: Channels of the shipped base's latents; ``scripts/pretrain_tiny_base.py --latent-channels``
 #: builds others (8 measured in ``scripts/pretrain_state/README.md``: hardly sharper at 6000 steps).
 LATENT_CHANNELS = 4
+#: The shipped UNet's widths at its two levels; ``--unet-channels`` of the pretraining script builds
+#: others.
+UNET_CHANNELS = (32, 64)
 
 
 def build_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
@@ -75,15 +78,18 @@ def build_vae(scaling_factor: float = 1.0, latent_channels: int = LATENT_CHANNEL
     )
 
 
-def build_unet(latent_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
-    """A 2-level UNet with cross-attention at every level (2 transformer blocks per down level)."""
+def build_unet(
+    latent_channels: int = LATENT_CHANNELS, block_out_channels: tuple[int, int] = UNET_CHANNELS
+) -> UNet2DConditionModel:
+    """A 2-level UNet with cross-attention at every level (2 transformer blocks per down level),
+    ``block_out_channels`` wide at its two levels (multiples of 16, its norm's group count)."""
     return UNet2DConditionModel(
         sample_size=BASE_RESOLUTION // 2,
         in_channels=latent_channels,
         out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(block_out_channels),
         layers_per_block=2,
         norm_num_groups=16,
         cross_attention_dim=_TEXT_HIDDEN,
@@ -105,7 +111,10 @@ def build_scheduler() -> DPMSolverMultistepScheduler:
 
 
 def build_pipeline(
-    tokenizer_dir: str | Path, vae_scaling_factor: float = 1.0, latent_channels: int = LATENT_CHANNELS
+    tokenizer_dir: str | Path,
+    vae_scaling_factor: float = 1.0,
+    latent_channels: int = LATENT_CHANNELS,
+    unet_channels: tuple[int, int] = UNET_CHANNELS,
 ) -> StableDiffusionPipeline:
     """The untrained base pipeline (no safety checker), tokenizer files written to ``tokenizer_dir``."""
     tokenizer = build_tokenizer(tokenizer_dir)
@@ -113,7 +122,7 @@ def build_pipeline(
         vae=build_vae(vae_scaling_factor, latent_channels),
         text_encoder=build_text_encoder(tokenizer),
         tokenizer=tokenizer,
-        unet=build_unet(latent_channels),
+        unet=build_unet(latent_channels, unet_channels),
         scheduler=build_scheduler(),
         safety_checker=None,
         feature_extractor=None,
