@@ -203,6 +203,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-seeds", type=int, default=len(EVAL_SEEDS), help=argparse.SUPPRESS)
     parser.add_argument("--eval-steps", type=int, default=BASE_NUM_INFERENCE_STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if any(width <= 0 or width % 16 for width in args.unet_channels):
+        parser.error(f"--unet-channels {args.unet_channels}: each width must be a positive multiple of 16")
     base = BASES[args.family]
     args.output_dir = args.output_dir or base.default_output
     args.work_dir = args.work_dir or base.default_work_dir

@@ -336,6 +336,12 @@ def test_the_unet_family_pretrains_through_the_librarys_denoising_loss(tmp_path)
         pretrain.main([*toy, *dirs, "--stage", "denoiser"])
 
 
+def test_unet_widths_that_its_norm_cannot_group_stop_with_one_line(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--unet-channels", "32", "40"])
+    assert "--unet-channels [32, 40]: each width must be a positive multiple of 16" in capsys.readouterr().err
+
+
 def test_the_card_names_another_init_from_folder_as_its_source(tmp_path):
     # a base started from a candidate folder must not claim the shipped tiny-sd's VAE
     default = pretrain.parse_args(["--family", "sd3"])
