@@ -61,6 +61,7 @@ from reslora_diffusers.data import (
     SD3_NUM_LAYERS,
     SD3_WIDTH,
     UNET_CHANNELS,
+    UNET_NORM_GROUPS,
     VOCAB_WORDS,
     build_pipeline,
     build_sd3_pipeline,
@@ -140,8 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs=2,
         default=list(UNET_CHANNELS),
         metavar=("LEVEL1", "LEVEL2"),
-        help=f"the UNet's widths at its two levels, multiples of 16 (default: {UNET_CHANNELS[0]} "
-        f"{UNET_CHANNELS[1]})",
+        help=f"the UNet's widths at its two levels, multiples of {UNET_NORM_GROUPS} (default: "
+        f"{UNET_CHANNELS[0]} {UNET_CHANNELS[1]})",
     )
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -203,8 +204,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-seeds", type=int, default=len(EVAL_SEEDS), help=argparse.SUPPRESS)
     parser.add_argument("--eval-steps", type=int, default=BASE_NUM_INFERENCE_STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if any(width <= 0 or width % 16 for width in args.unet_channels):
-        parser.error(f"--unet-channels {args.unet_channels}: each width must be a positive multiple of 16")
+    if any(width <= 0 or width % UNET_NORM_GROUPS for width in args.unet_channels):
+        parser.error(
+            f"--unet-channels {args.unet_channels}: each width must be a positive multiple of {UNET_NORM_GROUPS}"
+        )
     base = BASES[args.family]
     args.output_dir = args.output_dir or base.default_output
     args.work_dir = args.work_dir or base.default_work_dir

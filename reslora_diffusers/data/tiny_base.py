@@ -36,8 +36,9 @@ _TEXT_HIDDEN = 64
 #: builds others (8 measured in ``scripts/pretrain_state/README.md``: hardly sharper at 6000 steps).
 LATENT_CHANNELS = 4
 #: The shipped UNet's widths at its two levels; ``--unet-channels`` of the pretraining script builds
-#: others.
+#: others, each a multiple of the UNet's group-norm groups.
 UNET_CHANNELS = (32, 64)
+UNET_NORM_GROUPS = 16
 
 
 def build_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
@@ -82,16 +83,16 @@ def build_unet(
     latent_channels: int = LATENT_CHANNELS, block_out_channels: tuple[int, int] = UNET_CHANNELS
 ) -> UNet2DConditionModel:
     """A 2-level UNet with cross-attention at every level (2 transformer blocks per down level),
-    ``block_out_channels`` wide at its two levels (multiples of 16, its norm's group count)."""
+    ``block_out_channels`` wide at its two levels (multiples of ``UNET_NORM_GROUPS``)."""
     return UNet2DConditionModel(
         sample_size=BASE_RESOLUTION // 2,
         in_channels=latent_channels,
         out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=tuple(block_out_channels),
+        block_out_channels=block_out_channels,
         layers_per_block=2,
-        norm_num_groups=16,
+        norm_num_groups=UNET_NORM_GROUPS,
         cross_attention_dim=_TEXT_HIDDEN,
         attention_head_dim=2,
     )
