@@ -62,6 +62,7 @@ from reslora_diffusers.data import (
     SD3_WIDTH,
     UNET_CHANNELS,
     UNET_NORM_GROUPS,
+    VAE_SCALE_FACTOR,
     VOCAB_WORDS,
     build_pipeline,
     build_sd3_pipeline,
@@ -144,6 +145,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"the UNet's widths at its two levels, multiples of {UNET_NORM_GROUPS} (default: "
         f"{UNET_CHANNELS[0]} {UNET_CHANNELS[1]})",
     )
+    parser.add_argument(
+        "--vae-scale-factor",
+        type=int,
+        choices=(1, 2),
+        default=VAE_SCALE_FACTOR,
+        help=f"how much the VAE downsamples (default {VAE_SCALE_FACTOR}: 16 x 16 latents); 1 trains a "
+        "one-level VAE with 32 x 32 latents and a UNet with a full-resolution level (UNet family only)",
+    )
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--snr-gamma", type=float, default=5.0)
@@ -208,6 +217,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--unet-channels {args.unet_channels}: each width must be a positive multiple of {UNET_NORM_GROUPS}"
         )
+    # the sd3 family takes --init-from's VAE and builds its own DiT: these would do nothing there
+    unet_flags = {
+        "--unet-channels": args.unet_channels != list(UNET_CHANNELS),
+        "--vae-scale-factor": args.vae_scale_factor != VAE_SCALE_FACTOR,
+    }
+    if args.family == "sd3" and (given := [flag for flag, changed in unet_flags.items() if changed]):
+        parser.error(f"{', '.join(given)}: the UNet family's only (--family sd3 takes --init-from's VAE)")
     base = BASES[args.family]
     args.output_dir = args.output_dir or base.default_output
     args.work_dir = args.work_dir or base.default_work_dir
@@ -511,7 +527,11 @@ class UNetTrainer(DenoiserTrainer):
     for the scheduler's prediction type."""
 
     family = SD_PIPELINES
-    steps_flag, lr_flag, resume_flags = "unet_steps", "unet_lr", ("snr_gamma", "unet_channels")
+    steps_flag, lr_flag, resume_flags = (
+        "unet_steps",
+        "unet_lr",
+        ("snr_gamma", "unet_channels", "vae_scale_factor"),
+    )
 
     def __init__(self, pipe, latents, captions, args):
         super().__init__(pipe, latents, captions, args)
@@ -759,7 +779,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
     }
     card = base.card.format(
         resolution=BASE_RESOLUTION,
-        latent=BASE_RESOLUTION // 2,
+        latent=BASE_RESOLUTION // pipe.vae_scale_factor,
         channels=pipe.vae.config.latent_channels,
         steps=args.eval_steps,
         guidance=BASE_GUIDANCE_SCALE,
@@ -799,7 +819,12 @@ def vae_stage(pipe, images: torch.Tensor, args: argparse.Namespace) -> None:
     """Train the VAE and keep it (and its numbers) in the work dir for the denoiser stage."""
     start = time.time()
     numbers = train_vae(pipe.vae, images, args)
-    numbers.update(vae_minutes=(time.time() - start) / 60, vae_steps=args.vae_steps, kl_weight=args.kl_weight)
+    numbers.update(
+        vae_minutes=(time.time() - start) / 60,
+        vae_steps=args.vae_steps,
+        kl_weight=args.kl_weight,
+        vae_scale_factor=args.vae_scale_factor,
+    )
     pipe.vae.save_pretrained(args.work_dir / "vae")
     (args.work_dir / "vae" / "numbers.json").write_text(json.dumps(numbers, indent=2))
 
@@ -827,6 +852,7 @@ def build_unet_base(args: argparse.Namespace) -> StableDiffusionPipeline:
         args.work_dir / "tokenizer",
         latent_channels=args.latent_channels or LATENT_CHANNELS,
         unet_channels=tuple(args.unet_channels),
+        vae_scale_factor=args.vae_scale_factor,
     )
 
 
@@ -861,7 +887,12 @@ def denoiser_stage(pipe, images: torch.Tensor, captions: list[str], args: argpar
     """
     base = BASES[args.family]
     numbers = json.loads((args.work_dir / "vae" / "numbers.json").read_text())
-    pipe.vae.load_state_dict(type(pipe.vae).from_pretrained(args.work_dir / "vae").state_dict())
+    trained = type(pipe.vae).from_pretrained(args.work_dir / "vae")
+    _load_weights(
+        pipe.vae,
+        trained.state_dict(),
+        f"the VAE in {args.work_dir / 'vae'} (trained with other --latent-channels or --vae-scale-factor?)",
+    )
     means, stds = encode(pipe.vae, images)
     sampled = means + stds * torch.randn(means.shape, generator=step_generator(args.seed, -1))
     pipe.vae.register_to_config(scaling_factor=round(1.0 / sampled.std().item(), 5))

@@ -20,8 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from reslora_diffusers.data import (
     BASE_RESOLUTION,
+    LATENT_CHANNELS,
     MODEL_MAX_LENGTH,
     SD3_NUM_LAYERS,
+    UNET_CHANNELS,
     build_clip_encoder,
     build_flow_scheduler,
     build_sd3_pipeline,
@@ -334,6 +336,45 @@ def test_the_unet_family_pretrains_through_the_librarys_denoising_loss(tmp_path)
         SystemExit, match=r"unet_checkpoint.pt was written with .*'unet_channels': \[32, 48\]"
     ):
         pretrain.main([*toy, *dirs, "--stage", "denoiser"])
+
+
+@pytest.mark.slow
+def test_the_unet_family_pretrains_on_latents_at_the_images_side(tmp_path):
+    """``--vae-scale-factor 1``: a one-level VAE whose latents keep the 32 x 32 side, a UNet with a
+    first level that has no attention at that side, a pipeline that draws 32 x 32 images and a card
+    that says so; the denoiser stage of the default factor does not take that VAE."""
+    toy = ["--family", "unet", "--num-images", "16", "--batch-size", "4", "--vae-steps", "2"]
+    toy += ["--unet-steps", "2", "--checkpoint-every", "2", "--eval-seeds", "1", "--eval-steps", "2"]
+    toy += ["--threads", "1", "--work-dir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "base")]
+    pretrain.main([*toy, "--vae-scale-factor", "1"])
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    assert pipe.vae_scale_factor == 1 and len(pipe.vae.config.block_out_channels) == 1
+    assert public_config(pipe.unet.config) == public_config(build_unet(vae_scale_factor=1).config)
+    assert pipe.unet.config.down_block_types[0] == "DownBlock2D"
+    assert list(pipe.unet.config.block_out_channels) == [UNET_CHANNELS[0], *UNET_CHANNELS]
+    assert "(latents 4 x 32 x 32)" in (tmp_path / "base" / "README.md").read_text()
+    latents = pipe("a red circle", num_inference_steps=2, output_type="latent").images
+    assert latents.shape == (1, 4, BASE_RESOLUTION, BASE_RESOLUTION)
+    assert pipe("a red circle", num_inference_steps=2).images[0].size == (BASE_RESOLUTION, BASE_RESOLUTION)
+    with pytest.raises(SystemExit, match=r"the VAE in .*work/vae .*--vae-scale-factor\?\) does not fit"):
+        pretrain.main([*toy, "--stage", "denoiser", "--unet-steps", "3"])
+
+
+def test_a_one_level_vae_keeps_the_side_and_other_factors_are_refused():
+    vae = build_vae(scale_factor=1)
+    latents = vae.encode(torch.zeros(1, 3, BASE_RESOLUTION, BASE_RESOLUTION)).latent_dist.mean
+    assert latents.shape == (1, LATENT_CHANNELS, BASE_RESOLUTION, BASE_RESOLUTION)
+    assert build_vae().encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape[-1] == BASE_RESOLUTION // 2
+    for builder in (lambda: build_vae(scale_factor=4), lambda: build_unet(vae_scale_factor=4)):
+        with pytest.raises(ValueError, match="vae_scale_factor 4: the tiny base's VAE downsamples by 1 or 2"):
+            builder()
+
+
+def test_unet_family_flags_stop_the_sd3_family_with_one_line(capsys):
+    for flags in (["--vae-scale-factor", "1"], ["--unet-channels", "48", "96"]):
+        with pytest.raises(SystemExit):
+            pretrain.parse_args(["--family", "sd3", *flags])
+        assert f"{flags[0]}: the UNet family's only" in capsys.readouterr().err
 
 
 def test_unet_widths_that_its_norm_cannot_group_stop_with_one_line(capsys):

@@ -26,6 +26,9 @@ with loading_pipeline():
 
 #: Image side in pixels that the base generates (latents are half of it).
 BASE_RESOLUTION = RESOLUTION
+#: How much the shipped base's VAE downsamples (diffusers' ``vae_scale_factor``); the pretraining
+#: script's ``--vae-scale-factor 1`` builds a one-level VAE whose latents keep the image's side.
+VAE_SCALE_FACTOR = 2
 #: Inference steps and classifier-free guidance at which the base is documented and evaluated.
 BASE_NUM_INFERENCE_STEPS = 20
 BASE_GUIDANCE_SCALE = 4.0
@@ -63,14 +66,24 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_vae(scaling_factor: float = 1.0, latent_channels: int = LATENT_CHANNELS) -> AutoencoderKL:
-    """A 2-level VAE: 3 x 32 x 32 images <-> ``latent_channels`` x 16 x 16 latents."""
+def _check_scale_factor(scale_factor: int) -> None:
+    if scale_factor not in (1, 2):
+        raise ValueError(f"vae_scale_factor {scale_factor}: the tiny base's VAE downsamples by 1 or 2")
+
+
+def build_vae(
+    scaling_factor: float = 1.0, latent_channels: int = LATENT_CHANNELS, scale_factor: int = VAE_SCALE_FACTOR
+) -> AutoencoderKL:
+    """A VAE of ``log2(scale_factor) + 1`` levels: 3 x 32 x 32 images <-> ``latent_channels`` x
+    (32 / ``scale_factor``)^2 latents (2 levels and 16 x 16 latents by default)."""
+    _check_scale_factor(scale_factor)
+    channels = _VAE_CHANNELS[: scale_factor.bit_length()]
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(_VAE_CHANNELS),
-        up_block_types=("UpDecoderBlock2D",) * len(_VAE_CHANNELS),
-        block_out_channels=_VAE_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
         layers_per_block=1,
         latent_channels=latent_channels,
         norm_num_groups=16,
@@ -80,17 +93,31 @@ def build_vae(scaling_factor: float = 1.0, latent_channels: int = LATENT_CHANNEL
 
 
 def build_unet(
-    latent_channels: int = LATENT_CHANNELS, block_out_channels: tuple[int, int] = UNET_CHANNELS
+    latent_channels: int = LATENT_CHANNELS,
+    block_out_channels: tuple[int, int] = UNET_CHANNELS,
+    vae_scale_factor: int = VAE_SCALE_FACTOR,
 ) -> UNet2DConditionModel:
     """A 2-level UNet with cross-attention at every level (2 transformer blocks per down level),
-    ``block_out_channels`` wide at its two levels (multiples of ``UNET_NORM_GROUPS``)."""
+    ``block_out_channels`` wide at its two levels (multiples of ``UNET_NORM_GROUPS``), for the
+    latents of a VAE that downsamples by ``vae_scale_factor``.
+
+    With ``vae_scale_factor`` 1 (32 x 32 latents) a first level without attention, as wide as the
+    next, runs at the latents' side ahead of those two, as SDXL's first level does: self-attention
+    over 1024 positions made a training step 7x the 16 x 16 UNet's, this about 1.1x.
+    """
+    _check_scale_factor(vae_scale_factor)
+    down = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    widths = tuple(block_out_channels)
+    if vae_scale_factor == 1:
+        down, up, widths = ("DownBlock2D", *down), (*up, "UpBlock2D"), (widths[0], *widths)
     return UNet2DConditionModel(
-        sample_size=BASE_RESOLUTION // 2,
+        sample_size=BASE_RESOLUTION // vae_scale_factor,
         in_channels=latent_channels,
         out_channels=latent_channels,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=block_out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=widths,
         layers_per_block=2,
         norm_num_groups=UNET_NORM_GROUPS,
         cross_attention_dim=_TEXT_HIDDEN,
@@ -116,14 +143,15 @@ def build_pipeline(
     vae_scaling_factor: float = 1.0,
     latent_channels: int = LATENT_CHANNELS,
     unet_channels: tuple[int, int] = UNET_CHANNELS,
+    vae_scale_factor: int = VAE_SCALE_FACTOR,
 ) -> StableDiffusionPipeline:
     """The untrained base pipeline (no safety checker), tokenizer files written to ``tokenizer_dir``."""
     tokenizer = build_tokenizer(tokenizer_dir)
     return StableDiffusionPipeline(
-        vae=build_vae(vae_scaling_factor, latent_channels),
+        vae=build_vae(vae_scaling_factor, latent_channels, vae_scale_factor),
         text_encoder=build_text_encoder(tokenizer),
         tokenizer=tokenizer,
-        unet=build_unet(latent_channels, unet_channels),
+        unet=build_unet(latent_channels, unet_channels, vae_scale_factor),
         scheduler=build_scheduler(),
         safety_checker=None,
         feature_extractor=None,
