@@ -34,6 +34,7 @@ from .shapes import (
     render,
 )
 from .tiny_base import (
+    BASE_ACCURACY_BAR,
     BASE_GUIDANCE_SCALE,
     BASE_NUM_INFERENCE_STEPS,
     BASE_RESOLUTION,
@@ -64,6 +65,7 @@ from .vocabulary import unseen_words, vocabulary_text
 __all__ = [
     "ALL_SHAPES",
     "BACKGROUNDS",
+    "BASE_ACCURACY_BAR",
     "BASE_GUIDANCE_SCALE",
     "BASE_NUM_INFERENCE_STEPS",
     "BASE_RESOLUTION",

@@ -32,6 +32,9 @@ VAE_SCALE_FACTOR = 2
 #: Inference steps and classifier-free guidance at which the base is documented and evaluated.
 BASE_NUM_INFERENCE_STEPS = 20
 BASE_GUIDANCE_SCALE = 4.0
+#: A base's bar on the open-set reading: the lowest prompt accuracy on its held-out and its seen
+#: colour x shape pairs (the model card's sets and ``scripts/read_base.py``'s fresh seeds).
+BASE_ACCURACY_BAR = {"heldout": 0.90, "seen": 0.95}
 
 _VAE_CHANNELS = (32, 64)
 _TEXT_HIDDEN = 64

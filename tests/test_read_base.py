@@ -1,0 +1,62 @@
+"""scripts/read_base.py: a base's open-set reading on fresh seeds, with Wilson intervals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from diffusers import StableDiffusionPipeline
+
+from reslora_diffusers.data import default_base_model_path, heldout_base_prompts, seen_base_prompts
+from reslora_diffusers.eval import evaluate_pipeline
+from tests.scripts import load_script
+
+read_base = load_script(Path(__file__).resolve().parent.parent / "scripts" / "read_base.py")
+
+
+def test_the_wilson_interval_is_the_textbook_one():
+    z = 1.959964
+    # no successes: the lower end is 0 and the upper z^2 / (n + z^2)
+    low, high = read_base.wilson_interval(0, 10)
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(z**2 / (10 + z**2))
+    # the score interval solves |p - q| = z sqrt(q (1 - q) / n) for q: both ends satisfy it
+    k, n = 314, 360
+    for q in read_base.wilson_interval(k, n):
+        assert abs(k / n - q) == pytest.approx(z * math.sqrt(q * (1 - q) / n))
+    # and it is symmetric under swapping successes and failures
+    low, high = read_base.wilson_interval(k, n)
+    swapped = read_base.wilson_interval(n - k, n)
+    assert low == pytest.approx(1 - swapped[1]) and high == pytest.approx(1 - swapped[0])
+
+
+def test_a_base_is_read_per_set_pooled_and_per_held_out_pair(tmp_path, capsys):
+    base = default_base_model_path()
+    out = tmp_path / "reading" / "fresh.json"
+    args = [str(base), "--seed-sets", "100", "300", "--heldout-seeds", "1", "--seen-seeds", "1"]
+    reading = read_base.main([*args, "--steps", "2", "--threads", "1", "--output", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(reading))
+    assert not list(out.parent.glob("*.tmp*"))
+    # the same images through evaluate_pipeline directly: its accuracy is the reading's
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    for name, prompts in (("heldout", heldout_base_prompts()), ("seen", seen_base_prompts())):
+        direct = [
+            evaluate_pipeline(pipe, prompts, [s], num_inference_steps=2, guidance_scale=4.0)
+            for s in (100, 300)
+        ]
+        assert [row[name] for row in reading["sets"]] == pytest.approx([d["accuracy"] for d in direct])
+        assert reading[name]["images"] == 2 * len(prompts)
+        assert reading[name]["accuracy"] == pytest.approx(sum(d["accuracy"] for d in direct) / 2)
+    pairs = reading["heldout_pairs"]
+    assert sorted(pairs) == ["blue circle", "green square", "red triangle"]
+    assert all(p["images"] == 6 for p in pairs.values())  # three backgrounds, two sets of one seed
+    assert sum(p["correct"] for p in pairs.values()) == reading["heldout"]["correct"]
+    printed = capsys.readouterr().out
+    assert "| 100- |" in printed and "its bar 90%" in printed and "its bar 95%" in printed
+
+
+def test_a_folder_that_is_not_a_pipeline_stops_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        read_base.main([str(tmp_path)])
+    assert f"{tmp_path}: not a pipeline folder (no model_index.json)" in capsys.readouterr().err
