@@ -110,8 +110,9 @@ def markdown(reading: dict) -> str:
         r = reading[name]
         low, high = r["interval"]
         lines.append(f"\n{name}: {r['correct']}/{r['images']} = {r['accuracy']:.1%} [{low:.1%}, {high:.1%}]")
-    for pair, r in reading["heldout_pairs"].items():
-        lines.append(f"  {pair}: {r['correct']}/{r['images']} = {r['accuracy']:.1%}")
+        if name == "heldout":
+            for pair, r in reading["heldout_pairs"].items():
+                lines.append(f"  {pair}: {r['correct']}/{r['images']} = {r['accuracy']:.1%}")
     return "\n".join(lines) + "\n\n" + verdict(reading)
 
 
