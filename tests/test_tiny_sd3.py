@@ -361,11 +361,11 @@ def test_the_unet_family_pretrains_on_latents_at_the_images_side(tmp_path):
 
 
 def test_a_one_level_vae_keeps_the_side_and_other_factors_are_refused():
-    vae = build_vae(scale_factor=1)
+    vae = build_vae(vae_scale_factor=1)
     latents = vae.encode(torch.zeros(1, 3, BASE_RESOLUTION, BASE_RESOLUTION)).latent_dist.mean
     assert latents.shape == (1, LATENT_CHANNELS, BASE_RESOLUTION, BASE_RESOLUTION)
     assert build_vae().encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape[-1] == BASE_RESOLUTION // 2
-    for builder in (lambda: build_vae(scale_factor=4), lambda: build_unet(vae_scale_factor=4)):
+    for builder in (lambda: build_vae(vae_scale_factor=4), lambda: build_unet(vae_scale_factor=4)):
         with pytest.raises(ValueError, match="vae_scale_factor 4: the tiny base's VAE downsamples by 1 or 2"):
             builder()
 

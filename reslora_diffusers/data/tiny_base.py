@@ -69,18 +69,21 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def _check_scale_factor(scale_factor: int) -> None:
-    if scale_factor not in (1, 2):
-        raise ValueError(f"vae_scale_factor {scale_factor}: the tiny base's VAE downsamples by 1 or 2")
+def _check_scale_factor(vae_scale_factor: int) -> None:
+    if vae_scale_factor not in (1, 2):
+        raise ValueError(f"vae_scale_factor {vae_scale_factor}: the tiny base's VAE downsamples by 1 or 2")
 
 
 def build_vae(
-    scaling_factor: float = 1.0, latent_channels: int = LATENT_CHANNELS, scale_factor: int = VAE_SCALE_FACTOR
+    scaling_factor: float = 1.0,
+    latent_channels: int = LATENT_CHANNELS,
+    vae_scale_factor: int = VAE_SCALE_FACTOR,
 ) -> AutoencoderKL:
-    """A VAE of ``log2(scale_factor) + 1`` levels: 3 x 32 x 32 images <-> ``latent_channels`` x
-    (32 / ``scale_factor``)^2 latents (2 levels and 16 x 16 latents by default)."""
-    _check_scale_factor(scale_factor)
-    channels = _VAE_CHANNELS[: scale_factor.bit_length()]
+    """A VAE of ``log2(vae_scale_factor) + 1`` levels: 3 x 32 x 32 images <-> ``latent_channels`` x
+    (32 / ``vae_scale_factor``)^2 latents (2 levels and 16 x 16 latents by default).
+    ``scaling_factor`` is the latents' normalisation, not the downsampling."""
+    _check_scale_factor(vae_scale_factor)
+    channels = _VAE_CHANNELS[: vae_scale_factor.bit_length()]
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -105,8 +108,9 @@ def build_unet(
     latents of a VAE that downsamples by ``vae_scale_factor``.
 
     With ``vae_scale_factor`` 1 (32 x 32 latents) a first level without attention, as wide as the
-    next, runs at the latents' side ahead of those two, as SDXL's first level does: self-attention
-    over 1024 positions made a training step 7x the 16 x 16 UNet's, this about 1.1x.
+    next, runs at the latents' side ahead of those two, as SDXL's first level does: with
+    self-attention over its 1024 positions a forward and backward pass cost 7x the 16 x 16 UNet's,
+    this layout 1.2x (one thread, batch 32).
     """
     _check_scale_factor(vae_scale_factor)
     down = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
