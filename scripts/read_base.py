@@ -29,7 +29,7 @@ from reslora_diffusers.data import (
     heldout_base_prompts,
     seen_base_prompts,
 )
-from reslora_diffusers.eval import attribute_matches, evaluate_pipeline, parse_prompt
+from reslora_diffusers.eval import evaluate_pipeline, parse_prompt
 from reslora_diffusers.utils.io import atomic_path
 
 #: the normal quantile of a two-sided 95 % interval
@@ -43,14 +43,6 @@ def wilson_interval(correct: int, images: int, z: float = Z_95) -> tuple[float, 
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
-
-
-def correct_images(result: dict) -> list[bool]:
-    """Per image of an :func:`evaluate_pipeline` result: colour, shape (open-set) and background right."""
-    return [
-        all(attribute_matches(analysis, parse_prompt(prompt)).values())
-        for analysis, prompt in zip(result["analyses"], result["prompts"], strict=True)
-    ]
 
 
 def pooled(correct: list[bool]) -> dict:
@@ -75,11 +67,10 @@ def read_base(
         row = {"seeds": start}
         for name, count in (("heldout", heldout_seeds), ("seen", seen_seeds)):
             result = evaluate_pipeline(pipe, prompts[name], range(start, start + count), **generate_kwargs)
-            correct = correct_images(result)
-            row[name] = sum(correct) / len(correct)
-            all_correct[name] += correct
+            row[name] = result["accuracy"]
+            all_correct[name] += result["correct"]
             if name == "heldout":
-                for prompt, hit in zip(result["prompts"], correct, strict=True):
+                for prompt, hit in zip(result["prompts"], result["correct"], strict=True):
                     parsed = parse_prompt(prompt)
                     pairs[f"{parsed['color']} {parsed['shape']}"].append(hit)
         per_set.append(row)
@@ -111,8 +102,10 @@ def markdown(reading: dict) -> str:
         low, high = r["interval"]
         lines.append(f"\n{name}: {r['correct']}/{r['images']} = {r['accuracy']:.1%} [{low:.1%}, {high:.1%}]")
         if name == "heldout":
-            for pair, r in reading["heldout_pairs"].items():
-                lines.append(f"  {pair}: {r['correct']}/{r['images']} = {r['accuracy']:.1%}")
+            for pair, by_pair in reading["heldout_pairs"].items():
+                lines.append(
+                    f"  {pair}: {by_pair['correct']}/{by_pair['images']} = {by_pair['accuracy']:.1%}"
+                )
     return "\n".join(lines) + "\n\n" + verdict(reading)
 
 

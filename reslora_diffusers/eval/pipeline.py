@@ -96,7 +96,8 @@ def evaluate_pipeline(
     Returns ``accuracy`` (all named attributes right, the shape by the open-set call),
     ``accuracy_lenient`` (the shape by the nearest template), ``<attribute>_accuracy`` for
     colour, shape and background, ``shape_accuracy_lenient``, and per image (seed-major
-    order) ``images``, ``prompts``, ``seeds`` and ``analyses``.
+    order) ``images``, ``prompts``, ``seeds``, ``analyses`` and ``correct`` /
+    ``correct_lenient`` (all named attributes right, in each reading).
     """
     jobs = [(seed, prompt) for seed in seeds for prompt in prompts]
     images = []
@@ -108,7 +109,8 @@ def evaluate_pipeline(
     result = {}
     for suffix, open_set in (("", True), ("_lenient", False)):
         matches = [attribute_matches(a, p, open_set) for a, p in zip(analyses, parsed, strict=True)]
-        result[f"accuracy{suffix}"] = float(np.mean([all(m.values()) for m in matches]))
+        result[f"correct{suffix}"] = [all(m.values()) for m in matches]
+        result[f"accuracy{suffix}"] = float(np.mean(result[f"correct{suffix}"]))
         for key in ATTRIBUTES if open_set else ("shape",):
             named = [m[key] for m in matches if key in m]
             result[f"{key}_accuracy{suffix}"] = float(np.mean(named)) if named else float("nan")
