@@ -56,6 +56,8 @@ from reslora_diffusers.data import (
     BASE_GUIDANCE_SCALE,
     BASE_NUM_INFERENCE_STEPS,
     BASE_RESOLUTION,
+    COLORS,
+    EXTRA_COLORS,
     FINETUNE_SHAPE,
     HELDOUT_COMBOS,
     LATENT_CHANNELS,
@@ -69,6 +71,7 @@ from reslora_diffusers.data import (
     build_sd3_pipeline,
     default_base_model_path,
     default_dit_base_path,
+    extra_colors,
     finetune_prompts,
     heldout_base_prompts,
     make_base_set,
@@ -154,6 +157,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"how much the VAE downsamples (default {VAE_SCALE_FACTOR}: 16 x 16 latents); 1 trains a "
         "one-level VAE with 32 x 32 latents and a UNet with a full-resolution level (UNet family only)",
     )
+    parser.add_argument(
+        "--extra-colors",
+        type=int,
+        default=0,
+        choices=range(len(EXTRA_COLORS) + 1),
+        metavar="N",
+        help=f"add the first N of the pretraining-only shape colours ({', '.join(EXTRA_COLORS)}) on "
+        "every shape to the base set and the vocabulary, so that each colour word is learnt apart "
+        "from the shapes it is drawn as; the evaluation reads the base colours only (UNet family only)",
+    )
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--snr-gamma", type=float, default=5.0)
@@ -222,6 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unet_flags = {
         "--unet-channels": args.unet_channels != list(UNET_CHANNELS),
         "--vae-scale-factor": args.vae_scale_factor != VAE_SCALE_FACTOR,
+        "--extra-colors": args.extra_colors != 0,
     }
     if args.family == "sd3" and (given := [flag for flag, changed in unet_flags.items() if changed]):
         parser.error(f"{', '.join(given)}: the UNet family's only (--family sd3 takes --init-from's VAE)")
@@ -301,7 +315,9 @@ def encode(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tens
 def reconstruction_accuracy(vae, data_dir: Path, limit: int | None = None) -> float:
     """Prompt accuracy of VAE reconstructions of (the first ``limit`` images of) a set: can the VAE draw it?"""
     images, captions = load_images(data_dir)
-    images, captions = images[:limit], captions[:limit]
+    # the analyser names the base colours only: images of --extra-colors are left out
+    kept = [i for i, text in enumerate(captions) if parse_prompt(text)["color"] is not None][:limit]
+    images, captions = images[kept], [captions[i] for i in kept]
     decoded = vae.decode(vae.encode(images.to(vae.device)).latent_dist.mean).sample
     pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return prompt_accuracy([Image.fromarray(p) for p in pixels], captions)
@@ -368,6 +384,7 @@ class DenoiserTrainer(ABC):
 
     def __init__(self, pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], args):
         self.pipe, self.captions, self.args = pipe, captions, args
+        self.colors = (*COLORS, *extra_colors(args.extra_colors))
         self.device = torch.device(args.device)
         pipe.to(self.device)
         self.means, self.stds = latents
@@ -405,7 +422,7 @@ class DenoiserTrainer(ABC):
         """Caption dropout, then attribute dropout, so that each word is learnt on its own too."""
         if draws[0] < self.args.caption_dropout:
             return ""
-        parsed = parse_prompt(text)
+        parsed = parse_prompt(text, colors=self.colors)
         color = "" if draws[1] < self.args.attribute_dropout else f"{parsed['color']} "
         background = (
             "" if draws[2] < self.args.attribute_dropout else f" on a {parsed['background']} background"
@@ -531,7 +548,7 @@ class UNetTrainer(DenoiserTrainer):
     steps_flag, lr_flag, resume_flags = (
         "unet_steps",
         "unet_lr",
-        ("snr_gamma", "unet_channels", "vae_scale_factor"),
+        ("snr_gamma", "unet_channels", "vae_scale_factor", "extra_colors"),
     )
 
     def __init__(self, pipe, latents, captions, args):
@@ -593,8 +610,14 @@ def describe_device(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
-def save_pipeline(pipe, output_dir: Path) -> None:
-    """Safetensors pipeline folder; every tokenizer folder holds our CLIP-format vocab/merges files.
+def vocabulary(args: argparse.Namespace) -> tuple[str, ...]:
+    """The words of the run's tokenizers: our vocabulary and the ``--extra-colors``."""
+    return tuple(sorted({*VOCAB_WORDS, *extra_colors(args.extra_colors)}))
+
+
+def save_pipeline(pipe, output_dir: Path, words: tuple[str, ...] = VOCAB_WORDS) -> None:
+    """Safetensors pipeline folder; every tokenizer folder holds our CLIP-format vocab/merges files
+    of ``words``.
 
     Written beside ``output_dir`` under a temporary name and renamed when complete, so an
     interrupted save leaves the previous folder (or none), never a part of one.
@@ -606,7 +629,7 @@ def save_pipeline(pipe, output_dir: Path) -> None:
         for name in pipe.components:
             if name.startswith("tokenizer") and (tmp / name).is_dir():
                 shutil.rmtree(tmp / name)
-                write_tokenizer(tmp / name)
+                write_tokenizer(tmp / name, words)
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep other users out of the asset folder
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -693,7 +716,7 @@ model hub. It is not a general text-to-image model.
 | vocabulary | {vocab} ({concept!r} is in the vocabulary but never trained) |
 | parameters | UNet {unet:.2f} M, VAE {vae:.2f} M, text encoder {text_encoder:.2f} M |
 | held-out colour x shape pairs | {heldout_pairs} |
-| training | {num_images} images, seed {seed}; VAE {vae_steps} steps (KL weight {kl_weight:g}), then UNet + text encoder {unet_steps} steps{extension}, batch {batch} |
+| training | {num_images} images{extra_colors}, seed {seed}; VAE {vae_steps} steps (KL weight {kl_weight:g}), then UNet + text encoder {unet_steps} steps{extension}, batch {batch} |
 | training time | {minutes:.0f} min on {threads} CPU thread(s) |
 
 """
@@ -757,6 +780,13 @@ def bar_verdict(accuracy: dict[str, dict]) -> str:
     return f"**Below its bar on the open-set reading**: {', '.join(misses)}."
 
 
+def extra_colors_note(count: int) -> str:
+    """`` (with orange and cyan shapes too, ...)`` for a run with ``--extra-colors``, else empty."""
+    if not count:
+        return ""
+    return f" (with {' and '.join(extra_colors(count))} shapes too, in the set and the vocabulary only)"
+
+
 def init_source(args: argparse.Namespace) -> str:
     """The sd3 card's name for ``--init-from``: `tiny-sd` for the shipped UNet base, else the folder."""
     return "`tiny-sd`" if args.init_from == default_base_model_path() else f"`{args.init_from}`"
@@ -785,7 +815,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         prediction_type=pipe.scheduler.config.get("prediction_type"),
         shift=pipe.scheduler.config.get("shift"),
         source=init_source(args),
-        vocab=", ".join(VOCAB_WORDS),
+        vocab=", ".join(vocabulary(args)),
         concept=FINETUNE_SHAPE,
         **millions,
         layers=SD3_NUM_LAYERS,
@@ -794,6 +824,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         scaling_factor=pipe.vae.config.scaling_factor,
         heldout_pairs=", ".join(f"{c} {s}" for c, s in HELDOUT_COMBOS),
         num_images=args.num_images,
+        extra_colors=extra_colors_note(args.extra_colors),
         seed=args.seed,
         # the VAE stage's own record (older work dirs lack it: the flags of this run then)
         vae_steps=numbers.get("vae_steps", args.vae_steps),
@@ -852,6 +883,7 @@ def build_unet_base(args: argparse.Namespace) -> StableDiffusionPipeline:
         latent_channels=args.latent_channels or LATENT_CHANNELS,
         unet_channels=tuple(args.unet_channels),
         vae_scale_factor=args.vae_scale_factor,
+        extra_words=extra_colors(args.extra_colors),
     )
 
 
@@ -910,7 +942,7 @@ def denoiser_stage(pipe, images: torch.Tensor, captions: list[str], args: argpar
     numbers[f"{trainer.denoiser}_minutes"] = trainer.minutes
     numbers["hardware"] = trainer.hardware
     numbers["extended_from"] = trainer.extended
-    save_pipeline(pipe.to("cpu"), args.output_dir)
+    save_pipeline(pipe.to("cpu"), args.output_dir, vocabulary(args))
     return numbers
 
 
@@ -961,7 +993,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_dir = make_base_set(args.work_dir / "base-set", num_images=args.num_images, seed=args.seed)
+    data_dir = make_base_set(
+        args.work_dir / "base-set",
+        num_images=args.num_images,
+        seed=args.seed,
+        num_extra_colors=args.extra_colors,
+    )
     images, captions = load_images(data_dir)
     logger.info("base set: %d images in %s", len(images), data_dir)
     torch.manual_seed(args.seed)

@@ -7,18 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasets import load_dataset
+from PIL import Image
 from transformers import CLIPTokenizer
 
 from reslora_diffusers.data import (
     BACKGROUNDS,
     COLORS,
+    EXTRA_COLORS,
     FINETUNE_SHAPE,
     HELDOUT_COMBOS,
     RESOLUTION,
     SHAPES,
     VOCAB_WORDS,
+    build_tokenizer,
     caption,
     default_finetune_data_dir,
+    extra_colors,
     finetune_prompts,
     heldout_base_prompts,
     make_base_set,
@@ -81,6 +85,40 @@ def test_base_set_never_shows_heldout_pairs_and_is_balanced(tmp_path):
     assert not {(c, s) for c, s, _ in counts} & set(HELDOUT_COMBOS)
     assert not {r["text"] for r in records} & set(heldout_base_prompts())
     assert {r["text"] for r in records} == set(seen_base_prompts())
+
+
+def test_extra_colours_are_drawn_on_every_shape_and_hold_nothing_out_they_should_not(tmp_path):
+    """``num_extra_colors`` adds pretraining-only colours on every base shape, all pairs as often
+    as the base pairs, still without the held-out pairs; without them the set is the default's."""
+    added = extra_colors(2)
+    assert added == tuple(EXTRA_COLORS)[:2] and not set(added) & (set(COLORS) | set(BACKGROUNDS))
+    num_pairs = len(COLORS) * len(SHAPES) - len(HELDOUT_COMBOS) + len(added) * len(SHAPES)
+    num_triplets = num_pairs * len(BACKGROUNDS)
+    folder = make_base_set(tmp_path / "extra", num_images=num_triplets, seed=1, num_extra_colors=2)
+    records = _records(folder)
+    counts = Counter((r["color"], r["shape"], r["background"]) for r in records)
+    assert len(counts) == num_triplets and set(counts.values()) == {1}
+    assert {(c, s) for c, s, _ in counts if c in added} == {(c, s) for c in added for s in SHAPES}
+    assert not {(c, s) for c, s, _ in counts} & set(HELDOUT_COMBOS)
+    # an added colour's pixels are its palette value within the jitter, not a base colour's
+    orange = next(r for r in records if r["color"] == added[0])
+    pixels = np.asarray(Image.open(folder / orange["file_name"])).reshape(-1, 3).astype(int)
+    assert (np.abs(pixels - EXTRA_COLORS[added[0]]).max(axis=1) <= 10).sum() > 50
+    plain, zero = (
+        make_base_set(tmp_path / "a", 40, seed=3),
+        make_base_set(tmp_path / "b", 40, 3, num_extra_colors=0),
+    )
+    assert _files(plain) == _files(zero)
+    with pytest.raises(ValueError, match=r"extra colours 5: choose 0 to 4 \(orange, cyan, pink, brown\)"):
+        extra_colors(len(EXTRA_COLORS) + 1)
+
+
+def test_extra_words_are_single_tokens_beside_the_vocabulary(tmp_path):
+    tokenizer = build_tokenizer(tmp_path / "extra", extra_colors(3))
+    for word in (*VOCAB_WORDS, *extra_colors(3)):
+        assert tokenizer.tokenize(word) == [f"{word}</w>"]
+    # our vocabulary alone spells them in pieces: the words are the tokenizer's, not the bytes'
+    assert len(build_tokenizer(tmp_path / "plain").tokenize("orange")) > 1
 
 
 def test_finetune_set_shows_only_the_new_concept(tmp_path):

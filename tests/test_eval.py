@@ -53,6 +53,9 @@ def test_parse_prompt():
     }
     assert parse_prompt("A big Yellow square") == {"color": "yellow", "shape": "square", "background": None}
     assert parse_prompt("a photo") == {"color": None, "shape": None, "background": None}
+    # a colour outside the analyser's palette is named only when the caller lists it
+    assert parse_prompt("a orange triangle")["color"] is None
+    assert parse_prompt("a orange triangle", colors=("red", "orange"))["color"] == "orange"
 
 
 def test_prompt_accuracy_counts_all_named_attributes():

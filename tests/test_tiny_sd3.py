@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from reslora_diffusers.data import (
     BASE_RESOLUTION,
+    COLORS,
     LATENT_CHANNELS,
     MODEL_MAX_LENGTH,
     SD3_NUM_LAYERS,
@@ -34,6 +35,7 @@ from reslora_diffusers.data import (
     build_vae,
     default_base_model_path,
     default_dit_base_path,
+    extra_colors,
     write_tokenizer,
 )
 from reslora_diffusers.eval import evaluate_pipeline
@@ -360,6 +362,32 @@ def test_the_unet_family_pretrains_on_latents_at_the_images_side(tmp_path):
         pretrain.main([*toy, "--stage", "denoiser", "--unet-steps", "3"])
 
 
+@pytest.mark.slow
+def test_the_unet_family_pretrains_with_extra_colours(tmp_path, monkeypatch):
+    """``--extra-colors 2``: the base set and the pipeline's vocabulary hold the two added colours
+    (one token each), the card says so, the VAE's reconstruction reading leaves their images out
+    (the analyser cannot name them), and a run without them does not continue the checkpoint."""
+    read = []
+    accuracy = pretrain.prompt_accuracy
+    monkeypatch.setattr(
+        pretrain, "prompt_accuracy", lambda images, texts: read.append(texts) or accuracy(images, texts)
+    )
+    toy = ["--family", "unet", "--num-images", "63", "--batch-size", "4", "--vae-steps", "2"]
+    toy += ["--unet-steps", "2", "--checkpoint-every", "2", "--eval-seeds", "1", "--eval-steps", "2"]
+    toy += ["--threads", "1", "--work-dir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "base")]
+    pretrain.main([*toy, "--extra-colors", "2"])
+    texts = [json.loads(line)["text"] for line in (tmp_path / "work/base-set/metadata.jsonl").open()]
+    added = extra_colors(2)
+    assert {t.split()[1] for t in texts} == {*COLORS, *added}
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    assert [pipe.tokenizer.tokenize(color) for color in added] == [[f"{c}</w>"] for c in added]
+    assert f"(with {added[0]} and {added[1]} shapes too" in (tmp_path / "base" / "README.md").read_text()
+    base_set_read = read[0]
+    assert len(base_set_read) == sum(t.split()[1] in COLORS for t in texts) < len(texts)
+    with pytest.raises(SystemExit, match=r"unet_checkpoint.pt was written with .*'extra_colors': 2"):
+        pretrain.main([*toy, "--stage", "denoiser", "--unet-steps", "3"])
+
+
 def test_a_one_level_vae_keeps_the_side_and_other_factors_are_refused():
     vae = build_vae(vae_scale_factor=1)
     latents = vae.encode(torch.zeros(1, 3, BASE_RESOLUTION, BASE_RESOLUTION)).latent_dist.mean
@@ -371,7 +399,7 @@ def test_a_one_level_vae_keeps_the_side_and_other_factors_are_refused():
 
 
 def test_unet_family_flags_stop_the_sd3_family_with_one_line(capsys):
-    for flags in (["--vae-scale-factor", "1"], ["--unet-channels", "48", "96"]):
+    for flags in (["--vae-scale-factor", "1"], ["--unet-channels", "48", "96"], ["--extra-colors", "1"]):
         with pytest.raises(SystemExit):
             pretrain.parse_args(["--family", "sd3", *flags])
         assert f"{flags[0]}: the UNet family's only" in capsys.readouterr().err

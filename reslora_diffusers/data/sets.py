@@ -17,6 +17,7 @@ import numpy as np
 from .shapes import (
     BACKGROUNDS,
     COLORS,
+    EXTRA_COLORS,
     FINETUNE_SHAPE,
     RESOLUTION,
     SHAPES,
@@ -35,10 +36,23 @@ FINETUNE_NUM_IMAGES = 150
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
-def base_combos(heldout: bool = False) -> list[tuple[str, str]]:
-    """(colour, shape) pairs of the base set, or only the held-out ones with ``heldout=True``."""
+def extra_colors(count: int) -> tuple[str, ...]:
+    """The first ``count`` of :data:`EXTRA_COLORS`, the pretraining-only shape colours."""
+    if not 0 <= count <= len(EXTRA_COLORS):
+        raise ValueError(
+            f"extra colours {count}: choose 0 to {len(EXTRA_COLORS)} ({', '.join(EXTRA_COLORS)})"
+        )
+    return tuple(EXTRA_COLORS)[:count]
+
+
+def base_combos(heldout: bool = False, num_extra_colors: int = 0) -> list[tuple[str, str]]:
+    """(colour, shape) pairs of the base set, or only the held-out ones with ``heldout=True``;
+    ``num_extra_colors`` adds that many of :data:`EXTRA_COLORS` on every base shape."""
     pairs = itertools.product(COLORS, SHAPES)
-    return [pair for pair in pairs if (pair in HELDOUT_COMBOS) == heldout]
+    combos = [pair for pair in pairs if (pair in HELDOUT_COMBOS) == heldout]
+    if heldout:
+        return combos
+    return combos + list(itertools.product(extra_colors(num_extra_colors), SHAPES))
 
 
 def _balanced_triplets(
@@ -73,9 +87,14 @@ def write_imagefolder(out_dir: str | Path, samples: Iterable[ShapeSample]) -> Pa
     return out
 
 
-def make_base_set(out_dir: str | Path, num_images: int, seed: int, resolution: int = RESOLUTION) -> Path:
-    """Write the base set: every colour x shape x background except :data:`HELDOUT_COMBOS`."""
-    return write_imagefolder(out_dir, _samples(seed, base_combos(), num_images, resolution))
+def make_base_set(
+    out_dir: str | Path, num_images: int, seed: int, resolution: int = RESOLUTION, num_extra_colors: int = 0
+) -> Path:
+    """Write the base set: every colour x shape x background except :data:`HELDOUT_COMBOS`, and
+    with ``num_extra_colors`` that many pretraining-only colours on every shape (all pairs
+    equally often)."""
+    combos = base_combos(num_extra_colors=num_extra_colors)
+    return write_imagefolder(out_dir, _samples(seed, combos, num_images, resolution))
 
 
 def make_finetune_set(

@@ -20,6 +20,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 200, 20),
     "purple": (150, 40, 200),
 }
+#: Shape colours that only a pretraining run's ``--extra-colors`` adds (RGB), each drawn on every
+#: base shape: more colours per shape, so that a colour word is learnt apart from the shapes it
+#: appears on. The evaluation, the analyser and the fine-tuning set know :data:`COLORS` only.
+EXTRA_COLORS: dict[str, tuple[int, int, int]] = {
+    "orange": (240, 120, 20),
+    "cyan": (20, 190, 200),
+    "pink": (240, 110, 170),
+    "brown": (130, 80, 30),
+}
 #: Background colours (RGB); disjoint from the shape colours.
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (240, 240, 240),
@@ -130,7 +139,8 @@ def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int]) -> tuple[int, i
 def random_sample(
     rng: np.random.Generator, color: str, shape: str, background: str, resolution: int = RESOLUTION
 ) -> ShapeSample:
-    """Render ``color``/``shape``/``background`` at a random size and position, with colour jitter."""
+    """Render ``color`` (of :data:`COLORS` or :data:`EXTRA_COLORS`)/``shape``/``background`` at a
+    random size and position, with colour jitter."""
     size = rng.uniform(*SIZE_RANGE)
     low, high = MARGIN + size / 2, 1.0 - MARGIN - size / 2
     center = (rng.uniform(low, high), rng.uniform(low, high))
@@ -141,7 +151,7 @@ def random_sample(
         size=size,
         center=center,
         resolution=resolution,
-        color_rgb=_jitter(rng, COLORS[color]),
+        color_rgb=_jitter(rng, {**COLORS, **EXTRA_COLORS}[color]),
         background_rgb=_jitter(rng, BACKGROUNDS[background]),
     )
     return ShapeSample(image=image, color=color, shape=shape, background=background)

@@ -12,7 +12,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..utils.quiet import loading_pipeline
 from .shapes import RESOLUTION
-from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer
+from .tokenizer import MODEL_MAX_LENGTH, VOCAB_WORDS, write_tokenizer
 
 # a pipeline class loads diffusers' pipeline modules, which set off transformers' notice about
 # torchvision (reslora_diffusers.utils.quiet.TORCHVISION_FALLBACK): dropped here
@@ -47,9 +47,12 @@ UNET_CHANNELS = (32, 64)
 UNET_NORM_GROUPS = 16
 
 
-def build_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
-    """Write our vocabulary into ``out_dir`` and load it as a ``CLIPTokenizer``."""
-    return CLIPTokenizer.from_pretrained(write_tokenizer(out_dir))
+def build_tokenizer(out_dir: str | Path, extra_words: tuple[str, ...] = ()) -> CLIPTokenizer:
+    """Write our vocabulary (with ``extra_words``, e.g. pretraining-only colours, each one token
+    too) into ``out_dir`` and load it as a ``CLIPTokenizer``."""
+    return CLIPTokenizer.from_pretrained(
+        write_tokenizer(out_dir, tuple(sorted({*VOCAB_WORDS, *extra_words})))
+    )
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
@@ -151,9 +154,11 @@ def build_pipeline(
     latent_channels: int = LATENT_CHANNELS,
     unet_channels: tuple[int, int] = UNET_CHANNELS,
     vae_scale_factor: int = VAE_SCALE_FACTOR,
+    extra_words: tuple[str, ...] = (),
 ) -> StableDiffusionPipeline:
-    """The untrained base pipeline (no safety checker), tokenizer files written to ``tokenizer_dir``."""
-    tokenizer = build_tokenizer(tokenizer_dir)
+    """The untrained base pipeline (no safety checker), tokenizer files written to ``tokenizer_dir``
+    (our vocabulary and ``extra_words``)."""
+    tokenizer = build_tokenizer(tokenizer_dir, extra_words)
     return StableDiffusionPipeline(
         vae=build_vae(vae_scaling_factor, latent_channels, vae_scale_factor),
         text_encoder=build_text_encoder(tokenizer),

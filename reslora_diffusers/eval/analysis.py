@@ -19,7 +19,7 @@ and shapes with a quadrant cut away are mostly "unknown".
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import cache
 
 import numpy as np
@@ -141,12 +141,12 @@ def analyse_image(image: Image.Image, open_set: bool = True) -> dict:
     return result
 
 
-def parse_prompt(prompt: str) -> dict[str, str | None]:
+def parse_prompt(prompt: str, colors: Collection[str] = tuple(COLORS)) -> dict[str, str | None]:
     """Colour, shape and background named by a prompt like "a red circle on a white background".
 
     The background is the colour word right before "background"; the shape is the first
-    known shape word; the colour is the last palette colour before the shape. Missing
-    attributes are None.
+    known shape word; the colour is the last of ``colors`` (the analyser's palette unless
+    said) before the shape. Missing attributes are None.
     """
     words = re.findall(r"[a-z]+", prompt.lower())
     parsed: dict[str, str | None] = dict.fromkeys(ATTRIBUTES)
@@ -156,8 +156,8 @@ def parse_prompt(prompt: str) -> dict[str, str | None]:
     shape_positions = [i for i, word in enumerate(words) if word in ALL_SHAPES]
     if shape_positions:
         parsed["shape"] = words[shape_positions[0]]
-        colors = [word for word in words[: shape_positions[0]] if word in COLORS]
-        parsed["color"] = colors[-1] if colors else None
+        named = [word for word in words[: shape_positions[0]] if word in colors]
+        parsed["color"] = named[-1] if named else None
     return parsed
 
 
