@@ -909,6 +909,24 @@ def build_sd3_base(args: argparse.Namespace) -> StableDiffusion3Pipeline:
     return pipe
 
 
+def vae_layout(config) -> tuple[int, int]:
+    """(latent channels, downsampling) of a VAE config: one level per entry of its widths, each
+    after the first halving the side."""
+    return config["latent_channels"], 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def check_vae_layout(vae, trained_dir: Path) -> None:
+    """Stop with one line when the VAE stage's VAE in ``trained_dir`` has other latent channels or
+    another downsampling than the run builds (the flags of that stage were others)."""
+    trained, built = vae_layout(AutoencoderKL.load_config(trained_dir)), vae_layout(vae.config)
+    if trained != built:
+        raise SystemExit(
+            f"the VAE in {trained_dir} has {trained[0]} latent channels and downsamples by {trained[1]}, "
+            f"this run builds {built[0]} and {built[1]}: give the VAE stage's --latent-channels and "
+            "--vae-scale-factor, or retrain it with --stage vae"
+        )
+
+
 def denoiser_stage(pipe, images: torch.Tensor, captions: list[str], args: argparse.Namespace) -> dict | None:
     """Normalise the latents, train the denoiser with the text encoders and save the pipeline.
 
@@ -918,12 +936,9 @@ def denoiser_stage(pipe, images: torch.Tensor, captions: list[str], args: argpar
     """
     base = BASES[args.family]
     numbers = json.loads((args.work_dir / "vae" / "numbers.json").read_text())
+    check_vae_layout(pipe.vae, args.work_dir / "vae")
     trained = type(pipe.vae).from_pretrained(args.work_dir / "vae")
-    _load_weights(
-        pipe.vae,
-        trained.state_dict(),
-        f"the VAE in {args.work_dir / 'vae'} (trained with other --latent-channels or --vae-scale-factor?)",
-    )
+    _load_weights(pipe.vae, trained.state_dict(), f"the VAE in {args.work_dir / 'vae'}")
     means, stds = encode(pipe.vae, images)
     sampled = means + stds * torch.randn(means.shape, generator=step_generator(args.seed, -1))
     pipe.vae.register_to_config(scaling_factor=round(1.0 / sampled.std().item(), 5))

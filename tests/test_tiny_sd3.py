@@ -358,7 +358,10 @@ def test_the_unet_family_pretrains_on_latents_at_the_images_side(tmp_path):
     latents = pipe("a red circle", num_inference_steps=2, output_type="latent").images
     assert latents.shape == (1, 4, BASE_RESOLUTION, BASE_RESOLUTION)
     assert pipe("a red circle", num_inference_steps=2).images[0].size == (BASE_RESOLUTION, BASE_RESOLUTION)
-    with pytest.raises(SystemExit, match=r"the VAE in .*work/vae .*--vae-scale-factor\?\) does not fit"):
+    with pytest.raises(
+        SystemExit,
+        match=r"the VAE in .*work/vae has 4 latent channels and downsamples by 1, this run builds 4 and 2",
+    ):
         pretrain.main([*toy, "--stage", "denoiser", "--unet-steps", "3"])
 
 
@@ -386,6 +389,15 @@ def test_the_unet_family_pretrains_with_extra_colours(tmp_path, monkeypatch):
     assert len(base_set_read) == sum(t.split()[1] in COLORS for t in texts) < len(texts)
     with pytest.raises(SystemExit, match=r"unet_checkpoint.pt was written with .*'extra_colors': 2"):
         pretrain.main([*toy, "--stage", "denoiser", "--unet-steps", "3"])
+
+
+def test_the_denoiser_stage_names_a_vae_of_other_latent_channels(tmp_path):
+    build_vae(latent_channels=8).save_pretrained(tmp_path / "vae")
+    pretrain.check_vae_layout(build_vae(latent_channels=8), tmp_path / "vae")
+    with pytest.raises(
+        SystemExit, match=r"has 8 latent channels and downsamples by 2, this run builds 4 and 2"
+    ):
+        pretrain.check_vae_layout(build_vae(), tmp_path / "vae")
 
 
 def test_a_one_level_vae_keeps_the_side_and_other_factors_are_refused():
