@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,20 +28,8 @@ from reslora_diffusers.data import (
     heldout_base_prompts,
     seen_base_prompts,
 )
-from reslora_diffusers.eval import evaluate_pipeline, parse_prompt
+from reslora_diffusers.eval import evaluate_pipeline, parse_prompt, wilson_interval
 from reslora_diffusers.utils.io import atomic_path
-
-#: the normal quantile of a two-sided 95 % interval
-Z_95 = 1.959964
-
-
-def wilson_interval(correct: int, images: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion ``p = correct / images``:
-    ``(p + z^2 / 2n -+ z sqrt(p (1 - p) / n + z^2 / 4n^2)) / (1 + z^2 / n)``."""
-    p, n = correct / images, images
-    centre = p + z * z / (2 * n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
 def pooled(correct: list[bool]) -> dict:

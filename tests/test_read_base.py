@@ -10,7 +10,7 @@ import pytest
 from diffusers import StableDiffusionPipeline
 
 from reslora_diffusers.data import default_base_model_path, heldout_base_prompts, seen_base_prompts
-from reslora_diffusers.eval import evaluate_pipeline
+from reslora_diffusers.eval import evaluate_pipeline, wilson_interval
 from tests.scripts import load_script
 
 read_base = load_script(Path(__file__).resolve().parent.parent / "scripts" / "read_base.py")
@@ -19,16 +19,18 @@ read_base = load_script(Path(__file__).resolve().parent.parent / "scripts" / "re
 def test_the_wilson_interval_is_the_textbook_one():
     z = 1.959964
     # no successes: the lower end is 0 and the upper z^2 / (n + z^2)
-    low, high = read_base.wilson_interval(0, 10)
+    low, high = wilson_interval(0, 10)
     assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(z**2 / (10 + z**2))
     # the score interval solves |p - q| = z sqrt(q (1 - q) / n) for q: both ends satisfy it
     k, n = 314, 360
-    for q in read_base.wilson_interval(k, n):
+    for q in wilson_interval(k, n):
         assert abs(k / n - q) == pytest.approx(z * math.sqrt(q * (1 - q) / n))
     # and it is symmetric under swapping successes and failures
-    low, high = read_base.wilson_interval(k, n)
-    swapped = read_base.wilson_interval(n - k, n)
+    low, high = wilson_interval(k, n)
+    swapped = wilson_interval(n - k, n)
     assert low == pytest.approx(1 - swapped[1]) and high == pytest.approx(1 - swapped[0])
+    with pytest.raises(ValueError, match="wilson_interval: 3 correct of 2 images"):
+        wilson_interval(3, 2)
 
 
 def test_a_base_is_read_per_set_pooled_and_per_held_out_pair(tmp_path, capsys):

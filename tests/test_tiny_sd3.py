@@ -129,12 +129,17 @@ def test_script_writes_a_pipeline_that_loads_matches_the_builders_and_draws(toy_
     assert "| training time | 0 min on cpu (1 threads) |" in card
     assert "| VAE | `tiny-sd`'s trained VAE" in card  # the default --init-from, named as shipped
     assert "| held-out pairs (seeds 0-0) | 9 |" in card and "| cross (seeds 0-0) | 15 |" in card
-    # both shape readings: accuracy, nearest-template accuracy, colour, shape x 2, background
-    assert "| accuracy | accuracy (nearest template) |" in card
+    # both shape readings: accuracy with its interval, nearest-template accuracy, colour, shape x 2,
+    # background
+    assert "| accuracy | its 95 % interval | accuracy (nearest template) |" in card
     row = next(line for line in card.splitlines() if line.startswith("| held-out pairs"))
-    assert len(row.strip("|").split("|")) == 8 and all(
-        cell.strip().endswith("%") for cell in row.split("|")[3:-1]
-    )
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert len(cells) == 9 and all(cell.endswith("%") for cell in cells[2:])
+    # the interval is the Wilson score interval of the open-set accuracy of the row's 9 images
+    correct, n, z = round(float(cells[2].rstrip("%")) * 9 / 100), 9, 1.959964
+    p, spread = correct / n, z * math.sqrt(correct / n * (1 - correct / n) / n + z * z / (4 * n * n))
+    ends = [(p + z * z / (2 * n) + sign * spread) / (1 + z * z / n) for sign in (-1, 1)]
+    assert cells[3] == f"[{100 * ends[0]:.1f}, {100 * ends[1]:.1f}] %"
     # a toy run of 4 steps is far below the bar, and the card says so with its figures
     numbers = json.loads((toy_base.parent / "work" / "numbers.json").read_text())["accuracy"]
     assert (

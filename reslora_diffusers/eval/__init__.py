@@ -13,6 +13,7 @@ from .analysis import (
     prompt_accuracies,
     prompt_accuracy,
 )
+from .intervals import Z_95, wilson_interval
 from .pipeline import evaluate_pipeline, generate
 
 #: Seeds of the documented evaluations.
@@ -27,6 +28,7 @@ __all__ = [
     "MIN_SHAPE_IOU",
     "MIN_SHAPE_MARGIN",
     "UNKNOWN_SHAPE",
+    "Z_95",
     "analyse_image",
     "attribute_matches",
     "evaluate_pipeline",
@@ -35,4 +37,5 @@ __all__ = [
     "parse_prompt",
     "prompt_accuracies",
     "prompt_accuracy",
+    "wilson_interval",
 ]
