@@ -77,6 +77,7 @@ from reslora_diffusers.data import (
     make_base_set,
     make_finetune_set,
     seen_base_prompts,
+    vocabulary_words,
     write_tokenizer,
 )
 from reslora_diffusers.eval import (
@@ -616,11 +617,6 @@ def describe_device(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
-def vocabulary(args: argparse.Namespace) -> tuple[str, ...]:
-    """The words of the run's tokenizers: our vocabulary and the ``--extra-colors``."""
-    return tuple(sorted({*VOCAB_WORDS, *extra_colors(args.extra_colors)}))
-
-
 def save_pipeline(pipe, output_dir: Path, words: tuple[str, ...] = VOCAB_WORDS) -> None:
     """Safetensors pipeline folder; every tokenizer folder holds our CLIP-format vocab/merges files
     of ``words``.
@@ -832,7 +828,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         prediction_type=pipe.scheduler.config.get("prediction_type"),
         shift=pipe.scheduler.config.get("shift"),
         source=init_source(args),
-        vocab=", ".join(vocabulary(args)),
+        vocab=", ".join(vocabulary_words(extra_colors(args.extra_colors))),
         concept=FINETUNE_SHAPE,
         **millions,
         layers=SD3_NUM_LAYERS,
@@ -974,7 +970,7 @@ def denoiser_stage(pipe, images: torch.Tensor, captions: list[str], args: argpar
     numbers[f"{trainer.denoiser}_minutes"] = trainer.minutes
     numbers["hardware"] = trainer.hardware
     numbers["extended_from"] = trainer.extended
-    save_pipeline(pipe.to("cpu"), args.output_dir, vocabulary(args))
+    save_pipeline(pipe.to("cpu"), args.output_dir, vocabulary_words(extra_colors(args.extra_colors)))
     return numbers
 
 

@@ -61,7 +61,7 @@ from .tiny_sd3 import (
     build_sd3_vae,
     build_t5_encoder,
 )
-from .tokenizer import MODEL_MAX_LENGTH, VOCAB_WORDS, write_tokenizer
+from .tokenizer import MODEL_MAX_LENGTH, VOCAB_WORDS, vocabulary_words, write_tokenizer
 from .vocabulary import unseen_words, vocabulary_text
 
 __all__ = [
@@ -116,5 +116,6 @@ __all__ = [
     "unseen_words",
     "vocabulary_text",
     "write_imagefolder",
+    "vocabulary_words",
     "write_tokenizer",
 ]

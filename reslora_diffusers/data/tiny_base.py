@@ -12,7 +12,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..utils.quiet import loading_pipeline
 from .shapes import RESOLUTION
-from .tokenizer import MODEL_MAX_LENGTH, VOCAB_WORDS, write_tokenizer
+from .tokenizer import MODEL_MAX_LENGTH, vocabulary_words, write_tokenizer
 
 # a pipeline class loads diffusers' pipeline modules, which set off transformers' notice about
 # torchvision (reslora_diffusers.utils.quiet.TORCHVISION_FALLBACK): dropped here
@@ -50,9 +50,7 @@ UNET_NORM_GROUPS = 16
 def build_tokenizer(out_dir: str | Path, extra_words: tuple[str, ...] = ()) -> CLIPTokenizer:
     """Write our vocabulary (with ``extra_words``, e.g. pretraining-only colours, each one token
     too) into ``out_dir`` and load it as a ``CLIPTokenizer``."""
-    return CLIPTokenizer.from_pretrained(
-        write_tokenizer(out_dir, tuple(sorted({*VOCAB_WORDS, *extra_words})))
-    )
+    return CLIPTokenizer.from_pretrained(write_tokenizer(out_dir, vocabulary_words(extra_words)))
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:

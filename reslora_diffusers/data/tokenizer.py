@@ -25,6 +25,11 @@ _END = "</w>"
 VOCAB_WORDS: tuple[str, ...] = tuple(sorted({"a", "on", "background", *COLORS, *BACKGROUNDS, *ALL_SHAPES}))
 
 
+def vocabulary_words(extra_words: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """:data:`VOCAB_WORDS` and ``extra_words`` (a pretraining run's added colours), sorted."""
+    return tuple(sorted({*VOCAB_WORDS, *extra_words}))
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2 reversible byte -> printable character table."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
