@@ -699,7 +699,7 @@ template, which names any blob after some shape, stands beside it:
 {rows}
 
 The interval is the Wilson score interval of the open-set accuracy. `python scripts/read_base.py`
-reads a base on 360 fresh held-out and 720 fresh seen images, with intervals four times narrower.
+reads a base on 360 fresh held-out and 720 fresh seen images (five times these), with intervals less than half as wide.
 
 {bar}
 """

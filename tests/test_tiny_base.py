@@ -18,6 +18,7 @@ from reslora_diffusers.data import (
     build_unet,
     build_vae,
     default_base_model_path,
+    extra_colors,
     finetune_prompts,
     heldout_base_prompts,
     write_tokenizer,
@@ -98,3 +99,20 @@ def test_kept_candidate_base_is_a_complete_pipeline_whose_vae_continues_the_deno
         "a red circle on a white background", num_inference_steps=2, generator=torch.manual_seed(0)
     )
     assert image.images[0].size == (BASE_RESOLUTION, BASE_RESOLUTION)
+
+
+def test_kept_extra_colours_base_reads_its_added_colours_as_the_vocabulary_it_was_trained_with(tmp_path):
+    """``tiny-sd-xc3-vae6000-unet4500``: a base trained with ``--extra-colors 3`` keeps the run's
+    vocabulary (each added colour one token, the tokenizer the builder writes for those words), and
+    its ``vae/`` holds the VAE stage's record of that run."""
+    folder = (
+        Path(__file__).resolve().parent.parent / "scripts" / "pretrain_state" / "tiny-sd-xc3-vae6000-unet4500"
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    added = extra_colors(3)
+    assert [pipe.tokenizer.tokenize(color) for color in added] == [[f"{color}</w>"] for color in added]
+    rebuilt = build_tokenizer(tmp_path, added)
+    assert pipe.tokenizer.get_vocab() == rebuilt.get_vocab()
+    assert public_config(pipe.unet.config) == public_config(build_unet().config)
+    assert json.loads((folder / "vae" / "numbers.json").read_text())["vae_steps"] == 6000
+    assert "(with orange and cyan and pink shapes too" in (folder / "README.md").read_text()
