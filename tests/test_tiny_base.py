@@ -102,11 +102,11 @@ def test_kept_candidate_base_is_a_complete_pipeline_whose_vae_continues_the_deno
 
 
 def test_kept_extra_colours_base_reads_its_added_colours_as_the_vocabulary_it_was_trained_with(tmp_path):
-    """``tiny-sd-xc3-vae6000-unet4500``: a base trained with ``--extra-colors 3`` keeps the run's
+    """``tiny-sd-xc3-vae6000-unet6000``: a base trained with ``--extra-colors 3`` keeps the run's
     vocabulary (each added colour one token, the tokenizer the builder writes for those words), and
     its ``vae/`` holds the VAE stage's record of that run."""
     folder = (
-        Path(__file__).resolve().parent.parent / "scripts" / "pretrain_state" / "tiny-sd-xc3-vae6000-unet4500"
+        Path(__file__).resolve().parent.parent / "scripts" / "pretrain_state" / "tiny-sd-xc3-vae6000-unet6000"
     )
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     added = extra_colors(3)
