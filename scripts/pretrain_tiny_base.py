@@ -246,6 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     }
     if args.family == "sd3" and (given := [flag for flag, changed in unet_flags.items() if changed]):
         parser.error(f"{', '.join(given)}: the UNet family's only (--family sd3 takes --init-from's VAE)")
+    # the added colours' names, which the set, the vocabulary, the captions and the card share
+    args.added_colors = extra_colors(args.extra_colors)
     base = BASES[args.family]
     args.output_dir = args.output_dir or base.default_output
     args.work_dir = args.work_dir or base.default_work_dir
@@ -391,7 +393,7 @@ class DenoiserTrainer(ABC):
 
     def __init__(self, pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], args):
         self.pipe, self.captions, self.args = pipe, captions, args
-        self.colors = (*COLORS, *extra_colors(args.extra_colors))
+        self.colors = (*COLORS, *args.added_colors)
         self.device = torch.device(args.device)
         pipe.to(self.device)
         self.means, self.stds = latents
@@ -793,11 +795,11 @@ def bar_verdict(accuracy: dict[str, dict]) -> str:
     return f"**Below its bar on the open-set reading**: {', '.join(misses)}."
 
 
-def extra_colors_note(count: int) -> str:
+def extra_colors_note(added: tuple[str, ...]) -> str:
     """`` (with orange and cyan shapes too, ...)`` for a run with ``--extra-colors``, else empty."""
-    if not count:
+    if not added:
         return ""
-    return f" (with {' and '.join(extra_colors(count))} shapes too, in the set and the vocabulary only)"
+    return f" (with {' and '.join(added)} shapes too, in the set and the vocabulary only)"
 
 
 def init_source(args: argparse.Namespace) -> str:
@@ -828,7 +830,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         prediction_type=pipe.scheduler.config.get("prediction_type"),
         shift=pipe.scheduler.config.get("shift"),
         source=init_source(args),
-        vocab=", ".join(vocabulary_words(extra_colors(args.extra_colors))),
+        vocab=", ".join(vocabulary_words(args.added_colors)),
         concept=FINETUNE_SHAPE,
         **millions,
         layers=SD3_NUM_LAYERS,
@@ -837,7 +839,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         scaling_factor=pipe.vae.config.scaling_factor,
         heldout_pairs=", ".join(f"{c} {s}" for c, s in HELDOUT_COMBOS),
         num_images=args.num_images,
-        extra_colors=extra_colors_note(args.extra_colors),
+        extra_colors=extra_colors_note(args.added_colors),
         seed=args.seed,
         # the VAE stage's own record (older work dirs lack it: the flags of this run then)
         vae_steps=numbers.get("vae_steps", args.vae_steps),
@@ -896,7 +898,7 @@ def build_unet_base(args: argparse.Namespace) -> StableDiffusionPipeline:
         latent_channels=args.latent_channels or LATENT_CHANNELS,
         unet_channels=tuple(args.unet_channels),
         vae_scale_factor=args.vae_scale_factor,
-        extra_words=extra_colors(args.extra_colors),
+        extra_words=args.added_colors,
     )
 
 
@@ -970,7 +972,7 @@ def denoiser_stage(pipe, images: torch.Tensor, captions: list[str], args: argpar
     numbers[f"{trainer.denoiser}_minutes"] = trainer.minutes
     numbers["hardware"] = trainer.hardware
     numbers["extended_from"] = trainer.extended
-    save_pipeline(pipe.to("cpu"), args.output_dir, vocabulary_words(extra_colors(args.extra_colors)))
+    save_pipeline(pipe.to("cpu"), args.output_dir, vocabulary_words(args.added_colors))
     return numbers
 
 

@@ -29,6 +29,8 @@ EXTRA_COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (240, 110, 170),
     "brown": (130, 80, 30),
 }
+#: Every colour a shape may be drawn in, for the sampler
+_SHAPE_RGB = {**COLORS, **EXTRA_COLORS}
 #: Background colours (RGB); disjoint from the shape colours.
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (240, 240, 240),
@@ -151,7 +153,7 @@ def random_sample(
         size=size,
         center=center,
         resolution=resolution,
-        color_rgb=_jitter(rng, {**COLORS, **EXTRA_COLORS}[color]),
+        color_rgb=_jitter(rng, _SHAPE_RGB[color]),
         background_rgb=_jitter(rng, BACKGROUNDS[background]),
     )
     return ShapeSample(image=image, color=color, shape=shape, background=background)
