@@ -49,7 +49,7 @@ from datasets import load_dataset
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from reslora_diffusers.data import (
     BASE_ACCURACY_BAR,
@@ -172,7 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help=f"add the first N of the pretraining-only shape colours ({', '.join(EXTRA_COLORS)}) on "
         "every shape to the base set and the vocabulary, so that each colour word is learnt apart "
-        "from the shapes it is drawn as; the evaluation reads the base colours only (UNet family only)",
+        "from the shapes it is drawn as; the evaluation reads the base colours only (the sd3 family: "
+        "--init-from's tokenizer must know the same colours)",
     )
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -242,7 +243,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unet_flags = {
         "--unet-channels": args.unet_channels != list(UNET_CHANNELS),
         "--vae-scale-factor": args.vae_scale_factor != VAE_SCALE_FACTOR,
-        "--extra-colors": args.extra_colors != 0,
     }
     if args.family == "sd3" and (given := [flag for flag, changed in unet_flags.items() if changed]):
         parser.error(f"{', '.join(given)}: the UNet family's only (--family sd3 takes --init-from's VAE)")
@@ -585,7 +585,7 @@ class SD3Trainer(DenoiserTrainer):
     (exactly the states inference uses; the empty caption is the unconditional one)."""
 
     family = SD3_PIPELINES
-    steps_flag, lr_flag = "transformer_steps", "transformer_lr"
+    steps_flag, lr_flag, resume_flags = "transformer_steps", "transformer_lr", ("extra_colors",)
     compiled_text_encoders = ("text_encoder_3",)
 
     def __init__(self, pipe, latents, captions, args):
@@ -754,7 +754,7 @@ It is not a general text-to-image model.
 | text encoders | two CLIP encoders, {text_encoder:.2f} M + {text_encoder_2:.2f} M (the first started from {source}'s), and a one-layer T5, {text_encoder_3:.2f} M; all three read our vocabulary, the T5 `<bos> words <eos>` padded with `<eos>` to 256 tokens |
 | VAE | {source}'s trained VAE ({vae:.2f} M, not retrained); latents `(z - shift_factor) * scaling_factor`, shift_factor {shift_factor}, scaling_factor {scaling_factor} |
 | held-out colour x shape pairs | {heldout_pairs} |
-| training | {num_images} images, seed {seed}; transformer + text encoders {transformer_steps} steps{extension}, batch {batch}, lr {transformer_lr} |
+| training | {num_images} images{extra_colors}, seed {seed}; transformer + text encoders {transformer_steps} steps{extension}, batch {batch}, lr {transformer_lr} |
 | training time | {minutes:.0f} min on {hardware} |
 
 """
@@ -914,10 +914,27 @@ def init_from_latent_channels(args: argparse.Namespace) -> int:
     return channels
 
 
+def check_init_from_vocabulary(tokenizer: CLIPTokenizer, args: argparse.Namespace) -> None:
+    """Stop with one line when ``--init-from``'s tokenizer is not the run's: its text encoder learnt
+    the ids of its own words, so the run must add the same colours (``--extra-colors``)."""
+    theirs = CLIPTokenizer.from_pretrained(args.init_from, subfolder="tokenizer").get_vocab()
+    if theirs != tokenizer.get_vocab():
+        known = [color for color in EXTRA_COLORS if f"{color}</w>" in theirs]
+        raise SystemExit(
+            f"--init-from {args.init_from}'s tokenizer knows the added colours {', '.join(known) or 'none'}, "
+            f"this run adds {', '.join(args.added_colors) or 'none'}: give --extra-colors {len(known)}"
+        )
+
+
 def build_sd3_base(args: argparse.Namespace) -> StableDiffusion3Pipeline:
     """The untrained SD3 base, its first CLIP encoder holding ``--init-from``'s text encoder
     (its text tower; the projection, which a ``CLIPTextModel`` lacks, stays new)."""
-    pipe = build_sd3_pipeline(args.work_dir / "tokenizer", latent_channels=init_from_latent_channels(args))
+    pipe = build_sd3_pipeline(
+        args.work_dir / "tokenizer",
+        latent_channels=init_from_latent_channels(args),
+        extra_words=args.added_colors,
+    )
+    check_init_from_vocabulary(pipe.tokenizer, args)
     base = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder").state_dict()
     tower = {key.removeprefix("text_model."): value for key, value in base.items()}  # transformers 4 keys
     _load_weights(pipe.text_encoder.text_model, tower, f"--init-from {args.init_from}: its text encoder")

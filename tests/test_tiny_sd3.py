@@ -27,6 +27,7 @@ from reslora_diffusers.data import (
     UNET_CHANNELS,
     build_clip_encoder,
     build_flow_scheduler,
+    build_pipeline,
     build_sd3_pipeline,
     build_sd3_transformer,
     build_t5_encoder,
@@ -36,6 +37,7 @@ from reslora_diffusers.data import (
     default_base_model_path,
     default_dit_base_path,
     extra_colors,
+    vocabulary_words,
     write_tokenizer,
 )
 from reslora_diffusers.eval import evaluate_pipeline
@@ -415,8 +417,32 @@ def test_a_one_level_vae_keeps_the_side_and_other_factors_are_refused():
             builder()
 
 
+@pytest.mark.slow
+def test_the_sd3_family_pretrains_with_the_extra_colours_of_its_init_from(tmp_path):
+    """``--family sd3 --extra-colors 2`` from a UNet folder whose vocabulary has the two added
+    colours: the base set and all three tokenizers hold them (one token each) and the card says so;
+    a run whose colours differ from that folder's stops with one line before it trains."""
+    added = extra_colors(2)
+    unet_folder = tmp_path / "unet-base"
+    unet = build_pipeline(tmp_path / "unet-tokenizer", extra_words=added)
+    pretrain.save_pipeline(unet, unet_folder, vocabulary_words(added))
+    toy = [*TOY, "--num-images", "63", "--init-from", str(unet_folder), "--work-dir", str(tmp_path / "work")]
+    pretrain.main([*toy, "--output-dir", str(tmp_path / "base"), "--extra-colors", "2"])
+    texts = [json.loads(line)["text"] for line in (tmp_path / "work/base-set/metadata.jsonl").open()]
+    assert {t.split()[1] for t in texts} == {*COLORS, *added}
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "base")
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3):
+        assert [tokenizer.tokenize(color) for color in added] == [[f"{c}</w>"] for c in added]
+    assert f"(with {added[0]} and {added[1]} shapes too" in (tmp_path / "base" / "README.md").read_text()
+    with pytest.raises(
+        SystemExit, match=r"knows the added colours orange, cyan, this run adds none: give --extra-colors 2"
+    ):
+        pretrain.main([*toy, "--output-dir", str(tmp_path / "other"), "--work-dir", str(tmp_path / "work2")])
+    assert not (tmp_path / "other").exists()
+
+
 def test_unet_family_flags_stop_the_sd3_family_with_one_line(capsys):
-    for flags in (["--vae-scale-factor", "1"], ["--unet-channels", "48", "96"], ["--extra-colors", "1"]):
+    for flags in (["--vae-scale-factor", "1"], ["--unet-channels", "48", "96"]):
         with pytest.raises(SystemExit):
             pretrain.parse_args(["--family", "sd3", *flags])
         assert f"{flags[0]}: the UNet family's only" in capsys.readouterr().err

@@ -113,10 +113,11 @@ def build_sd3_pipeline(
     vae_scaling_factor: float = 1.0,
     vae_shift_factor: float = 0.0,
     latent_channels: int = LATENT_CHANNELS,
+    extra_words: tuple[str, ...] = (),
 ) -> StableDiffusion3Pipeline:
-    """The untrained tiny SD3 pipeline; tokenizer files written to ``tokenizer_dir`` (one
-    tokenizer object serves all three encoders)."""
-    tokenizer = build_tokenizer(tokenizer_dir)
+    """The untrained tiny SD3 pipeline; tokenizer files of our vocabulary and ``extra_words``
+    written to ``tokenizer_dir`` (one tokenizer object serves all three encoders)."""
+    tokenizer = build_tokenizer(tokenizer_dir, extra_words)
     return StableDiffusion3Pipeline(
         transformer=build_sd3_transformer(latent_channels),
         scheduler=build_flow_scheduler(),
