@@ -947,15 +947,14 @@ def vae_layout(config) -> tuple[int, int]:
     return config["latent_channels"], 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def check_vae_layout(vae, trained_dir: Path) -> None:
-    """Stop with one line when the VAE stage's VAE in ``trained_dir`` has other latent channels or
-    another downsampling than the run builds (the flags of that stage were others)."""
+def check_vae_layout(vae, trained_dir: Path, remedy: str) -> None:
+    """Stop with one line, ending in ``remedy``, when the VAE stage's VAE in ``trained_dir`` has
+    other latent channels or another downsampling than the run builds."""
     trained, built = vae_layout(AutoencoderKL.load_config(trained_dir)), vae_layout(vae.config)
     if trained != built:
         raise SystemExit(
             f"the VAE in {trained_dir} has {trained[0]} latent channels and downsamples by {trained[1]}, "
-            f"this run builds {built[0]} and {built[1]}: give the VAE stage's --latent-channels and "
-            "--vae-scale-factor, or retrain it with --stage vae"
+            f"this run builds {built[0]} and {built[1]}: {remedy}"
         )
 
 
@@ -968,7 +967,7 @@ def denoiser_stage(pipe, images: torch.Tensor, captions: list[str], args: argpar
     """
     base = BASES[args.family]
     numbers = json.loads((args.work_dir / "vae" / "numbers.json").read_text())
-    check_vae_layout(pipe.vae, args.work_dir / "vae")
+    check_vae_layout(pipe.vae, args.work_dir / "vae", base.vae_remedy)
     trained = type(pipe.vae).from_pretrained(args.work_dir / "vae")
     _load_weights(pipe.vae, trained.state_dict(), f"the VAE in {args.work_dir / 'vae'}")
     means, stds = encode(pipe.vae, images)
@@ -1004,6 +1003,8 @@ class Base:
     card: str
     default_output: Path
     default_work_dir: Path
+    #: what to do when the work dir's VAE has another layout than the run builds
+    vae_remedy: str
 
     @property
     def family(self) -> PipelineFamily:
@@ -1022,6 +1023,7 @@ BASES = {
         MODEL_CARD,
         default_base_model_path(),
         Path("outputs/pretrain_tiny_base"),
+        "give the VAE stage's --latent-channels and --vae-scale-factor, or retrain it with --stage vae",
     ),
     "sd3": Base(
         build_sd3_base,
@@ -1030,6 +1032,7 @@ BASES = {
         MODEL_CARD_SD3,
         default_dit_base_path(),
         Path("outputs/pretrain_tiny_sd3"),
+        "run --stage vae (or all) to take --init-from's VAE into the work dir",
     ),
 }
 

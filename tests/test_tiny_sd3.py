@@ -400,11 +400,18 @@ def test_the_unet_family_pretrains_with_extra_colours(tmp_path, monkeypatch):
 
 def test_the_denoiser_stage_names_a_vae_of_other_latent_channels(tmp_path):
     build_vae(latent_channels=8).save_pretrained(tmp_path / "vae")
-    pretrain.check_vae_layout(build_vae(latent_channels=8), tmp_path / "vae")
+    pretrain.check_vae_layout(build_vae(latent_channels=8), tmp_path / "vae", "unused")
     with pytest.raises(
-        SystemExit, match=r"has 8 latent channels and downsamples by 2, this run builds 4 and 2"
+        SystemExit, match=r"has 8 latent channels and downsamples by 2, this run builds 4 and 2: retrain"
     ):
-        pretrain.check_vae_layout(build_vae(), tmp_path / "vae")
+        pretrain.check_vae_layout(build_vae(), tmp_path / "vae", "retrain")
+
+
+def test_each_family_names_its_own_way_to_a_vae_of_the_run_s_layout():
+    # the sd3 family's VAE stage copies --init-from's VAE: the UNet flags are no remedy there
+    assert "--vae-scale-factor" in pretrain.BASES["unet"].vae_remedy
+    assert "--init-from" in pretrain.BASES["sd3"].vae_remedy
+    assert "--vae-scale-factor" not in pretrain.BASES["sd3"].vae_remedy
 
 
 def test_a_one_level_vae_keeps_the_side_and_other_factors_are_refused():
