@@ -105,6 +105,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 
 from reslora_diffusers.data import (
+    added_colors_of,
     default_base_model_path,
     default_dit_base_path,
     unseen_words,
@@ -306,27 +307,27 @@ def _lines(text: str) -> list[str]:
 
 
 @lru_cache(maxsize=16)
-def _embedded_vocabulary(base: str) -> bool:
-    """Whether the pipeline folder ``base`` reads prompts with the embedded base's vocabulary
-    (then its notes on unseen words apply)."""
+def _added_colors(base: str) -> tuple[str, ...] | None:
+    """The pretraining-only colours of the pipeline folder ``base`` when it reads prompts with the
+    embedded bases' vocabulary (then its notes on unseen words apply), else None."""
     from transformers import AutoTokenizer
 
     if not (Path(base) / "tokenizer").is_dir():
-        return False
+        return None
     try:
-        mine = AutoTokenizer.from_pretrained(base, subfolder="tokenizer").get_vocab()
+        vocab = AutoTokenizer.from_pretrained(base, subfolder="tokenizer").get_vocab()
     except (OSError, ValueError):
-        return False
-    ours = AutoTokenizer.from_pretrained(str(default_base_model_path()), subfolder="tokenizer")
-    return mine == ours.get_vocab()
+        return None
+    return added_colors_of(vocab)
 
 
 def prompt_note(prompt: str, base: str) -> str:
     """Markdown beside the images: the words of ``prompt`` the embedded base has never seen, when
     the first base reads prompts with its vocabulary."""
-    if not _embedded_vocabulary(parse_bases(base)[0]):
+    added = _added_colors(parse_bases(base)[0])
+    if added is None:
         return ""
-    unseen = unseen_words(prompt)
+    unseen = unseen_words(prompt, added)
     if not unseen:
         return "Every word of the prompt is one the base model was trained on."
     listed = "; ".join(f"**{word}**: {why}" for word, why in unseen)
@@ -868,7 +869,7 @@ def build_app(
         gr.Markdown(
             "# ResLoRA vs LoRA\nSame prompt, same seeds: each base model, then every LoRA file made "
             "for it. The embedded base models draw one shape on a plain background, 32 px: "
-            f"{vocabulary_text()}",
+            f"{vocabulary_text(_added_colors(str(default_base_model_path())) or ())}",
             elem_id="vocabulary",
         )
         with gr.Row():

@@ -8,7 +8,9 @@ tokenizer files; evaluate it with the prompt metric and write the model card.
 
     nice -n 10 .venv/bin/python scripts/pretrain_tiny_base.py --threads 1
 
-The default output is the committed folder ``reslora_diffusers/assets/tiny-sd``. All
+The default output is the committed folder ``reslora_diffusers/assets/tiny-sd``; the defaults
+alone make the base shipped until 2026-12-07, the README gives the four commands of the shipped
+one (``--vae-steps 6000 --extra-colors 3``, extended twice with ``--extend``). All
 randomness of a training step is drawn from (seed, step), so the UNet stage resumes
 exactly from its last checkpoint: with ``--max-minutes`` it stops early and the same
 command continues it. ``--stage vae`` / ``--stage unet`` run one stage at a time.
@@ -18,7 +20,8 @@ default output ``reslora_diffusers/assets/tiny-sd3``) through the same stages: t
 takes the tiny base's trained VAE (``--init-from``) instead of training one, the latents get
 SD3's ``(z - shift_factor) * scaling_factor`` normalisation, and the denoiser stage trains the
 ``SD3Transformer2DModel`` with its two CLIP encoders (the first starts from the tiny base's
-text encoder) and its T5 encoder by rectified flow, the objective of
+text encoder; all three read its vocabulary, with the colours it was pretrained with) and its
+T5 encoder by rectified flow, the objective of
 ``reslora_diffusers.objectives.flow_matching`` (logit-normal sigmas, SD3's default), with the
 same caption dropout, EMA, checkpoints and resume. ``--device cuda`` trains on a GPU; the
 random draws stay on the CPU, so a run may continue on another device. ``--compile`` runs the
@@ -67,6 +70,7 @@ from reslora_diffusers.data import (
     UNET_NORM_GROUPS,
     VAE_SCALE_FACTOR,
     VOCAB_WORDS,
+    added_colors_of,
     build_pipeline,
     build_sd3_pipeline,
     default_base_model_path,
@@ -167,13 +171,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--extra-colors",
         type=int,
-        default=0,
         choices=range(len(EXTRA_COLORS) + 1),
         metavar="N",
         help=f"add the first N of the pretraining-only shape colours ({', '.join(EXTRA_COLORS)}) on "
         "every shape to the base set and the vocabulary, so that each colour word is learnt apart "
-        "from the shapes it is drawn as; the evaluation reads the base colours only (the sd3 family: "
-        "--init-from's tokenizer must know the same colours)",
+        "from the shapes it is drawn as; the evaluation reads the base colours only (default: 0; "
+        "the sd3 family: the colours --init-from's tokenizer knows, which it must)",
     )
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -246,6 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     }
     if args.family == "sd3" and (given := [flag for flag, changed in unet_flags.items() if changed]):
         parser.error(f"{', '.join(given)}: the UNet family's only (--family sd3 takes --init-from's VAE)")
+    if args.extra_colors is None:
+        args.extra_colors = len(init_from_added_colors(args.init_from)) if args.family == "sd3" else 0
     # the added colours' names, which the set, the vocabulary, the captions and the card share
     args.added_colors = extra_colors(args.extra_colors)
     base = BASES[args.family]
@@ -914,12 +919,22 @@ def init_from_latent_channels(args: argparse.Namespace) -> int:
     return channels
 
 
-def check_init_from_vocabulary(tokenizer: CLIPTokenizer, args: argparse.Namespace) -> None:
+def init_from_added_colors(folder: Path) -> tuple[str, ...]:
+    """The pretraining-only colours the tokenizer of the UNet folder ``folder`` knows (none when it
+    has no tokenizer yet); stops with one line when it is not this project's vocabulary."""
+    if not (folder / "tokenizer").is_dir():
+        return ()
+    added = added_colors_of(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer").get_vocab())
+    if added is None:
+        raise SystemExit(f"--init-from {folder}: its tokenizer is not the embedded base's vocabulary")
+    return added
+
+
+def check_init_from_vocabulary(args: argparse.Namespace) -> None:
     """Stop with one line when ``--init-from``'s tokenizer is not the run's: its text encoder learnt
     the ids of its own words, so the run must add the same colours (``--extra-colors``)."""
-    theirs = CLIPTokenizer.from_pretrained(args.init_from, subfolder="tokenizer").get_vocab()
-    if theirs != tokenizer.get_vocab():
-        known = [color for color in EXTRA_COLORS if f"{color}</w>" in theirs]
+    known = init_from_added_colors(args.init_from)
+    if known != args.added_colors:
         raise SystemExit(
             f"--init-from {args.init_from}'s tokenizer knows the added colours {', '.join(known) or 'none'}, "
             f"this run adds {', '.join(args.added_colors) or 'none'}: give --extra-colors {len(known)}"
@@ -929,12 +944,12 @@ def check_init_from_vocabulary(tokenizer: CLIPTokenizer, args: argparse.Namespac
 def build_sd3_base(args: argparse.Namespace) -> StableDiffusion3Pipeline:
     """The untrained SD3 base, its first CLIP encoder holding ``--init-from``'s text encoder
     (its text tower; the projection, which a ``CLIPTextModel`` lacks, stays new)."""
+    check_init_from_vocabulary(args)
     pipe = build_sd3_pipeline(
         args.work_dir / "tokenizer",
         latent_channels=init_from_latent_channels(args),
         extra_words=args.added_colors,
     )
-    check_init_from_vocabulary(pipe.tokenizer, args)
     base = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder").state_dict()
     tower = {key.removeprefix("text_model."): value for key, value in base.items()}  # transformers 4 keys
     _load_weights(pipe.text_encoder.text_model, tower, f"--init-from {args.init_from}: its text encoder")

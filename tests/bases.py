@@ -39,3 +39,15 @@ def assert_export_loads_and_changes_the_image(base: Path, run: Path) -> None:
         tuned = pipe(**args, generator=torch.manual_seed(0)).images
         before = plain(**args, generator=torch.manual_seed(0)).images
     assert tuned.shape == (1, 3, BASE_RESOLUTION, BASE_RESOLUTION) and (tuned - before).abs().max() > 0
+
+
+def fresh_reading_in_card(folder: Path) -> dict:
+    """``folder``'s ``fresh_reading.json`` (``scripts/read_base.py --output``), after checking that
+    its model card's *Fresh reading* section (``--card``) gives the same pooled readings."""
+    reading = json.loads((folder / "fresh_reading.json").read_text())
+    card = (folder / "README.md").read_text()
+    fresh = card[card.index("## Fresh reading") :]
+    for name, label in (("heldout", "held-out pairs"), ("seen", "seen pairs")):
+        r = reading[name]
+        assert f"| {label} | {r['images']} | {r['accuracy']:.1%} |" in fresh, name
+    return reading

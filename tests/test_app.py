@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import app.app as demo_app
 from app.app import build_app, merge_table, run_label
+from reslora_diffusers.data import extra_colors, vocabulary_words, write_tokenizer
 from tests.tiny_dits import tiny_sd3_pipeline
 from tests.tiny_pipes import tiny_sd_pipeline
 
@@ -387,6 +388,19 @@ def test_smoothed_loss_starts_with_a_full_window():
     x, y = demo_app.smoothed_loss(steps, values, points=20)
     assert x == steps[4:] and len(y) == 96
     assert y[0] == pytest.approx(sum(values[:5]) / 5) and y[-1] == pytest.approx(1.0)
+
+
+def test_prompt_note_knows_the_colours_a_base_was_pretrained_with(tmp_path):
+    # only the first base's tokenizer decides: ours with orange, cyan and pink, or ours alone
+    with_colours, plain = tmp_path / "with-colours", tmp_path / "plain"
+    write_tokenizer(with_colours / "tokenizer", vocabulary_words(extra_colors(3)))
+    write_tokenizer(plain / "tokenizer")
+    prompt = "a pink circle on a white background"
+    assert demo_app.prompt_note(prompt, f"{with_colours}\n{plain}").startswith("Every word")
+    assert "**pink**: not in the vocabulary" in demo_app.prompt_note(prompt, f"{plain}\n{with_colours}")
+    assert "**pink**: never a background colour" in demo_app.prompt_note(
+        "a red circle on a pink background", str(with_colours)
+    )
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from reslora_diffusers.data import (
     MODEL_MAX_LENGTH,
     SD3_NUM_LAYERS,
     UNET_CHANNELS,
+    added_colors_of,
     build_clip_encoder,
     build_flow_scheduler,
     build_pipeline,
@@ -106,13 +107,16 @@ def test_script_writes_a_pipeline_that_loads_matches_the_builders_and_draws(toy_
     pipe = StableDiffusion3Pipeline.from_pretrained(toy_base)
     assert public_config(pipe.transformer.config) == public_config(build_sd3_transformer().config)
     assert public_config(pipe.scheduler.config) == public_config(build_flow_scheduler().config)
-    tok = build_tokenizer(tmp_path / "tok")
+    # the default --init-from is the shipped UNet base: the run adds the colours its tokenizer knows
+    shipped = default_base_model_path() / "tokenizer"
+    added = added_colors_of(json.loads((shipped / "vocab.json").read_text()))
+    assert added == extra_colors(3)
+    tok = build_tokenizer(tmp_path / "tok", added)
     for name, build in [("text_encoder", build_clip_encoder), ("text_encoder_2", build_clip_encoder)]:
         assert transformers_config(getattr(pipe, name)) == transformers_config(build(tok)), name
     assert pipe.text_encoder_3.config.d_model == build_t5_encoder(tok).config.d_model
-    written = write_tokenizer(tmp_path / "ours")
     for folder in ("tokenizer", "tokenizer_2", "tokenizer_3"):
-        assert (toy_base / folder / "vocab.json").read_bytes() == (written / "vocab.json").read_bytes()
+        assert (toy_base / folder / "vocab.json").read_bytes() == (shipped / "vocab.json").read_bytes()
 
     # the VAE is the UNet base's trained one, with SD3's latent shift set from the data
     ours = AutoencoderKL.from_pretrained(default_base_model_path(), subfolder="vae")
@@ -127,7 +131,10 @@ def test_script_writes_a_pipeline_that_loads_matches_the_builders_and_draws(toy_
     assert all(a["background"] is not None for a in result["analyses"])
 
     card = (toy_base / "README.md").read_text()
-    assert "| training | 16 images, seed 0; transformer + text encoders 4 steps, batch 4" in card
+    assert (
+        "| training | 16 images (with orange and cyan and pink shapes too" in card
+    )  # the colours of tiny-sd
+    assert ", seed 0; transformer + text encoders 4 steps, batch 4" in card
     assert "| training time | 0 min on cpu (1 threads) |" in card
     assert "| VAE | `tiny-sd`'s trained VAE" in card  # the default --init-from, named as shipped
     assert "| held-out pairs (seeds 0-0) | 9 |" in card and "| cross (seeds 0-0) | 15 |" in card
@@ -441,11 +448,18 @@ def test_the_sd3_family_pretrains_with_the_extra_colours_of_its_init_from(tmp_pa
     for tokenizer in (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3):
         assert [tokenizer.tokenize(color) for color in added] == [[f"{c}</w>"] for c in added]
     assert f"(with {added[0]} and {added[1]} shapes too" in (tmp_path / "base" / "README.md").read_text()
+    # without --extra-colors the run takes the folder's; another number stops it before it trains
+    assert pretrain.parse_args(toy).added_colors == added
+    other = ["--output-dir", str(tmp_path / "other"), "--work-dir", str(tmp_path / "work2")]
     with pytest.raises(
         SystemExit, match=r"knows the added colours orange, cyan, this run adds none: give --extra-colors 2"
     ):
-        pretrain.main([*toy, "--output-dir", str(tmp_path / "other"), "--work-dir", str(tmp_path / "work2")])
+        pretrain.main([*toy, *other, "--extra-colors", "0"])
     assert not (tmp_path / "other").exists()
+    # a tokenizer of other words is no vocabulary of ours
+    write_tokenizer(tmp_path / "foreign" / "tokenizer", ("some", "other", "words"))
+    with pytest.raises(SystemExit, match=r"foreign: its tokenizer is not the embedded base's vocabulary"):
+        pretrain.parse_args([*TOY, "--init-from", str(tmp_path / "foreign")])
 
 
 def test_unet_family_flags_stop_the_sd3_family_with_one_line(capsys):

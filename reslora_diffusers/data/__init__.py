@@ -61,7 +61,7 @@ from .tiny_sd3 import (
     build_sd3_vae,
     build_t5_encoder,
 )
-from .tokenizer import MODEL_MAX_LENGTH, VOCAB_WORDS, vocabulary_words, write_tokenizer
+from .tokenizer import MODEL_MAX_LENGTH, VOCAB_WORDS, added_colors_of, vocabulary_words, write_tokenizer
 from .vocabulary import unseen_words, vocabulary_text
 
 __all__ = [
@@ -88,6 +88,7 @@ __all__ = [
     "VAE_SCALE_FACTOR",
     "VOCAB_WORDS",
     "ShapeSample",
+    "added_colors_of",
     "base_combos",
     "build_clip_encoder",
     "build_flow_scheduler",

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 
-from .shapes import ALL_SHAPES, BACKGROUNDS, COLORS
+from .shapes import ALL_SHAPES, BACKGROUNDS, COLORS, EXTRA_COLORS
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -75,6 +77,21 @@ def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     tokens = symbols + [s + _END for s in symbols] + ["".join(pair) for pair in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
     return {token: index for index, token in enumerate(tokens)}
+
+
+@cache
+def _vocab_with_added_colors(count: int) -> dict[str, int]:
+    return build_vocab(learn_merges(vocabulary_words(tuple(EXTRA_COLORS)[:count])))
+
+
+def added_colors_of(vocab: Mapping[str, int]) -> tuple[str, ...] | None:
+    """The pretraining-only colours (the first N of :data:`~.shapes.EXTRA_COLORS`, N >= 0) whose
+    vocabulary ``vocab`` (a tokenizer's ``get_vocab()``) is: ``()`` for the plain vocabulary,
+    ``None`` when it is none of ours (another model's tokenizer, or ours with other words)."""
+    for count in range(len(EXTRA_COLORS) + 1):
+        if dict(vocab) == _vocab_with_added_colors(count):
+            return tuple(EXTRA_COLORS)[:count]
+    return None
 
 
 def write_tokenizer(out_dir: str | Path, words: tuple[str, ...] = VOCAB_WORDS) -> Path:
