@@ -132,7 +132,7 @@ def test_kept_extra_colours_base_reads_its_added_colours_as_the_vocabulary_it_wa
     assert "(with orange and cyan and pink shapes too" in (folder / "README.md").read_text()
 
 
-def test_previous_base_is_kept_with_the_plain_vocabulary_and_the_dit_bases_vae(tmp_path):
+def test_previous_base_is_kept_with_the_plain_vocabulary():
     """``tiny-sd-vae1200-unet3000``: the base shipped until 2026-12-07, which the README's earlier
     figures and the shipped DiT base's VAE and text encoder come from."""
     folder = STATE / "tiny-sd-vae1200-unet3000"
