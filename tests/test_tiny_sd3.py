@@ -131,9 +131,8 @@ def test_script_writes_a_pipeline_that_loads_matches_the_builders_and_draws(toy_
     assert all(a["background"] is not None for a in result["analyses"])
 
     card = (toy_base / "README.md").read_text()
-    assert (
-        "| training | 16 images (with orange and cyan and pink shapes too" in card
-    )  # the colours of tiny-sd
+    # the colours of the default --init-from, tiny-sd
+    assert "| training | 16 images (with orange and cyan and pink shapes too" in card
     assert ", seed 0; transformer + text encoders 4 steps, batch 4" in card
     assert "| training time | 0 min on cpu (1 threads) |" in card
     assert "| VAE | `tiny-sd`'s trained VAE" in card  # the default --init-from, named as shipped
