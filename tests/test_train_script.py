@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -199,6 +200,28 @@ def test_default_method_and_shortcut_schedule(data, extra, res_type, schedule):
     script.check_args(args)
     assert (args.res_type, args.pre_num, args.merge) == (res_type, 1, "calibrated")
     assert (args.shortcut_schedule, args.shortcut_decay_start) == (schedule, 0.5)
+
+
+@pytest.mark.parametrize(
+    "extra, warned",
+    [
+        (["--lr_scheduler", "cosine"], True),  # the default ms-cosine under a falling rate
+        (["--lr_scheduler", "linear", "--res_type", "bs"], True),  # bs's shortcuts fade by default too
+        (["--lr_scheduler", "cosine", "--res_type", "bs", "--shortcut_schedule", "constant"], False),
+        (["--lr_scheduler", "cosine", "--use_peft"], False),
+        (["--lr_scheduler", "constant_with_warmup"], False),
+        ([], False),
+    ],
+)
+def test_fading_shortcuts_under_a_falling_rate_are_warned_of(data, caplog, extra, warned):
+    args = script.parse_args(["--train_data_dir", str(data), *extra])
+    with caplog.at_level(logging.WARNING, logger=script.logger.name):
+        script.check_args(args)
+    messages = [r.getMessage() for r in caplog.records if "fades the shortcuts" in r.getMessage()]
+    assert len(messages) == int(warned), extra
+    if warned:
+        assert f"--lr_scheduler {args.lr_scheduler} lowers the rate" in messages[0]
+        assert "--res_type bs --shortcut_schedule constant" in messages[0]
 
 
 def test_tensorboard_is_an_extra_its_default_falls_back_and_naming_it_without_it_is_refused(
