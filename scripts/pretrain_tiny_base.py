@@ -65,6 +65,7 @@ from reslora_diffusers.data import (
     HELDOUT_COMBOS,
     LATENT_CHANNELS,
     SD3_NUM_LAYERS,
+    SD3_PATCH_SIZE,
     SD3_WIDTH,
     UNET_CHANNELS,
     UNET_NORM_GROUPS,
@@ -169,6 +170,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "one-level VAE with 32 x 32 latents and a UNet with a full-resolution level (UNet family only)",
     )
     parser.add_argument(
+        "--patch-size",
+        type=int,
+        choices=(1, 2),
+        default=SD3_PATCH_SIZE,
+        help=f"sd3: the side of the transformer's patches in latent pixels (default {SD3_PATCH_SIZE}: "
+        "64 image tokens; 1: 256, each token a 2 x 2 pixel area of the image)",
+    )
+    parser.add_argument(
         "--extra-colors",
         type=int,
         choices=range(len(EXTRA_COLORS) + 1),
@@ -249,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     }
     if args.family == "sd3" and (given := [flag for flag, changed in unet_flags.items() if changed]):
         parser.error(f"{', '.join(given)}: the UNet family's only (--family sd3 takes --init-from's VAE)")
+    if args.family == "unet" and args.patch_size != SD3_PATCH_SIZE:
+        parser.error("--patch-size: the sd3 family's only (a UNet has no patches)")
     if args.extra_colors is None:
         args.extra_colors = len(init_from_added_colors(args.init_from)) if args.family == "sd3" else 0
     # the added colours' names, which the set, the vocabulary, the captions and the card share
@@ -590,7 +601,7 @@ class SD3Trainer(DenoiserTrainer):
     (exactly the states inference uses; the empty caption is the unconditional one)."""
 
     family = SD3_PIPELINES
-    steps_flag, lr_flag, resume_flags = "transformer_steps", "transformer_lr", ("extra_colors",)
+    steps_flag, lr_flag, resume_flags = "transformer_steps", "transformer_lr", ("extra_colors", "patch_size")
     compiled_text_encoders = ("text_encoder_3",)
 
     def __init__(self, pipe, latents, captions, args):
@@ -751,7 +762,7 @@ It is not a general text-to-image model.
 
 | | |
 |---|---|
-| resolution | {resolution} x {resolution} px (latents {channels} x {latent} x {latent}, 2 x 2 patches) |
+| resolution | {resolution} x {resolution} px (latents {channels} x {latent} x {latent}, {patch} x {patch} patches) |
 | inference | flow-matching Euler (`scheduler/`, shift {shift}), {steps} steps, guidance scale {guidance} |
 | objective | rectified flow: target `eps - x0`, logit-normal sigmas (`reslora_diffusers.objectives.flow_matching`) |
 | vocabulary | {vocab} ({concept!r} is in the vocabulary but never trained) |
@@ -840,6 +851,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         **millions,
         layers=SD3_NUM_LAYERS,
         width=SD3_WIDTH,
+        patch=pipe.transformer.config.patch_size,
         shift_factor=pipe.vae.config.shift_factor,
         scaling_factor=pipe.vae.config.scaling_factor,
         heldout_pairs=", ".join(f"{c} {s}" for c, s in HELDOUT_COMBOS),
@@ -949,6 +961,7 @@ def build_sd3_base(args: argparse.Namespace) -> StableDiffusion3Pipeline:
         args.work_dir / "tokenizer",
         latent_channels=init_from_latent_channels(args),
         extra_words=args.added_colors,
+        patch_size=args.patch_size,
     )
     base = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder").state_dict()
     tower = {key.removeprefix("text_model."): value for key, value in base.items()}  # transformers 4 keys

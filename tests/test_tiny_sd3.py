@@ -466,6 +466,30 @@ def test_unet_family_flags_stop_the_sd3_family_with_one_line(capsys):
         with pytest.raises(SystemExit):
             pretrain.parse_args(["--family", "sd3", *flags])
         assert f"{flags[0]}: the UNet family's only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--patch-size", "1"])
+    assert "--patch-size: the sd3 family's only" in capsys.readouterr().err
+
+
+def test_the_sd3_family_pretrains_with_one_by_one_patches(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "base"
+    _pretrain(work, out, "--patch-size", "1", "--max-minutes", "0")
+    # the patch size is a setting of the checkpoint: a run of 2 x 2 patches does not take it up
+    with pytest.raises(SystemExit, match="transformer_checkpoint.pt was written with"):
+        _pretrain(work, out)
+    _pretrain(work, out, "--patch-size", "1")
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    assert public_config(pipe.transformer.config) == public_config(build_sd3_transformer(patch_size=1).config)
+    # a 2 x 2 pixel area of the image per token: (32 / 2) ** 2 image tokens, positions up to twice the side
+    latents = torch.zeros(1, LATENT_CHANNELS, BASE_RESOLUTION // 2, BASE_RESOLUTION // 2)
+    assert pipe.transformer.pos_embed(latents).shape[1] == (BASE_RESOLUTION // 2) ** 2
+    assert (
+        pipe.transformer.pos_embed(torch.cat([latents] * 2, dim=-1)).shape[1]
+        == 2 * (BASE_RESOLUTION // 2) ** 2
+    )
+    assert "latents 4 x 16 x 16, 1 x 1 patches" in (out / "README.md").read_text()
+    result = evaluate_pipeline(pipe, [PROMPT], seeds=[0], num_inference_steps=2)
+    assert result["images"][0].size == (BASE_RESOLUTION, BASE_RESOLUTION)
 
 
 def test_unet_widths_that_its_norm_cannot_group_stop_with_one_line(capsys):

@@ -53,6 +53,7 @@ from .tiny_base import (
 )
 from .tiny_sd3 import (
     SD3_NUM_LAYERS,
+    SD3_PATCH_SIZE,
     SD3_WIDTH,
     build_clip_encoder,
     build_flow_scheduler,
@@ -81,6 +82,7 @@ __all__ = [
     "MODEL_MAX_LENGTH",
     "RESOLUTION",
     "SD3_NUM_LAYERS",
+    "SD3_PATCH_SIZE",
     "SD3_WIDTH",
     "SHAPES",
     "UNET_CHANNELS",

@@ -6,7 +6,8 @@ trains it (starting from the tiny base's trained VAE and text encoder); the test
 shipped folder's configs against these functions.
 
 * transformer: :data:`SD3_NUM_LAYERS` joint blocks of width :data:`SD3_WIDTH` (2 heads x 32),
-  2 x 2 patches of the 4 x 16 x 16 latents (64 image tokens; ``latent_channels`` builds others);
+  2 x 2 patches of the 4 x 16 x 16 latents (64 image tokens; ``latent_channels`` and
+  ``patch_size`` build others: 1 x 1 patches give 256 image tokens);
 * VAE: :func:`.tiny_base.build_vae` with a ``shift_factor`` (SD3 decodes ``z / scaling + shift``);
 * text: two CLIP encoders with projection (SD3's CLIP-L and CLIP-G roles) of the tiny base's
   text-encoder config, and a one-layer T5 encoder. All three read the project's CLIP-format
@@ -46,18 +47,23 @@ SD3_WIDTH = _HEADS * _HEAD_DIM
 CLIP_WIDTH = 64
 #: Width of the T5 encoder and of the joint text sequence: both CLIP widths side by side.
 SD3_TEXT_WIDTH = 2 * CLIP_WIDTH
+#: Side of the transformer's patches, in latent pixels.
+SD3_PATCH_SIZE = 2
 #: Flow-matching ``shift`` of the scheduler (module doc).
 SD3_SHIFT = 1.0
 
 
-def build_sd3_transformer(latent_channels: int = LATENT_CHANNELS) -> SD3Transformer2DModel:
+def build_sd3_transformer(
+    latent_channels: int = LATENT_CHANNELS, patch_size: int = SD3_PATCH_SIZE
+) -> SD3Transformer2DModel:
     """The SD3 (medium) transformer at tiny size: no dual attention, no QK norm.
 
-    Positions go up to 16 x 16 patches, so images up to twice the base resolution can be drawn.
+    Positions go up to 16 x 16 patches of 2 x 2 latents (32 x 32 of 1 x 1), so images up to
+    twice the base resolution can be drawn.
     """
     return SD3Transformer2DModel(
         sample_size=BASE_RESOLUTION // 2,
-        patch_size=2,
+        patch_size=patch_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
         num_layers=SD3_NUM_LAYERS,
@@ -66,7 +72,7 @@ def build_sd3_transformer(latent_channels: int = LATENT_CHANNELS) -> SD3Transfor
         joint_attention_dim=SD3_TEXT_WIDTH,
         caption_projection_dim=SD3_WIDTH,
         pooled_projection_dim=2 * CLIP_WIDTH,
-        pos_embed_max_size=BASE_RESOLUTION // 2,
+        pos_embed_max_size=BASE_RESOLUTION // patch_size,
     )
 
 
@@ -114,12 +120,13 @@ def build_sd3_pipeline(
     vae_shift_factor: float = 0.0,
     latent_channels: int = LATENT_CHANNELS,
     extra_words: tuple[str, ...] = (),
+    patch_size: int = SD3_PATCH_SIZE,
 ) -> StableDiffusion3Pipeline:
     """The untrained tiny SD3 pipeline; tokenizer files of our vocabulary and ``extra_words``
     written to ``tokenizer_dir`` (one tokenizer object serves all three encoders)."""
     tokenizer = build_tokenizer(tokenizer_dir, extra_words)
     return StableDiffusion3Pipeline(
-        transformer=build_sd3_transformer(latent_channels),
+        transformer=build_sd3_transformer(latent_channels, patch_size),
         scheduler=build_flow_scheduler(),
         vae=build_sd3_vae(vae_scaling_factor, vae_shift_factor, latent_channels),
         text_encoder=build_clip_encoder(tokenizer),
