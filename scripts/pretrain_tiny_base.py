@@ -851,7 +851,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         **millions,
         layers=SD3_NUM_LAYERS,
         width=SD3_WIDTH,
-        patch=pipe.transformer.config.patch_size,
+        patch=args.patch_size,  # sd3 only; the UNet card has no patches
         shift_factor=pipe.vae.config.shift_factor,
         scaling_factor=pipe.vae.config.scaling_factor,
         heldout_pairs=", ".join(f"{c} {s}" for c, s in HELDOUT_COMBOS),
