@@ -23,7 +23,10 @@ SD3's ``(z - shift_factor) * scaling_factor`` normalisation, and the denoiser st
 text encoder; all three read its vocabulary, with the colours it was pretrained with) and its
 T5 encoder by rectified flow, the objective of
 ``reslora_diffusers.objectives.flow_matching`` (logit-normal sigmas, SD3's default), with the
-same caption dropout, EMA, checkpoints and resume. ``--device cuda`` trains on a GPU; the
+same caption dropout, EMA, checkpoints and resume. ``--patch-size`` and ``--transformer-width``
+shape its transformer; ``--no-t5`` trains it without T5, on the pipeline's 256 zero states
+folded into one token (exact, and about a quarter of the step), and saves a T5 of zero weights
+in its place so that the folder loads as any SD3 folder. ``--device cuda`` trains on a GPU; the
 random draws stay on the CPU, so a run may continue on another device. ``--compile`` runs the
 training steps through ``torch.compile`` (about 1.4x faster on CPU); it is not a resume key.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -74,6 +78,7 @@ from reslora_diffusers.data import (
     added_colors_of,
     build_pipeline,
     build_sd3_pipeline,
+    build_silent_t5_encoder,
     default_base_model_path,
     default_dit_base_path,
     extra_colors,
@@ -92,7 +97,14 @@ from reslora_diffusers.eval import (
     prompt_accuracy,
     wilson_interval,
 )
-from reslora_diffusers.frontends import SD3_PIPELINES, SD_PIPELINES, PipelineFamily
+from reslora_diffusers.frontends import (
+    SD3_PIPELINES,
+    SD_PIPELINES,
+    FoldedPaddingAttnProcessor,
+    PipelineFamily,
+    fold_t5_padding,
+    gives_zero_t5_states,
+)
 from reslora_diffusers.objectives import (
     denoising_loss,
     denoising_target,
@@ -178,6 +190,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "64 image tokens; 1: 256, each token a 2 x 2 pixel area of the image)",
     )
     parser.add_argument(
+        "--transformer-width",
+        type=int,
+        choices=(SD3_WIDTH, 2 * SD3_WIDTH),
+        default=SD3_WIDTH,
+        help=f"sd3: the transformer's width, in heads of 32 (default {SD3_WIDTH}; {2 * SD3_WIDTH} has about "
+        "4x the parameters)",
+    )
+    parser.add_argument(
+        "--no-t5",
+        action="store_true",
+        help="sd3: a base without the T5 encoder (text_encoder_3), as SD3 can run: the pipeline pads "
+        "the CLIP states with 256 zero states, which training folds into one token (exactly: "
+        "reslora_diffusers.frontends.sd3.FoldedPaddingAttnProcessor), so a step costs about a quarter",
+    )
+    parser.add_argument(
         "--extra-colors",
         type=int,
         choices=range(len(EXTRA_COLORS) + 1),
@@ -258,8 +285,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     }
     if args.family == "sd3" and (given := [flag for flag, changed in unet_flags.items() if changed]):
         parser.error(f"{', '.join(given)}: the UNet family's only (--family sd3 takes --init-from's VAE)")
-    if args.family == "unet" and args.patch_size != SD3_PATCH_SIZE:
-        parser.error("--patch-size: the sd3 family's only (a UNet has no patches)")
+    sd3_flags = {
+        "--patch-size": args.patch_size != SD3_PATCH_SIZE,
+        "--transformer-width": args.transformer_width != SD3_WIDTH,
+        "--no-t5": args.no_t5,
+    }
+    if args.family == "unet" and (given := [flag for flag, changed in sd3_flags.items() if changed]):
+        parser.error(f"{', '.join(given)}: the sd3 family's only (the UNet base has no transformer)")
     if args.extra_colors is None:
         args.extra_colors = len(init_from_added_colors(args.init_from)) if args.family == "sd3" else 0
     # the added colours' names, which the set, the vocabulary, the captions and the card share
@@ -415,7 +447,11 @@ class DenoiserTrainer(ABC):
         self.means, self.stds = latents
         self.total_steps = getattr(args, self.steps_flag)
         self.denoiser = self.family.denoiser
-        self.models = {name: getattr(pipe, name) for name in (self.denoiser, *self.family.prompt_encoders)}
+        self.models = {
+            name: getattr(pipe, name)
+            for name in (self.denoiser, *self.family.prompt_encoders)
+            if getattr(pipe, name) is not None  # an sd3 base without T5
+        }
         self.parameters = [p for model in self.models.values() for p in model.parameters()]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=getattr(args, self.lr_flag), weight_decay=0.0)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -601,12 +637,18 @@ class SD3Trainer(DenoiserTrainer):
     (exactly the states inference uses; the empty caption is the unconditional one)."""
 
     family = SD3_PIPELINES
-    steps_flag, lr_flag, resume_flags = "transformer_steps", "transformer_lr", ("extra_colors", "patch_size")
+    steps_flag, lr_flag = "transformer_steps", "transformer_lr"
+    resume_flags = ("extra_colors", "patch_size", "transformer_width", "no_t5")
     compiled_text_encoders = ("text_encoder_3",)
 
     def __init__(self, pipe, latents, captions, args):
         super().__init__(pipe, latents, captions, args)
         self.noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        #: without T5 the prompt ends in this many zero states, folded into one for training
+        self.t5_padding = 0
+        if gives_zero_t5_states(pipe.text_encoder_3):
+            self.t5_padding = inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default
+            pipe.transformer.set_attn_processor(FoldedPaddingAttnProcessor())
 
     def loss(self, step: int) -> torch.Tensor:
         pipe, device, vae = self.pipe, self.device, self.pipe.vae
@@ -618,14 +660,29 @@ class SD3Trainer(DenoiserTrainer):
         states, _, pooled, _ = pipe.encode_prompt(
             texts, None, None, device=device, do_classifier_free_guidance=False
         )
+        folded = {}
+        if self.t5_padding:
+            states, folded = fold_t5_padding(states, self.t5_padding)
         clean, noise, sigmas = clean.to(device), noise.to(device), sigmas.to(device)
         prediction = pipe.transformer(
             hidden_states=noisy_latents(clean, noise, sigmas),
             timestep=timesteps.to(device),
             encoder_hidden_states=states,
             pooled_projections=pooled,
+            joint_attention_kwargs=folded,
         ).sample
         return flow_matching_loss(prediction, clean, noise, sigmas, SD3_WEIGHTING)
+
+    def train(self) -> bool:
+        """Train; a base trained without T5 then gets a silent one (zero states, as without T5),
+        since diffusers' SD3 pipeline loads a folder only with a ``text_encoder_3``."""
+        done = super().train()
+        if done and self.t5_padding:
+            tokenizer = self.pipe.tokenizer
+            self.pipe.register_modules(
+                text_encoder_3=build_silent_t5_encoder(tokenizer), tokenizer_3=tokenizer
+            )
+        return done
 
 
 def describe_device(device: torch.device) -> str:
@@ -767,7 +824,7 @@ It is not a general text-to-image model.
 | objective | rectified flow: target `eps - x0`, logit-normal sigmas (`reslora_diffusers.objectives.flow_matching`) |
 | vocabulary | {vocab} ({concept!r} is in the vocabulary but never trained) |
 | transformer | {layers} joint blocks of width {width}, {transformer:.2f} M parameters |
-| text encoders | two CLIP encoders, {text_encoder:.2f} M + {text_encoder_2:.2f} M (the first started from {source}'s), and a one-layer T5, {text_encoder_3:.2f} M; all three read our vocabulary, the T5 `<bos> words <eos>` padded with `<eos>` to 256 tokens |
+| text encoders | two CLIP encoders, {text_encoder:.2f} M + {text_encoder_2:.2f} M (the first started from {source}'s), {t5} |
 | VAE | {source}'s trained VAE ({vae:.2f} M, not retrained); latents `(z - shift_factor) * scaling_factor`, shift_factor {shift_factor}, scaling_factor {scaling_factor} |
 | held-out colour x shape pairs | {heldout_pairs} |
 | training | {num_images} images{extra_colors}, seed {seed}; transformer + text encoders {transformer_steps} steps{extension}, batch {batch}, lr {transformer_lr} |
@@ -818,6 +875,20 @@ def extra_colors_note(added: tuple[str, ...]) -> str:
     return f" (with {' and '.join(added)} shapes too, in the set and the vocabulary only)"
 
 
+def t5_text(millions: float | None) -> str:
+    """The sd3 card's words on the T5 encoder of ``millions`` parameters (None: the pipeline has none)."""
+    if millions is None:
+        return (
+            "and no T5: trained without one (the pipeline pads the CLIP states with 256 zero states, "
+            "which training folds into one token), its `text_encoder_3` a T5 of zero weights whose "
+            "states are zero, since diffusers' SD3 pipeline loads a folder only with one"
+        )
+    return (
+        f"and a one-layer T5, {millions:.2f} M; all three read our vocabulary, the T5 `<bos> words <eos>` "
+        "padded with `<eos>` to 256 tokens"
+    )
+
+
 def init_source(args: argparse.Namespace) -> str:
     """The sd3 card's name for ``--init-from``: `tiny-sd` for the shipped UNet base, else the folder."""
     return "`tiny-sd`" if args.init_from == default_base_model_path() else f"`{args.init_from}`"
@@ -850,8 +921,9 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         concept=FINETUNE_SHAPE,
         **millions,
         layers=SD3_NUM_LAYERS,
-        width=SD3_WIDTH,
+        width=args.transformer_width,
         patch=args.patch_size,  # sd3 only; the UNet card has no patches
+        t5=t5_text(None if args.no_t5 else millions.get("text_encoder_3")),
         shift_factor=pipe.vae.config.shift_factor,
         scaling_factor=pipe.vae.config.scaling_factor,
         heldout_pairs=", ".join(f"{c} {s}" for c, s in HELDOUT_COMBOS),
@@ -962,6 +1034,8 @@ def build_sd3_base(args: argparse.Namespace) -> StableDiffusion3Pipeline:
         latent_channels=init_from_latent_channels(args),
         extra_words=args.added_colors,
         patch_size=args.patch_size,
+        t5=not args.no_t5,
+        width=args.transformer_width,
     )
     base = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder").state_dict()
     tower = {key.removeprefix("text_model."): value for key, value in base.items()}  # transformers 4 keys

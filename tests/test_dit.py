@@ -20,10 +20,13 @@ from reslora_diffusers import (
 )
 from reslora_diffusers.cli import merge_main
 from reslora_diffusers.core import get_state
+from reslora_diffusers.data import build_sd3_transformer
 from reslora_diffusers.export import export_peft_adapter
 from reslora_diffusers.frontends import (
     DIT_ATTENTION_TARGETS,
     FLUX_FEEDFORWARD_TARGETS,
+    FoldedPaddingAttnProcessor,
+    fold_t5_padding,
     pipeline_components,
 )
 from reslora_diffusers.merge import merged_view
@@ -290,3 +293,36 @@ def test_merge_cli_and_fuse(tmp_path, family):
         merge_main([str(ckpt), "--base", str(base_dir), "--output", str(tmp_path / "k"), "--format", "kohya"])
         == 2
     )
+
+
+def test_folded_t5_padding_computes_what_the_whole_prompt_does():
+    """A pipeline without T5 pads each prompt with 256 zero states; folded into one token whose
+    logits carry log 256, the transformer's output and gradients are diffusers' own on the whole
+    sequence (its ``JointAttnProcessor2_0``), and without the fold the processor is diffusers'."""
+    torch.manual_seed(0)
+    reference = build_sd3_transformer()
+    model = copy.deepcopy(reference)
+    model.set_attn_processor(FoldedPaddingAttnProcessor())
+    clip = torch.randn(2, 16, reference.config.joint_attention_dim)
+    states = torch.cat([clip, torch.zeros(2, 256, clip.shape[-1])], dim=1)
+    common = {
+        "hidden_states": torch.randn(2, reference.config.in_channels, 16, 16),
+        "pooled_projections": torch.randn(2, reference.config.pooled_projection_dim),
+        "timestep": torch.tensor([100.0, 700.0]),
+    }
+    folded, kwargs = fold_t5_padding(states, 256)
+    assert folded.shape[1] == 16 + 1 and torch.equal(folded[:, :16], clip)
+    expected = reference(**common, encoder_hidden_states=states).sample
+    out = model(**common, encoder_hidden_states=folded, joint_attention_kwargs=kwargs).sample
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    expected.square().mean().backward()
+    out.square().mean().backward()
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.grad, ref.grad, atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**common, encoder_hidden_states=states).sample, expected)
+        # the fold's weight is what makes it exact: one zero token alone is another prompt
+        unweighted = model(**common, encoder_hidden_states=folded).sample
+    assert (unweighted - expected).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="the last 256 prompt states are not the zeros"):
+        fold_t5_padding(states + 1, 256)

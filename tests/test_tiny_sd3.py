@@ -31,6 +31,7 @@ from reslora_diffusers.data import (
     build_pipeline,
     build_sd3_pipeline,
     build_sd3_transformer,
+    build_silent_t5_encoder,
     build_t5_encoder,
     build_tokenizer,
     build_unet,
@@ -44,6 +45,7 @@ from reslora_diffusers.data import (
 from reslora_diffusers.eval import evaluate_pipeline
 from tests.bases import assert_export_loads_and_changes_the_image, public_config, transformers_config
 from tests.runs import PROMPT, run_dit, subset
+from tests.runs import script as train_script
 from tests.scripts import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
@@ -467,8 +469,8 @@ def test_unet_family_flags_stop_the_sd3_family_with_one_line(capsys):
             pretrain.parse_args(["--family", "sd3", *flags])
         assert f"{flags[0]}: the UNet family's only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        pretrain.parse_args(["--patch-size", "1"])
-    assert "--patch-size: the sd3 family's only" in capsys.readouterr().err
+        pretrain.parse_args(["--patch-size", "1", "--transformer-width", "128", "--no-t5"])
+    assert "--patch-size, --transformer-width, --no-t5: the sd3 family's only" in capsys.readouterr().err
 
 
 def test_the_sd3_family_pretrains_with_one_by_one_patches(tmp_path):
@@ -490,6 +492,62 @@ def test_the_sd3_family_pretrains_with_one_by_one_patches(tmp_path):
     assert "latents 4 x 16 x 16, 1 x 1 patches" in (out / "README.md").read_text()
     result = evaluate_pipeline(pipe, [PROMPT], seeds=[0], num_inference_steps=2)
     assert result["images"][0].size == (BASE_RESOLUTION, BASE_RESOLUTION)
+
+
+def test_the_sd3_family_pretrains_a_wider_transformer_without_t5(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "base"
+    _pretrain(work, out, "--no-t5", "--transformer-width", "128", "--max-minutes", "0")
+    # both are settings of the checkpoint: a run with T5 does not take it up
+    with pytest.raises(SystemExit, match="transformer_checkpoint.pt was written with"):
+        _pretrain(work, out, "--transformer-width", "128")
+    _pretrain(work, out, "--no-t5", "--transformer-width", "128")
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)  # loads as any SD3 folder
+    assert public_config(pipe.transformer.config) == public_config(build_sd3_transformer(width=128).config)
+    assert pipe.transformer.config.num_attention_heads == 4
+    # its text_encoder_3 is silent: zero states for any prompt, as a pipeline without T5 pads in
+    ids = pipe.tokenizer_3([PROMPT, "a blue square"], padding="max_length", return_tensors="pt").input_ids
+    assert not pipe.text_encoder_3(ids)[0].any()
+    without_t5 = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)
+    drawn = [
+        p(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        for p in (pipe, without_t5)
+    ]
+    torch.testing.assert_close(drawn[0], drawn[1])
+    card = (out / "README.md").read_text()
+    assert "8 joint blocks of width 128" in card and "and no T5: trained without one" in card
+    # fine-tuning it folds the zero T5 states as its pretraining did, and exports a file it loads
+    data = subset(tmp_path / "set", 4)
+    run_dit(
+        out, data, tmp_path / "run", "--max_train_steps", "2", "--res_type", "bs", "--learning_rate", "1e-2"
+    )
+    assert_export_loads_and_changes_the_image(out, tmp_path / "run")
+
+
+def test_fine_tuning_folds_the_t5_states_of_a_base_whose_t5_is_silent(toy_base, tmp_path):
+    """A silent T5 (zero weights: what a base trained without T5 saves) gives zero T5 states, so
+    the objective hands the transformer 16 + 1 text tokens and the fold's weight; the prediction
+    is diffusers' own on the whole prompt. A base with a working T5 is not folded."""
+    silent = StableDiffusion3Pipeline.from_pretrained(toy_base)
+    silent.register_modules(text_encoder_3=build_silent_t5_encoder(silent.tokenizer))
+    silent.save_pretrained(tmp_path / "silent")
+    captions = [PROMPT, "a blue square on a gray background"]
+    noisy, timesteps = torch.randn(2, LATENT_CHANNELS, 16, 16), torch.tensor([200.0, 800.0])
+    for folder, text_tokens in (
+        (toy_base, MODEL_MAX_LENGTH + 256),
+        (tmp_path / "silent", MODEL_MAX_LENGTH + 1),
+    ):
+        objective = train_script.load_models(
+            train_script.parse_args(["--pretrained_model_name_or_path", str(folder)])
+        )
+        with torch.no_grad():
+            text = objective.encode_text(objective.models, captions)
+            inputs = objective.transformer_inputs(noisy, timesteps, text)
+            prediction = objective.models["transformer"](**inputs).sample
+            reference = StableDiffusion3Pipeline.from_pretrained(folder).transformer  # diffusers' processors
+            expected = reference(hidden_states=noisy, timestep=timesteps, **text).sample
+        assert inputs["encoder_hidden_states"].shape[1] == text_tokens
+        torch.testing.assert_close(prediction, expected, atol=1e-5, rtol=1e-5)
+    assert inputs["joint_attention_kwargs"] == {"padding_copies": 256}
 
 
 def test_unet_widths_that_its_norm_cannot_group_stop_with_one_line(capsys):

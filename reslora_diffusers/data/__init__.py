@@ -60,6 +60,7 @@ from .tiny_sd3 import (
     build_sd3_pipeline,
     build_sd3_transformer,
     build_sd3_vae,
+    build_silent_t5_encoder,
     build_t5_encoder,
 )
 from .tokenizer import MODEL_MAX_LENGTH, VOCAB_WORDS, added_colors_of, vocabulary_words, write_tokenizer
@@ -99,6 +100,7 @@ __all__ = [
     "build_sd3_pipeline",
     "build_sd3_transformer",
     "build_sd3_vae",
+    "build_silent_t5_encoder",
     "build_t5_encoder",
     "build_text_encoder",
     "build_tokenizer",

@@ -6,15 +6,17 @@ trains it (starting from the tiny base's trained VAE and text encoder); the test
 shipped folder's configs against these functions.
 
 * transformer: :data:`SD3_NUM_LAYERS` joint blocks of width :data:`SD3_WIDTH` (2 heads x 32),
-  2 x 2 patches of the 4 x 16 x 16 latents (64 image tokens; ``latent_channels`` and
-  ``patch_size`` build others: 1 x 1 patches give 256 image tokens);
+  2 x 2 patches of the 4 x 16 x 16 latents (64 image tokens; ``latent_channels``,
+  ``patch_size`` and ``width`` build others: 1 x 1 patches give 256 image tokens, width 128 has
+  4 heads);
 * VAE: :func:`.tiny_base.build_vae` with a ``shift_factor`` (SD3 decodes ``z / scaling + shift``);
 * text: two CLIP encoders with projection (SD3's CLIP-L and CLIP-G roles) of the tiny base's
   text-encoder config, and a one-layer T5 encoder. All three read the project's CLIP-format
   vocabulary: the T5 tokenizer is that CLIP tokenizer, so the T5 sees ``<bos> words <eos>``
   followed by ``<eos>`` padding up to the pipeline's ``max_sequence_length`` (256). The joint
   text sequence is the two CLIPs' penultimate states side by side (2 x 64), zero-padded to the
-  T5 width (128), then the 256 T5 states;
+  T5 width (128), then the 256 T5 states (zero states for a pipeline without T5, as
+  ``t5=False`` builds it; :func:`build_silent_t5_encoder` stands in for it in a saved folder);
 * scheduler: ``FlowMatchEulerDiscreteScheduler`` with ``shift`` 1 (SD3's 3.0 is for 128 x 128
   latent grids; 16 x 16 latents need no shift toward noise).
 """
@@ -54,13 +56,16 @@ SD3_SHIFT = 1.0
 
 
 def build_sd3_transformer(
-    latent_channels: int = LATENT_CHANNELS, patch_size: int = SD3_PATCH_SIZE
+    latent_channels: int = LATENT_CHANNELS, patch_size: int = SD3_PATCH_SIZE, width: int = SD3_WIDTH
 ) -> SD3Transformer2DModel:
-    """The SD3 (medium) transformer at tiny size: no dual attention, no QK norm.
+    """The SD3 (medium) transformer at tiny size: no dual attention, no QK norm; heads of 32
+    channels, as many as ``width`` holds.
 
     Positions go up to 16 x 16 patches of 2 x 2 latents (32 x 32 of 1 x 1), so images up to
     twice the base resolution can be drawn.
     """
+    if width % _HEAD_DIM:
+        raise ValueError(f"transformer width {width}: not a multiple of the head size {_HEAD_DIM}")
     return SD3Transformer2DModel(
         sample_size=BASE_RESOLUTION // 2,
         patch_size=patch_size,
@@ -68,9 +73,9 @@ def build_sd3_transformer(
         out_channels=latent_channels,
         num_layers=SD3_NUM_LAYERS,
         attention_head_dim=_HEAD_DIM,
-        num_attention_heads=_HEADS,
+        num_attention_heads=width // _HEAD_DIM,
         joint_attention_dim=SD3_TEXT_WIDTH,
-        caption_projection_dim=SD3_WIDTH,
+        caption_projection_dim=width,
         pooled_projection_dim=2 * CLIP_WIDTH,
         pos_embed_max_size=BASE_RESOLUTION // patch_size,
     )
@@ -109,6 +114,17 @@ def build_t5_encoder(tokenizer: CLIPTokenizer) -> T5EncoderModel:
     )
 
 
+def build_silent_t5_encoder(tokenizer: CLIPTokenizer) -> T5EncoderModel:
+    """:func:`build_t5_encoder` with every weight zero, so that its states are zero whatever the
+    prompt (its final RMS norm scales by 0): the ``text_encoder_3`` of a base trained without T5.
+    diffusers' ``StableDiffusion3Pipeline.from_pretrained`` loads a folder only with one, and with
+    it the pipeline computes what it computes without T5 (zero T5 states)."""
+    encoder = build_t5_encoder(tokenizer)
+    for parameter in encoder.parameters():
+        parameter.data.zero_()
+    return encoder
+
+
 def build_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """1000 training steps, ``shift`` :data:`SD3_SHIFT`, no dynamic shifting."""
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SHIFT)
@@ -121,18 +137,22 @@ def build_sd3_pipeline(
     latent_channels: int = LATENT_CHANNELS,
     extra_words: tuple[str, ...] = (),
     patch_size: int = SD3_PATCH_SIZE,
+    t5: bool = True,
+    width: int = SD3_WIDTH,
 ) -> StableDiffusion3Pipeline:
     """The untrained tiny SD3 pipeline; tokenizer files of our vocabulary and ``extra_words``
-    written to ``tokenizer_dir`` (one tokenizer object serves all three encoders)."""
+    written to ``tokenizer_dir`` (one tokenizer object serves all three encoders). Without ``t5``
+    it has no ``text_encoder_3``, as SD3 can run: the pipeline then pads each prompt's CLIP states
+    with ``max_sequence_length`` zero states instead of the T5's."""
     tokenizer = build_tokenizer(tokenizer_dir, extra_words)
     return StableDiffusion3Pipeline(
-        transformer=build_sd3_transformer(latent_channels, patch_size),
+        transformer=build_sd3_transformer(latent_channels, patch_size, width),
         scheduler=build_flow_scheduler(),
         vae=build_sd3_vae(vae_scaling_factor, vae_shift_factor, latent_channels),
         text_encoder=build_clip_encoder(tokenizer),
         tokenizer=tokenizer,
         text_encoder_2=build_clip_encoder(tokenizer),
         tokenizer_2=tokenizer,
-        text_encoder_3=build_t5_encoder(tokenizer),
-        tokenizer_3=tokenizer,
+        text_encoder_3=build_t5_encoder(tokenizer) if t5 else None,
+        tokenizer_3=tokenizer if t5 else None,
     )

@@ -41,7 +41,13 @@ from .sd import (
     UNET_FEEDFORWARD_TARGETS,
     UNET_TARGETS,
 )
-from .sd3 import SD3_PIPELINES, SD3_TRANSFORMER
+from .sd3 import (
+    SD3_PIPELINES,
+    SD3_TRANSFORMER,
+    FoldedPaddingAttnProcessor,
+    fold_t5_padding,
+    gives_zero_t5_states,
+)
 from .sdxl import SDXL_PIPELINES, SDXL_UNET
 from .t5_text import T5_TEXT
 from .transformers_lm import PRESETS, TRANSFORMERS_LM, preset_targets
@@ -90,10 +96,13 @@ __all__ = [
     "Z_IMAGE_FEEDFORWARD_TARGETS",
     "Z_IMAGE_PIPELINES",
     "Z_IMAGE_TRANSFORMER",
+    "FoldedPaddingAttnProcessor",
     "FrontEnd",
     "PipelineFamily",
     "add_reslora_to_pipeline",
     "components_family",
+    "fold_t5_padding",
+    "gives_zero_t5_states",
     "frontend_for",
     "is_pipeline",
     "pipeline_components",

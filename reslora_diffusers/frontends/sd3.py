@@ -4,9 +4,15 @@ and their rectified-flow training (:class:`SD3FlowMatching`).
 Every joint block has the same shapes, so each projection role forms one unbroken chain
 through all blocks (24 in SD3 medium); SD3.5's dual-attention layers (``attn2``) form chains
 of their own. The last block has no ``to_add_out`` (its text stream ends there).
+
+A pipeline without T5 (or with a silent one) pads every prompt with 256 zero states; training
+folds them into one token that attention weighs as all of them (:class:`FoldedPaddingAttnProcessor`,
+:func:`fold_t5_padding`): the same function on a fraction of the tokens.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +62,14 @@ class SD3FlowMatching(FlowMatchingObjective):
     clip_encoders = SD3_TEXT_ENCODERS
     t5_encoder = SD3_T5_ENCODER
 
+    def __init__(self, pipe, args, family) -> None:
+        super().__init__(pipe, args, family)
+        #: the pipeline's T5 states are zero for every prompt: training folds them into one token
+        #: (:func:`fold_t5_padding`), the transformer's attention weighting it as all of them
+        self.folds_t5 = gives_zero_t5_states(self.models.get(self.t5_encoder))
+        if self.folds_t5:
+            self.models[self.denoiser].set_attn_processor(FoldedPaddingAttnProcessor())
+
     def latent_multiple(self) -> int:
         """The transformer's patch size."""
         return self.denoiser_config.patch_size
@@ -83,7 +97,11 @@ class SD3FlowMatching(FlowMatchingObjective):
         }
 
     def transformer_inputs(self, noisy, timesteps, text):
-        return {"hidden_states": noisy, "timestep": timesteps, **text}
+        inputs = {"hidden_states": noisy, "timestep": timesteps, **text}
+        if self.folds_t5:  # the same function on 16 + 1 text tokens instead of 16 + 256
+            states, kwargs = fold_t5_padding(text["encoder_hidden_states"], self.max_sequence_length)
+            inputs.update(encoder_hidden_states=states, joint_attention_kwargs=kwargs)
+        return inputs
 
 
 class SD3Pipelines(PipelineFamily):
@@ -107,3 +125,71 @@ class SD3Pipelines(PipelineFamily):
 
 SD3_TRANSFORMER = register_frontend(SD3Transformer())
 SD3_PIPELINES = register_pipeline_family(SD3Pipelines())
+
+
+class FoldedPaddingAttnProcessor:
+    """SD3's joint attention (diffusers' ``JointAttnProcessor2_0``), where the text stream's last
+    token may stand for ``padding_copies`` identical tokens.
+
+    A pipeline without T5 pads every prompt with ``max_sequence_length`` (256) zero states; they
+    enter each block identical and leave it identical, so attending to ``n`` of them equals
+    attending to one whose logits carry ``log n``:
+
+        sum_j exp(q.k_j) v_j = exp(q.k + log n) v   (over the n copies; the normaliser alike).
+
+    Training a T5-less base on the folded sequence (:func:`fold_t5_padding`) computes the function
+    the standard pipeline runs at inference on a fraction of the tokens. Without ``padding_copies``
+    (the pipeline's calls) it is diffusers' joint attention.
+    """
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, padding_copies=1
+    ):
+        batch, image_tokens = hidden_states.shape[:2]
+        streams = [(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)]
+        if encoder_hidden_states is not None:
+            streams.append(
+                (
+                    encoder_hidden_states,
+                    attn.add_q_proj,
+                    attn.add_k_proj,
+                    attn.add_v_proj,
+                    attn.norm_added_q,
+                    attn.norm_added_k,
+                )
+            )
+        query, key, value = [], [], []
+        for states, to_q, to_k, to_v, norm_q, norm_k in streams:
+            q, k, v = (
+                proj(states).unflatten(-1, (attn.heads, -1)).transpose(1, 2) for proj in (to_q, to_k, to_v)
+            )
+            query.append(norm_q(q) if norm_q is not None else q)
+            key.append(norm_k(k) if norm_k is not None else k)
+            value.append(v)
+        query, key, value = torch.cat(query, dim=2), torch.cat(key, dim=2), torch.cat(value, dim=2)
+        bias = None  # (1, keys): log n on the last key, which stands for n
+        if padding_copies != 1:
+            bias = F.pad(query.new_zeros(1, key.shape[2] - 1), (0, 1), value=math.log(padding_copies))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[-1]).to(query.dtype)
+        image = attn.to_out[1](attn.to_out[0](out[:, :image_tokens]))
+        if encoder_hidden_states is None:
+            return image
+        text = out[:, image_tokens:]
+        return image, (text if attn.context_pre_only else attn.to_add_out(text))
+
+
+def gives_zero_t5_states(t5) -> bool:
+    """Whether an SD3 pipeline's T5 part of the prompt is zero for every prompt: it has no T5, or
+    its T5's final RMS norm scales by zero (a T5 of zero weights, which a base trained without T5
+    saves so that the folder loads)."""
+    return t5 is None or not t5.encoder.final_layer_norm.weight.any()
+
+
+def fold_t5_padding(states: torch.Tensor, t5_tokens: int) -> tuple[torch.Tensor, dict]:
+    """The prompt states ``(B, clip + t5_tokens, D)`` of a pipeline without T5 with the zero T5
+    part folded into one token, and the ``joint_attention_kwargs`` that make an SD3 transformer
+    whose processors are :class:`FoldedPaddingAttnProcessor` compute what it computes unfolded."""
+    if states[:, -t5_tokens:].any():
+        raise ValueError(f"the last {t5_tokens} prompt states are not the zeros of a pipeline without T5")
+    return states[:, : states.shape[1] - t5_tokens + 1], {"padding_copies": t5_tokens}
