@@ -172,11 +172,12 @@ class FoldedPaddingAttnProcessor:
             bias = F.pad(query.new_zeros(1, key.shape[2] - 1), (0, 1), value=math.log(padding_copies))
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
         out = out.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[-1]).to(query.dtype)
-        image = attn.to_out[1](attn.to_out[0](out[:, :image_tokens]))
         if encoder_hidden_states is None:
-            return image
+            return attn.to_out[1](attn.to_out[0](out))
+        # the text stream's output projection first: diffusers' order, which hooks on the layers see
         text = out[:, image_tokens:]
-        return image, (text if attn.context_pre_only else attn.to_add_out(text))
+        text = text if attn.context_pre_only else attn.to_add_out(text)
+        return attn.to_out[1](attn.to_out[0](out[:, :image_tokens])), text
 
 
 def gives_zero_t5_states(t5) -> bool:
