@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import logging
 import math
@@ -112,6 +111,7 @@ from reslora_diffusers.objectives import (
     noisy_latents,
     sample_sigmas,
     sample_u,
+    t5_sequence_length,
 )
 from reslora_diffusers.utils.errors import one_line
 from reslora_diffusers.utils.io import TEMP_SUFFIX
@@ -647,7 +647,7 @@ class SD3Trainer(DenoiserTrainer):
         #: without T5 the prompt ends in this many zero states, folded into one for training
         self.t5_padding = 0
         if gives_zero_t5_states(pipe.text_encoder_3):
-            self.t5_padding = inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default
+            self.t5_padding = t5_sequence_length(pipe)
             pipe.transformer.set_attn_processor(FoldedPaddingAttnProcessor())
 
     def loss(self, step: int) -> torch.Tensor:

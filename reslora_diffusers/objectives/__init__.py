@@ -22,6 +22,7 @@ from .flow_matching import (
     sample_sigmas,
     sample_u,
     shifted_scheduler,
+    t5_sequence_length,
 )
 
 __all__ = [
@@ -42,5 +43,6 @@ __all__ = [
     "sample_u",
     "shifted_scheduler",
     "snr",
+    "t5_sequence_length",
     "tokenize",
 ]

@@ -95,6 +95,12 @@ def loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(sigmas)
 
 
+def t5_sequence_length(pipe) -> int:
+    """The T5 tokens of each prompt the pipeline encodes by default (its ``encode_prompt``'s
+    ``max_sequence_length``: 256 for SD3), padded in as zero states where it has no T5."""
+    return inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default
+
+
 def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """``(1 - sigma) x0 + sigma eps``, ``sigma`` broadcast over the sample's dimensions."""
     s = sigmas.reshape(-1, *[1] * (latents.ndim - 1)).to(latents.dtype)
@@ -147,9 +153,7 @@ class FlowMatchingObjective(Objective):
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         self.weighting = args.weighting_scheme or self.default_weighting
         #: T5 tokens per prompt: the pipeline's ``encode_prompt`` default (what inference uses)
-        self.max_sequence_length = (
-            inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default
-        )
+        self.max_sequence_length = t5_sequence_length(pipe)
         self.denoiser_config = self.models[self.denoiser].config
 
     def fill_defaults(self, args):
