@@ -11,6 +11,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS
+from ..frontends import cheaper_call
 from .analysis import ATTRIBUTES, analyse_image, attribute_matches, parse_prompt
 
 
@@ -42,7 +43,9 @@ def generate(
     An image thus depends on its prompt and seed only, not on the batch it is made in.
     ``progress``, if given, advances by one per denoising step (the pipeline's own bar stays off);
     ``pipe_kwargs`` go to the pipeline call (``negative_prompt``, ``cross_attention_kwargs``,
-    ``num_frames``...). ``height``/``width`` left None are the pipeline's defaults. A video
+    ``num_frames``...). ``height``/``width`` left None are the pipeline's defaults. The call is
+    its family's cheaper equivalent where it has one (an SD3 pipeline without T5 folds the
+    prompt's T5 padding: :func:`~reslora_diffusers.frontends.cheaper_call`). A video
     pipeline's video is its first, middle and last frame side by side (:func:`key_frames`).
     """
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -54,16 +57,17 @@ def generate(
             return tensors
 
         callback["callback_on_step_end"] = step_done
-    with _quiet_progress(pipe):
-        output = pipe(
-            prompt=list(prompts),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            **{k: v for k, v in (("height", height), ("width", width)) if v is not None},
-            **callback,
-            **pipe_kwargs,
-        )
+    call = {
+        "prompt": list(prompts),
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "generator": generators,
+        **{k: v for k, v in (("height", height), ("width", width)) if v is not None},
+        **callback,
+        **pipe_kwargs,
+    }
+    with _quiet_progress(pipe), cheaper_call(pipe, call) as call:
+        output = pipe(**call)
     if getattr(output, "frames", None) is not None:  # video pipelines (WanPipelineOutput)
         return [key_frames(video) for video in output.frames]
     return output.images

@@ -23,6 +23,7 @@ from .flux2 import FLUX2_ATTENTION_TARGETS, FLUX2_FEEDFORWARD_TARGETS, FLUX2_PIP
 from .pipelines import (
     PipelineFamily,
     add_reslora_to_pipeline,
+    cheaper_call,
     components_family,
     is_pipeline,
     pipeline_components,
@@ -100,6 +101,7 @@ __all__ = [
     "FrontEnd",
     "PipelineFamily",
     "add_reslora_to_pipeline",
+    "cheaper_call",
     "components_family",
     "fold_t5_padding",
     "gives_zero_t5_states",

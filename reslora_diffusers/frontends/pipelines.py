@@ -14,6 +14,8 @@ belongs to its model family.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch.nn as nn
@@ -74,6 +76,13 @@ class PipelineFamily:
         validation (a video family's frame count); none by default."""
         return {}
 
+    @contextlib.contextmanager
+    def cheaper_call(self, pipe, call_kwargs: dict) -> Iterator[dict]:
+        """A context for one pipeline call: the keyword arguments that draw the images
+        ``call_kwargs`` draws at less cost (with whatever the pipeline needs set for the call and
+        restored after it). By default ``call_kwargs`` themselves."""
+        yield call_kwargs
+
     def check_components(self, components: dict[str, nn.Module]) -> None:
         """Refuse components the family's LoRA files cannot carry, naming the first."""
         extra = sorted(set(components) - set(self.components))
@@ -109,6 +118,21 @@ def pipeline_family(pipe) -> PipelineFamily:
     """The family of a pipeline (``ValueError`` naming its class when none fits)."""
     comps = {f.denoiser: getattr(pipe, f.denoiser, None) for f in _PIPELINES}
     return _family_of({k: v for k, v in comps.items() if v is not None}, type(pipe).__name__)
+
+
+@contextlib.contextmanager
+def cheaper_call(pipe, call_kwargs: dict) -> Iterator[dict]:
+    """The pipeline family's :meth:`PipelineFamily.cheaper_call` for ``pipe``; ``call_kwargs``
+    as they are for an object no family knows (any callable that draws images)."""
+    family = None
+    if is_pipeline(pipe):
+        with contextlib.suppress(ValueError):
+            family = pipeline_family(pipe)
+    if family is None:
+        yield call_kwargs
+        return
+    with family.cheaper_call(pipe, call_kwargs) as kwargs:
+        yield kwargs
 
 
 def components_family(components: dict[str, nn.Module]) -> PipelineFamily:

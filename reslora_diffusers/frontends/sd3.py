@@ -12,12 +12,15 @@ folds them into one token that attention weighs as all of them (:class:`FoldedPa
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ..objectives import FlowMatchingObjective
+from ..objectives import FlowMatchingObjective, t5_sequence_length
 from .base import register_frontend, to_model
 from .dit import DIT_ATTENTION_TARGETS, DiTFrontEnd, text_conditioning
 from .pipelines import PipelineFamily, register_pipeline_family
@@ -122,6 +125,64 @@ class SD3Pipelines(PipelineFamily):
     lora_scale_kwarg = "joint_attention_kwargs"
     objective = SD3FlowMatching
 
+    #: the prompt arguments :meth:`cheaper_call` encodes itself (the pipeline call's names)
+    prompt_kwargs = tuple(f"{neg}prompt{n}" for neg in ("", "negative_") for n in ("", "_2", "_3"))
+
+    @contextlib.contextmanager
+    def cheaper_call(self, pipe, call_kwargs: dict) -> Iterator[dict]:
+        """Where the pipeline's T5 states are zero (no T5, or a silent one), the prompt encoded
+        here with its T5 padding folded into one token (:func:`fold_t5_padding`), and the
+        transformer's processors :class:`FoldedPaddingAttnProcessor` for the call: the same
+        images with 16 + 1 text tokens instead of 16 + 256 in every joint block. Calls that pass
+        their own embeddings, several images per prompt, or a transformer with processors other
+        than diffusers' joint attention run as they are."""
+        transformer = pipe.transformer
+        if not self.folds_call(pipe, call_kwargs):
+            yield call_kwargs
+            return
+        kwargs = {k: v for k, v in call_kwargs.items() if k not in self.prompt_kwargs}
+        t5_tokens = call_kwargs.get("max_sequence_length") or t5_sequence_length(pipe)
+        joint = dict(call_kwargs.get("joint_attention_kwargs") or {})
+        guidance = call_kwargs.get("guidance_scale", call_default(pipe, "guidance_scale"))
+        embeds = pipe.encode_prompt(
+            **{k: call_kwargs.get(k) for k in self.prompt_kwargs},
+            do_classifier_free_guidance=guidance > 1,
+            device=pipe._execution_device,
+            clip_skip=call_kwargs.get("clip_skip"),
+            max_sequence_length=t5_tokens,
+            lora_scale=joint.get("scale"),
+        )
+        names = (
+            "prompt_embeds",
+            "negative_prompt_embeds",
+            "pooled_prompt_embeds",
+            "negative_pooled_prompt_embeds",
+        )
+        for name, value in zip(names, embeds, strict=True):
+            if value is not None:
+                kwargs[name] = value if "pooled" in name else fold_t5_padding(value, t5_tokens)[0]
+        kwargs["joint_attention_kwargs"] = {**joint, "padding_copies": t5_tokens}
+        saved = transformer.attn_processors
+        transformer.set_attn_processor(FoldedPaddingAttnProcessor())
+        try:
+            yield kwargs
+        finally:
+            transformer.set_attn_processor(saved)
+
+    @staticmethod
+    def folds_call(pipe, call_kwargs: dict) -> bool:
+        """Whether :meth:`cheaper_call` folds this call (its docstring says when)."""
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        plain = (JointAttnProcessor2_0, FoldedPaddingAttnProcessor)
+        return (
+            call_kwargs.get("prompt") is not None
+            and not any(k.endswith("_embeds") for k in call_kwargs)
+            and call_kwargs.get("num_images_per_prompt", 1) == 1
+            and gives_zero_t5_states(getattr(pipe, SD3_T5_ENCODER, None))
+            and all(isinstance(p, plain) for p in pipe.transformer.attn_processors.values())
+        )
+
 
 SD3_TRANSFORMER = register_frontend(SD3Transformer())
 SD3_PIPELINES = register_pipeline_family(SD3Pipelines())
@@ -168,7 +229,8 @@ class FoldedPaddingAttnProcessor:
             value.append(v)
         query, key, value = torch.cat(query, dim=2), torch.cat(key, dim=2), torch.cat(value, dim=2)
         bias = None  # (1, keys): log n on the last key, which stands for n
-        if padding_copies != 1:
+        # SD3.5's second attention (attn2) gets the same keyword arguments, but no text stream
+        if padding_copies != 1 and encoder_hidden_states is not None:
             bias = F.pad(query.new_zeros(1, key.shape[2] - 1), (0, 1), value=math.log(padding_copies))
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
         out = out.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[-1]).to(query.dtype)
@@ -194,3 +256,8 @@ def fold_t5_padding(states: torch.Tensor, t5_tokens: int) -> tuple[torch.Tensor,
     if states[:, -t5_tokens:].any():
         raise ValueError(f"the last {t5_tokens} prompt states are not the zeros of a pipeline without T5")
     return states[:, : states.shape[1] - t5_tokens + 1], {"padding_copies": t5_tokens}
+
+
+def call_default(pipe, name: str):
+    """The default of the pipeline call's argument ``name``."""
+    return inspect.signature(pipe.__call__).parameters[name].default
