@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 from peft import PeftModel
 from safetensors import safe_open
 
@@ -21,6 +21,7 @@ from reslora_diffusers import (
 from reslora_diffusers.cli import merge_main
 from reslora_diffusers.core import get_state
 from reslora_diffusers.data import build_sd3_transformer
+from reslora_diffusers.eval import generate
 from reslora_diffusers.export import export_peft_adapter
 from reslora_diffusers.frontends import (
     DIT_ATTENTION_TARGETS,
@@ -326,3 +327,30 @@ def test_folded_t5_padding_computes_what_the_whole_prompt_does():
     assert (unweighted - expected).abs().max() > 1e-2
     with pytest.raises(ValueError, match="the last 256 prompt states are not the zeros"):
         fold_t5_padding(states + 1, 256)
+
+
+def test_generate_folds_the_t5_padding_of_a_pipeline_without_t5(tmp_path):
+    """``generate`` draws through SD3's cheaper call: without T5 the transformer sees one T5
+    token for 256 and draws what the plain pipeline call draws (the tiny transformer's first
+    block has SD3.5's second attention, which must not weigh anything), with its processors
+    restored afterwards; with a working T5 the call is the plain one."""
+    with_t5 = tiny_sd3_pipeline(tmp_path)
+    without_t5 = StableDiffusion3Pipeline(**{**with_t5.components, "text_encoder_3": None, "tokenizer_3": None})
+    prompts = ["a red circle on a white background", "a blue square"]
+    common = {"num_inference_steps": 2, "guidance_scale": 4.0, "output_type": "np"}
+    for pipe, folds in ((without_t5, True), (with_t5, False)):
+        processors = [type(p) for p in pipe.transformer.attn_processors.values()]
+        lengths = []
+        hook = pipe.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]),
+            with_kwargs=True,
+        )
+        drawn = generate(pipe, prompts, [0, 1], **common)
+        generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+        plain = pipe(prompt=prompts, generator=generators, **common).images
+        hook.remove()
+        steps = common["num_inference_steps"]
+        assert lengths[steps:] == [lengths[steps]] * steps
+        assert lengths[:steps] == [lengths[steps] - (255 if folds else 0)] * steps
+        torch.testing.assert_close(torch.as_tensor(drawn), torch.as_tensor(plain), atol=1e-5, rtol=0)
+        assert [type(p) for p in pipe.transformer.attn_processors.values()] == processors
