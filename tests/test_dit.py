@@ -335,14 +335,16 @@ def test_generate_folds_the_t5_padding_of_a_pipeline_without_t5(tmp_path):
     block has SD3.5's second attention, which must not weigh anything), with its processors
     restored afterwards; with a working T5 the call is the plain one."""
     with_t5 = tiny_sd3_pipeline(tmp_path)
-    without_t5 = StableDiffusion3Pipeline(**{**with_t5.components, "text_encoder_3": None, "tokenizer_3": None})
+    without_t5 = StableDiffusion3Pipeline(
+        **{**with_t5.components, "text_encoder_3": None, "tokenizer_3": None}
+    )
     prompts = ["a red circle on a white background", "a blue square"]
     common = {"num_inference_steps": 2, "guidance_scale": 4.0, "output_type": "np"}
     for pipe, folds in ((without_t5, True), (with_t5, False)):
         processors = [type(p) for p in pipe.transformer.attn_processors.values()]
         lengths = []
         hook = pipe.transformer.register_forward_pre_hook(
-            lambda module, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]),
+            lambda module, args, kwargs, seen=lengths: seen.append(kwargs["encoder_hidden_states"].shape[1]),
             with_kwargs=True,
         )
         drawn = generate(pipe, prompts, [0, 1], **common)

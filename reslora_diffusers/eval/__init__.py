@@ -14,7 +14,7 @@ from .analysis import (
     prompt_accuracy,
 )
 from .intervals import Z_95, wilson_interval
-from .pipeline import evaluate_pipeline, generate
+from .pipeline import evaluate_pipeline, generate, register_call_rewriter
 
 #: Seeds of the documented evaluations.
 EVAL_SEEDS: tuple[int, ...] = tuple(range(8))
@@ -32,6 +32,7 @@ __all__ = [
     "analyse_image",
     "attribute_matches",
     "evaluate_pipeline",
+    "register_call_rewriter",
     "generate",
     "open_set_shape",
     "parse_prompt",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -11,8 +11,28 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.tiny_base import BASE_GUIDANCE_SCALE, BASE_NUM_INFERENCE_STEPS
-from ..frontends import cheaper_call
 from .analysis import ATTRIBUTES, analyse_image, attribute_matches, parse_prompt
+
+#: context managers ``rewrite(pipe, call_kwargs)`` yielding the keyword arguments of a cheaper call
+#: that draws the same images; the pipeline families register theirs
+#: (:func:`reslora_diffusers.frontends.cheaper_call`) from the floor above this one
+_CALL_REWRITERS: list[Callable[[object, dict], contextlib.AbstractContextManager[dict]]] = []
+
+
+def register_call_rewriter(
+    rewrite: Callable[[object, dict], contextlib.AbstractContextManager[dict]],
+) -> None:
+    """Have :func:`generate` draw through ``rewrite(pipe, call_kwargs)`` (once per function)."""
+    if rewrite not in _CALL_REWRITERS:
+        _CALL_REWRITERS.append(rewrite)
+
+
+@contextlib.contextmanager
+def _rewritten(pipe, call_kwargs: dict) -> Iterator[dict]:
+    with contextlib.ExitStack() as stack:
+        for rewrite in _CALL_REWRITERS:
+            call_kwargs = stack.enter_context(rewrite(pipe, call_kwargs))
+        yield call_kwargs
 
 
 @contextlib.contextmanager
@@ -45,7 +65,8 @@ def generate(
     ``pipe_kwargs`` go to the pipeline call (``negative_prompt``, ``cross_attention_kwargs``,
     ``num_frames``...). ``height``/``width`` left None are the pipeline's defaults. The call is
     its family's cheaper equivalent where it has one (an SD3 pipeline without T5 folds the
-    prompt's T5 padding: :func:`~reslora_diffusers.frontends.cheaper_call`). A video
+    prompt's T5 padding: :func:`~reslora_diffusers.frontends.cheaper_call`, registered with
+    :func:`register_call_rewriter`). A video
     pipeline's video is its first, middle and last frame side by side (:func:`key_frames`).
     """
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -66,7 +87,7 @@ def generate(
         **callback,
         **pipe_kwargs,
     }
-    with _quiet_progress(pipe), cheaper_call(pipe, call) as call:
+    with _quiet_progress(pipe), _rewritten(pipe, call) as call:
         output = pipe(**call)
     if getattr(output, "frames", None) is not None:  # video pipelines (WanPipelineOutput)
         return [key_frames(video) for video in output.frames]

@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch.nn as nn
 
 from ..core import ResLoRAConfig, has_reslora
+from ..eval import register_call_rewriter
 from .base import frontend_for, is_instance
 
 
@@ -133,6 +134,9 @@ def cheaper_call(pipe, call_kwargs: dict) -> Iterator[dict]:
         return
     with family.cheaper_call(pipe, call_kwargs) as kwargs:
         yield kwargs
+
+
+register_call_rewriter(cheaper_call)
 
 
 def components_family(components: dict[str, nn.Module]) -> PipelineFamily:

@@ -147,7 +147,6 @@ class SD3Pipelines(PipelineFamily):
         embeds = pipe.encode_prompt(
             **{k: call_kwargs.get(k) for k in self.prompt_kwargs},
             do_classifier_free_guidance=guidance > 1,
-            device=pipe._execution_device,
             clip_skip=call_kwargs.get("clip_skip"),
             max_sequence_length=t5_tokens,
             lora_scale=joint.get("scale"),
