@@ -146,9 +146,9 @@ QUICK_START_RUNS = ("LoRA", "ResLoRA")
 #: training script's default 800 steps, the DiT base in 2000 (README, fine-tuning the DiT base)
 TRAIN_STEPS: dict[str, int] = {"unet": 800, "dit": 2000}
 #: minutes one such run takes on an idle 2-core CPU, by base, for the buttons' labels: the UNet
-#: run took 5 min 20 s (2026-12-01, README quick start); the DiT run's figure is extrapolated from
-#: 200 steps of its recipe timed beside the UNet runs on a busy machine (2026-12-05, README Demo app)
-TRAIN_MINUTES: dict[str, int] = {"unet": 5, "dit": 15}
+#: run took 5 min 20 s (2026-12-01, README quick start), the DiT ResLoRA run 7 min 51 s on the DiT
+#: base shipped since 2026-12-07 (README Demo app)
+TRAIN_MINUTES: dict[str, int] = {"unet": 5, "dit": 8}
 #: flags of those runs by base: the DiT base needs its image-stream feed-forward layers as targets
 BASE_TRAIN_ARGS: dict[str, list[str]] = {
     "unet": [],
