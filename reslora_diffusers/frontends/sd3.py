@@ -143,7 +143,9 @@ class SD3Pipelines(PipelineFamily):
         kwargs = {k: v for k, v in call_kwargs.items() if k not in self.prompt_kwargs}
         t5_tokens = call_kwargs.get("max_sequence_length") or t5_sequence_length(pipe)
         joint = dict(call_kwargs.get("joint_attention_kwargs") or {})
-        guidance = call_kwargs.get("guidance_scale", call_default(pipe, "guidance_scale"))
+        guidance = call_kwargs.get(
+            "guidance_scale", inspect.signature(pipe.__call__).parameters["guidance_scale"].default
+        )
         embeds = pipe.encode_prompt(
             **{k: call_kwargs.get(k) for k in self.prompt_kwargs},
             do_classifier_free_guidance=guidance > 1,
@@ -255,8 +257,3 @@ def fold_t5_padding(states: torch.Tensor, t5_tokens: int) -> tuple[torch.Tensor,
     if states[:, -t5_tokens:].any():
         raise ValueError(f"the last {t5_tokens} prompt states are not the zeros of a pipeline without T5")
     return states[:, : states.shape[1] - t5_tokens + 1], {"padding_copies": t5_tokens}
-
-
-def call_default(pipe, name: str):
-    """The default of the pipeline call's argument ``name``."""
-    return inspect.signature(pipe.__call__).parameters[name].default
