@@ -23,8 +23,8 @@ SD3's ``(z - shift_factor) * scaling_factor`` normalisation, and the denoiser st
 text encoder; all three read its vocabulary, with the colours it was pretrained with) and its
 T5 encoder by rectified flow, the objective of
 ``reslora_diffusers.objectives.flow_matching`` (logit-normal sigmas, SD3's default), with the
-same caption dropout, EMA, checkpoints and resume. ``--patch-size`` and ``--transformer-width``
-shape its transformer; ``--no-t5`` trains it without T5, on the pipeline's 256 zero states
+same caption dropout, EMA, checkpoints and resume. ``--patch-size``, ``--transformer-width`` and
+``--transformer-depth`` shape its transformer; ``--no-t5`` trains it without T5, on the pipeline's 256 zero states
 folded into one token (exact, and about a quarter of the step), and saves a T5 of zero weights
 in its place so that the folder loads as any SD3 folder. ``--device cuda`` trains on a GPU; the
 random draws stay on the CPU, so a run may continue on another device. ``--compile`` runs the
@@ -198,6 +198,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "4x the parameters)",
     )
     parser.add_argument(
+        "--transformer-depth",
+        type=int,
+        default=SD3_NUM_LAYERS,
+        help=f"sd3: the transformer's joint blocks (default {SD3_NUM_LAYERS}); the chain ResLoRA's "
+        "shortcuts run along is this long",
+    )
+    parser.add_argument(
         "--no-t5",
         action="store_true",
         help="sd3: a base without the T5 encoder (text_encoder_3), as SD3 can run: the pipeline pads "
@@ -288,10 +295,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sd3_flags = {
         "--patch-size": args.patch_size != SD3_PATCH_SIZE,
         "--transformer-width": args.transformer_width != SD3_WIDTH,
+        "--transformer-depth": args.transformer_depth != SD3_NUM_LAYERS,
         "--no-t5": args.no_t5,
     }
     if args.family == "unet" and (given := [flag for flag, changed in sd3_flags.items() if changed]):
         parser.error(f"{', '.join(given)}: the sd3 family's only (the UNet base has no transformer)")
+    if args.transformer_depth < 1:
+        parser.error(f"--transformer-depth {args.transformer_depth}: a transformer needs at least one block")
     if args.extra_colors is None:
         args.extra_colors = len(init_from_added_colors(args.init_from)) if args.family == "sd3" else 0
     # the added colours' names, which the set, the vocabulary, the captions and the card share
@@ -638,7 +648,7 @@ class SD3Trainer(DenoiserTrainer):
 
     family = SD3_PIPELINES
     steps_flag, lr_flag = "transformer_steps", "transformer_lr"
-    resume_flags = ("extra_colors", "patch_size", "transformer_width", "no_t5")
+    resume_flags = ("extra_colors", "patch_size", "transformer_width", "transformer_depth", "no_t5")
     compiled_text_encoders = ("text_encoder_3",)
 
     def __init__(self, pipe, latents, captions, args):
@@ -920,7 +930,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         vocab=", ".join(vocabulary_words(args.added_colors)),
         concept=FINETUNE_SHAPE,
         **millions,
-        layers=SD3_NUM_LAYERS,
+        layers=args.transformer_depth,
         width=args.transformer_width,
         patch=args.patch_size,  # sd3 only; the UNet card has no patches
         t5=t5_text(None if args.no_t5 else millions.get("text_encoder_3")),
@@ -1036,6 +1046,7 @@ def build_sd3_base(args: argparse.Namespace) -> StableDiffusion3Pipeline:
         patch_size=args.patch_size,
         t5=not args.no_t5,
         width=args.transformer_width,
+        depth=args.transformer_depth,
     )
     base = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder").state_dict()
     tower = {key.removeprefix("text_model."): value for key, value in base.items()}  # transformers 4 keys

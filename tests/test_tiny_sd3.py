@@ -494,16 +494,19 @@ def test_the_sd3_family_pretrains_with_one_by_one_patches(tmp_path):
     assert result["images"][0].size == (BASE_RESOLUTION, BASE_RESOLUTION)
 
 
-def test_the_sd3_family_pretrains_a_wider_transformer_without_t5(tmp_path):
+def test_the_sd3_family_pretrains_a_wider_shallower_transformer_without_t5(tmp_path):
     work, out = tmp_path / "work", tmp_path / "base"
-    _pretrain(work, out, "--no-t5", "--transformer-width", "128", "--max-minutes", "0")
-    # both are settings of the checkpoint: a run with T5 does not take it up
-    with pytest.raises(SystemExit, match="transformer_checkpoint.pt was written with"):
-        _pretrain(work, out, "--transformer-width", "128")
-    _pretrain(work, out, "--no-t5", "--transformer-width", "128")
+    shape = ("--transformer-width", "128", "--transformer-depth", "3")
+    _pretrain(work, out, "--no-t5", *shape, "--max-minutes", "0")
+    # all are settings of the checkpoint: a run with T5, or of the default depth, does not take it up
+    for other in (shape, ("--no-t5", "--transformer-width", "128")):
+        with pytest.raises(SystemExit, match="transformer_checkpoint.pt was written with"):
+            _pretrain(work, out, *other)
+    _pretrain(work, out, "--no-t5", *shape)
     pipe = StableDiffusion3Pipeline.from_pretrained(out)  # loads as any SD3 folder
-    assert public_config(pipe.transformer.config) == public_config(build_sd3_transformer(width=128).config)
-    assert pipe.transformer.config.num_attention_heads == 4
+    expected = build_sd3_transformer(width=128, depth=3)
+    assert public_config(pipe.transformer.config) == public_config(expected.config)
+    assert pipe.transformer.config.num_attention_heads == 4 and len(pipe.transformer.transformer_blocks) == 3
     # its text_encoder_3 is silent: zero states for any prompt, as a pipeline without T5 pads in
     ids = pipe.tokenizer_3([PROMPT, "a blue square"], padding="max_length", return_tensors="pt").input_ids
     assert not pipe.text_encoder_3(ids)[0].any()
@@ -514,7 +517,7 @@ def test_the_sd3_family_pretrains_a_wider_transformer_without_t5(tmp_path):
     ]
     torch.testing.assert_close(drawn[0], drawn[1])
     card = (out / "README.md").read_text()
-    assert "8 joint blocks of width 128" in card and "and no T5: trained without one" in card
+    assert "3 joint blocks of width 128" in card and "and no T5: trained without one" in card
     # fine-tuning it folds the zero T5 states as its pretraining did, and exports a file it loads
     data = subset(tmp_path / "set", 4)
     run_dit(

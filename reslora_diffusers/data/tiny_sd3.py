@@ -56,10 +56,13 @@ SD3_SHIFT = 1.0
 
 
 def build_sd3_transformer(
-    latent_channels: int = LATENT_CHANNELS, patch_size: int = SD3_PATCH_SIZE, width: int = SD3_WIDTH
+    latent_channels: int = LATENT_CHANNELS,
+    patch_size: int = SD3_PATCH_SIZE,
+    width: int = SD3_WIDTH,
+    depth: int = SD3_NUM_LAYERS,
 ) -> SD3Transformer2DModel:
-    """The SD3 (medium) transformer at tiny size: no dual attention, no QK norm; heads of 32
-    channels, as many as ``width`` holds.
+    """The SD3 (medium) transformer at tiny size: ``depth`` joint blocks, no dual attention, no
+    QK norm; heads of 32 channels, as many as ``width`` holds.
 
     Positions go up to 16 x 16 patches of 2 x 2 latents (32 x 32 of 1 x 1), so images up to
     twice the base resolution can be drawn.
@@ -71,7 +74,7 @@ def build_sd3_transformer(
         patch_size=patch_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
-        num_layers=SD3_NUM_LAYERS,
+        num_layers=depth,
         attention_head_dim=_HEAD_DIM,
         num_attention_heads=width // _HEAD_DIM,
         joint_attention_dim=SD3_TEXT_WIDTH,
@@ -139,6 +142,7 @@ def build_sd3_pipeline(
     patch_size: int = SD3_PATCH_SIZE,
     t5: bool = True,
     width: int = SD3_WIDTH,
+    depth: int = SD3_NUM_LAYERS,
 ) -> StableDiffusion3Pipeline:
     """The untrained tiny SD3 pipeline; tokenizer files of our vocabulary and ``extra_words``
     written to ``tokenizer_dir`` (one tokenizer object serves all three encoders). Without ``t5``
@@ -146,7 +150,7 @@ def build_sd3_pipeline(
     with ``max_sequence_length`` zero states instead of the T5's."""
     tokenizer = build_tokenizer(tokenizer_dir, extra_words)
     return StableDiffusion3Pipeline(
-        transformer=build_sd3_transformer(latent_channels, patch_size, width),
+        transformer=build_sd3_transformer(latent_channels, patch_size, width, depth),
         scheduler=build_flow_scheduler(),
         vae=build_sd3_vae(vae_scaling_factor, vae_shift_factor, latent_channels),
         text_encoder=build_clip_encoder(tokenizer),
