@@ -791,7 +791,7 @@ reads a base on 360 fresh held-out and 720 fresh seen images (five times these),
 )
 
 MODEL_CARD = (
-    """# tiny-sd: the embedded coloured-shapes base of reslora-diffusers
+    """# {name}: {role} coloured-shapes base of reslora-diffusers
 
 A tiny `StableDiffusionPipeline` trained from scratch by `scripts/pretrain_tiny_base.py`
 on procedurally generated images "a <colour> <shape> on a <background> background"
@@ -814,12 +814,12 @@ model hub. It is not a general text-to-image model.
     + """
 VAE reconstructions of the fine-tuning set ({concept}es) score {vae_finetune:.1%}, of the base set
 {vae_base:.1%}: the VAE can draw the new concept; the UNet must learn it. Load with
-`StableDiffusionPipeline.from_pretrained(reslora_diffusers.data.default_base_model_path())`.
+`StableDiffusionPipeline.from_pretrained({load})`.
 """
 )
 
 MODEL_CARD_SD3 = (
-    """# tiny-sd3: the embedded diffusion-transformer base of reslora-diffusers
+    """# {name}: {role} diffusion-transformer base of reslora-diffusers
 
 A tiny `StableDiffusion3Pipeline` trained by `scripts/pretrain_tiny_base.py --family sd3` on
 the procedurally generated images "a <colour> <shape> on a <background> background" that the
@@ -845,7 +845,7 @@ It is not a general text-to-image model.
     + """
 VAE reconstructions of the fine-tuning set ({concept}es) score {vae_finetune:.1%}, of the base set
 {vae_base:.1%}. Load with
-`StableDiffusion3Pipeline.from_pretrained(reslora_diffusers.data.default_dit_base_path())`.
+`StableDiffusion3Pipeline.from_pretrained({load})`.
 """
 )
 
@@ -904,6 +904,15 @@ def init_source(args: argparse.Namespace) -> str:
     return "`tiny-sd`" if args.init_from == default_base_model_path() else f"`{args.init_from}`"
 
 
+def card_identity(base: Base, output_dir: Path) -> dict[str, str]:
+    """The card's name, role and load argument: the embedded base's folder calls itself the embedded
+    base and loads through the library's accessor; any other folder (a kept checkpoint, a control)
+    names itself and loads from its own path, so that it never claims to be what the library ships."""
+    if output_dir.resolve() == base.default_output.resolve():
+        return {"name": output_dir.name, "role": "the embedded", "load": base.default_output_call}
+    return {"name": output_dir.name, "role": "a", "load": repr(output_dir.as_posix())}
+
+
 def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: Path) -> None:
     base = BASES[args.family]
     labels = {name: f"{SET_TITLES[name]} (seeds 0-{len(seeds) - 1})" for name, _, seeds in eval_sets(args)}
@@ -919,6 +928,7 @@ def write_model_card(pipe, numbers: dict, args: argparse.Namespace, output_dir: 
         if isinstance(model, torch.nn.Module)
     }
     card = base.card.format(
+        **card_identity(base, output_dir),
         resolution=BASE_RESOLUTION,
         latent=BASE_RESOLUTION // pipe.vae_scale_factor,
         channels=pipe.vae.config.latent_channels,
@@ -1115,6 +1125,8 @@ class Base:
     trainer: type[DenoiserTrainer]
     card: str
     default_output: Path
+    #: the library call that returns :attr:`default_output`, for the embedded base's card
+    default_output_call: str
     default_work_dir: Path
     #: what to do when the work dir's VAE has another layout than the run builds
     vae_remedy: str
@@ -1135,6 +1147,7 @@ BASES = {
         UNetTrainer,
         MODEL_CARD,
         default_base_model_path(),
+        "reslora_diffusers.data.default_base_model_path()",
         Path("outputs/pretrain_tiny_base"),
         "give the VAE stage's --latent-channels and --vae-scale-factor, or retrain it with --stage vae",
     ),
@@ -1144,6 +1157,7 @@ BASES = {
         SD3Trainer,
         MODEL_CARD_SD3,
         default_dit_base_path(),
+        "reslora_diffusers.data.default_dit_base_path()",
         Path("outputs/pretrain_tiny_sd3"),
         "run --stage vae (or all) to take --init-from's VAE into the work dir",
     ),

@@ -79,6 +79,23 @@ def toy_base(tmp_path_factory) -> Path:
     return root / "base"
 
 
+def test_only_the_embedded_base_folder_calls_itself_the_embedded_base():
+    for family, accessor, name in [
+        ("sd3", default_dit_base_path, "tiny-sd3"),
+        ("unet", default_base_model_path, "tiny-sd"),
+    ]:
+        base = pretrain.BASES[family]
+        # reached through another spelling of the same folder, too
+        shipped = pretrain.card_identity(base, accessor().parent / ".." / accessor().parent.name / name)
+        assert shipped == {
+            "name": name,
+            "role": "the embedded",
+            "load": f"reslora_diffusers.data.{accessor.__name__}()",
+        }
+        kept = pretrain.card_identity(base, Path("scripts/pretrain_state") / f"{name}-kept")
+        assert kept == {"name": f"{name}-kept", "role": "a", "load": f"'scripts/pretrain_state/{name}-kept'"}
+
+
 def test_builders_make_a_small_sd3_pipeline_of_identical_blocks(tmp_path):
     torch.manual_seed(0)
     pipe = build_sd3_pipeline(tmp_path / "tokenizer")
@@ -133,6 +150,9 @@ def test_script_writes_a_pipeline_that_loads_matches_the_builders_and_draws(toy_
     assert all(a["background"] is not None for a in result["analyses"])
 
     card = (toy_base / "README.md").read_text()
+    # a folder other than the shipped one names itself and loads from its own path
+    assert card.startswith(f"# {toy_base.name}: a diffusion-transformer base of reslora-diffusers\n")
+    assert f"StableDiffusion3Pipeline.from_pretrained('{toy_base.as_posix()}')" in card
     # the colours of the default --init-from, tiny-sd
     assert "| training | 16 images (with orange and cyan and pink shapes too" in card
     assert ", seed 0; transformer + text encoders 4 steps, batch 4" in card
