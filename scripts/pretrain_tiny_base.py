@@ -909,7 +909,8 @@ def card_identity(base: Base, output_dir: Path) -> dict[str, str]:
     base and loads through the library's accessor; any other folder (a kept checkpoint, a control)
     names itself and loads from its own path, so that it never claims to be what the library ships."""
     if output_dir.resolve() == base.default_output.resolve():
-        return {"name": output_dir.name, "role": "the embedded", "load": base.default_output_call}
+        load = f"reslora_diffusers.data.{base.default_output_of.__name__}()"
+        return {"name": output_dir.name, "role": "the embedded", "load": load}
     return {"name": output_dir.name, "role": "a", "load": repr(output_dir.as_posix())}
 
 
@@ -1124,12 +1125,15 @@ class Base:
     vae_stage: Callable[[object, torch.Tensor, argparse.Namespace], None]
     trainer: type[DenoiserTrainer]
     card: str
-    default_output: Path
-    #: the library call that returns :attr:`default_output`, for the embedded base's card
-    default_output_call: str
+    #: the library's accessor of the embedded base's folder (its card names the call)
+    default_output_of: Callable[[], Path]
     default_work_dir: Path
     #: what to do when the work dir's VAE has another layout than the run builds
     vae_remedy: str
+
+    @property
+    def default_output(self) -> Path:
+        return self.default_output_of()
 
     @property
     def family(self) -> PipelineFamily:
@@ -1146,8 +1150,7 @@ BASES = {
         vae_stage,
         UNetTrainer,
         MODEL_CARD,
-        default_base_model_path(),
-        "reslora_diffusers.data.default_base_model_path()",
+        default_base_model_path,
         Path("outputs/pretrain_tiny_base"),
         "give the VAE stage's --latent-channels and --vae-scale-factor, or retrain it with --stage vae",
     ),
@@ -1156,8 +1159,7 @@ BASES = {
         reused_vae_stage,
         SD3Trainer,
         MODEL_CARD_SD3,
-        default_dit_base_path(),
-        "reslora_diffusers.data.default_dit_base_path()",
+        default_dit_base_path,
         Path("outputs/pretrain_tiny_sd3"),
         "run --stage vae (or all) to take --init-from's VAE into the work dir",
     ),
